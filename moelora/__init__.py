@@ -1,0 +1,36 @@
+"""moelora: mixtures of LoRA experts (MixLoRA, MiLoRA) and LoRA/DoRA on transformers causal LMs.
+
+    import moelora
+    model = moelora.attach(model, moelora.MixLoraConfig(num_experts=8, top_k=2))
+    loss = model(input_ids, attention_mask=mask, labels=labels).loss   # router loss included
+    moelora.save_adapter(model, "my-adapter")
+    moelora.load_adapter(other_model, "my-adapter")
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, export_mixlora, load_adapter, save_adapter  # noqa: E402
+from .config import ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig  # noqa: E402
+from .inject import ARCHITECTURES, attach, detach, get_context, set_adapter, set_backend  # noqa: E402
+from .stats import count_parameters, expert_load, param_groups  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "LoraConfig",
+    "MixLoraConfig",
+    "MiLoraConfig",
+    "ConfigError",
+    "CheckpointError",
+    "attach",
+    "detach",
+    "set_adapter",
+    "set_backend",
+    "save_adapter",
+    "load_adapter",
+    "export_mixlora",
+    "get_context",
+    "count_parameters",
+    "expert_load",
+    "param_groups",
+    "ARCHITECTURES",
+]

@@ -1,0 +1,394 @@
+"""Save and load adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Layouts (``docs/checkpoints.md``): MixLoRA in MoE-PEFT's (``mixlora.layers.{l}...``, config
+``peft_type: "MIXLORA"``), MiLoRA in the layout METHODS.md defines (``milora.layers.{l}...``,
+``peft_type: "MILORA"``), LoRA/DoRA in Hugging Face PEFT's (``peft_type: "LORA"``). moelora's own
+extras (library version, base model shapes, every hyperparameter, a hash of the weights) live
+under the config's ``"moelora"`` key, which the other libraries ignore.
+
+Writes are atomic: a new directory is written beside the target and renamed into place; an
+existing adapter directory gets each file written under a temporary name, fsynced, then renamed
+over the old one (weights first, config last). The config records the weights' SHA-256, so the
+one window a crash could hit (new weights, old config) is detected on load instead of loading a
+mismatched pair. Pickled ``adapter_model.bin`` files (MoE-PEFT, the official ``mixlora``) are read
+only with ``torch.load(weights_only=True)`` and must be a flat ``{name: tensor}`` dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from . import __version__
+from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig
+from .inject import attach, detach, get_context, set_adapter
+from .methods import checkpoint_entries
+
+__all__ = ["save_adapter", "load_adapter", "export_mixlora", "CheckpointError"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+
+class CheckpointError(ValueError):
+    """An adapter directory is missing, corrupt, or does not fit the model; the message says which."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config <-> checkpoint JSON
+
+
+def _base_info(model: nn.Module) -> dict[str, Any]:
+    c = model.config
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    return {k: getattr(c, k, None) for k in keys}
+
+
+def _model_act_fn(model: nn.Module) -> str | None:
+    c = model.config
+    return getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+
+
+def _int_if_integral(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def checkpoint_config(model: nn.Module, cfg: AdapterConfig) -> dict[str, Any]:
+    """The ``adapter_config.json`` dict of ``cfg`` in its method's layout."""
+    common = {
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": _int_if_integral(cfg.lora_alpha),
+        "lora_dropout": float(cfg.lora_dropout),
+        "target_modules": list(cfg.target_modules or []),
+        "use_rslora": cfg.use_rslora,
+    }
+    extras = {"version": __version__, "method": cfg.method, "config": cfg.to_dict(), "base_model": _base_info(model)}
+    if isinstance(cfg, LoraConfig):
+        d = {"peft_type": "LORA", **common, "use_dora": cfg.use_dora, "bias": "none", "fan_in_fan_out": False,
+             "inference_mode": True, "init_lora_weights": True}
+    elif isinstance(cfg, MixLoraConfig):
+        d = {"peft_type": "MIXLORA", **common, "bias": "none", "use_dora": False,
+             "routing_strategy": "mixlora" if cfg.routing == "top_k" else "mixlora-dynamic",
+             "num_experts": cfg.num_experts, "act_fn": cfg.act_fn or _model_act_fn(model),
+             "router_aux_loss_coef": cfg.router_aux_loss_coef, "router_init_range": cfg.router_init_range,
+             "jitter_noise": cfg.jitter_noise}
+        if cfg.routing == "top_k":
+            d["top_k"] = cfg.top_k
+        else:
+            d["top_p"], d["temperature"] = cfg.top_p, cfg.temperature
+        if (cfg.expert_r, cfg.expert_lora_alpha, cfg.expert_lora_dropout) != (None, None, None):
+            d["expert_lora"] = {"r": cfg.expert_rank, "lora_alpha": _int_if_integral(cfg.expert_alpha),
+                                "lora_dropout": float(cfg.expert_dropout)}
+    elif isinstance(cfg, MiLoraConfig):
+        d = {"peft_type": "MILORA", **common, "top_k": cfg.top_k, "pooler": cfg.pooler, "activation": cfg.activation,
+             "lb_loss_coef": cfg.lb_loss_coef, "router_init_range": cfg.router_init_range,
+             "activation_lr_scale": cfg.activation_lr_scale}
+    else:  # pragma: no cover - attach only accepts the three
+        raise TypeError(type(cfg).__name__)
+    d["moelora"] = extras
+    return d
+
+
+def config_from_checkpoint(d: dict[str, Any], where: str) -> AdapterConfig:
+    """Rebuild a config from an ``adapter_config.json`` (ours, PEFT's or MoE-PEFT's)."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    ours = d.get("moelora")
+    if isinstance(ours, dict) and isinstance(ours.get("config"), dict):
+        from .config import METHOD_CONFIGS
+
+        fields = dict(ours["config"])
+        method = fields.pop("moelora_method", ours.get("method"))
+        if method not in METHOD_CONFIGS:
+            raise CheckpointError(f"{where}: unknown moelora method {method!r}")
+        try:
+            return METHOD_CONFIGS[method].from_dict(fields)
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{where}: invalid adapter config: {e}") from e
+    peft_type = d.get("peft_type")
+    try:
+        if peft_type == "LORA":
+            return _peft_lora_config(d, where)
+        if peft_type == "MIXLORA":
+            return _moe_peft_config(d, where)
+        if peft_type == "MILORA":
+            raise CheckpointError(f"{where}: a MILORA config without its 'moelora' block cannot be rebuilt")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: invalid adapter config: {e}") from e
+    raise CheckpointError(f"{where}: unsupported peft_type {peft_type!r} (moelora loads LORA, MIXLORA and MILORA)")
+
+
+def _require(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise CheckpointError(f"{where}: missing field {key!r}")
+    return d[key]
+
+
+def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
+    targets = _require(d, "target_modules", where)
+    if not isinstance(targets, list):
+        raise CheckpointError(f"{where}: target_modules as a regex ({targets!r}) is not supported; list the names")
+    unsupported = {
+        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
+        "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+    }
+    for key, default in unsupported.items():
+        if d.get(key, default) not in (default, None, {}, False, "none"):
+            raise CheckpointError(f"{where}: PEFT option {key}={d[key]!r} is not supported by moelora")
+    return LoraConfig(
+        r=_require(d, "r", where), lora_alpha=_require(d, "lora_alpha", where), lora_dropout=d.get("lora_dropout", 0.0),
+        target_modules=sorted(targets), use_dora=bool(d.get("use_dora", False)),
+        use_rslora=bool(d.get("use_rslora", False)), base_model_name_or_path=d.get("base_model_name_or_path"),
+    )
+
+
+def _moe_peft_config(d: dict[str, Any], where: str) -> MixLoraConfig:
+    strategy = _require(d, "routing_strategy", where)
+    if strategy not in ("mixlora", "mixlora-dynamic"):
+        raise CheckpointError(f"{where}: routing_strategy {strategy!r} is not supported (mixlora, mixlora-dynamic)")
+    if d.get("use_dora"):
+        raise CheckpointError(f"{where}: MixLoRA with use_dora is not supported (MoE-PEFT does not save the magnitudes)")
+    expert = d.get("expert_lora") or {}
+    targets = _require(d, "target_modules", where)
+    if isinstance(targets, dict):
+        targets = [k for k, v in targets.items() if v]
+    return MixLoraConfig(
+        r=_require(d, "r", where), lora_alpha=_require(d, "lora_alpha", where), lora_dropout=d.get("lora_dropout", 0.0),
+        target_modules=list(targets), use_rslora=bool(d.get("use_rslora", False)),
+        num_experts=_require(d, "num_experts", where), top_k=d.get("top_k", 2),
+        routing="top_k" if strategy == "mixlora" else "top_p", top_p=d.get("top_p", 0.8),
+        temperature=d.get("temperature", 0.0), top_p_renormalize=False, router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+        router_init_range=d.get("router_init_range", 0.02), jitter_noise=d.get("jitter_noise", 0.0),
+        expert_r=expert.get("r"), expert_lora_alpha=expert.get("lora_alpha"),
+        expert_lora_dropout=expert.get("lora_dropout"), act_fn=d.get("act_fn"),
+        base_model_name_or_path=d.get("base_model_name_or_path"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_adapter_dir(path: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes, the config last in iteration order) atomically into ``path``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            for name, data in files.items():
+                _fsync_write(tmp / name, data)
+            os.rename(tmp, path)
+        except BaseException:
+            for f in tmp.glob("*"):
+                f.unlink()
+            tmp.rmdir()
+            raise
+        _fsync_dir(path.parent)
+        return
+    staged = []
+    try:
+        for name, data in files.items():
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+            os.close(fd)
+            staged.append((Path(tmp_name), path / name))
+            _fsync_write(Path(tmp_name), data)
+        for tmp_file, final in staged:
+            os.replace(tmp_file, final)
+    finally:
+        for tmp_file, _ in staged:
+            tmp_file.unlink(missing_ok=True)
+    _fsync_dir(path)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    f = path / CONFIG_NAME
+    if not f.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {path}")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+
+
+def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
+    st, binf = path / SAFETENSORS_NAME, path / BIN_NAME
+    if st.is_file():
+        data = st.read_bytes()
+        if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+            raise CheckpointError(
+                f"{st} does not match the SHA-256 recorded in {path / CONFIG_NAME}: the directory holds weights "
+                "and a config from different saves (an interrupted save?); re-save the adapter"
+            )
+        try:
+            return load_safetensors_bytes(data)
+        except (SafetensorError, Exception) as e:
+            raise CheckpointError(f"{st} is not a valid safetensors file: {e}") from e
+    if binf.is_file():
+        try:
+            obj = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors, forbidden globals, truncated files
+            raise CheckpointError(f"{binf} could not be read as a plain tensor dict (weights_only=True): {e}") from e
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+            raise CheckpointError(f"{binf} is not a flat {{name: tensor}} dict")
+        return obj
+    raise CheckpointError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {path}")
+
+
+def _resolve_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        return p
+    text = str(path)
+    if not p.exists() and text.count("/") == 1 and not text.startswith((".", "/")):
+        try:  # a hub id, for users with a network; offline this fails fast
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=text, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]))
+        except Exception as e:
+            raise CheckpointError(f"no adapter directory at {text!r}, and the hub download failed: {e}") from e
+    raise CheckpointError(f"no adapter directory at {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    cfg = _config_of(model, adapter_name)
+    return {
+        key: (p[i] if i is not None else p).detach().to("cpu").clone().contiguous()
+        for key, p, i in checkpoint_entries(model, cfg, adapter_name)
+    }
+
+
+def _config_of(model: nn.Module, adapter_name: str) -> AdapterConfig:
+    ctx = get_context(model)
+    if adapter_name not in ctx.configs:
+        raise KeyError(f"no adapter named {adapter_name!r} (attached: {list(ctx.configs)})")
+    return ctx.configs[adapter_name]
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Save one adapter to ``path`` (a directory) atomically, in its method's checkpoint layout."""
+    cfg = _config_of(model, adapter_name)
+    weights = save_safetensors_bytes(adapter_tensors(model, adapter_name), metadata={"format": "pt"})
+    config = checkpoint_config(model, cfg)
+    config["moelora"]["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    write_adapter_dir(path, {SAFETENSORS_NAME: weights, CONFIG_NAME: json.dumps(config, indent=2).encode()})
+
+
+def export_mixlora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Export a MixLoRA adapter for the official ``mixlora`` 0.2.3 / MoE-PEFT packages.
+
+    Writes their ``adapter_config.json`` (with ``act_fn``) and ``adapter_model.bin`` (a plain tensor
+    dict, which is what they read). Note their own limits: ``lora_alpha`` must be an integer and
+    ``lora_dropout`` > 0 for ``mixlora`` 0.2.3 to accept the config.
+    """
+    cfg = _config_of(model, adapter_name)
+    if not isinstance(cfg, MixLoraConfig):
+        raise TypeError(f"adapter {adapter_name!r} is {cfg.method}, not MixLoRA")
+    import io
+
+    buf = io.BytesIO()
+    torch.save(adapter_tensors(model, adapter_name), buf)
+    config = checkpoint_config(model, cfg)
+    config.pop("moelora")
+    write_adapter_dir(path, {BIN_NAME: buf.getvalue(), CONFIG_NAME: json.dumps(config, indent=2).encode()})
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load an adapter directory into ``model`` (attaching it from the saved config if needed).
+
+    Reads moelora's own checkpoints, PEFT LoRA/DoRA adapters and MoE-PEFT/``mixlora`` MixLoRA
+    adapters. Every tensor is checked against the model before anything is copied; on any error
+    the model is left as it was. Returns ``model`` with the adapter active.
+    """
+    where = _resolve_dir(path)
+    raw = _read_config(where)
+    cfg = config_from_checkpoint(raw, str(where / CONFIG_NAME))
+    sha = raw.get("moelora", {}).get("weights_sha256") if isinstance(raw.get("moelora"), dict) else None
+    tensors = _read_tensors(where, sha)
+    ctx = getattr(model, "_moelora_ctx", None)
+    previous_active = ctx.active if ctx is not None else None
+    attached_here = ctx is None or adapter_name not in ctx.configs
+    if attached_here:
+        attach(model, cfg, adapter_name)
+    elif get_context(model).configs[adapter_name].method != cfg.method:
+        raise CheckpointError(
+            f"adapter {adapter_name!r} is attached as {ctx.configs[adapter_name].method}, "
+            f"but {where} holds a {cfg.method} adapter"
+        )
+    try:
+        _assign(model, adapter_name, tensors, where)
+    except BaseException:
+        if attached_here:
+            detach(model, adapter_name)
+            if getattr(model, "_moelora_ctx", None) is not None and previous_active is not None:
+                set_adapter(model, previous_active)
+        raise
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _assign(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    cfg = get_context(model).configs[adapter_name]
+    entries = checkpoint_entries(model, cfg, adapter_name)
+    expected = {key for key, _, _ in entries}
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{where}: {len(missing)} tensors the model needs are missing from the checkpoint, "
+            f"e.g. {sorted(missing)[:3]} (saved for a different base or layer count?)"
+        )
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} checkpoint tensors match nothing in the model, e.g. {sorted(unexpected)[:3]}"
+        )
+    for key, p, i in entries:  # validate everything before copying anything
+        want = tuple(p.shape[1:]) if i is not None else tuple(p.shape)
+        got = tuple(tensors[key].shape)
+        if want != got:
+            raise CheckpointError(
+                f"{where}: tensor {key} has shape {list(got)} in the checkpoint but the model expects {list(want)} "
+                "(an adapter saved for a different base model or rank?)"
+            )
+        if not tensors[key].is_floating_point():
+            raise CheckpointError(f"{where}: tensor {key} has dtype {tensors[key].dtype}, expected floating point")
+    with torch.no_grad():
+        for key, p, i in entries:
+            (p[i] if i is not None else p).copy_(tensors[key])

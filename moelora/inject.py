@@ -1,0 +1,320 @@
+"""Attach and detach adapters by module name; per-architecture defaults in one table.
+
+``attach`` wraps the targeted modules of a ``transformers`` causal LM in place, freezes the base,
+and installs two hooks on the model: a pre-forward hook that records the padding mask, the prompt
+span (``prompt_lengths``) and whether a KV cache already holds the prompt, and a post-forward hook
+that adds the router loss to ``outputs.loss`` in training mode. Architectures are recognised by
+``config.model_type`` and handled by module names only; no model class is imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig
+from .context import AdapterContext
+from .lora import AdaptedLinear, LoraWeights
+
+__all__ = ["Architecture", "ARCHITECTURES", "attach", "detach", "set_adapter", "set_backend", "get_context"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a decoder layer keeps its projections (names under ``layer.self_attn`` / ``layer.mlp``)."""
+
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+    act_attr: str = "act_fn"  # the FFN's activation module attribute
+    fused_gate_up: bool = False  # Phi-3: one ``gate_up_proj``, chunked into (gate, up)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.attention + self.mlp
+
+
+_LLAMA = Architecture(("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))
+_PHI3 = Architecture(("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj"), "activation_fn", True)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "phi3": _PHI3,
+}
+
+
+def get_architecture(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"moelora has no architecture entry for model_type {model_type!r} "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))}). MixLoRA and MiLoRA need the names of each "
+            "decoder layer's attention and FFN projections; plain LoRA/DoRA work on any model when "
+            "target_modules is given explicitly."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None and hasattr(model, "get_decoder"):
+        layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected `model.model.layers`)")
+    return layers
+
+
+def get_context(model: nn.Module) -> AdapterContext:
+    ctx = getattr(model, "_moelora_ctx", None)
+    if ctx is None:
+        raise ValueError("this model has no moelora adapter attached (call moelora.attach first)")
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level hooks
+
+
+def _past_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple cache: ((k, v), ...) with k (B, H, S, D)
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    ctx: AdapterContext = module._moelora_ctx
+    ctx.begin_forward()
+    prompt_lengths = kwargs.pop("prompt_lengths", None)
+    if prompt_lengths is not None and not torch.is_tensor(prompt_lengths):
+        prompt_lengths = torch.as_tensor(prompt_lengths)
+    ctx.prompt_lengths = prompt_lengths
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    ctx.attention_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+    past = _past_length(kwargs.get("past_key_values"))
+    ctx.decoding = past > 0 or (ctx.generation_step is not None and ctx.generation_step > 0)
+    return args, kwargs
+
+
+def _post_forward(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+    ctx: AdapterContext = module._moelora_ctx
+    if ctx.generation_step is not None:
+        ctx.generation_step += 1
+    name = ctx.active
+    if name is None or not ctx.records.get(name):
+        return outputs
+    from .methods import router_loss  # local: methods import this module
+
+    loss = router_loss(ctx.configs[name], ctx.records[name])
+    if loss is None:
+        return outputs
+    if isinstance(outputs, tuple):
+        if module.training and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
+            outputs = (outputs[0] + loss.to(outputs[0].dtype), *outputs[1:])
+        return outputs
+    setattr(outputs, "router_loss", loss)  # an attribute, not a key: Trainer's logits stay untouched
+    if module.training and getattr(outputs, "loss", None) is not None:
+        outputs["loss"] = outputs.loss + loss.to(outputs.loss.dtype)
+    return outputs
+
+
+def _wrap_generate(model: nn.Module, ctx: AdapterContext) -> None:
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        ctx.prompt_width = inputs.shape[1] if torch.is_tensor(inputs) and inputs.dim() >= 2 else None
+        ctx.generation_step = 0
+        try:
+            return original(*args, **kwargs)
+        finally:
+            ctx.prompt_width = None
+            ctx.generation_step = None
+
+    model.generate = generate
+
+
+def _ensure_context(model: nn.Module) -> AdapterContext:
+    ctx = getattr(model, "_moelora_ctx", None)
+    if ctx is None:
+        ctx = AdapterContext()
+        model._moelora_ctx = ctx
+        model._moelora_hooks = [
+            model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
+            model.register_forward_hook(_post_forward, with_kwargs=True),
+        ]
+        if hasattr(model, "generate"):
+            _wrap_generate(model, ctx)
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# Attach / detach
+
+
+def wrap_linear(parent: nn.Module, attr: str, ctx: AdapterContext) -> AdaptedLinear:
+    """Wrap ``parent.attr`` in an ``AdaptedLinear`` (once) and return the wrapper."""
+    module = getattr(parent, attr)
+    if isinstance(module, AdaptedLinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"cannot adapt {attr!r}: it is a {type(module).__name__}, not nn.Linear "
+            "(quantized bases are not supported on this path yet)"
+        )
+    wrapper = AdaptedLinear(module, ctx)
+    setattr(parent, attr, wrapper)
+    return wrapper
+
+
+def new_lora(base: nn.Linear, r: int, scaling: float, dropout: float, num_experts: int = 1) -> LoraWeights:
+    """A LoRA on ``base``'s device, float32 unless the base itself is float64."""
+    dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+    return LoraWeights(
+        base.in_features, base.out_features, r, scaling, dropout, num_experts, device=base.weight.device, dtype=dtype
+    )
+
+
+def resolve_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """The config's target modules, or the architecture default; unknown names are an error."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if cfg.target_modules is None:
+        if arch is None:
+            get_architecture(model)  # raises with the list of supported types
+        return list(arch.modules)
+    targets = list(cfg.target_modules)
+    if isinstance(cfg, LoraConfig) and arch is None:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        valid = linear_names
+    else:
+        valid = list(get_architecture(model).modules)
+    for t in targets:
+        if t not in valid:
+            close = difflib.get_close_matches(t, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown target module {t!r}{hint} for model_type {model.config.model_type!r}; valid names: {valid}"
+            )
+    return targets
+
+
+def _freeze_base(model: nn.Module) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_adapter_parameter(n))
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return ".adapters." in name or ".moelora_routers." in name
+
+
+def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Attach an adapter to ``model`` in place, freeze the base, make the adapter active; return ``model``."""
+    from .methods import METHODS
+
+    if not isinstance(config, AdapterConfig) or type(config) is AdapterConfig:
+        raise TypeError(f"config must be a LoraConfig, MixLoraConfig or MiLoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.' or '/', got {adapter_name!r}")
+    existing = getattr(model, "_moelora_ctx", None)
+    if existing is not None and adapter_name in existing.configs:
+        raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it first or pick another name")
+    cfg = copy.deepcopy(config)
+    cfg.target_modules = resolve_targets(model, cfg)
+    if isinstance(cfg, MiLoraConfig) and cfg.top_k > len(cfg.target_modules):
+        raise ConfigError(f"top_k ({cfg.top_k}) exceeds the number of MiLoRA experts ({len(cfg.target_modules)})")
+    if isinstance(cfg, (MixLoraConfig, MiLoraConfig)):
+        get_architecture(model)
+    cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
+    ctx = _ensure_context(model)
+    try:
+        METHODS[cfg.method].attach(model, cfg, adapter_name, ctx)
+    except Exception:
+        _remove(model, adapter_name)
+        raise
+    ctx.configs[adapter_name] = cfg
+    ctx.active = adapter_name
+    _freeze_base(model)
+    return model
+
+
+def _remove(model: nn.Module, adapter_name: str) -> None:
+    """Drop every module entry of ``adapter_name``; unwrap wrappers left without adapters."""
+    from .methods.mixlora import MixLoraFFN
+
+    for module in list(model.modules()):
+        for attr in ("adapters", "moelora_routers"):
+            holder = getattr(module, attr, None)
+            if isinstance(holder, nn.ModuleDict) and adapter_name in holder:
+                del holder[adapter_name]
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, AdaptedLinear) and len(child.adapters) == 0:
+                setattr(parent, child_name, child.base_layer)
+            elif isinstance(child, MixLoraFFN) and len(child.adapters) == 0:
+                setattr(parent, child_name, child.base_mlp)
+
+
+def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Remove one adapter (or all, with ``None``); with none left the model is its base again."""
+    ctx = get_context(model)
+    names = list(ctx.configs) if adapter_name is None else [adapter_name]
+    for name in names:
+        if name not in ctx.configs:
+            raise KeyError(f"no adapter named {name!r} (attached: {list(ctx.configs)})")
+        _remove(model, name)
+        del ctx.configs[name]
+        ctx.gates.pop(name, None)
+    if ctx.active not in ctx.configs:
+        ctx.active = next(iter(ctx.configs), None)
+    if not ctx.configs:
+        for h in model._moelora_hooks:
+            h.remove()
+        from .methods.milora import remove_layer_hooks
+
+        remove_layer_hooks(model)
+        del model._moelora_ctx, model._moelora_hooks
+        model.__dict__.pop("generate", None)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Make ``adapter_name`` the active adapter (``None``: run the base model)."""
+    ctx = get_context(model)
+    if adapter_name is not None and adapter_name not in ctx.configs:
+        raise KeyError(f"no adapter named {adapter_name!r} (attached: {list(ctx.configs)})")
+    ctx.active = adapter_name
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Choose the grouped-LoRA kernel by name for every adapter of ``model``.
+
+    ``"reference"`` also switches MixLoRA's FFN to the naive per-expert loop (the test oracle).
+    """
+    from .kernels import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {sorted(BACKENDS)}")
+    for m in model.modules():
+        if isinstance(m, LoraWeights):
+            m.backend = backend
+        if hasattr(m, "naive"):
+            m.naive = backend == "reference"

@@ -1,0 +1,66 @@
+"""Plain LoRA and DoRA on any linear modules named in ``target_modules`` (PEFT-compatible).
+
+``y = W x + s * B A dropout(x)``; with ``use_dora`` the ``DoraVariant`` recombines it as
+``m * (W + s B A) x / ||W + s B A||_row``. Checkpoint keys follow PEFT:
+``base_model.model.{module path}.lora_{A,B}.weight`` and ``...lora_magnitude_vector``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..context import AdapterContext, RouterRecord
+from ..lora import AdaptedLinear, DoraVariant, LinearAdapter, base_linear
+
+PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """A module path without moelora's wrapper segments (what the unwrapped model calls it)."""
+    return ".".join(p for p in name.split(".") if p not in ("base_layer", "base_mlp"))
+
+
+def _targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, canonical path) of every module whose last name is a target."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, AdaptedLinear):
+            continue
+        for attr, child in parent.named_children():
+            if attr in cfg.target_modules and isinstance(child, (nn.Linear, AdaptedLinear)):
+                path = canonical_name(f"{parent_name}.{attr}" if parent_name else attr)
+                found.append((parent, attr, path))
+    return found
+
+
+def attach(model: nn.Module, cfg: LoraConfig, name: str, ctx: AdapterContext) -> None:
+    from ..inject import new_lora, wrap_linear
+
+    found = _targets(model, cfg)
+    missing = set(cfg.target_modules) - {attr for _, attr, _ in found}
+    if missing:
+        raise ValueError(f"target modules {sorted(missing)} are not linear layers of {type(model).__name__}")
+    for parent, attr, _ in found:
+        wrapper = wrap_linear(parent, attr, ctx)
+        base = base_linear(wrapper)
+        lora = new_lora(base, cfg.r, cfg.scaling(), cfg.lora_dropout)
+        wrapper.adapters[name] = LinearAdapter(lora, DoraVariant(base, lora) if cfg.use_dora else None)
+
+
+def checkpoint_entries(model: nn.Module, cfg: LoraConfig, name: str) -> list[tuple[str, nn.Parameter, int | None]]:
+    entries = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear) and name in module.adapters:
+            key = PEFT_PREFIX + canonical_name(module_name)
+            ad: LinearAdapter = module.adapters[name]
+            entries.append((f"{key}.lora_A.weight", ad.lora.lora_A, 0))
+            entries.append((f"{key}.lora_B.weight", ad.lora.lora_B, 0))
+            if ad.variant is not None:
+                entries.append((f"{key}.lora_magnitude_vector", ad.variant.magnitude, None))
+    return entries
+
+
+def router_loss(cfg: LoraConfig, records: list[RouterRecord]) -> torch.Tensor | None:
+    return None

@@ -1,0 +1,191 @@
+"""MixLoRA (Li et al., arXiv 2404.15159): a sparse top-k mixture of LoRA experts in each frozen FFN.
+
+Per decoder layer (METHODS.md section 1):
+
+- attention projections: an ordinary LoRA each (``LinearAdapter`` on an ``AdaptedLinear``);
+- FFN: ``E`` experts, expert ``e`` being the frozen FFN with its own LoRA on each targeted FFN
+  projection, ``FFN_e(x) = W'_down,e(act(W'_gate,e x) * (W'_up,e x))``;
+- router: ``logits = x W_r^T`` on the FFN input (after the post-attention norm), ``W_r: (E, d)``
+  float32, init N(0, 0.02); top-k of ``softmax(logits)``, renormalised (or top-p, see
+  ``moelora.routing.top_p_routing``); ``y = sum_j w_j FFN_{i_j}(x)``.
+
+The fast form computes the base gate/up once per token and the frozen down projection once on
+the weighted mix, because ``W_down`` is linear:
+``y = W_down(sum_j w_j h_j) + sum_j w_j dW_down,j(h_j)``,
+``h_j = act(W_gate x + dW_gate,j x) * (W_up x + dW_up,j x)``.
+The naive form (``naive = True``, selected by ``set_backend(model, "reference")``) loops over
+experts and runs each one's full FFN on its tokens: the oracle for the fast one.
+
+Dropout: the fast form draws one dropout mask per projection input, shared by a token's k experts;
+the naive form draws one per expert (as the official code). Both are off in ``eval()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MixLoraConfig
+from ..context import AdapterContext, RouterRecord
+from ..lora import LinearAdapter, LoraWeights, base_linear
+from ..routing import mixlora_aux_loss, top_k_routing, top_p_routing
+
+PREFIX = "mixlora.layers"
+
+
+class MixLoraExperts(nn.Module):
+    """One adapter's router and expert LoRAs for one FFN."""
+
+    def __init__(self, cfg: MixLoraConfig, hidden_size: int, experts: dict[str, LoraWeights], layer: int, fused: bool):
+        super().__init__()
+        self.moe_gate = nn.Parameter(torch.randn(cfg.num_experts, hidden_size) * cfg.router_init_range)
+        self.experts = nn.ModuleDict(experts)
+        self.layer, self.fused = layer, fused
+        self.routing, self.top_k, self.top_p, self.temperature = cfg.routing, cfg.top_k, cfg.top_p, cfg.temperature
+        self.top_p_renormalize = cfg.top_p_renormalize
+        self.jitter_noise = cfg.jitter_noise
+        self.naive = False
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: ``(N, d)`` -> logits ``(N, E)``, weights and indices ``(N, k)``, selected ``(N, E)``."""
+        r_in = x.float()
+        if self.training and self.jitter_noise > 0:
+            r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        logits = F.linear(r_in, self.moe_gate.float())  # (N, E)
+        if self.routing == "top_p":
+            weights, indices, selected = top_p_routing(logits, self.top_p, self.temperature, self.top_p_renormalize)
+        else:
+            weights, indices, selected = top_k_routing(logits, self.top_k)
+        return logits, weights, indices, selected
+
+    def forward(self, mlp: nn.Module, x: torch.Tensor, ctx: AdapterContext, name: str, act: nn.Module) -> torch.Tensor:
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)  # (N, d)
+        logits, weights, indices, selected = self.route(x2)
+        keep = ctx.token_mask(B, T, x.device).reshape(-1)  # (N,) non-padding tokens
+        ctx.record(name, RouterRecord(self.layer, logits[keep], selected[keep]))
+        if self.naive:
+            y = self._naive(mlp, x2, weights, indices, act)
+        else:
+            y = self._fast(mlp, x2, weights, indices, act)
+        return y.reshape(B, T, d)
+
+    def _fast(self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        ex = self.experts
+        if self.fused:
+            gu = mlp.gate_up_proj(x).unsqueeze(1)  # (N, 1, 2I)
+            if "gate_up_proj" in ex:
+                gu = gu + ex["gate_up_proj"].delta(x, idx, None, combine=False).to(gu.dtype)  # (N, k, 2I)
+            gate, up = gu.chunk(2, dim=-1)
+        else:
+            gate = mlp.gate_proj(x).unsqueeze(1)  # (N, 1, I)
+            up = mlp.up_proj(x).unsqueeze(1)
+            if "gate_proj" in ex:
+                gate = gate + ex["gate_proj"].delta(x, idx, None, combine=False).to(gate.dtype)  # (N, k, I)
+            if "up_proj" in ex:
+                up = up + ex["up_proj"].delta(x, idx, None, combine=False).to(up.dtype)
+        h = act(gate) * up  # (N, k or 1, I)
+        wk = w.to(h.dtype).unsqueeze(-1)  # (N, k, 1)
+        mixed = (wk * h).sum(1)  # (N, I): sum_j w_j h_j
+        down = base_linear(mlp.down_proj)
+        y = mlp.down_proj(mixed)  # W_down(sum_j w_j h_j) + b
+        if down.bias is not None:  # each expert adds the bias with its weight: (sum_j w_j) b
+            y = y + (w.sum(-1, keepdim=True).to(y.dtype) - 1) * down.bias
+        if "down_proj" in ex:
+            hk = h.expand(-1, idx.shape[1], -1) if h.shape[1] == 1 else h  # (N, k, I)
+            y = y + ex["down_proj"].delta(hk, idx, w, combine=True).to(y.dtype)
+        return y
+
+    def _naive(self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """Reference: for each expert, its full FFN on the tokens routed to it."""
+        y = torch.zeros_like(x, dtype=torch.float32)
+
+        def proj(name: str, inp: torch.Tensor, e: int) -> torch.Tensor:
+            out = getattr(mlp, name)(inp)
+            if name in self.experts:
+                lora = self.experts[name]
+                d = lora.dropout(inp.to(lora.lora_A.dtype)) @ lora.lora_A[e].t() @ lora.lora_B[e].t() * lora.scaling
+                out = out + d.to(out.dtype)
+            return out
+
+        for e in range(self.moe_gate.shape[0]):
+            rows, slots = torch.where(idx == e)
+            if rows.numel() == 0:
+                continue
+            xe = x[rows]
+            if self.fused:
+                gate, up = proj("gate_up_proj", xe, e).chunk(2, dim=-1)
+            else:
+                gate, up = proj("gate_proj", xe, e), proj("up_proj", xe, e)
+            out = proj("down_proj", act(gate) * up, e)  # FFN_e(x), bias included
+            y = y.index_add(0, rows, out.float() * w[rows, slots].unsqueeze(-1))
+        return y.to(x.dtype)
+
+
+class MixLoraFFN(nn.Module):
+    """Wraps a decoder layer's FFN; runs the active adapter's mixture, or the base FFN."""
+
+    def __init__(self, base_mlp: nn.Module, ctx: AdapterContext, act_attr: str) -> None:
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.adapters = nn.ModuleDict()
+        self._ctx = ctx
+        self.act_attr = act_attr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self._ctx.active
+        if name is None or name not in self.adapters:
+            return self.base_mlp(x)
+        return self.adapters[name](self.base_mlp, x, self._ctx, name, getattr(self.base_mlp, self.act_attr))
+
+
+def attach(model: nn.Module, cfg: MixLoraConfig, name: str, ctx: AdapterContext) -> None:
+    from ..inject import decoder_layers, get_architecture, new_lora, wrap_linear
+
+    arch = get_architecture(model)
+    hidden = model.config.hidden_size
+    for li, layer in enumerate(decoder_layers(model)):
+        for proj in cfg.target_modules:
+            if proj in arch.attention:
+                wrapper = wrap_linear(layer.self_attn, proj, ctx)
+                wrapper.adapters[name] = LinearAdapter(new_lora(base_linear(wrapper), cfg.r, cfg.scaling(), cfg.lora_dropout))
+        ffn = layer.mlp
+        if not isinstance(ffn, MixLoraFFN):
+            ffn = MixLoraFFN(ffn, ctx, arch.act_attr)
+            layer.mlp = ffn
+        scaling = cfg.scaling(cfg.expert_rank, cfg.expert_alpha)
+        experts = {
+            proj: new_lora(base_linear(getattr(ffn.base_mlp, proj)), cfg.expert_rank, scaling, cfg.expert_dropout, cfg.num_experts)
+            for proj in cfg.target_modules
+            if proj in arch.mlp
+        }
+        moe = MixLoraExperts(cfg, hidden, experts, li, arch.fused_gate_up)
+        moe.to(device=base_linear(getattr(ffn.base_mlp, arch.mlp[-1])).weight.device)
+        ffn.adapters[name] = moe
+
+
+def checkpoint_entries(model: nn.Module, cfg: MixLoraConfig, name: str) -> list[tuple[str, nn.Parameter, int | None]]:
+    from ..inject import decoder_layers
+
+    entries = []
+    for li, layer in enumerate(decoder_layers(model)):
+        for proj, child in layer.self_attn.named_children():
+            if hasattr(child, "adapters") and name in child.adapters:
+                lora = child.adapters[name].lora
+                entries.append((f"{PREFIX}.{li}.self_attn.{proj}.lora_A.weight", lora.lora_A, 0))
+                entries.append((f"{PREFIX}.{li}.self_attn.{proj}.lora_B.weight", lora.lora_B, 0))
+        moe: MixLoraExperts = layer.mlp.adapters[name]
+        entries.append((f"{PREFIX}.{li}.mlp.moe_gate.weight", moe.moe_gate, None))
+        for proj, lora in moe.experts.items():
+            for e in range(lora.num_experts):
+                entries.append((f"{PREFIX}.{li}.mlp.{proj}.experts.{e}.lora_A.weight", lora.lora_A, e))
+                entries.append((f"{PREFIX}.{li}.mlp.{proj}.experts.{e}.lora_B.weight", lora.lora_B, e))
+    return entries
+
+
+def router_loss(cfg: MixLoraConfig, records: list[RouterRecord]) -> torch.Tensor | None:
+    """``router_aux_loss_coef * L_aux`` over all layers' non-padding tokens stacked together."""
+    logits = torch.cat([r.logits for r in records])  # (N_total, E)
+    selected = torch.cat([r.selected for r in records])
+    return cfg.router_aux_loss_coef * mixlora_aux_loss(logits, selected)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random models of every supported architecture (built in milliseconds)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+COMMON = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, max_position_embeddings=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+)
+
+
+def tiny_config(arch: str = "llama"):
+    if arch == "llama":
+        return transformers.LlamaConfig(**COMMON)
+    if arch == "mistral":
+        return transformers.MistralConfig(**COMMON, sliding_window=None)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**COMMON)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**COMMON, head_dim=16)
+    if arch == "gemma":
+        return transformers.GemmaConfig(**COMMON, head_dim=16)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=64)
+    if arch == "gemma3_text":
+        return transformers.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=64)
+    if arch == "phi3":
+        return transformers.Phi3Config(**COMMON)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def randomize_adapters(model, seed: int = 1, scale: float = 0.1):
+    """Give every adapter parameter non-zero random values (a fresh LoRA has B = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                if n.endswith("magnitude"):
+                    p.mul_(1 + scale * torch.randn(p.shape, generator=g).to(p))
+                elif "activation" in n:
+                    continue
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g).to(p) * scale)
+    return model
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+def batch(model, B: int = 3, T: int = 7, seed: int = 0, left_pad: bool = True):
+    """input_ids and attention mask with varying lengths (left padding by default)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        pad = b % 3  # rows have 0, 1, 2 pad tokens
+        if pad:
+            if left_pad:
+                mask[b, :pad] = 0
+                ids[b, :pad] = 0
+            else:
+                mask[b, T - pad :] = 0
+                ids[b, T - pad :] = 0
+    return ids, mask
