@@ -253,6 +253,7 @@ def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     ctx.configs[adapter_name] = cfg
     ctx.active = adapter_name
     _freeze_base(model)
+    model.train(model.training)  # new adapter modules follow the model's train/eval mode
     return model
 
 

@@ -1,0 +1,115 @@
+"""generate(): KV-cached decoding equals recomputation, for every method; MiLoRA routes once."""
+
+import pytest
+import torch
+
+import moelora
+from conftest import batch, randomize_adapters, tiny_model
+
+CONFIGS = {
+    "lora": lambda: moelora.LoraConfig(r=4, lora_alpha=8),
+    "dora": lambda: moelora.LoraConfig(r=4, lora_alpha=8, use_dora=True),
+    "mixlora": lambda: moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8),
+    "milora": lambda: moelora.MiLoraConfig(r=4, lora_alpha=8, top_k=2),
+}
+
+
+def _model(method, arch="llama"):
+    model = tiny_model(arch)
+    moelora.attach(model, CONFIGS[method]())
+    randomize_adapters(model, scale=0.2)
+    return model.eval()
+
+
+def _greedy_by_recompute(model, ids, mask, steps):
+    """Step-by-step greedy decoding, each step a full forward without any cache."""
+    prompt_lengths = mask.sum(1)
+    for _ in range(steps):
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False, prompt_lengths=prompt_lengths).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_cached_greedy_equals_recompute(method, arch):
+    model = _model(method, arch)
+    ids, mask = batch(model, B=3, T=6)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out, _greedy_by_recompute(model, ids, mask, 6))
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_cache_on_and_off_agree_for_greedy_sampling_and_beams(method):
+    model = _model(method)
+    ids, mask = batch(model, B=2, T=5)
+    common = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0, eos_token_id=None)
+    for kw in (dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)):
+        runs = []
+        for use_cache in (True, False):
+            torch.manual_seed(123)
+            runs.append(model.generate(ids, use_cache=use_cache, **common, **kw))
+        assert torch.equal(runs[0], runs[1]), kw
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=False, use_cache=False)])
+def test_milora_router_runs_at_prefill_only(kw):
+    model = _model("milora")
+    ctx = moelora.get_context(model)
+    ids, mask = batch(model, B=2, T=5)
+    ctx.router_calls = 0
+    model.generate(ids, attention_mask=mask, max_new_tokens=7, pad_token_id=0, eos_token_id=None, **kw)
+    assert ctx.router_calls == model.config.num_hidden_layers  # once per layer, not per step
+    ctx.router_calls = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert ctx.router_calls == model.config.num_hidden_layers
+
+
+def test_milora_prefill_routing_equals_training_routing():
+    """Routing seen in a training forward over prompt + answer = routing at generation prefill."""
+    model = tiny_model()
+    moelora.attach(model, moelora.MiLoraConfig(r=4, top_k=2, lora_dropout=0.0))  # train() = eval() numerically
+    randomize_adapters(model, scale=0.2)
+    ctx = moelora.get_context(model)
+    ids, mask = batch(model, B=3, T=6)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    at_prefill = {k: v.clone() for k, v in ctx.gates["default"].items()}
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    model.train()
+    pos = (full_mask.cumsum(1) - 1).clamp_min(0)  # the positions generate() gave the left-padded rows
+    model(out, attention_mask=full_mask, position_ids=pos, labels=out, prompt_lengths=mask.sum(1)).loss.backward()
+    for layer, g in at_prefill.items():
+        torch.testing.assert_close(ctx.gates["default"][layer].detach(), g)
+
+
+def test_beams_inherit_their_source_gates():
+    model = _model("milora")
+    ctx = moelora.get_context(model)
+    ids, mask = batch(model, B=2, T=5)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=3, do_sample=False, pad_token_id=0)
+    single = {}
+    for b in range(2):
+        with torch.no_grad():
+            model(ids[b : b + 1, mask[b].bool()])
+        single[b] = {k: v.clone() for k, v in ctx.gates["default"].items()}
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=3, do_sample=False, pad_token_id=0)
+    for layer, g in ctx.gates["default"].items():
+        assert g.shape[0] == 6  # 2 prompts x 3 beams
+        for row in range(6):
+            torch.testing.assert_close(g[row], single[row // 3][layer][0], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_without_prefill_routing_is_a_clear_error():
+    model = _model("milora")
+    ids, mask = batch(model, B=1, T=4)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    moelora.get_context(model).gates.clear()
+    with pytest.raises(RuntimeError, match="has no routing for layer 0"):
+        with torch.no_grad():
+            model(ids[:, -1:], past_key_values=out.past_key_values)

@@ -1,0 +1,252 @@
+"""Equivalences of the methods on tiny models: the reference forms, the losses, gradients, dropout."""
+
+import pytest
+import torch
+
+import moelora
+from conftest import ARCHS, batch, randomize_adapters, tiny_model
+
+METHOD_CONFIGS = {
+    "lora": lambda: moelora.LoraConfig(r=4, lora_alpha=8),
+    "dora": lambda: moelora.LoraConfig(r=4, lora_alpha=8, use_dora=True),
+    "mixlora": lambda: moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8),
+    "mixlora_top_p": lambda: moelora.MixLoraConfig(num_experts=4, routing="top_p", top_p=0.6, r=4, lora_alpha=8),
+    "milora": lambda: moelora.MiLoraConfig(r=4, lora_alpha=8, top_k=3),
+}
+
+
+def _logits(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, **kw).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+def test_fresh_adapter_is_the_base_model(arch, method):
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    base = _logits(model, ids, mask)
+    moelora.attach(model, METHOD_CONFIGS[method]())
+    got = _logits(model, ids, mask)
+    keep = mask.bool()
+    # LoRA/DoRA/MiLoRA: B = 0 adds exact zeros. MixLoRA: sum_j w_j h = h up to float rounding (w sums to 1).
+    torch.testing.assert_close(got[keep], base[keep], atol=1e-6, rtol=0)
+    assert any(p.requires_grad for p in model.parameters())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not moelora.inject.is_adapter_parameter(n))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_mixlora_one_expert_top1_is_lora(arch):
+    mix = tiny_model(arch)
+    moelora.attach(mix, moelora.MixLoraConfig(num_experts=1, top_k=1, r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_adapters(mix)
+    lora = tiny_model(arch)
+    moelora.attach(lora, moelora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    mix_t = moelora.checkpoint.adapter_tensors(mix, "default")
+    lora_state = {}
+    for key, t in mix_t.items():
+        if "moe_gate" in key:
+            continue
+        _, _, li, where, proj, *rest = key.split(".")
+        ab = rest[-2]  # lora_A / lora_B
+        lora_state[f"base_model.model.model.layers.{li}.{where}.{proj}.{ab}.weight"] = t
+    with torch.no_grad():
+        for key, p, i in moelora.methods.checkpoint_entries(lora, moelora.get_context(lora).configs["default"], "default"):
+            p[i].copy_(lora_state[key])
+    ids, mask = batch(mix)
+    keep = mask.bool()
+    torch.testing.assert_close(_logits(mix, ids, mask)[keep], _logits(lora, ids, mask)[keep], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma"])
+@pytest.mark.parametrize("routing", ["top_k", "top_p"])
+def test_fast_mixlora_equals_the_naive_per_expert_loop(arch, routing):
+    model = tiny_model(arch)
+    cfg = moelora.MixLoraConfig(num_experts=4, top_k=2, routing=routing, top_p=0.5, r=4, lora_alpha=8, lora_dropout=0.0)
+    moelora.attach(model, cfg)
+    randomize_adapters(model, scale=0.3)
+    ids, mask = batch(model)
+    results = {}
+    for backend in ("reference", "torch"):
+        moelora.set_backend(model, backend)
+        model.zero_grad()
+        model.train()
+        out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[backend] = (out.loss.detach(), _logits(model.eval(), ids, mask), grads)
+    ref, fast = results["reference"], results["torch"]
+    torch.testing.assert_close(fast[0], ref[0])
+    torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=1e-5)
+    for n in ref[2]:
+        torch.testing.assert_close(fast[2][n], ref[2][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def _capture_ffn_inputs(model):
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach()))
+             for m in model.modules() if isinstance(m, moelora.methods.mixlora.MixLoraFFN)]
+    return inputs, hooks
+
+
+def test_mixlora_training_loss_adds_the_aux_loss_over_non_padding_tokens():
+    model = tiny_model()
+    coef = 0.5
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0, router_aux_loss_coef=coef))
+    randomize_adapters(model)
+    ids, mask = batch(model)
+    inputs, hooks = _capture_ffn_inputs(model)
+    model.train()
+    out = model(ids, attention_mask=mask, labels=ids)
+    for h in hooks:
+        h.remove()
+    lm = model.eval()(ids, attention_mask=mask, labels=ids).loss  # eval: the router loss is not added
+    # METHODS.md: stack all layers' non-pad router logits, P = softmax, M = one_hot(topk), f = mean_N M.
+    gates = [m.adapters["default"].moe_gate for m in model.modules() if isinstance(m, moelora.methods.mixlora.MixLoraFFN)]
+    logits = torch.cat([(x @ g.T)[mask.bool()] for x, g in zip(inputs, gates)])  # (N, E)
+    P = logits.softmax(-1)
+    M = torch.nn.functional.one_hot(P.topk(2, -1).indices, 4).float()  # (N, k, E)
+    aux = 4 * (M.mean(0) * P.mean(0)).sum()
+    torch.testing.assert_close(out.loss, lm + coef * aux, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.router_loss, coef * aux, atol=1e-6, rtol=1e-5)
+
+
+def test_milora_training_loss_adds_the_lb_loss():
+    model = tiny_model()
+    moelora.attach(model, moelora.MiLoraConfig(r=4, top_k=2, lora_dropout=0.0, lb_loss_coef=0.3))
+    randomize_adapters(model)
+    ids, mask = batch(model)
+    model.train()
+    out = model(ids, attention_mask=mask, labels=ids)
+    ctx = moelora.get_context(model)
+    per_layer = [moelora.routing.milora_lb_loss(r.logits) for r in ctx.records["default"]]
+    assert len(per_layer) == model.config.num_hidden_layers
+    lm = model.eval()(ids, attention_mask=mask, labels=ids).loss
+    torch.testing.assert_close(out.loss, lm + 0.3 * torch.stack(per_layer).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_milora_routing_uses_prompt_tokens_only():
+    model = tiny_model()
+    moelora.attach(model, moelora.MiLoraConfig(r=4, top_k=2, pooler="attention"))
+    randomize_adapters(model)
+    ctx = moelora.get_context(model)
+    ids, mask = batch(model, B=3, T=6)
+    answer = torch.randint(3, 100, (3, 4))
+    full = torch.cat([ids, answer], 1)
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    _logits(model, ids, mask)  # prompt alone: every non-padding token is the prompt
+    prompt_gates = {k: v.clone() for k, v in ctx.gates["default"].items()}
+    lengths = mask.sum(1)
+    _logits(model, full, full_mask, prompt_lengths=lengths)  # training-style forward on prompt + answer
+    for layer, g in prompt_gates.items():
+        torch.testing.assert_close(ctx.gates["default"][layer], g)
+    _logits(model, full, full_mask)  # without prompt_lengths the answer counts as prompt: routing differs
+    assert any(not torch.allclose(ctx.gates["default"][layer], g) for layer, g in prompt_gates.items())
+
+
+def test_milora_delta_is_gate_weighted_lora():
+    """One projection by hand: y = W x + w_e * s * B A x with w_e the sequence's gate."""
+    model = tiny_model()
+    moelora.attach(model, moelora.MiLoraConfig(r=4, lora_alpha=8, top_k=2, lora_dropout=0.0))
+    randomize_adapters(model)
+    ids, mask = batch(model)
+    q = model.model.layers[1].self_attn.q_proj
+    seen = {}
+    q.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    _logits(model, ids, mask)
+    gate = moelora.get_context(model).gates["default"][1][:, 0]  # q_proj is expert 0
+    lora = q.adapters["default"].lora
+    x = seen["x"]
+    want = x @ q.weight.T + gate.view(-1, 1, 1) * (x @ lora.lora_A[0].T @ lora.lora_B[0].T) * lora.scaling
+    torch.testing.assert_close(seen["y"], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+def test_gradients_reach_every_adapter_parameter_and_no_base_parameter(method):
+    model = tiny_model()
+    cfg = METHOD_CONFIGS[method]()
+    if isinstance(cfg, moelora.MiLoraConfig):
+        cfg.top_k = 7  # every expert selected, so every LoRA is on the gradient path
+    if isinstance(cfg, moelora.MixLoraConfig):
+        cfg.top_k, cfg.routing = 4, "top_k"
+    moelora.attach(model, cfg)
+    randomize_adapters(model)
+    model.train()
+    ids, mask = batch(model)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    trainable = 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            trainable += 1
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    assert trainable > 0
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+def test_dropout_active_in_train_off_in_eval(method):
+    model = tiny_model()
+    cfg = METHOD_CONFIGS[method]()
+    cfg.lora_dropout = 0.5
+    moelora.attach(model, cfg)
+    randomize_adapters(model, scale=0.3)
+    ids, mask = batch(model)
+    model.eval()
+    torch.testing.assert_close(_logits(model, ids, mask), _logits(model, ids, mask), atol=0, rtol=0)
+    model.train()
+    assert not torch.allclose(_logits(model, ids, mask), _logits(model, ids, mask))
+
+
+def test_router_loss_is_reported_in_eval_but_not_added():
+    model = tiny_model()
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, r=4))
+    ids, mask = batch(model)
+    out = model.eval()(ids, attention_mask=mask, labels=ids)
+    assert out.router_loss > 0
+    assert "router_loss" not in out.keys()  # an attribute: Trainer's logits tuple stays clean
+
+
+def test_several_adapters_switch_and_detach():
+    model = tiny_model()
+    ids, mask = batch(model)
+    base = _logits(model, ids, mask)
+    moelora.attach(model, moelora.LoraConfig(r=4), adapter_name="a")
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=2, top_k=1, r=4), adapter_name="b")
+    moelora.attach(model, moelora.MiLoraConfig(r=4, top_k=2), adapter_name="c")
+    randomize_adapters(model)
+    outs = {}
+    for name in ("a", "b", "c"):
+        moelora.set_adapter(model, name)
+        outs[name] = _logits(model, ids, mask)
+    assert not torch.allclose(outs["a"], outs["b"]) and not torch.allclose(outs["b"], outs["c"])
+    moelora.set_adapter(model, None)
+    torch.testing.assert_close(_logits(model, ids, mask), base)
+    moelora.set_adapter(model, "a")
+    torch.testing.assert_close(_logits(model, ids, mask), outs["a"])
+    moelora.detach(model, "b")
+    moelora.set_adapter(model, "c")
+    torch.testing.assert_close(_logits(model, ids, mask), outs["c"])
+    moelora.detach(model)
+    assert not hasattr(model, "_moelora_ctx")
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(_logits(model, ids, mask), base)
+    assert all(p.requires_grad is False or True for p in model.parameters())
+
+
+def test_count_parameters_and_param_groups():
+    model = tiny_model()
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    counts = moelora.count_parameters(model)
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d, I, L = 64, 96, 2
+    attn = 4 * (4 * d + d * 4) - 2 * (4 * d) + 2 * (4 * 32)  # k_proj/v_proj output 32 (2 kv heads x 16)
+    ffn_expert = (4 * d + I * 4) * 2 + (4 * I + d * 4)
+    assert counts["trainable"] == L * (attn + 4 * ffn_expert + 4 * d)
+    assert counts["activated"] == L * (attn + 2 * ffn_expert + 4 * d)
+    m2 = tiny_model()
+    moelora.attach(m2, moelora.MiLoraConfig(r=4))
+    groups = moelora.param_groups(m2, lr=1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3 * 0.01]
+    assert sum(p.numel() for g in groups for p in g["params"]) == moelora.count_parameters(m2)["trainable"]
