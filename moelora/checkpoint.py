@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
@@ -83,12 +82,13 @@ def checkpoint_config(model: nn.Module, cfg: AdapterConfig) -> dict[str, Any]:
         d = {"peft_type": "MIXLORA", **common, "bias": "none", "use_dora": False,
              "routing_strategy": "mixlora" if cfg.routing == "top_k" else "mixlora-dynamic",
              "num_experts": cfg.num_experts, "act_fn": cfg.act_fn or _model_act_fn(model),
-             "router_aux_loss_coef": cfg.router_aux_loss_coef, "router_init_range": cfg.router_init_range,
-             "jitter_noise": cfg.jitter_noise}
+             # floats, never ints: MoE-PEFT / mixlora 0.2.3 assert isinstance(..., float)
+             "router_aux_loss_coef": float(cfg.router_aux_loss_coef),
+             "router_init_range": float(cfg.router_init_range), "jitter_noise": float(cfg.jitter_noise)}
         if cfg.routing == "top_k":
             d["top_k"] = cfg.top_k
         else:
-            d["top_p"], d["temperature"] = cfg.top_p, cfg.temperature
+            d["top_p"], d["temperature"] = float(cfg.top_p), float(cfg.temperature)
         if (cfg.expert_r, cfg.expert_lora_alpha, cfg.expert_lora_dropout) != (None, None, None):
             d["expert_lora"] = {"r": cfg.expert_rank, "lora_alpha": _int_if_integral(cfg.expert_alpha),
                                 "lora_dropout": float(cfg.expert_dropout)}
@@ -219,6 +219,9 @@ def write_adapter_dir(path: str | os.PathLike, files: dict[str, bytes]) -> None:
             raise
         _fsync_dir(path.parent)
         return
+    for name in files:  # temporaries left by a save that was killed
+        for stale in path.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     staged = []
     try:
         for name, data in files.items():
@@ -244,18 +247,38 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from e
 
 
-def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    try:
+        n = int.from_bytes(data[:8], "little")
+        return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config dict and tensors of an adapter directory.
+
+    moelora's safetensors carry their own config in the metadata. When the SHA-256 recorded in
+    ``adapter_config.json`` does not match the weights, a save was interrupted between renaming
+    its weights (the commit point) and its config: the weights' own config is the newer one.
+    """
+    raw = _read_config(path)
+    ours = raw.get("moelora") if isinstance(raw, dict) else None
+    expected_sha = ours.get("weights_sha256") if isinstance(ours, dict) else None
     st, binf = path / SAFETENSORS_NAME, path / BIN_NAME
     if st.is_file():
         data = st.read_bytes()
         if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
-            raise CheckpointError(
-                f"{st} does not match the SHA-256 recorded in {path / CONFIG_NAME}: the directory holds weights "
-                "and a config from different saves (an interrupted save?); re-save the adapter"
-            )
+            embedded = _safetensors_metadata(data).get("adapter_config")
+            if embedded is None:
+                raise CheckpointError(
+                    f"{st} does not match the SHA-256 recorded in {path / CONFIG_NAME}: the directory holds weights "
+                    "and a config from different saves; re-save the adapter"
+                )
+            raw = json.loads(embedded)
         try:
-            return load_safetensors_bytes(data)
-        except (SafetensorError, Exception) as e:
+            return raw, load_safetensors_bytes(data)
+        except Exception as e:  # SafetensorError, truncated headers
             raise CheckpointError(f"{st} is not a valid safetensors file: {e}") from e
     if binf.is_file():
         try:
@@ -264,7 +287,7 @@ def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
             raise CheckpointError(f"{binf} could not be read as a plain tensor dict (weights_only=True): {e}") from e
         if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
             raise CheckpointError(f"{binf} is not a flat {{name: tensor}} dict")
-        return obj
+        return raw, obj
     raise CheckpointError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {path}")
 
 
@@ -305,8 +328,9 @@ def _config_of(model: nn.Module, adapter_name: str) -> AdapterConfig:
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
     """Save one adapter to ``path`` (a directory) atomically, in its method's checkpoint layout."""
     cfg = _config_of(model, adapter_name)
-    weights = save_safetensors_bytes(adapter_tensors(model, adapter_name), metadata={"format": "pt"})
     config = checkpoint_config(model, cfg)
+    metadata = {"format": "pt", "adapter_config": json.dumps(config)}  # the weights carry their own config
+    weights = save_safetensors_bytes(adapter_tensors(model, adapter_name), metadata=metadata)
     config["moelora"]["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     write_adapter_dir(path, {SAFETENSORS_NAME: weights, CONFIG_NAME: json.dumps(config, indent=2).encode()})
 
@@ -327,6 +351,8 @@ def export_mixlora(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     torch.save(adapter_tensors(model, adapter_name), buf)
     config = checkpoint_config(model, cfg)
     config.pop("moelora")
+    if config["base_model_name_or_path"] is None:  # mixlora 0.2.3 asserts a string (a model built from a config has no name)
+        config["base_model_name_or_path"] = ""
     write_adapter_dir(path, {BIN_NAME: buf.getvalue(), CONFIG_NAME: json.dumps(config, indent=2).encode()})
 
 
@@ -338,30 +364,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     the model is left as it was. Returns ``model`` with the adapter active.
     """
     where = _resolve_dir(path)
-    raw = _read_config(where)
+    raw, tensors = _read_adapter(where)
     cfg = config_from_checkpoint(raw, str(where / CONFIG_NAME))
-    sha = raw.get("moelora", {}).get("weights_sha256") if isinstance(raw.get("moelora"), dict) else None
-    tensors = _read_tensors(where, sha)
     ctx = getattr(model, "_moelora_ctx", None)
     previous_active = ctx.active if ctx is not None else None
     attached_here = ctx is None or adapter_name not in ctx.configs
     if attached_here:
         attach(model, cfg, adapter_name)
-    elif get_context(model).configs[adapter_name].method != cfg.method:
-        raise CheckpointError(
-            f"adapter {adapter_name!r} is attached as {ctx.configs[adapter_name].method}, "
-            f"but {where} holds a {cfg.method} adapter"
-        )
+    else:
+        _check_same_config(ctx.configs[adapter_name], cfg, adapter_name, where)
     try:
         _assign(model, adapter_name, tensors, where)
     except BaseException:
         if attached_here:
             detach(model, adapter_name)
-            if getattr(model, "_moelora_ctx", None) is not None and previous_active is not None:
+            if getattr(model, "_moelora_ctx", None) is not None:
                 set_adapter(model, previous_active)
         raise
     set_adapter(model, adapter_name)
     return model
+
+
+def _check_same_config(attached: AdapterConfig, saved: AdapterConfig, name: str, where: Path) -> None:
+    """Loading into an attached adapter only replaces weights: its settings must be the saved ones."""
+    if attached.method != saved.method:
+        raise CheckpointError(f"adapter {name!r} is attached as {attached.method}, but {where} holds a {saved.method} adapter")
+    a, b = attached.to_dict(), saved.to_dict()
+    a.pop("base_model_name_or_path"), b.pop("base_model_name_or_path")
+    if isinstance(saved, LoraConfig):  # PEFT sorts target names; order means nothing for LoRA
+        a["target_modules"], b["target_modules"] = sorted(a["target_modules"]), sorted(b["target_modules"])
+    diff = [k for k in a if a[k] != b.get(k)]
+    if diff:
+        details = ", ".join(f"{k}: attached {a[k]!r} vs saved {b.get(k)!r}" for k in diff)
+        raise CheckpointError(
+            f"adapter {name!r} is attached with other settings than {where} ({details}); "
+            "detach it first or load under another adapter_name"
+        )
 
 
 def _assign(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:

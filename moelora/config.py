@@ -67,6 +67,19 @@ class AdapterConfig:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
+    @staticmethod
+    def _check_number(name: str, value: Any, *, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+
+    def _check_numbers(self, *names: str, optional: tuple[str, ...] = ()) -> None:
+        for n in names:
+            self._check_number(n, getattr(self, n))
+        for n in optional:
+            self._check_number(n, getattr(self, n), optional=True)
+
     def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
         r = self.r if r is None else r
         alpha = self.lora_alpha if alpha is None else alpha
@@ -80,6 +93,10 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        d = dict(d)
+        method = d.pop("moelora_method", cls.method)
+        if method != cls.method:
+            raise ConfigError(f"this is a {method!r} config, not {cls.method!r} ({cls.__name__})")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in d if k not in names]
         if unknown:
@@ -129,10 +146,13 @@ class MixLoraConfig(AdapterConfig):
     expert_lora_alpha: float | None = None
     expert_lora_dropout: float | None = None
     act_fn: str | None = None
-    """FFN activation name for export to the official package; ``None`` reads the model's own."""
+    """The experts' FFN activation (a ``transformers`` ACT2FN name, as MoE-PEFT's ``act_fn``);
+    ``None`` uses the FFN's own activation (and exports its name)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_numbers("top_p", "temperature", "router_aux_loss_coef", "router_init_range", "jitter_noise",
+                            optional=("expert_lora_alpha", "expert_lora_dropout"))
         self._check_int("num_experts", self.num_experts, minimum=1)
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}{_suggest(str(self.routing), list(ROUTINGS))}")
@@ -153,6 +173,11 @@ class MixLoraConfig(AdapterConfig):
             self._check_int("expert_r", self.expert_r, minimum=1)
         if self.expert_lora_alpha is not None and self.expert_lora_alpha <= 0:
             raise ConfigError(f"expert_lora_alpha must be positive, got {self.expert_lora_alpha!r}")
+        if self.act_fn is not None:
+            from transformers.activations import ACT2FN
+
+            if self.act_fn not in ACT2FN:
+                raise ConfigError(f"unknown act_fn {self.act_fn!r}{_suggest(str(self.act_fn), list(ACT2FN))}")
         if self.expert_lora_dropout is not None and not 0.0 <= self.expert_lora_dropout < 1.0:
             raise ConfigError(f"expert_lora_dropout must be in [0, 1), got {self.expert_lora_dropout!r}")
 
@@ -191,6 +216,7 @@ class MiLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_numbers("lb_loss_coef", "router_init_range", "activation_lr_scale")
         self._check_int("top_k", self.top_k, minimum=1)
         if self.target_modules is not None and self.top_k > len(self.target_modules):
             raise ConfigError(

@@ -36,7 +36,8 @@ class AdapterContext:
     records: dict[str, list[RouterRecord]] = field(default_factory=dict)
     # MiLoRA gates cached at prefill: adapter -> layer -> (B, E)
     gates: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
-    router_calls: int = 0  # MiLoRA router invocations (for tests and profiling)
+    router_calls: int = 0
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored when the last adapter goes  # MiLoRA router invocations (for tests and profiling)
 
     def begin_forward(self) -> None:
         self.records = {}

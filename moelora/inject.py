@@ -128,7 +128,7 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) ->
         if module.training and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
             outputs = (outputs[0] + loss.to(outputs[0].dtype), *outputs[1:])
         return outputs
-    setattr(outputs, "router_loss", loss)  # an attribute, not a key: Trainer's logits stay untouched
+    outputs.router_loss = loss  # an attribute, not a key: Trainer's logits stay untouched
     if module.training and getattr(outputs, "loss", None) is not None:
         outputs["loss"] = outputs.loss + loss.to(outputs.loss.dtype)
     return outputs
@@ -157,6 +157,7 @@ def _ensure_context(model: nn.Module) -> AdapterContext:
     ctx = getattr(model, "_moelora_ctx", None)
     if ctx is None:
         ctx = AdapterContext()
+        ctx.base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model._moelora_ctx = ctx
         model._moelora_hooks = [
             model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
@@ -209,6 +210,9 @@ def resolve_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         valid = list(get_architecture(model).modules)
     for t in targets:
         if t not in valid:
+            other = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == t), None)
+            if other is not None:
+                raise ConfigError(f"cannot adapt {t!r}: it is a {type(other).__name__}, not nn.Linear")
             close = difflib.get_close_matches(t, valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
@@ -249,6 +253,8 @@ def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         METHODS[cfg.method].attach(model, cfg, adapter_name, ctx)
     except Exception:
         _remove(model, adapter_name)
+        if not ctx.configs:
+            _teardown(model)
         raise
     ctx.configs[adapter_name] = cfg
     ctx.active = adapter_name
@@ -287,14 +293,23 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     if ctx.active not in ctx.configs:
         ctx.active = next(iter(ctx.configs), None)
     if not ctx.configs:
-        for h in model._moelora_hooks:
-            h.remove()
-        from .methods.milora import remove_layer_hooks
-
-        remove_layer_hooks(model)
-        del model._moelora_ctx, model._moelora_hooks
-        model.__dict__.pop("generate", None)
+        _teardown(model)
     return model
+
+
+def _teardown(model: nn.Module) -> None:
+    """Remove every trace of moelora: hooks, the context, the generate wrapper; restore requires_grad."""
+    from .methods.milora import remove_layer_hooks
+
+    ctx: AdapterContext = model._moelora_ctx
+    for h in model._moelora_hooks:
+        h.remove()
+    remove_layer_hooks(model)
+    for n, p in model.named_parameters():
+        if n in ctx.base_requires_grad:
+            p.requires_grad_(ctx.base_requires_grad[n])
+    del model._moelora_ctx, model._moelora_hooks
+    model.__dict__.pop("generate", None)
 
 
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:

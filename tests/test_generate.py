@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import batch, randomize_adapters, tiny_model
 
 import moelora
-from conftest import batch, randomize_adapters, tiny_model
 
 CONFIGS = {
     "lora": lambda: moelora.LoraConfig(r=4, lora_alpha=8),

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import ARCHS, batch, randomize_adapters, tiny_model
 
 import moelora
-from conftest import ARCHS, batch, randomize_adapters, tiny_model
 
 METHOD_CONFIGS = {
     "lora": lambda: moelora.LoraConfig(r=4, lora_alpha=8),
@@ -240,9 +240,9 @@ def test_count_parameters_and_param_groups():
     moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
     counts = moelora.count_parameters(model)
     assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    d, I, L = 64, 96, 2
+    d, inter, L = 64, 96, 2
     attn = 4 * (4 * d + d * 4) - 2 * (4 * d) + 2 * (4 * 32)  # k_proj/v_proj output 32 (2 kv heads x 16)
-    ffn_expert = (4 * d + I * 4) * 2 + (4 * I + d * 4)
+    ffn_expert = (4 * d + inter * 4) * 2 + (4 * inter + d * 4)
     assert counts["trainable"] == L * (attn + 4 * ffn_expert + 4 * d)
     assert counts["activated"] == L * (attn + 2 * ffn_expert + 4 * d)
     m2 = tiny_model()

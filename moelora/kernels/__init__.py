@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from .reference import weighted_lora_reference
 from .dense import weighted_lora_dense
+from .reference import weighted_lora_reference
 
 __all__ = ["weighted_lora", "BACKENDS", "DEFAULT_BACKEND"]
 

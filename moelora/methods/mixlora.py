@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from ..config import MixLoraConfig
 from ..context import AdapterContext, RouterRecord
@@ -46,6 +47,8 @@ class MixLoraExperts(nn.Module):
         self.top_p_renormalize = cfg.top_p_renormalize
         self.jitter_noise = cfg.jitter_noise
         self.naive = False
+        # The checkpoint's activation (MoE-PEFT applies ACT2FN[act_fn]); None = the FFN's own.
+        self.act = ACT2FN[cfg.act_fn] if cfg.act_fn else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: ``(N, d)`` -> logits ``(N, E)``, weights and indices ``(N, k)``, selected ``(N, E)``."""
@@ -137,7 +140,9 @@ class MixLoraFFN(nn.Module):
         name = self._ctx.active
         if name is None or name not in self.adapters:
             return self.base_mlp(x)
-        return self.adapters[name](self.base_mlp, x, self._ctx, name, getattr(self.base_mlp, self.act_attr))
+        moe = self.adapters[name]
+        act = moe.act if moe.act is not None else getattr(self.base_mlp, self.act_attr)
+        return moe(self.base_mlp, x, self._ctx, name, act)
 
 
 def attach(model: nn.Module, cfg: MixLoraConfig, name: str, ctx: AdapterContext) -> None:

@@ -1,0 +1,445 @@
+"""Checkpoint compatibility with the peers: Hugging Face PEFT (LoRA, DoRA) and the official
+``mixlora`` 0.2.3 package / MoE-PEFT layout (MixLoRA), both directions, compared on logits.
+
+The official ``mixlora`` package (``pip install --no-deps mixlora==0.2.3``) has defects these
+tests work around on its side only:
+
+- its FFN experts live in a plain dict (``layer.mlp.mixlora_moes[name].experts_``) that
+  ``model.eval()`` never reaches, so their LoRA dropout stays on: each expert is put in eval here;
+- it asserts ``lora_dropout > 0`` and an integer ``lora_alpha``;
+- it builds the expert LoRAs from the top-level LoRA settings, ignoring ``expert_lora`` (MoE-PEFT
+  itself honours it; a different expert rank crashes it): the ``expert_lora`` cases inject the
+  experts with the ``expert_lora`` settings, as MoE-PEFT does;
+- it only knows ``routing_strategy: "mixlora"`` (top-k): ``mixlora-dynamic`` is checked against its
+  expert computation with MoE-PEFT's ``_dynamic_top_p`` routing written out here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import batch, randomize_adapters, tiny_model
+
+import moelora
+
+ATOL = RTOL = 1e-5
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"}
+
+# Architectures the official package runs (its ``_compatible_model_types``) that conftest builds.
+OFFICIAL_ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"]
+
+
+def targets_of(arch: str) -> list[str]:
+    return PHI3_TARGETS if arch == "phi3" else LLAMA_TARGETS
+
+
+def act_fn_of(model) -> str:
+    c = model.config
+    return getattr(c, "hidden_activation", None) or c.hidden_act
+
+
+def forward_logits(model, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def assert_same_logits(got, want, mask, base=None):
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=ATOL, rtol=RTOL)
+    if base is not None:  # the adapter must actually change the output, or the comparison is vacuous
+        assert (got[keep] - base[keep]).abs().max() > 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def peft():
+    return pytest.importorskip("peft")
+
+
+@pytest.fixture
+def official():
+    return pytest.importorskip("mixlora")
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT LoRA / DoRA
+
+
+def randomize_peft(model, seed: int = 3, scale: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + scale * torch.randn(p.shape, generator=g))
+            elif "lora_A" in n or "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize(
+    "arch,use_dora", [("llama", False), ("llama", True), ("phi3", False), ("phi3", True)]
+)
+def test_peft_loads_ours(peft, tmp_path, arch, use_dora):
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    base = forward_logits(model, ids, mask)
+    targets = targets_of(arch)
+    moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
+    randomize_adapters(model)
+    ours = forward_logits(model, ids, mask)
+    moelora.save_adapter(model, tmp_path / "ad")
+
+    theirs_model = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "ad")).eval()
+    cfg = theirs_model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.use_dora, set(cfg.target_modules)) == (4, 8, use_dora, set(targets))
+    assert_same_logits(forward_logits(theirs_model, ids, mask), ours, mask, base)
+
+
+@pytest.mark.parametrize(
+    "arch,use_dora,use_rslora",
+    [("llama", False, False), ("llama", True, False), ("llama", False, True), ("phi3", False, False), ("phi3", True, False)],
+)
+def test_we_load_peft(peft, tmp_path, arch, use_dora, use_rslora):
+    targets = targets_of(arch)
+    pcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, use_dora=use_dora, use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    theirs_model = peft.get_peft_model(tiny_model(arch), pcfg)
+    randomize_peft(theirs_model)
+    theirs_model.eval()
+    theirs_model.save_pretrained(str(tmp_path / "ad"))
+    ids, mask = batch(theirs_model)
+    theirs = forward_logits(theirs_model, ids, mask)
+
+    model = tiny_model(arch)
+    base = forward_logits(model, ids, mask)
+    moelora.load_adapter(model, tmp_path / "ad")
+    cfg = moelora.get_context(model).configs["default"]
+    assert isinstance(cfg, moelora.LoraConfig)
+    assert (cfg.r, cfg.lora_alpha, cfg.use_dora, cfg.use_rslora) == (4, 8, use_dora, use_rslora)
+    model.eval()
+    assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official mixlora 0.2.3 / MoE-PEFT layout
+
+
+def official_model(official, arch: str, path, expert_lora: bool = False):
+    """A fresh tiny ``arch`` with the official package's MixLoRA injected from ``path``, in eval."""
+    config, weights = official.load_adapter_weights(str(path), dtype=torch.float32, device="cpu")
+    model = tiny_model(arch)
+    if expert_lora:
+        # Their defect: the experts are built with the top-level LoRA settings (a rank mismatch
+        # crashes). Inject as MoE-PEFT does: attention with the top level, experts with expert_lora.
+        from mixlora.model import _inject_attn_module, _inject_mlp_module
+
+        config.model_type_ = model.config.model_type
+        ecfg = copy.copy(config)
+        ex = config.expert_config_
+        ecfg.lora_r_, ecfg.lora_alpha_, ecfg.lora_dropout_ = ex.lora_r_, ex.lora_alpha_, ex.lora_dropout_
+        ecfg.use_rslora_ = ex.use_rslora_
+        for li, layer in enumerate(model.model.layers):
+            _inject_attn_module(li, layer.self_attn, config, weights)
+            _inject_mlp_module(li, layer.mlp, ecfg, weights)
+    else:
+        official.inject_adapter_in_model(model, config, weights)
+    model.eval()
+    for layer in model.model.layers:  # their defect: the expert dict is invisible to model.eval()
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    return model, config
+
+
+@pytest.mark.parametrize("arch", OFFICIAL_ARCHS)
+def test_official_mixlora_loads_our_export(official, tmp_path, arch):
+    # conftest's models are built from a config: no name, so base_model_name_or_path is unknown
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    base = forward_logits(model, ids, mask)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.05))
+    randomize_adapters(model, scale=0.2)
+    ours = forward_logits(model, ids, mask)
+    moelora.export_mixlora(model, tmp_path / "ad")
+
+    theirs_model, cfg = official_model(official, arch, tmp_path / "ad")
+    assert (cfg.num_experts_, cfg.top_k_, cfg.lora_r_, cfg.lora_alpha_) == (4, 2, 4, 8)
+    assert cfg.act_fn_ == act_fn_of(model)
+    assert {k for k, v in cfg.target_modules_.items() if v} == set(targets_of(arch))
+    assert_same_logits(forward_logits(theirs_model, ids, mask), ours, mask, base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_official_mixlora_loads_our_export_expert_lora(official, tmp_path, arch):
+    """expert_lora, partial targets, and numbers given as ints or integral floats (their config
+    asserts ``int`` alpha and ``float`` router settings)."""
+    model = tiny_model(arch)
+    model.config._name_or_path = f"tiny/{arch}"
+    ids, mask = batch(model)
+    targets = ["o_proj", "down_proj"] + (["qkv_proj"] if arch == "phi3" else ["q_proj", "gate_proj"])
+    cfg = moelora.MixLoraConfig(
+        num_experts=3, top_k=2, r=4, lora_alpha=8.0, lora_dropout=0.05, target_modules=targets, expert_r=2,
+        expert_lora_alpha=6.0, expert_lora_dropout=0.1, router_aux_loss_coef=0, router_init_range=1, jitter_noise=0,
+    )
+    moelora.attach(model, cfg)
+    randomize_adapters(model, scale=0.2)
+    ours = forward_logits(model, ids, mask)
+    moelora.export_mixlora(model, tmp_path / "ad")
+
+    theirs_model, tcfg = official_model(official, arch, tmp_path / "ad", expert_lora=True)
+    assert tcfg.base_model_name_or_path == f"tiny/{arch}"
+    ex = tcfg.expert_config_
+    assert (ex.lora_r_, ex.lora_alpha_, ex.lora_dropout_) == (2, 6, 0.1)
+    assert_same_logits(forward_logits(theirs_model, ids, mask), ours, mask)
+
+
+def moe_peft_checkpoint(
+    model, path, targets, *, num_experts=4, r=4, lora_alpha=8, routing="mixlora", top_k=2, top_p=0.8,
+    temperature=0.0, expert_lora=None, targets_as_dict=False, seed=5,
+):
+    """Write ``path`` as MoE-PEFT does: its ``adapter_config.json`` fields and a pickled tensor dict."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    er = expert_lora["r"] if expert_lora else r
+    tensors = {}
+    for li, layer in enumerate(model.model.layers):
+        for t in targets:
+            if t in ATTENTION:
+                lin = getattr(layer.self_attn, t)
+                p = f"mixlora.layers.{li}.self_attn.{t}"
+                tensors[f"{p}.lora_A.weight"] = rand(r, lin.in_features)
+                tensors[f"{p}.lora_B.weight"] = rand(lin.out_features, r)
+        tensors[f"mixlora.layers.{li}.mlp.moe_gate.weight"] = rand(num_experts, model.config.hidden_size, scale=0.5)
+        for t in targets:
+            if t not in ATTENTION:
+                lin = getattr(layer.mlp, t)
+                for e in range(num_experts):
+                    p = f"mixlora.layers.{li}.mlp.{t}.experts.{e}"
+                    tensors[f"{p}.lora_A.weight"] = rand(er, lin.in_features)
+                    tensors[f"{p}.lora_B.weight"] = rand(lin.out_features, er)
+    config = {
+        "bias": "none",
+        "peft_type": "MIXLORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": f"tiny/{model.config.model_type}",
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": 0.05,
+        "target_modules": {t: (t in targets) for t in LLAMA_TARGETS + PHI3_TARGETS} if targets_as_dict else list(targets),
+        "routing_strategy": routing,
+        "num_experts": num_experts,
+        "act_fn": act_fn_of(model),
+    }
+    if expert_lora:
+        config["expert_lora"] = {"bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": config[
+            "base_model_name_or_path"], **expert_lora}
+    if routing == "mixlora":
+        config["top_k"] = top_k
+    else:
+        config["top_p"], config["temperature"] = top_p, temperature
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=4))
+    torch.save(tensors, path / "adapter_model.bin")
+    return tensors
+
+
+@pytest.mark.parametrize("arch", OFFICIAL_ARCHS)
+def test_we_load_moe_peft_checkpoint(official, tmp_path, arch):
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    base = forward_logits(model, ids, mask)
+    moe_peft_checkpoint(model, tmp_path / "ad", targets_of(arch))
+    theirs_model, _ = official_model(official, arch, tmp_path / "ad")
+    theirs = forward_logits(theirs_model, ids, mask)
+
+    moelora.load_adapter(model, tmp_path / "ad")
+    cfg = moelora.get_context(model).configs["default"]
+    assert isinstance(cfg, moelora.MixLoraConfig)
+    assert (cfg.num_experts, cfg.top_k, cfg.r, cfg.lora_alpha, cfg.routing) == (4, 2, 4, 8, "top_k")
+    assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
+
+
+def test_we_load_moe_peft_partial_targets_dict(official, tmp_path):
+    """``target_modules`` as MoE-PEFT's ``{name: bool}`` dict, with some projections left out."""
+    model = tiny_model("llama")
+    ids, mask = batch(model)
+    moe_peft_checkpoint(model, tmp_path / "ad", ["q_proj", "v_proj", "up_proj", "down_proj"], targets_as_dict=True)
+    theirs_model, _ = official_model(official, "llama", tmp_path / "ad")
+    moelora.load_adapter(model, tmp_path / "ad")
+    assert sorted(moelora.get_context(model).configs["default"].target_modules) == ["down_proj", "q_proj", "up_proj", "v_proj"]
+    assert_same_logits(forward_logits(model, ids, mask), forward_logits(theirs_model, ids, mask), mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_we_load_moe_peft_expert_lora(official, tmp_path, arch):
+    """``expert_lora`` (a different rank and alpha for the FFN experts), with MoE-PEFT's semantics."""
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    expert = {"r": 2, "lora_alpha": 6, "lora_dropout": 0.05}
+    moe_peft_checkpoint(model, tmp_path / "ad", targets_of(arch), expert_lora=expert)
+    theirs_model, _ = official_model(official, arch, tmp_path / "ad", expert_lora=True)
+    moelora.load_adapter(model, tmp_path / "ad")
+    cfg = moelora.get_context(model).configs["default"]
+    assert (cfg.expert_rank, cfg.expert_alpha, cfg.r, cfg.lora_alpha) == (2, 6, 4, 8)
+    assert_same_logits(forward_logits(model, ids, mask), forward_logits(theirs_model, ids, mask), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE-PEFT mixlora-dynamic (top-p): the official package's experts, MoE-PEFT's routing written out
+
+
+def _dynamic_top_p(probs: torch.Tensor, top_p: float, temperature: float):
+    """MoE-PEFT's ``_dynamic_top_p`` semantics: applied to the softmax probabilities (divided by the
+    temperature when > 0); experts by decreasing probability until the cumulative sum exceeds
+    ``top_p``, the crossing one kept; the kept raw values are the weights (no renormalisation);
+    dropped slots get weight 0 and index -1."""
+    if temperature > 0.0:
+        probs = probs / temperature
+    weights, order = probs.sort(dim=-1, descending=True)
+    beyond = weights.cumsum(-1) > top_p
+    crossing = torch.nn.functional.one_hot(beyond.long().argmax(-1), probs.shape[-1]).bool()
+    drop = beyond & ~crossing
+    return weights.masked_fill(drop, 0.0), order.masked_fill(drop, -1)
+
+
+def _dynamic_forward(moe, top_p: float, temperature: float):
+    """Replacement for the official ``MixLoraSparseMoe.forward`` with dynamic routing."""
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        B, T, d = hidden_states.shape
+        x = hidden_states.reshape(-1, d).float()
+        probs = torch.softmax(torch.nn.functional.linear(x, moe.gate_.float()), dim=-1)
+        weights, selected = _dynamic_top_p(probs, top_p, temperature)  # (N, E) each
+        E = moe.num_experts_
+        expert_mask = torch.stack([(selected == e).t() for e in range(E)])  # (E, slots, N)
+        expert_states = moe.forward_fn_(expert_mask, x, hidden_states.dtype)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            slot, tok = torch.where(expert_mask[e])
+            out.index_add_(0, tok, expert_states[e] * weights[tok, slot, None])
+        return out.reshape(B, T, d).to(hidden_states.dtype)
+
+    return forward
+
+
+@pytest.mark.parametrize("arch,top_p,temperature", [("llama", 0.8, 0.0), ("llama", 0.4, 1.5), ("phi3", 0.7, 0.0)])
+def test_we_load_moe_peft_dynamic(official, tmp_path, arch, top_p, temperature):
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    moe_peft_checkpoint(model, tmp_path / "ad", targets_of(arch), routing="mixlora-dynamic", top_p=top_p,
+                        temperature=temperature)
+    moelora.load_adapter(model, tmp_path / "ad")
+    cfg = moelora.get_context(model).configs["default"]
+    assert (cfg.routing, cfg.top_p, cfg.temperature, cfg.top_p_renormalize) == ("top_p", top_p, temperature, False)
+    ours = forward_logits(model, ids, mask)
+
+    # The official loader only accepts "mixlora": load the same tensors as top-k, then swap the routing.
+    raw = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    raw.update(routing_strategy="mixlora", top_k=2)
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(raw))
+    theirs_model, _ = official_model(official, arch, tmp_path / "ad")
+    n_selected = []
+    for layer in theirs_model.model.layers:
+        moe = layer.mlp.mixlora_moes["default"]
+        layer.mlp.forward = _dynamic_forward(moe, top_p, temperature)
+        x = torch.randn(64, model.config.hidden_size)
+        n_selected.append((_dynamic_top_p(torch.softmax(x @ moe.gate_.t(), -1), top_p, temperature)[1] >= 0).sum(-1))
+    assert len(set(torch.cat(n_selected).tolist())) > 1  # the routing really is dynamic here
+    assert_same_logits(ours, forward_logits(theirs_model, ids, mask), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsafe or malformed pickles
+
+
+PWNED = []
+
+
+def _record_pwned(*args):
+    PWNED.append(args)
+    return args
+
+
+class _Evil:
+    def __reduce__(self):
+        return (_record_pwned, ("code ran during unpickling",))
+
+
+class _Plain:
+    pass
+
+
+def _bin_dir(tmp_path, obj, *, raw_pickle: bool = False):
+    path = tmp_path / "ad"
+    moe_peft_checkpoint(tiny_model("llama"), path, ["q_proj", "down_proj"])
+    if raw_pickle:
+        (path / "adapter_model.bin").write_bytes(pickle.dumps(obj))
+    else:
+        torch.save(obj, path / "adapter_model.bin")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda t: {"mixlora": {"layers": t}}, id="nested-dict"),
+        pytest.param(lambda t: list(t.values()), id="list"),
+        pytest.param(lambda t: {**t, "step": 3}, id="int-value"),
+        pytest.param(lambda t: {**t, 7: torch.zeros(2)}, id="int-key"),
+        pytest.param(lambda t: {**t, "extra": _Plain()}, id="non-tensor-object"),
+        pytest.param(lambda t: {**t, "evil": _Evil()}, id="reduce-payload"),
+    ],
+)
+def test_bin_must_be_flat_tensor_dict(tmp_path, make):
+    tensors = moe_peft_checkpoint(tiny_model("llama"), tmp_path / "good", ["q_proj", "down_proj"])
+    path = _bin_dir(tmp_path, make(tensors))
+    model = tiny_model("llama")
+    PWNED.clear()
+    with pytest.raises(moelora.CheckpointError, match="adapter_model.bin"):
+        moelora.load_adapter(model, path)
+    assert PWNED == []  # weights_only: nothing in the pickle was executed
+    assert not hasattr(model, "_moelora_ctx")  # the model is left as it was
+
+
+def test_bin_raw_pickle_payload_not_executed(tmp_path):
+    path = _bin_dir(tmp_path, {"w": _Evil()}, raw_pickle=True)
+    model = tiny_model("llama")
+    PWNED.clear()
+    with pytest.raises(moelora.CheckpointError):
+        moelora.load_adapter(model, path)
+    assert PWNED == []
+    assert not hasattr(model, "_moelora_ctx")
+
+
+@pytest.mark.parametrize("arch,act_fn", [("llama", "gelu_new"), ("gemma", "silu")])
+def test_we_load_moe_peft_checkpoint_with_its_own_act_fn(official, tmp_path, arch, act_fn):
+    """MoE-PEFT applies ACT2FN[act_fn] from the config, even when it is not the model's activation."""
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    moe_peft_checkpoint(model, tmp_path / "ad", targets_of(arch))
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["act_fn"] = act_fn
+    cfg_path.write_text(json.dumps(cfg))
+    theirs_model, _ = official_model(official, arch, tmp_path / "ad")
+    moelora.load_adapter(model, tmp_path / "ad")
+    assert moelora.get_context(model).configs["default"].act_fn == act_fn
+    assert_same_logits(forward_logits(model, ids, mask), forward_logits(theirs_model, ids, mask), mask)
