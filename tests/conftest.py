@@ -83,3 +83,46 @@ def batch(model, B: int = 3, T: int = 7, seed: int = 0, left_pad: bool = True):
                 mask[b, T - pad :] = 0
                 ids[b, T - pad :] = 0
     return ids, mask
+
+
+def bpe_tokenizer(corpus: list[str], vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained in memory (BOS added, pad/eos, a tiny chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", chat_template=template)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama (vocab 320) with a BPE tokenizer trained on the toy tasks: a real model directory."""
+    import json
+    from pathlib import Path
+
+    from moelora.data import PROMPT_TEMPLATES
+
+    toy = Path(__file__).resolve().parents[1] / "examples" / "toy"
+    corpus = [PROMPT_TEMPLATES["prompt_no_input"], PROMPT_TEMPLATES["prompt_input"]]
+    for f in sorted(toy.glob("*/train.jsonl")):
+        for line in f.read_text().splitlines()[:50]:
+            item = json.loads(line)
+            corpus += [item["instruction"], item["output"]]
+    tok = bpe_tokenizer(corpus)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+                                      "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id})
+    model = transformers.LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,246 @@
+"""The ``moelora`` command line: train, eval, generate, chat, plot.
+
+    moelora train --config FILE [key.sub=value ...] [--resume | --overwrite]
+    moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|generate
+    moelora generate --prompt TEXT [--model DIR] [--adapter DIR]
+    moelora chat [--model DIR] [--adapter DIR]
+    moelora plot routing --adapter DIR --data FILE [FILE ...] --out routing.png
+    moelora plot loss --run DIR --out loss.png
+
+``--model`` defaults to the embedded SmolLM2-135M-Instruct. Errors in configs, data files and
+checkpoints print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__all__ = ["main"]
+
+
+def _load(model: str | None, adapter: str | None):
+    import torch
+
+    from .checkpoint import load_adapter
+    from .train import load_model_and_tokenizer
+
+    m, tok = load_model_and_tokenizer(model)
+    if adapter:
+        load_adapter(m, adapter)
+    m.eval()
+    return m.to("cuda" if torch.cuda.is_available() else "cpu"), tok
+
+
+def _evaluate_both(model, tokenizer, paths, protocol, limit, batch_size, compare_base, progress=True, **kw):
+    """Evaluate the adapter (and, with ``compare_base``, the base model with the adapter switched off)."""
+    from .evaluate import evaluate_files
+    from .inject import get_context, set_adapter
+
+    results = {}
+    ctx = getattr(model, "_moelora_ctx", None)
+    if compare_base and ctx is not None:
+        active = ctx.active
+        set_adapter(model, None)
+        results["base"] = evaluate_files(model, tokenizer, paths, protocol, limit=limit, batch_size=batch_size,
+                                         progress=progress, **kw)
+        set_adapter(model, active)
+    name = get_context(model).active if ctx is not None else "base"
+    results[name] = evaluate_files(model, tokenizer, paths, protocol, limit=limit, batch_size=batch_size,
+                                   progress=progress, **kw)
+    return results
+
+
+def _table(results: dict) -> str:
+    """One row per task, one column per evaluated model."""
+    names = list(results)
+    first = results[names[0]]
+    tasks = list(first["tasks"])
+    protocol = first["protocol"]
+    width = max([len("average")] + [len(t) for t in tasks]) + 2
+    lines = [f"protocol: {protocol}", f"{'task':{width}s}" + "".join(f"{n:>12s}" for n in names) + f"{'n':>7s}"]
+    for t in tasks:
+        row = f"{t:{width}s}" + "".join(f"{results[n]['tasks'][t]['accuracy'] * 100:11.1f}%" for n in names)
+        lines.append(row + f"{first['tasks'][t]['total']:7d}")
+    lines.append(f"{'average':{width}s}" + "".join(f"{results[n]['average'] * 100:11.1f}%" for n in names))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runconfig import load_run_config
+    from .train import train
+
+    run = load_run_config(args.config, args.overrides)
+    out = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"adapter saved in {out}")
+    if run.eval is not None and run.eval.data:
+        import torch
+
+        from .checkpoint import load_adapter
+        from .train import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(run.model)
+        load_adapter(model, out)
+        model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        results = _evaluate_both(model, tok, run.eval.data, run.eval.protocol, run.eval.limit, run.eval.batch_size,
+                                 run.eval.compare_base, progress=not args.no_progress)
+        (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
+        print(_table(results))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, tok = _load(args.model, args.adapter)
+    kw = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens} if args.protocol == "generate" else {}
+    results = _evaluate_both(model, tok, args.data, args.protocol, args.limit, args.batch_size,
+                             args.compare_base and args.adapter is not None, **kw)
+    print(_table(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> str:
+    import torch
+
+    if chat and tok.chat_template:
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)
+        kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        kw.update(do_sample=False, num_beams=args.num_beams)
+    with torch.no_grad():
+        out = model.generate(**enc, **kw)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tok = _load(args.model, args.adapter)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    print(_generate(model, tok, prompt, args, chat=args.chat))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, tok = _load(args.model, args.adapter)
+    history: list[dict] = []
+    print("moelora chat: empty line or Ctrl-D to quit, /reset to clear the history")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = _generate(model, tok, history, args, chat=True)
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import plot
+
+    if args.what == "loss":
+        plot.plot_loss(args.run, args.out)
+    else:
+        if not args.adapter or not args.data:
+            raise ValueError("plot routing needs --adapter DIR and --data FILE [FILE ...]")
+        model, tok = _load(args.model, args.adapter)
+        plot.plot_routing(model, tok, args.data, args.out, limit=args.limit, batch_size=args.batch_size)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="adapter directory")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (or beam search with --num-beams)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moelora", description="Mixtures of LoRA experts: train, evaluate, generate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
+    p.add_argument("--config", default=None, help="YAML run config (see configs/); omitted = defaults + overrides")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="start over even if output_dir holds another run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate on llm-adapters files (choice log-likelihood or generate+parse)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--protocol", choices=["choice", "generate"], default="choice")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--output", default=None, help="write the results as JSON")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate from one prompt")
+    _gen_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _gen_args(p)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("plot", help="routing heatmaps and training curves")
+    p.add_argument("what", choices=["routing", "loss"])
+    p.add_argument("--out", required=True, help="output image (.png)")
+    p.add_argument("--run", default=None, help="plot loss: the run's output_dir")
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--data", nargs="*", default=[])
+    p.add_argument("--limit", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(fn=cmd_plot)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"moelora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moelora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

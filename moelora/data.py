@@ -1,0 +1,559 @@
+"""Training data for ``moelora train``: reading, prompt/response split, truncation, mixing, collation.
+
+Formats (``DataSource.format``):
+
+- ``llm-adapters`` / ``alpaca`` (the same thing): a JSON list, or JSONL (one object per line), of
+  ``{"instruction", "input" (optional), "output", "answer" (optional)}``. The prompt is LLM-Adapters'
+  Alpaca template (``PROMPT_TEMPLATES``, with or without the ``### Input:`` block); the response is
+  ``output``; ``answer`` is kept on the example for evaluation.
+- ``messages``: ``{"messages": [{"role", "content"}, ...]}``. The loss is on the **last assistant
+  message**; the prompt is the tokenizer's chat template applied to the messages before it with
+  ``add_generation_prompt=True`` (earlier assistant turns are part of the prompt and masked;
+  messages after the last assistant message are ignored).
+- ``text``: ``{"text": ...}`` objects in JSON/JSONL, or any other file (``.txt``) read as one
+  example per non-empty line. The prompt is empty: the loss is on every token.
+
+Items whose response is empty (or only whitespace) are skipped; a source left with no example is
+an error. Bad input raises :class:`DataError` naming the file and the 1-based item (JSON list) or
+line (JSONL, text).
+
+Encoding (:func:`encode_example`): ``prompt`` tokens (plus the special tokens the tokenizer puts in
+front, e.g. BOS, unless the prompt text already starts with them, as chat templates do), then the
+response tokens and EOS. Labels are ``-100`` on the prompt. The response tokens are those of the
+joint tokenization of ``prompt + response`` after the prompt's tokens (so they are what the model
+sees after the prompt at inference), or the response tokenized alone if the joint tokenization
+merges across the boundary.
+
+Truncation to ``cutoff_len`` keeps the answer: prompt tokens are dropped from the **left** (after the
+leading special tokens such as BOS, which are kept); only when the leading special tokens plus the
+response and EOS alone exceed ``cutoff_len`` is the response cut at its **end** (EOS included).
+:class:`TrainData` counts both in ``stats`` and logs a one-line summary.
+
+Mixing (:meth:`TrainData.epoch_order`): an epoch has ``N = sum_i len_i`` examples (``len_i`` the
+usable examples of source ``i``). Source ``i`` contributes ``n_i`` of them, proportional to
+``weight_i * len_i``: ``n_i = N * weight_i * len_i / sum_j(weight_j * len_j)``, rounded by largest
+remainder (exact rational arithmetic, ties to the earlier source) so that ``sum_i n_i = N``. Weights
+are relative: multiplying every weight by the same factor changes nothing, and equal weights give
+plain concatenation (each epoch one full pass over every source). A source's picks are
+consecutive positions of an endless stream of shuffled passes over it: epoch ``e`` takes positions
+``[e * n_i, (e + 1) * n_i)``. Pass ``k`` is a permutation seeded by ``(seed, i, k)``, stably reordered
+so that the items which the epoch straddling into it already took from the previous pass come
+last. Hence within an epoch a source's items are drawn without replacement, each appearing
+``floor(n_i / len_i)`` or ``ceil(n_i / len_i)`` times (an up-weighted source wraps around), and
+across epochs every item is used once per pass (a down-weighted source cycles through all its
+items before repeating any). The picks of all sources are then shuffled together with
+a generator seeded by ``(seed, epoch)``. The order depends on nothing but the sources (their
+lengths and weights, in order), ``seed`` and ``epoch``: no global RNG state is read or changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DataError",
+    "DataSource",
+    "Example",
+    "FORMATS",
+    "PROMPT_TEMPLATES",
+    "read_examples",
+    "encode_example",
+    "TrainData",
+    "collate",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("llm-adapters", "alpaca", "messages", "text")
+IGNORE_INDEX = -100
+
+PROMPT_TEMPLATES: dict[str, str] = {
+    # LLM-Adapters' alpaca template (templates/alpaca.json of AGI-Edgerunners/LLM-Adapters).
+    "description": "Template used by Alpaca-LoRA and LLM-Adapters.",
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    ),
+    "response_split": "### Response:",
+}
+
+# File stems that name a split rather than a task: the task is then the parent directory's name.
+_SPLIT_STEMS = ("train", "test", "dev", "valid", "validation")
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file and, where relevant, the 1-based item or line."""
+
+
+def _suggest(name: str, valid: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@dataclass
+class DataSource:
+    """One training file. ``weight`` is its relative sampling rate (see the module docstring)."""
+
+    path: str
+    format: str = "llm-adapters"
+    weight: float = 1.0
+    name: str | None = None
+    """Task name; default: the parent directory's name for ``train.json``/``test.json`` (any split
+    stem: train, test, dev, valid, validation; any suffix), else the file's stem."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)
+        if not isinstance(self.path, str) or not self.path:
+            raise DataError(f"data source path must be a non-empty string, got {self.path!r}")
+        if self.format not in FORMATS:
+            raise DataError(
+                f"{self.path}: unknown data format {self.format!r}{_suggest(self.format, FORMATS)}; "
+                f"valid formats: {', '.join(FORMATS)}"
+            )
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise DataError(f"{self.path}: weight must be a finite number > 0, got {w!r}")
+        if self.name is None:
+            p = Path(self.path)
+            self.name = p.parent.name if p.stem in _SPLIT_STEMS and p.parent.name else p.stem
+        elif not isinstance(self.name, str) or not self.name:
+            raise DataError(f"{self.path}: name must be a non-empty string, got {self.name!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataSource:
+        """From a config mapping (``{path, format, weight, name}``); unknown keys are refused."""
+        if not isinstance(d, dict):
+            raise DataError(f"a data source must be a mapping with 'path', got {type(d).__name__}")
+        valid = tuple(f.name for f in dataclasses.fields(cls))
+        for key in d:
+            if key not in valid:
+                raise DataError(f"data source {d.get('path', '?')}: unknown key {key!r}{_suggest(key, valid)}; "
+                                f"valid keys: {', '.join(valid)}")
+        if "path" not in d:
+            raise DataError(f"data source {d!r}: missing required key 'path'")
+        return cls(**d)
+
+
+@dataclass
+class Example:
+    prompt: str
+    """Text before the response ("" for ``text``; the chat-templated prompt for ``messages``)."""
+    response: str
+    """The text the loss is on (EOS is appended at encode time)."""
+    task: str
+    answer: str | None = None
+    """The llm-adapters ``answer`` label, for evaluation."""
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _load_items(path: Path, fmt: str) -> list[tuple[str, Any]]:
+    """``[(location, item), ...]``: location is "item N" (JSON list) or "line N" (JSONL / text)."""
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if fmt == "text" and suffix not in (".json", ".jsonl"):
+        return [(f"line {i}", {"text": line}) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    stripped = text.lstrip()
+    if suffix != ".jsonl" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got a JSON {_json_type(data)}")
+        return [(f"item {i}", item) for i, item in enumerate(data, 1)]
+    items = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"line {i}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            if not items and stripped.startswith("{") and suffix != ".jsonl":
+                try:
+                    whole = json.loads(text)
+                except json.JSONDecodeError:
+                    whole = None
+                if whole is not None:
+                    raise DataError(
+                        f"{path}: expected a JSON list of objects or JSONL (one object per line), "
+                        f"got a single JSON {_json_type(whole)}"
+                    ) from None
+            raise DataError(f"{path}, line {i}: invalid JSON at column {e.colno}: {e.msg}") from None
+    return items
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _field(path: Path, loc: str, item: dict, key: str, *, required: bool, types=(str,), what="a string"):
+    if key not in item or (not required and item[key] is None):
+        if required:
+            raise DataError(f"{path}, {loc}: missing required field '{key}'")
+        return None
+    value = item[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise DataError(f"{path}, {loc}: field '{key}' must be {what}, got {_json_type(value)}")
+    return value
+
+
+def _object(path: Path, loc: str, item: Any, fields: str) -> dict:
+    if not isinstance(item, dict):
+        raise DataError(f"{path}, {loc}: expected an object with {fields}, got {_json_type(item)}")
+    return item
+
+
+def _answer(path: Path, loc: str, item: dict) -> str | None:
+    value = _field(path, loc, item, "answer", required=False, types=(str, int, float, bool),
+                   what="a string or a number")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return None if value is None else str(value)
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
+    """The usable examples of ``source`` and the number of items skipped (empty response)."""
+    path = Path(source.path)
+    fmt, task = source.format, source.name
+    if fmt == "messages":
+        if tokenizer is None:
+            raise DataError(f"{path}: format 'messages' needs a tokenizer (for its chat template)")
+        if not _has_chat_template(tokenizer):
+            raise DataError(
+                f"{path}: format 'messages' needs a tokenizer with a chat template, and "
+                f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'unnamed'}) has none; "
+                "use format 'llm-adapters' or 'text', or set tokenizer.chat_template"
+            )
+    examples: list[Example] = []
+    skipped = 0
+    for loc, item in _load_items(path, fmt):
+        if fmt in ("llm-adapters", "alpaca"):
+            item = _object(path, loc, item, "'instruction' and 'output'")
+            instruction = _field(path, loc, item, "instruction", required=True)
+            output = _field(path, loc, item, "output", required=True)
+            inp = _field(path, loc, item, "input", required=False)
+            answer = _answer(path, loc, item)
+            if inp and inp.strip():
+                prompt = PROMPT_TEMPLATES["prompt_input"].format(instruction=instruction, input=inp)
+            else:
+                prompt = PROMPT_TEMPLATES["prompt_no_input"].format(instruction=instruction)
+            ex = Example(prompt=prompt, response=output, task=task, answer=answer)
+        elif fmt == "text":
+            item = _object(path, loc, item, "'text'")
+            ex = Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
+        else:  # messages
+            item = _object(path, loc, item, "'messages'")
+            messages = _field(path, loc, item, "messages", required=True, types=(list,), what="a list")
+            for j, m in enumerate(messages, 1):
+                if not isinstance(m, dict):
+                    raise DataError(f"{path}, {loc}: message {j} must be an object with 'role' and "
+                                    f"'content', got {_json_type(m)}")
+                for key in ("role", "content"):
+                    _field(path, f"{loc}, message {j}", m, key, required=True)
+            last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                raise DataError(f"{path}, {loc}: no message with role 'assistant' (the loss is on the last one)")
+            context = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+            try:
+                prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # jinja errors, e.g. a template that requires alternating roles
+                raise DataError(f"{path}, {loc}: the chat template failed: {type(e).__name__}: {e}") from None
+            if not isinstance(prompt, str):
+                raise DataError(f"{path}, {loc}: the chat template returned {type(prompt).__name__}, not text")
+            ex = Example(prompt=prompt, response=messages[last]["content"], task=task)
+        if not ex.response.strip():
+            skipped += 1
+            continue
+        examples.append(ex)
+    if not examples:
+        why = f" ({skipped} item(s) with an empty response skipped)" if skipped else " (the file has no items)"
+        raise DataError(f"{path}: no usable examples{why}")
+    return examples, skipped
+
+
+def read_examples(source: DataSource, tokenizer=None) -> list[Example]:
+    """Read ``source`` into examples; ``tokenizer`` is needed (for its chat template) by ``messages``."""
+    return _read(source, tokenizer)[0]
+
+
+# ---------------------------------------------------------------------------------------- encoding
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    out = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [list(x) for x in out]
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts in front of a text (BOS for Llama-like ones), if any."""
+    probe = "a b"
+    with_special = list(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k : k + len(plain)] == plain:
+            return with_special[:k]
+    return []
+
+
+def _eos_id(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError(f"the tokenizer {type(tokenizer).__name__} has no eos_token: set one before training")
+    return int(eos)
+
+
+def _check_cutoff(cutoff_len: int, head: int) -> None:
+    if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < head + 1:
+        raise DataError(
+            f"cutoff_len must be an integer >= {head + 1} (the tokenizer's {head} leading special "
+            f"token(s) plus one response token), got {cutoff_len!r}"
+        )
+
+
+def _assemble(prompt_raw: list[int], resp_ids: list[int], prefix: list[int], eos: int, cutoff_len: int) -> dict:
+    """Prompt + response + EOS, truncated (left of the prompt first, then the end of the response)."""
+    h = len(prefix)
+    body = prompt_raw[h:] if h and prompt_raw[:h] == prefix else prompt_raw
+    resp = list(resp_ids) + [eos]
+    excess = h + len(body) + len(resp) - cutoff_len
+    drop_prompt = drop_response = 0
+    if excess > 0:
+        drop_prompt = min(excess, len(body))
+        body = body[drop_prompt:]
+        drop_response = excess - drop_prompt
+        if drop_response:
+            resp = resp[: len(resp) - drop_response]
+    prompt_ids = prefix + body
+    input_ids = prompt_ids + resp
+    return {
+        "input_ids": input_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + resp,
+        "prompt_length": len(prompt_ids),
+        "truncated": drop_prompt + drop_response,
+        "_dropped_prompt": drop_prompt,
+        "_dropped_response": drop_response,
+    }
+
+
+def _encode_many(examples: list[Example], tokenizer, cutoff_len: int) -> list[dict]:
+    prefix = _special_prefix(tokenizer)
+    _check_cutoff(cutoff_len, len(prefix))
+    eos = _eos_id(tokenizer)
+    prompts = _ids(tokenizer, [ex.prompt for ex in examples])
+    # The response tokens are those after the prompt's in the joint tokenization (what the model sees
+    # after the prompt at inference; SentencePiece tokenizers would add a word boundary to a response
+    # tokenized alone), unless the joint tokenization merges across the boundary: then the response
+    # is tokenized alone.
+    responses = _ids(tokenizer, [ex.prompt + ex.response for ex in examples])
+    merged = []
+    for j, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if r[: len(p)] == p and len(r) > len(p):
+            responses[j] = r[len(p) :]
+        else:
+            merged.append(j)
+    for j, r in zip(merged, _ids(tokenizer, [examples[j].response for j in merged]), strict=True):
+        responses[j] = r
+    return [_assemble(p, r, prefix, eos, cutoff_len) for p, r in zip(prompts, responses, strict=True)]
+
+
+def encode_example(ex: Example, tokenizer, cutoff_len: int) -> dict:
+    """Tokenize one example: ``{"input_ids", "labels" (-100 on the prompt), "prompt_length",
+    "truncated" (tokens dropped)}``; see the module docstring for the truncation rule."""
+    enc = _encode_many([ex], tokenizer, cutoff_len)[0]
+    return {k: v for k, v in enc.items() if not k.startswith("_")}
+
+
+# ------------------------------------------------------------------------------------------ mixing
+
+
+def _generator(*key) -> torch.Generator:
+    digest = hashlib.sha256(repr(("moelora.data",) + tuple(key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _quotas(lengths: list[int], weights: list[float]) -> list[int]:
+    """Largest-remainder apportionment of ``sum(lengths)`` in proportion to ``weight * length``."""
+    total = sum(lengths)
+    mass = [Fraction(w) * n for w, n in zip(weights, lengths, strict=True)]
+    exact = [Fraction(total) * m / sum(mass) for m in mass]
+    quotas = [math.floor(x) for x in exact]
+    left = total - sum(quotas)
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - quotas[i]), i))
+    for i in by_remainder[:left]:
+        quotas[i] += 1
+    return quotas
+
+
+class TrainData:
+    """Every source read, encoded and truncated once; ``epoch_order`` mixes them by weight.
+
+    Indexing is over all examples, source after source (``source_ranges[i]`` is source ``i``'s
+    ``range``); ``data[i]`` is the encoded dict of :func:`encode_example` plus ``"task"``.
+    ``stats[task]`` has ``examples``, ``tokens`` (after truncation), ``response_tokens`` (label
+    tokens), ``truncated_examples``, ``dropped_tokens``, ``dropped_prompt_tokens``,
+    ``dropped_response_tokens`` and ``skipped_items`` (empty responses); ``quotas[i]`` is the number
+    of examples source ``i`` contributes to each epoch.
+    """
+
+    def __init__(self, sources: list[DataSource], tokenizer, cutoff_len: int, seed: int):
+        if not sources:
+            raise DataError("no data sources given")
+        if tokenizer is None:
+            raise DataError("TrainData needs a tokenizer")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise DataError(f"seed must be an integer, got {seed!r}")
+        self.sources = [s if isinstance(s, DataSource) else DataSource.from_dict(s) for s in sources]
+        self.cutoff_len = cutoff_len
+        self.seed = seed
+        self.examples: list[Example] = []
+        self.features: list[dict] = []
+        self.source_ranges: list[range] = []
+        self.stats: dict[str, dict[str, int]] = {}
+        _check_cutoff(cutoff_len, len(_special_prefix(tokenizer)))
+        for src in self.sources:
+            examples, skipped = _read(src, tokenizer)
+            encoded = _encode_many(examples, tokenizer, cutoff_len)
+            start = len(self.features)
+            st = self.stats.setdefault(src.name, dict.fromkeys(
+                ("examples", "tokens", "response_tokens", "truncated_examples", "dropped_tokens",
+                 "dropped_prompt_tokens", "dropped_response_tokens", "skipped_items"), 0))
+            st["skipped_items"] += skipped
+            for ex, enc in zip(examples, encoded, strict=True):
+                st["examples"] += 1
+                st["tokens"] += len(enc["input_ids"])
+                st["response_tokens"] += len(enc["input_ids"]) - enc["prompt_length"]
+                st["truncated_examples"] += enc["truncated"] > 0
+                st["dropped_tokens"] += enc["truncated"]
+                st["dropped_prompt_tokens"] += enc.pop("_dropped_prompt")
+                st["dropped_response_tokens"] += enc.pop("_dropped_response")
+                enc["task"] = src.name
+                self.examples.append(ex)
+                self.features.append(enc)
+            self.source_ranges.append(range(start, len(self.features)))
+        self._passes: dict[int, dict[int, list[int]]] = {}
+        self.quotas = _quotas([len(r) for r in self.source_ranges], [s.weight for s in self.sources])
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        tot = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
+        tasks = ", ".join(f"{t} {s['examples']}" for t, s in self.stats.items())
+        per_epoch = ", ".join(f"{s.name} {q}" for s, q in zip(self.sources, self.quotas, strict=True))
+        msg = (
+            f"data: {tot['examples']} examples ({tasks}), {tot['tokens']} tokens; per epoch: {per_epoch}; "
+            f"cutoff_len={self.cutoff_len}: {tot['truncated_examples']} examples truncated, "
+            f"{tot['dropped_prompt_tokens']} prompt tokens dropped from the left, "
+            f"{tot['dropped_response_tokens']} response tokens cut from the end; "
+            f"{tot['skipped_items']} items with an empty response skipped"
+        )
+        logger.log(logging.WARNING if tot["dropped_response_tokens"] else logging.INFO, msg)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(self.features[index])
+
+    @property
+    def epoch_size(self) -> int:
+        return sum(self.quotas)
+
+    def _source_pass(self, i: int, p: int) -> list[int]:
+        """Pass ``p`` over source ``i``: a permutation of its local indices, seeded by ``(seed, i, p)``,
+        stably reordered so that the items the epoch straddling into this pass already took from an
+        earlier pass come last (an epoch never repeats an item it can avoid repeating)."""
+        cache = self._passes.setdefault(i, {})
+        n, q = len(self.source_ranges[i]), self.quotas[i]
+        for k in range(len(cache), p + 1):  # passes depend on earlier ones: build them in order
+            perm = torch.randperm(n, generator=_generator(self.seed, "source", i, k)).tolist()
+            start = k * n
+            lo = (start // q) * q  # start of the epoch that contains this pass's first position
+            if lo < start:
+                a = lo // n
+                taken = set(cache[a][lo - a * n :])
+                perm = [x for x in perm if x not in taken] + [x for x in perm if x in taken]
+            cache[k] = perm
+        return cache[p]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example indices of epoch ``epoch`` (0-based), mixed by weight; deterministic."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        picks: list[int] = []
+        for i, (rng, q) in enumerate(zip(self.source_ranges, self.quotas, strict=True)):
+            n = len(rng)
+            if q == 0:
+                continue
+            lo, hi = epoch * q, (epoch + 1) * q  # positions in the source's stream of passes
+            for k in range(lo // n, (hi - 1) // n + 1):
+                perm = self._source_pass(i, k)
+                picks.extend(rng.start + x for x in perm[max(lo, k * n) - k * n : min(hi, (k + 1) * n) - k * n])
+        shuffle = torch.randperm(len(picks), generator=_generator(self.seed, "epoch", epoch)).tolist()
+        return [picks[j] for j in shuffle]
+
+
+# --------------------------------------------------------------------------------------- collation
+
+
+def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids`` (``pad_token_id``), ``attention_mask``, ``labels`` (-100 on
+    padding), ``prompt_lengths`` (LongTensor ``(B,)``, for MiLoRA)."""
+    if not features:
+        raise ValueError("collate needs at least one feature")
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad_token_id (the tokenizer has no pad token: set one, e.g. to EOS)")
+    width = max(len(f["input_ids"]) for f in features)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(features)
+    input_ids = torch.full((B, width), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    for b, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[b, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+    prompt_lengths = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "prompt_lengths": prompt_lengths}
+

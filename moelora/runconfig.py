@@ -1,0 +1,218 @@
+"""The YAML run configuration of ``moelora train`` (typed, validated, overridable from the command line).
+
+```yaml
+model: path/or/hub-id        # default: the embedded SmolLM2-135M-Instruct
+method: {type: mixlora, num_experts: 8, top_k: 2, r: 16, lora_alpha: 32}
+data:
+  - {path: data/train.json, format: llm-adapters, weight: 1.0}
+train: {max_steps: 100, num_epochs: 1, batch_size: 8, gradient_accumulation: 1, lr: 2.0e-4,
+        warmup_steps: 0, cutoff_len: 512, save_steps: 50, seed: 42, precision: auto}
+output_dir: runs/example
+eval: {data: [path/test.json], protocol: choice, limit: 100}   # optional, run after training
+```
+Every key can be overridden after the config as ``train.max_steps=20``, ``method.top_k=1``,
+``data.0.weight=2`` (values are parsed as YAML). Unknown keys are refused with the nearest valid
+name; wrong types name the key. Relative data paths are resolved against the working directory,
+then against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import AdapterConfig, ConfigError, config_from_dict
+
+__all__ = ["TrainConfig", "EvalConfig", "DataConfig", "RunConfig", "load_run_config", "apply_overrides"]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1
+    """Optimizer steps; -1 runs ``num_epochs`` epochs."""
+    num_epochs: int = 1
+    batch_size: int = 8
+    """Examples per device per micro-step (the global batch is this x processes x accumulation)."""
+    gradient_accumulation: int = 1
+    lr: float = 2.0e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"
+    """linear (warm-up then linear decay to 0), cosine, or constant (after warm-up)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    cutoff_len: int = 512
+    save_steps: int = 50
+    """Checkpoint every this many optimizer steps (0: only the final adapter)."""
+    save_total_limit: int = 3
+    """Checkpoints kept (the newest); 0 keeps all."""
+    log_steps: int = 1
+    seed: int = 42
+    precision: str = "auto"
+    """auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16."""
+
+
+@dataclass
+class DataConfig:
+    path: str
+    format: str = "llm-adapters"
+    weight: float = 1.0
+    name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    data: list[str] = field(default_factory=list)
+    protocol: str = "choice"
+    limit: int | None = None
+    batch_size: int = 8
+    compare_base: bool = True
+    """Also evaluate the base model (adapter off) and print both."""
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None
+    method: dict[str, Any] = field(default_factory=lambda: {"type": "mixlora"})
+    data: list[DataConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/example"
+    eval: EvalConfig | None = None
+
+    def adapter_config(self) -> AdapterConfig:
+        return config_from_dict(self.method)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{where}.{key}'{hint}".replace("'.", "'"))
+        tp = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if tp is TrainConfig or tp == TrainConfig | None:
+            kwargs[key] = _build(TrainConfig, value, sub)
+        elif tp == EvalConfig | None:
+            kwargs[key] = None if value is None else _build(EvalConfig, value, sub)
+        elif tp == list[DataConfig]:
+            if not isinstance(value, list):
+                raise ConfigError(f"{sub} must be a list of {{path, format, weight}} entries")
+            kwargs[key] = [_build(DataConfig, v if isinstance(v, dict) else {"path": v}, f"{sub}.{i}") for i, v in enumerate(value)]
+        else:
+            if isinstance(value, int) and not isinstance(value, bool) and tp is float:
+                value = float(value)
+            if not _type_ok(value, tp):
+                raise ConfigError(f"{sub} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML; numeric parts index lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        parts = key.split(".")
+        node: Any = d
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: no list item {part!r} in {'.'.join(parts[:i])}")
+                node = node[int(part)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: no list item {last!r}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return d
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from defaults with ``path=None``), apply overrides, validate."""
+    d: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
+        base_dir = p.resolve().parent
+    d = apply_overrides(d, list(overrides))
+    run = _build(RunConfig, d, "")
+    run.adapter_config()  # validates the method block now, not after the model is loaded
+    t = run.train
+    for name in ("num_epochs", "batch_size", "gradient_accumulation", "cutoff_len", "log_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps must be -1 (use num_epochs) or >= 1, got {t.max_steps}")
+    if t.lr <= 0 or t.warmup_steps < 0 or t.save_steps < 0 or t.save_total_limit < 0:
+        raise ConfigError("train.lr must be > 0 and warmup_steps, save_steps, save_total_limit >= 0")
+    if t.lr_scheduler not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"train.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
+    if run.eval is not None and run.eval.protocol not in ("choice", "generate"):
+        raise ConfigError(f"eval.protocol must be choice or generate, got {run.eval.protocol!r}")
+    for entry in run.data:
+        entry.path = _resolve(entry.path, base_dir)
+    if run.eval is not None:
+        run.eval.data = [_resolve(x, base_dir) for x in run.eval.data]
+    return run
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    alt = base_dir / p
+    return str(alt) if alt.exists() else str(p)

@@ -1,0 +1,324 @@
+"""The training recipe of ``moelora train``: plain, readable code on top of ``accelerate``.
+
+One optimizer step consumes ``batch_size x processes x gradient_accumulation`` examples, in the
+deterministic order of ``TrainData.epoch_order`` (a function of the data, the seed and the epoch
+only). Each process takes its own contiguous slice of every global micro-batch. The LM loss is
+the sum of token losses divided by the number of response tokens in the whole global micro-batch
+(counted across processes), so N processes compute the same gradient as one process with the
+same global batch; the router loss (MixLoRA's aux loss, MiLoRA's load-balance loss) is computed on
+each process's own rows and averaged by DDP.
+
+Checkpoints (``output_dir/checkpoint-{step}``, every ``save_steps``) hold the adapter (the
+``save_adapter`` format), the optimizer and scheduler states, every process's RNG states and
+``trainer_state.json``. They are written into a hidden directory and renamed into place, so a run
+killed at any moment leaves the newest complete checkpoint loadable. ``resume=True`` continues from
+the newest one exactly as if never stopped (same data position, optimizer, scheduler and RNG).
+A NaN or infinite loss stops the run with ``TrainingError`` before anything is saved for that step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .data import DataSource, TrainData, collate
+from .inject import attach, get_context
+from .runconfig import RunConfig
+from .stats import count_parameters, expert_load, param_groups
+
+__all__ = ["train", "TrainingError", "load_model_and_tokenizer", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+STATE_NAME = "trainer_state.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad output_dir, non-finite loss, ...); the message says why."""
+
+
+def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torch.float32):
+    """A causal LM and its tokenizer; ``None`` is the embedded SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        from .embedded import embedded_model_dir
+
+        name_or_path = str(embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return model, tokenizer
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with a trainer state), oldest first."""
+    found = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if suffix.isdigit() and (p / STATE_NAME).is_file():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[name]
+
+
+def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    existing = checkpoints(out) if out.exists() else []
+    has_adapter = (out / checkpoint.CONFIG_NAME).exists()
+    if (existing or has_adapter) and not (resume or overwrite):
+        what = f"{len(existing)} checkpoint(s)" if existing else "an adapter"
+        raise TrainingError(
+            f"output_dir {out} already holds {what} of another run; pass --resume to continue it or "
+            "--overwrite to start over (its checkpoints are then replaced)"
+        )
+    if overwrite and not resume:
+        for p in existing:
+            shutil.rmtree(p)
+
+
+class _Logger:
+    """Metrics to ``metrics.jsonl`` (for ``moelora plot loss``) and TensorBoard when available."""
+
+    def __init__(self, out: Path, enabled: bool, resume: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float], load: dict[int, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **scalars, "expert_load": {str(k): v.tolist() for k, v in load.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+            for layer, frac in load.items():
+                for e, f in enumerate(frac.tolist()):
+                    self.tb.add_scalar(f"expert_load/layer{layer:02d}/expert{e}", f, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          _stop_after: int | None = None) -> Path:
+    """Train ``run`` and save the final adapter in ``run.output_dir``; returns that directory.
+
+    ``_stop_after`` (tests) stops after that many optimizer steps, as a crash would.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    t = run.train
+    out = Path(run.output_dir)
+    cfg = run.adapter_config()
+    if not run.data:
+        raise TrainingError("the config has no data: add at least one entry under `data:`")
+    # Without a GPU, `cpu=True` lets accelerate run torchrun/`accelerate launch` processes as gloo DDP.
+    accelerator = Accelerator(mixed_precision=_precision(t.precision), cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    if main:
+        _check_output_dir(out, resume, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    model, tokenizer = load_model_and_tokenizer(run.model)
+    attach(model, cfg)
+    model.to(accelerator.device)
+    sources = [DataSource(path=d.path, format=d.format, weight=d.weight, name=d.name) for d in run.data]
+    data = TrainData(sources, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = t.batch_size * world  # global micro-batch
+    per_step = micro * t.gradient_accumulation
+    steps_per_epoch = max(1, len(data.epoch_order(0)) // per_step)
+    total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
+    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay), lr=t.lr)
+    scheduler = _scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total)
+    ddp_model = accelerator.prepare_model(model)
+    optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling needs the wrapped optimizer
+    counts = count_parameters(model)
+
+    step, start_epoch, position = 0, 0, 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
+        else:
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            checkpoint.load_adapter(model, ckpt / "adapter")
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            rng_file = ckpt / f"rng_{rank}.pt"
+            if rng_file.exists():  # our own file: python's RNG state is a tuple, not a tensor
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+            step, start_epoch, position = state["step"], state["epoch"], state["position"]
+            if main:
+                print(f"resuming from {ckpt} (step {step})")
+
+    metrics = _Logger(out, main, resume)
+    if main:
+        (out / "run_config.json").write_text(json.dumps(asdict(run), indent=2, default=str))
+        print(f"{cfg.method}: {counts['trainable']:,} trainable / {counts['activated']:,} activated adapter parameters; "
+              f"{len(data)} examples, {total} steps of {per_step} examples")
+    bar = tqdm(total=total, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
+    ddp_model.train()
+    last_good = latest_checkpoint(out)
+    epoch = start_epoch
+    order = data.epoch_order(epoch)
+    tokens_seen, t_start = 0, time.time()
+    try:
+        while step < total:
+            loss_sum, router_sum = 0.0, 0.0
+            for _ in range(t.gradient_accumulation):
+                if position + micro > len(order):
+                    epoch, position = epoch + 1, 0
+                    order = data.epoch_order(epoch)
+                rows = order[position : position + micro]
+                position += micro
+                feats = [data[i] for i in rows[rank * t.batch_size : (rank + 1) * t.batch_size]]
+                batch = {k: v.to(accelerator.device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
+                labels = batch.pop("labels")
+                n_tokens = (labels[:, 1:] != -100).sum()
+                global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
+                with accelerator.autocast():
+                    outputs = ddp_model(**batch)
+                logits = outputs.logits[:, :-1].float()
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                     ignore_index=-100, reduction="sum")
+                lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
+                router = getattr(outputs, "router_loss", None)
+                loss = (lm + (router if router is not None else 0.0)) / t.gradient_accumulation
+                if not torch.isfinite(loss):
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                    raise TrainingError(f"the loss is {loss.item()} at step {step + 1}: stopping ({where})")
+                accelerator.backward(loss)
+                loss_sum += lm.item() / world / t.gradient_accumulation
+                router_sum += (router.item() if router is not None else 0.0) / t.gradient_accumulation
+                tokens_seen += int(batch["attention_mask"].sum()) * world
+            if t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            global_loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum").item()
+            lr = scheduler.get_last_lr()[0]
+            tok_s = tokens_seen / max(1e-9, time.time() - t_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{global_loss:.4f}", router=f"{router_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if step % t.log_steps == 0 or step == total:
+                load = expert_load(model) if get_context(model).records else {}
+                metrics.log(step, {"loss": global_loss, "router_loss": router_sum, "lr": lr, "tokens_per_s": tok_s,
+                                   "epoch": epoch + position / max(1, len(order))}, load)
+            if t.save_steps and step % t.save_steps == 0 and step < total:
+                last_good = _save_checkpoint(accelerator, model, optimizer, scheduler, out, step, epoch, position, t)
+            if _stop_after is not None and step >= _stop_after:
+                return out
+    finally:
+        bar.close()
+        metrics.close()
+    if main:
+        checkpoint.save_adapter(model, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _save_checkpoint(accelerator, model, optimizer, scheduler, out: Path, step: int, epoch: int, position: int, t) -> Path:
+    """Write ``checkpoint-{step}`` atomically: every process writes its RNG state into a hidden
+    directory, then the main process adds the rest and renames it into place."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.save_adapter(model, tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes}
+        (tmp / STATE_NAME).write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        if t.save_total_limit:
+            for old in checkpoints(out)[: -t.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+

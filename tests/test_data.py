@@ -1,0 +1,477 @@
+"""The training-data layer: formats, prompt/response split, label masking, truncation, mixing, errors.
+
+Uses a tiny byte-level BPE tokenizer trained in memory (milliseconds, offline, exact decoding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from moelora.data import (
+    PROMPT_TEMPLATES,
+    DataError,
+    DataSource,
+    Example,
+    TrainData,
+    collate,
+    encode_example,
+    read_examples,
+)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    PROMPT_TEMPLATES["prompt_input"],
+    PROMPT_TEMPLATES["prompt_no_input"],
+    "the correct answer is true",
+    "the correct answer is answer2",
+    "Please answer the following question with true or false, question: is the sky blue?",
+    "The quick brown fox jumps over the lazy dog. Hello world, hello tokens.",
+]
+
+
+def make_tokenizer(bos: bool = True, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    kwargs = {"chat_template": chat_template} if chat_template else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok_nobos():
+    return make_tokenizer(bos=False)
+
+
+def write_json(path: Path, items) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(items, indent=2))
+    return str(path)
+
+
+def write_jsonl(path: Path, items) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return str(path)
+
+
+def qa(i: int, input: str = "") -> dict:
+    return {"instruction": f"Is {i} even? Answer format: true/false", "input": input,
+            "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}",
+            "answer": "true" if i % 2 == 0 else "false"}
+
+
+def response_text(tok, enc) -> str:
+    return tok.decode([t for t in enc["labels"] if t != -100])
+
+
+def check_split(tok, ex: Example, enc: dict, bos: bool = True, added: str = "<s>") -> None:
+    """Labels are -100 exactly on the prompt, and the unmasked ones decode to response + EOS;
+    the prompt tokens decode to the prompt text after ``added`` (the special tokens put in front)."""
+    pl = enc["prompt_length"]
+    assert len(enc["input_ids"]) == len(enc["labels"])
+    assert enc["labels"][:pl] == [-100] * pl
+    assert enc["labels"][pl:] == enc["input_ids"][pl:]
+    assert response_text(tok, enc) == ex.response + "</s>"
+    assert tok.decode(enc["input_ids"][:pl]) == added + ex.prompt
+    assert (enc["input_ids"][0] == tok.bos_token_id) == bos
+    assert enc["truncated"] == 0
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+def test_prompt_templates_are_llm_adapters_alpaca():
+    assert PROMPT_TEMPLATES["prompt_no_input"] == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    )
+    assert PROMPT_TEMPLATES["prompt_input"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+        "### Input:\n{input}\n\n### Response:\n"
+    )
+
+
+def test_llm_adapters_prompt_response_and_labels(tmp_path, tok):
+    path = write_json(tmp_path / "boolish" / "train.json", [qa(0), qa(1, input="some context"),
+                                                             {"instruction": "Say hi", "output": "hi"}])
+    src = DataSource(path)
+    assert src.name == "boolish" and src.format == "llm-adapters" and src.weight == 1.0
+    exs = read_examples(src)
+    assert len(exs) == 3 and all(e.task == "boolish" for e in exs)
+    assert exs[0].prompt == PROMPT_TEMPLATES["prompt_no_input"].format(instruction=qa(0)["instruction"])
+    assert exs[1].prompt == PROMPT_TEMPLATES["prompt_input"].format(instruction=qa(1)["instruction"],
+                                                                    input="some context")
+    assert exs[0].prompt.endswith("### Response:\n") and "### Input:" not in exs[0].prompt
+    assert [e.response for e in exs] == ["the correct answer is true", "the correct answer is false", "hi"]
+    assert [e.answer for e in exs] == ["true", "false", None]
+    for ex in exs:
+        enc = encode_example(ex, tok, cutoff_len=512)
+        assert set(enc) == {"input_ids", "labels", "prompt_length", "truncated"}
+        check_split(tok, ex, enc)
+        assert enc["input_ids"][-1] == tok.eos_token_id
+        assert enc["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_alpaca_and_jsonl_read_the_same(tmp_path, tok):
+    items = [qa(i) for i in range(4)]
+    a = read_examples(DataSource(write_json(tmp_path / "a.json", items), format="alpaca"))
+    b = read_examples(DataSource(write_jsonl(tmp_path / "b.jsonl", items)))
+    # a .json file holding JSONL is read as JSONL too
+    c = read_examples(DataSource(write_jsonl(tmp_path / "c.json", items), name="mine"))
+    assert [(e.prompt, e.response, e.answer) for e in a] == [(e.prompt, e.response, e.answer) for e in b]
+    assert [(e.prompt, e.response) for e in c] == [(e.prompt, e.response) for e in a]
+    assert (a[0].task, b[0].task, c[0].task) == ("a", "b", "mine")
+
+
+def test_task_name_defaults(tmp_path):
+    assert DataSource(str(tmp_path / "arc_easy" / "test.json")).name == "arc_easy"
+    assert DataSource(str(tmp_path / "math" / "train_math_data.json")).name == "train_math_data"
+    assert DataSource(tmp_path / "x" / "train.jsonl", name="t").name == "t"  # PathLike accepted
+
+
+def test_messages_last_assistant_turn(tmp_path, tok):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hello world"}, {"role": "user", "content": "and the fox?"},
+            {"role": "assistant", "content": "The quick brown fox"}]
+    trailing = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "ignored"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}, {"messages": trailing}])
+    exs = read_examples(DataSource(path, format="messages"), tok)
+    assert exs[0].prompt == tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+    assert exs[0].prompt == ("<s><|system|>Be brief.</s><|user|>hello</s><|assistant|>hello world</s>"
+                             "<|user|>and the fox?</s><|assistant|>")
+    assert exs[0].response == "The quick brown fox"
+    assert exs[1].prompt == "<s><|user|>hi</s><|assistant|>" and exs[1].response == "hello"
+    for ex in exs:
+        enc = encode_example(ex, tok, cutoff_len=512)
+        check_split(tok, ex, enc, added="")
+        # the template already starts with BOS: it is not added a second time
+        assert enc["input_ids"][:2].count(tok.bos_token_id) == 1
+
+
+def test_text_format_txt_and_jsonl(tmp_path, tok, tok_nobos):
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("hello world\n\n   \nThe quick brown fox\n")
+    exs = read_examples(DataSource(str(txt), format="text"))
+    assert [(e.prompt, e.response, e.task) for e in exs] == [("", "hello world", "corpus"),
+                                                             ("", "The quick brown fox", "corpus")]
+    j = read_examples(DataSource(write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}]), format="text"))
+    assert (j[0].prompt, j[0].response) == ("", "hello world")
+    enc = encode_example(exs[0], tok, 64)
+    assert enc["prompt_length"] == 1 and enc["input_ids"][0] == tok.bos_token_id  # only BOS is masked
+    check_split(tok, exs[0], enc)
+    enc = encode_example(exs[0], tok_nobos, 64)
+    assert enc["prompt_length"] == 0 and -100 not in enc["labels"]  # loss on every token
+    check_split(tok_nobos, exs[0], enc, bos=False, added="")
+
+
+def test_empty_responses_are_skipped(tmp_path, tok):
+    items = [qa(0), {"instruction": "x", "output": "  "}, qa(1)]
+    exs = read_examples(DataSource(write_json(tmp_path / "d.json", items)))
+    assert len(exs) == 2
+    data = TrainData([DataSource(str(tmp_path / "d.json"))], tok, 128, seed=0)
+    assert data.stats["d"]["skipped_items"] == 1 and data.stats["d"]["examples"] == 2
+
+
+def test_response_tokens_are_those_after_the_prompt(tok):
+    """SentencePiece-style tokenizers: the response gets the tokens it has after the prompt (as at
+    inference), not those of the response alone (which start with a word boundary)."""
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.train_from_iterator(["Answer: yes no", "yes", "no", "\n"], trainer=trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False))
+    sp = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    assert sp.convert_ids_to_tokens(sp("yes", add_special_tokens=False).input_ids) == ["\u2581yes"]
+    enc = encode_example(Example("Answer:\n", "yes", "t"), sp, 64)
+    assert sp.convert_ids_to_tokens(enc["input_ids"]) == ["\u2581Answer:", "\n", "yes", "</s>"]
+    assert enc["prompt_length"] == 2 and sp.decode(enc["input_ids"]) == "Answer:\nyes</s>"
+    # a prompt ending mid-word merges with the response: the response is then tokenized alone
+    ex = Example(prompt="Say t", response="he correct answer", task="t")
+    prompt_ids = tok(ex.prompt, add_special_tokens=False).input_ids
+    assert tok(ex.prompt + ex.response, add_special_tokens=False).input_ids[: len(prompt_ids)] != prompt_ids
+    enc = encode_example(ex, tok, 64)
+    check_split(tok, ex, enc)
+
+
+# --------------------------------------------------------------------------------------- truncation
+
+
+def test_truncation_drops_prompt_from_the_left_keeping_bos_and_answer(tok):
+    ex = Example(prompt="The quick brown fox jumps over the lazy dog. " * 6, response="the correct answer is true",
+                 task="t")
+    full = encode_example(ex, tok, 4096)
+    assert full["truncated"] == 0
+    n = len(full["input_ids"])
+    resp_len = n - full["prompt_length"]
+    cutoff = resp_len + 5
+    enc = encode_example(ex, tok, cutoff)
+    assert len(enc["input_ids"]) == cutoff and enc["truncated"] == n - cutoff
+    assert enc["input_ids"][0] == tok.bos_token_id
+    assert enc["prompt_length"] == 5
+    assert enc["input_ids"][1:5] == full["input_ids"][full["prompt_length"] - 4 : full["prompt_length"]]
+    assert response_text(tok, enc) == ex.response + "</s>"  # the whole answer survives
+    assert tok.decode(enc["input_ids"][1:5]) in ex.prompt
+
+
+def test_truncation_cuts_response_end_only_when_it_alone_is_too_long(tok, tok_nobos):
+    ex = Example(prompt="Question: fox?\n", response="The quick brown fox jumps over the lazy dog", task="t")
+    full = encode_example(ex, tok, 4096)
+    resp = full["input_ids"][full["prompt_length"] :]  # response + EOS
+    enc = encode_example(ex, tok, 6)
+    assert enc["input_ids"] == [tok.bos_token_id] + resp[:5]  # BOS kept, prompt gone, no EOS
+    assert enc["prompt_length"] == 1 and enc["labels"][0] == -100 and enc["labels"][1:] == resp[:5]
+    assert enc["truncated"] == len(full["input_ids"]) - 6
+    assert tok.eos_token_id not in enc["input_ids"]
+    enc = encode_example(ex, tok_nobos, 6)
+    assert enc["prompt_length"] == 0 and len(enc["input_ids"]) == 6
+    with pytest.raises(DataError, match="cutoff_len must be an integer >= 2"):
+        encode_example(ex, tok, 1)
+
+
+def test_traindata_stats_and_log(tmp_path, tok, caplog):
+    long = {"instruction": "The quick brown fox jumps over the lazy dog. " * 20, "output": "the correct answer is true"}
+    path = write_json(tmp_path / "a" / "train.json", [qa(0), long, qa(2)])
+    huge = write_jsonl(tmp_path / "b.jsonl", [{"text": "hello world " * 200}, {"text": "hello"}])
+    exs_a = read_examples(DataSource(path))
+    lens = [len(encode_example(e, tok, 10_000)["input_ids"]) for e in exs_a]
+    cutoff = max(lens[0], lens[2]) + 2
+    assert lens[1] > cutoff
+    with caplog.at_level(logging.INFO, logger="moelora.data"):
+        data = TrainData([DataSource(path), DataSource(huge, format="text")], tok, cutoff, seed=0)
+    sa, sb = data.stats["a"], data.stats["b"]
+    assert sa["examples"] == 3 and sa["truncated_examples"] == 1
+    assert sa["dropped_tokens"] == sa["dropped_prompt_tokens"] == lens[1] - cutoff
+    assert sa["dropped_response_tokens"] == 0
+    assert sa["tokens"] == lens[0] + cutoff + lens[2]
+    assert sb["examples"] == 2 and sb["truncated_examples"] == 1 and sb["dropped_prompt_tokens"] == 0
+    assert sb["dropped_response_tokens"] == sb["dropped_tokens"] > 0
+    assert len(data) == 5 and [len(r) for r in data.source_ranges] == [3, 2]
+    item = data[1]
+    assert item["task"] == "a" and len(item["input_ids"]) == cutoff and item["truncated"] == lens[1] - cutoff
+    assert data[4]["task"] == "b"
+    assert all(len(data[i]["input_ids"]) <= cutoff for i in range(len(data)))
+    records = [r for r in caplog.records if r.name == "moelora.data"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING  # a response was cut
+    msg = records[0].getMessage()
+    assert "5 examples" in msg and "2 examples truncated" in msg
+    assert f"{sa['dropped_prompt_tokens']} prompt tokens dropped from the left" in msg
+    assert f"{sb['dropped_response_tokens']} response tokens cut from the end" in msg
+
+
+# ------------------------------------------------------------------------------------------- mixing
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(30)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(10)])
+    return a, b
+
+
+def test_mixing_ratio_and_sampling(two_sources, tok):
+    a, b = two_sources
+    data = TrainData([DataSource(a, "text", 1.0), DataSource(b, "text", 3.0)], tok, 32, seed=1)
+    # N = 40; weight * len = 30 and 30: each source gives half of the epoch
+    assert data.quotas == [20, 20] and data.epoch_size == 40
+    ra, rb = data.source_ranges
+    e0, e1 = data.epoch_order(0), data.epoch_order(1)
+    for order in (e0, e1):
+        assert len(order) == 40
+        from_a = [i for i in order if i in ra]
+        assert len(from_a) == 20 and len(set(from_a)) == 20  # without replacement
+        counts_b = Counter(i for i in order if i in rb)
+        assert set(counts_b) == set(rb) and set(counts_b.values()) == {2}  # up-weighted: 2 full passes
+        assert Counter(data[i]["task"] for i in order) == {"a": 20, "b": 20}
+    # a down-weighted source sees all its items over epochs before repeating any
+    assert set(i for i in e0 + e1 if i in ra) == set(ra)
+    assert e0 != e1
+
+
+def test_mixing_is_deterministic_relative_and_seeded(two_sources, tok):
+    a, b = two_sources
+    mk = lambda wa, wb, seed: TrainData([DataSource(a, "text", wa), DataSource(b, "text", wb)], tok, 32, seed)  # noqa: E731
+    torch.manual_seed(123)
+    x = mk(1.0, 3.0, 7).epoch_order(3)
+    torch.manual_seed(999)  # global RNG state does not matter
+    y = mk(1.0, 3.0, 7)
+    assert y.epoch_order(3) == x and y.epoch_order(3) == x
+    assert mk(2.0, 6.0, 7).epoch_order(3) == x  # weights are relative
+    assert mk(1.0, 3.0, 8).epoch_order(3) != x
+    equal = mk(1.0, 1.0, 7)  # equal weights: each epoch is one pass over everything
+    assert equal.quotas == [30, 10]
+    assert sorted(equal.epoch_order(0)) == list(range(40)) and sorted(equal.epoch_order(5)) == list(range(40))
+    assert equal.epoch_order(0) != equal.epoch_order(1)
+    odd = mk(1.0, 0.5, 7)  # 30 / 5 of 35 mass -> 34.29 / 5.71 of 40 -> 34 / 6 by largest remainder
+    assert odd.quotas == [34, 6] and len(odd.epoch_order(2)) == 40
+    with pytest.raises(ValueError, match="epoch"):
+        y.epoch_order(-1)
+
+
+# ---------------------------------------------------------------------------------------- collation
+
+
+def test_collate_right_pads(tok):
+    feats = [encode_example(Example("Question: fox?\n", r, "t"), tok, 64) for r in ("hello", "The quick brown fox")]
+    batch = collate(feats, tok.pad_token_id)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_lengths"}
+    n0, n1 = len(feats[0]["input_ids"]), len(feats[1]["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, max(n0, n1))
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["prompt_lengths"].dtype == torch.long
+    assert batch["input_ids"][0, :n0].tolist() == feats[0]["input_ids"]
+    assert batch["input_ids"][0, n0:].eq(tok.pad_token_id).all()
+    assert batch["labels"][0, n0:].eq(-100).all() and batch["labels"][1].tolist() == feats[1]["labels"]
+    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
+    assert batch["attention_mask"][0, :n0].eq(1).all() and batch["attention_mask"][0, n0:].eq(0).all()
+    assert batch["prompt_lengths"].tolist() == [feats[0]["prompt_length"], feats[1]["prompt_length"]]
+    assert collate(feats, 0, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+    with pytest.raises(ValueError, match="pad_token_id"):
+        collate(feats, None)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.json: data file not found"):
+        read_examples(DataSource(str(tmp_path / "nope.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]')
+    with pytest.raises(DataError, match=r"bad\.json: invalid JSON at line 3, column 23: Expecting ',' delimiter"):
+        read_examples(DataSource(str(bad)))
+    badl = tmp_path / "bad.jsonl"
+    badl.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": b}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 3: invalid JSON"):
+        read_examples(DataSource(str(badl)))
+    obj = tmp_path / "obj.json"
+    obj.write_text('{\n "data": [1, 2]\n}\n')
+    with pytest.raises(DataError, match=r"obj\.json: expected a JSON list of objects or JSONL.*single JSON object"):
+        read_examples(DataSource(str(obj)))
+
+
+def test_bad_items(tmp_path, tok):
+    with pytest.raises(DataError, match=r"m\.json, item 2: missing required field 'output'"):
+        read_examples(DataSource(write_json(tmp_path / "m.json", [qa(0), {"instruction": "x"}])))
+    with pytest.raises(DataError, match=r"m2\.jsonl, line 1: missing required field 'instruction'"):
+        read_examples(DataSource(write_jsonl(tmp_path / "m2.jsonl", [{"output": "x"}])))
+    with pytest.raises(DataError, match=r"t\.json, item 1: field 'output' must be a string, got number"):
+        read_examples(DataSource(write_json(tmp_path / "t.json", [{"instruction": "x", "output": 3}])))
+    with pytest.raises(DataError, match=r"t2\.json, item 2: field 'input' must be a string, got list"):
+        read_examples(DataSource(write_json(tmp_path / "t2.json", [qa(0), {**qa(1), "input": ["a"]}])))
+    with pytest.raises(DataError, match=r"t3\.json, item 1: field 'answer' must be a string or a number, got object"):
+        read_examples(DataSource(write_json(tmp_path / "t3.json", [{**qa(1), "answer": {}}])))
+    with pytest.raises(DataError, match=r"l\.json, item 3: expected an object with 'instruction' and 'output', got string"):
+        read_examples(DataSource(write_json(tmp_path / "l.json", [qa(0), qa(1), "oops"])))
+    with pytest.raises(DataError, match=r"x\.jsonl, line 1: missing required field 'text'"):
+        read_examples(DataSource(write_jsonl(tmp_path / "x.jsonl", [{"txt": "a"}]), format="text"))
+    with pytest.raises(DataError, match=r"o\.jsonl, line 2: expected an object with 'text', got list"):
+        read_examples(DataSource(write_jsonl(tmp_path / "o.jsonl", [{"text": "a"}, ["b"]]), format="text"))
+
+
+def test_bad_source_fields(tmp_path):
+    with pytest.raises(DataError, match=r"d\.json: unknown data format 'llm_adapters' \(did you mean 'llm-adapters'\?\)"):
+        DataSource(str(tmp_path / "d.json"), format="llm_adapters")
+    with pytest.raises(DataError, match=r"did you mean 'messages'"):
+        DataSource(str(tmp_path / "d.json"), format="message")
+    for w in (0, -1.0, float("nan"), "2", True):
+        with pytest.raises(DataError, match=r"d\.json: weight must be a finite number > 0"):
+            DataSource(str(tmp_path / "d.json"), weight=w)
+    with pytest.raises(DataError, match=r"unknown key 'wieght' \(did you mean 'weight'\?\)"):
+        DataSource.from_dict({"path": "d.json", "wieght": 2})
+    with pytest.raises(DataError, match="no data sources"):
+        TrainData([], None, 16, 0)
+
+
+def test_no_usable_examples(tmp_path, tok):
+    empty = write_json(tmp_path / "e.json", [{"instruction": "a", "output": ""}, {"instruction": "b", "output": " \n"}])
+    with pytest.raises(DataError, match=r"e\.json: no usable examples \(2 item\(s\) with an empty response skipped\)"):
+        read_examples(DataSource(empty))
+    with pytest.raises(DataError, match=r"z\.json: no usable examples \(the file has no items\)"):
+        TrainData([DataSource(write_json(tmp_path / "z.json", []))], tok, 64, seed=0)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"blank\.txt: no usable examples"):
+        read_examples(DataSource(str(blank), format="text"))
+
+
+def test_messages_errors(tmp_path, tok):
+    ok = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    path = write_jsonl(tmp_path / "c.jsonl", ok)
+    with pytest.raises(DataError, match=r"c\.jsonl: format 'messages' needs a tokenizer with a chat template"):
+        read_examples(DataSource(path, format="messages"), make_tokenizer(chat_template=None))
+    with pytest.raises(DataError, match=r"c\.jsonl: format 'messages' needs a tokenizer"):
+        read_examples(DataSource(path, format="messages"))
+    noassist = write_jsonl(tmp_path / "n.jsonl", ok + [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"n\.jsonl, line 2: no message with role 'assistant'"):
+        read_examples(DataSource(noassist, format="messages"), tok)
+    badc = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": ["x"]}]}])
+    with pytest.raises(DataError, match=r"b\.jsonl, line 1, message 1: field 'content' must be a string, got list"):
+        read_examples(DataSource(badc, format="messages"), tok)
+    badm = write_jsonl(tmp_path / "m.jsonl", [{"messages": "hi"}])
+    with pytest.raises(DataError, match=r"m\.jsonl, line 1: field 'messages' must be a list, got string"):
+        read_examples(DataSource(badm, format="messages"), tok)
+    norole = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"content": "hi"}]}])
+    with pytest.raises(DataError, match=r"r\.jsonl, line 1, message 1: missing required field 'role'"):
+        read_examples(DataSource(norole, format="messages"), tok)
+
+
+# ----------------------------------------------------------------------------------- real files
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EMBEDDED = Path(os.path.expanduser("~/.cache/moelora/SmolLM2-135M-Instruct"))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "commonsense" / "boolq" / "train.json").exists(),
+                    reason=f"the LLM-Adapters data is not beside the checkout ({SHARED_DATA})")
+def test_shared_boolq_train():
+    exs = read_examples(DataSource(str(SHARED_DATA / "commonsense" / "boolq" / "train.json"), format="llm-adapters"))
+    assert len(exs) == 9427
+    assert {e.answer for e in exs} == {"true", "false"}
+    assert all(e.task == "boolq" for e in exs)
+    assert all(e.response.endswith(e.answer) for e in exs)
+    assert exs[0].prompt.startswith("Below is an instruction that describes a task. Write")
+
+
+@pytest.mark.skipif(not (EMBEDDED / "tokenizer.json").exists(), reason=f"no converted embedded model at {EMBEDDED}")
+def test_embedded_smollm2_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED))
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "What is 2+2?"},
+                                                            {"role": "assistant", "content": "4"}]}])
+    ex = read_examples(DataSource(path, format="messages"), tok)[0]
+    assert ex.prompt.endswith("<|im_start|>assistant\n") and ex.response == "4"
+    enc = encode_example(ex, tok, 512)
+    assert tok.decode([t for t in enc["labels"] if t != -100]) == "4" + tok.eos_token
+    full = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+                                   tokenize=False)
+    assert full.startswith(tok.decode(enc["input_ids"]))

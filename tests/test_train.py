@@ -1,0 +1,246 @@
+"""`moelora train` and friends on a tiny saved model: configs, resume, checkpoints, DDP, Trainer, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moelora
+from moelora.cli import main as cli
+from moelora.config import ConfigError
+from moelora.runconfig import load_run_config
+from moelora.train import TrainingError, latest_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "examples" / "toy"
+
+
+def write_config(path: Path, model_dir: Path, out: Path, **train_kw) -> Path:
+    t = {"max_steps": 6, "batch_size": 2, "lr": 1e-3, "save_steps": 2, "cutoff_len": 128, "seed": 3, **train_kw}
+    cfg = {
+        "model": str(model_dir),
+        "method": {"type": "mixlora", "num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8},
+        "data": [{"path": str(TOY / "parity" / "train.jsonl")}, {"path": str(TOY / "alphabet" / "train.jsonl"), "weight": 2.0}],
+        "train": t,
+        "output_dir": str(out),
+    }
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# The config
+
+
+def test_config_errors_name_the_problem(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.max_step' \(did you mean 'max_steps'\?\)"):
+        load_run_config(cfg, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' \(did you mean 'train'\?\)"):
+        load_run_config(cfg, ["trian.lr=1"])
+    with pytest.raises(ConfigError, match=r"train.lr must be float, got 'fast'"):
+        load_run_config(cfg, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"unknown method type 'mixlroa' \(did you mean 'mixlora'\?\)"):
+        load_run_config(cfg, ["method.type=mixlroa"])
+    with pytest.raises(ConfigError, match=r"top_k \(9\) must not exceed num_experts \(4\)"):
+        load_run_config(cfg, ["method.top_k=9"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+    run = load_run_config(cfg, ["train.max_steps=20", "method.top_k=1", "data.1.weight=3", f"output_dir={tmp_path}/x"])
+    assert (run.train.max_steps, run.method["top_k"], run.data[1].weight, run.output_dir) == (20, 1, 3.0, f"{tmp_path}/x")
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, tiny_model_dir, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
+    assert cli(["train", "--config", str(cfg), "train.batch_sise=2"]) == 2
+    assert "did you mean 'batch_size'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{not json\n')
+    assert cli(["train", "--config", str(cfg), f"data=[{{path: {bad}}}]"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_writes_adapter_checkpoints_and_logs(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
+    out = train(load_run_config(cfg), progress=False)
+    assert (out / "adapter_config.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["router_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert len(rows[0]["expert_load"]) == 2 and len(rows[0]["expert_load"]["0"]) == 4
+    assert list((out / "tensorboard").iterdir())
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # the final adapter loads into a fresh model
+    model = transformers_model(tiny_model_dir)
+    moelora.load_adapter(model, out)
+    assert moelora.get_context(model).configs["default"].num_experts == 4
+
+
+def transformers_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    full = train(load_run_config(write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a")), progress=False)
+    cfg_b = write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b")
+    train(load_run_config(cfg_b), progress=False, _stop_after=3)  # "crashes" after step 3; newest checkpoint: 2
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
+    assert not (tmp_path / "b" / "adapter_config.json").exists()
+    with pytest.raises(TrainingError, match="pass --resume to continue it or --overwrite"):
+        train(load_run_config(cfg_b), progress=False)
+    resumed = train(load_run_config(cfg_b), resume=True, progress=False)
+    a, b = adapter(full), adapter(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_refuses_an_output_dir_with_another_run_and_changes_nothing(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=2)
+    out = train(load_run_config(cfg), progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="already holds an adapter of another run"):
+        train(load_run_config(cfg), progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    train(load_run_config(cfg), overwrite=True, progress=False)  # allowed when asked
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    import moelora.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 3: stopping \(the last good checkpoint is .*checkpoint-2\)"):
+        train(load_run_config(cfg), progress=False)
+    assert latest_checkpoint(tmp_path / "out").name == "checkpoint-2"
+    moelora.load_adapter(transformers_model(tiny_model_dir), tmp_path / "out" / "checkpoint-2" / "adapter")
+
+
+def test_sigkill_at_any_moment_leaves_the_newest_complete_checkpoint_loadable(tmp_path, tiny_model_dir):
+    import random
+
+    rng = random.Random()
+    for k in range(3):
+        out = tmp_path / f"out{k}"
+        cfg = write_config(tmp_path / f"c{k}.yaml", tiny_model_dir, out, max_steps=400, save_steps=1, save_total_limit=2)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "moelora.cli", "train", "--config", str(cfg), "--no-progress"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while latest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert latest_checkpoint(out) is not None, "no checkpoint within 120 s"
+            time.sleep(rng.uniform(0.0, 0.5))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        ckpt = latest_checkpoint(out)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["step"] == int(ckpt.name.split("-")[1])
+        model = transformers_model(tiny_model_dir)
+        moelora.load_adapter(model, ckpt / "adapter")
+        for name in ("optimizer.pt", "scheduler.pt", "rng_0.pt"):
+            assert (ckpt / name).is_file()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    """DDP on CPU (gloo): 2 processes x batch 2 = 1 process x batch 4, same data order and seed."""
+    method = '{type: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0}'
+    one = write_config(tmp_path / "one.yaml", tiny_model_dir, tmp_path / "one", batch_size=4, max_steps=3, save_steps=0)
+    two = write_config(tmp_path / "two.yaml", tiny_model_dir, tmp_path / "two", batch_size=2, max_steps=3, save_steps=0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--no-progress", f"method={method}"]
+    subprocess.run([sys.executable, "-m", "moelora.cli", "train", "--config", str(one), *common], env=env, check=True,
+                   capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + os.getpid() % 1000), "-m", "moelora.cli", "train", "--config", str(two), *common],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_hf_trainer_trains_a_moelora_model_with_the_router_loss(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from moelora.data import DataSource, TrainData, collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers_model(tiny_model_dir)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0, router_aux_loss_coef=0.1))
+    data = TrainData([DataSource(str(TOY / "parity" / "train.jsonl"))], tok, cutoff_len=128, seed=0)
+    features = [data[i] for i in range(16)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
+                             remove_unused_columns=False, use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=features,
+                      data_collator=lambda feats: collate(feats, tok.pad_token_id))
+    batch = collate(features[:4], tok.pad_token_id)
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    out = model(**dict(batch))
+    torch.testing.assert_close(loss, out.loss)  # the loss Trainer optimises includes the router loss ...
+    lm = model.eval()(**dict(batch)).loss
+    torch.testing.assert_close(out.loss, lm + out.router_loss)  # ... which is reported on its own too
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("moe_gate" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval / generate / plot
+
+
+def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=2, save_steps=0)
+    assert cli(["train", "--config", str(cfg), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    data = [str(TOY / "parity" / "test.jsonl"), str(TOY / "alphabet" / "test.jsonl")]
+    assert cli(["eval", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", *data, "--protocol", "choice",
+                "--limit", "4", "--compare-base", "--output", str(tmp_path / "eval.json")]) == 0
+    table = capsys.readouterr().out
+    assert "parity" in table and "alphabet" in table and "base" in table
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["default"]["tasks"]["parity"]["total"] == 4 and res["base"]["protocol"] == "choice"
+    assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
+                "--max-new-tokens", "4"]) == 0
+    assert cli(["plot", "loss", "--run", str(out), "--out", str(tmp_path / "loss.png")]) == 0
+    assert cli(["plot", "routing", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", *data,
+                "--limit", "4", "--out", str(tmp_path / "routing.png")]) == 0
+    for png in ("loss.png", "routing.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.json")]) == 2
