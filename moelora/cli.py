@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("moelora")  # data summaries (truncation counts, mixing quotas) and warnings
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as e:

@@ -9,15 +9,21 @@ the one it used:
     outputs, ``"the correct answer is"``; each candidate label is scored as the continuation
     ``" " + label``: the sum of its tokens' log-probabilities given the prompt. ``acc`` takes the
     argmax of that sum, ``acc_norm`` the argmax of the sum divided by the continuation's UTF-8 byte
-    length. The candidates of an item are the task's labels that its instruction mentions (e.g.
-    "Answer format: answer1/answer2/answer3" for a 3-choice ARC item); the task's whole label set
-    when it mentions fewer than two. Sequences are right-padded (positions and causal attention of
-    the real tokens are unchanged) and only the logits that predict continuation tokens are kept.
-    A model with a moelora adapter gets ``prompt_lengths`` so that MiLoRA routes on the prompt only.
+    length (ties: the first label). The candidates of an item are the task's labels that its
+    instruction mentions (e.g. "Answer format: answer1/answer2/answer3" for a 3-choice ARC item); the
+    task's whole label set when it mentions fewer than two. The continuation's tokens are those of
+    ``tokenize(prompt + continuation)`` after the prompt's own (lm-evaluation-harness' split).
+    Computation: each prompt runs once (left-padded, explicit position ids, KV cache kept) and the
+    candidates run on copies of its cache; models whose forward takes no ``past_key_values`` (and
+    batches reaching a sliding attention window) instead score each ``prompt + continuation`` as its
+    own right-padded sequence. Both give the unbatched log-likelihoods (tested to 1e-4). MiLoRA routes
+    on the prompt only: it routes at the prompt forward (``prompt_lengths`` passed to moelora models)
+    and reuses the gates for the candidates, as in generation.
 
 ``generate`` (generate and parse, LLM-Adapters)
     Greedy (or beam) generation from the left-padded prompt; only the new tokens are decoded, cut
-    at the next ``"### "`` section header if the model starts one, and parsed by
+    at the next ``### Instruction:`` / ``### Input:`` / ``### Response:`` header if the model starts a
+    new turn, and parsed by
     :func:`parse_answer`: the first label found (case-insensitive, whole word) for choice tasks, the
     last number for math (``abs(pred - gold) <= 1e-3``, LLM-Adapters' tolerance), the letter for
     AQuA. Unparsable outputs count as wrong and are reported as ``unparsed``.
@@ -482,8 +488,7 @@ def _loglikelihoods(
         share_prompt = keep_logits and _accepts(forward, "past_key_values")
     window = _sliding_window(model)
     scores: list[list[float]] = [[] for _ in groups]
-    bar = _progress(sum(len(c) for _, c in groups), desc, "choice", progress)
-    with _EvalMode(model):
+    with _progress(sum(len(c) for _, c in groups), desc, "choice", progress) as bar, _EvalMode(model):
         if share_prompt:
             order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
             batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
@@ -507,7 +512,6 @@ def _loglikelihoods(
             for g, sc in zip(idx, got, strict=True):
                 scores[g] = sc
             bar.update(sum(len(c) for _, c in sub))
-    bar.close()
     return scores
 
 
@@ -596,9 +600,17 @@ def evaluate_choice(
 # Protocol "generate": generate, then parse
 
 
+_NEXT_SECTION_RE = re.compile(r"#{2,}\s*(?:Instruction|Input|Response)\s*:", re.IGNORECASE)
+
+
 def _cut_response(text: str) -> str:
-    """The response up to the next ``### `` section header (a model that goes on with a new turn)."""
-    return re.split(r"\n?###\s", text, maxsplit=1)[0] if "###" in text else text
+    """The response up to the next ``### Instruction:`` / ``### Input:`` / ``### Response:`` header (a
+    model that goes on with a new turn; LLM-Adapters keeps the text up to the next "### Response:")."""
+    body = text.lstrip()
+    m = _NEXT_SECTION_RE.match(body)  # a response that opens with a header: skip that one
+    start = m.end() if m else 0
+    m = _NEXT_SECTION_RE.search(body, start)
+    return body[start : m.start()] if m else body[start:]
 
 
 def generate_responses(
@@ -620,8 +632,7 @@ def generate_responses(
     encoded = [list(x) for x in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     texts = [""] * len(prompts)
-    bar = _progress(len(prompts), desc, "item", progress)
-    with _EvalMode(model):
+    with _progress(len(prompts), desc, "item", progress) as bar, _EvalMode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             T = max(len(encoded[i]) for i in idx)
@@ -640,7 +651,6 @@ def generate_responses(
             for r, i in enumerate(idx):
                 texts[i] = tokenizer.decode(new[r].tolist(), skip_special_tokens=True)
             bar.update(len(idx))
-    bar.close()
     return texts
 
 

@@ -223,7 +223,7 @@ def test_choice_equals_brute_force_and_batching(tok):
 
 
 def test_choice_sliding_window_model(tok):
-    """Gemma2's window (64 in the tiny config) is shorter than the prompts: exact scores all the same."""
+    """Gemma2's window (64 in the tiny config) is shorter than the prompts: still the exact scores."""
     model = tiny_model("gemma2")
     ref = [{lab: brute_force_ll(model, tok, it, lab) for lab in ("true", "false")} for it in BOOLQ]
     for share in (None, True):
@@ -277,7 +277,7 @@ def test_choice_milora_routes_on_the_prompt_only(tok, share):
     assert set(deltas) <= {0, n_layers}
     if share:  # one batch of 2 prompts: one routed prompt forward, then one forward per candidate slot
         assert len(seen) == 1 + 4 and deltas == [n_layers, 0, 0, 0, 0]
-    else:  # 4 + 3 candidates, whole items per batch of <= 3 sequences... or one item alone when larger
+    else:  # 4 + 3 candidates, whole items in batches of 3 sequences (an item with more alone): 2 forwards
         assert len(routed) == len(seen) == 2 and ctx.router_calls - calls0 == 2 * n_layers
     differs = False
     for f in routed:
@@ -424,6 +424,10 @@ def test_bad_input(tok, tmp_path):
     gsm = write(tmp_path / "gsm8k" / "test.json", [math_item("1+1?", "2.0")])
     with pytest.raises(ValueError, match="gsm8k.*open.*generate"):
         evaluate_files(model, tok, [good, gsm], "choice")
+    # generation options at their defaults are ignored by "choice"; others are an error
+    assert evaluate_files(model, tok, [good], "choice", num_beams=1, max_new_tokens=None, progress=False)["tasks"]
+    with pytest.raises(ValueError, match="num_beams.*not used by the 'choice' protocol"):
+        evaluate_files(model, tok, [good], "choice", num_beams=4)
     with pytest.raises(ValueError, match="item 0 has no 'answer'"):
         evaluate_choice(model, tok, [{"instruction": "q"}], task="t", progress=False)
     with pytest.raises(ValueError, match="limit"):
