@@ -244,3 +244,11 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
     for png in ("loss.png", "routing.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.json")]) == 2
+
+
+def test_chat_reads_turns_until_an_empty_line(tiny_model_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "moelora.cli", "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"],
+                       input="is 4 even?\n/reset\nagain\n\n", capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("model> ") == 2
