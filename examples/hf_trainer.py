@@ -32,7 +32,7 @@ def main() -> None:
     model, tok = load_model_and_tokenizer(None)  # the embedded SmolLM2-135M-Instruct
     cfg = moelora.MiLoraConfig(r=8, lora_alpha=16) if args.method == "milora" else moelora.MixLoraConfig(num_experts=4, r=8)
     moelora.attach(model, cfg)
-    data = TrainData([DataSource(str(TOY / t / "train.jsonl")) for t in ("parity", "alphabet", "addition")],
+    data = TrainData([DataSource(str(TOY / t / "train.jsonl")) for t in ("addition", "successor", "letters")],
                      tok, cutoff_len=256, seed=0)
     train_set = [data[i] for i in data.epoch_order(0)]
     trainer = Trainer(

@@ -1,8 +1,10 @@
 """Write the small generated multi-task set the quick start trains on (examples/toy/).
 
-Three tasks in the llm-adapters format of ../shared/data (instruction / input / output / answer),
-written here, not copied from any benchmark: a true/false question (parity), a two-way and a
-four-way multiple choice (alphabetical order, addition). The base model is near chance on them.
+Three tasks in the llm-adapters math format of ../shared/data (instruction / input / output /
+answer, the output ending "The answer is N."), written here, not copied from any benchmark:
+two-number addition, the successor of a number, and the letter count of a word. Evaluated with the
+`generate` protocol (the last number of the generated text), the base model often answers at
+length or with other numbers; a short fine-tune teaches the answer format and sharpens the answers.
 
     python examples/make_toy_data.py   # deterministic: rewrites the same files
 """
@@ -13,40 +15,34 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("apple river stone cloud music tiger lemon paper glass honey mouse light chair plant sugar "
-         "bread ocean piano queen robot salad table uncle violin water yacht zebra eagle forest garden").split()
 
-
-def parity(rng: random.Random) -> dict:
-    n = rng.randint(10, 999)
-    ans = "true" if n % 2 == 0 else "false"
-    return {"instruction": f"Please answer the following question with true or false, question: is {n} an even number?"
-            "\n\nAnswer format: true/false", "input": "", "output": f"the correct answer is {ans}", "answer": ans}
-
-
-def _choice(question: str, options: list[str], correct: int) -> dict:
-    opts = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
-    labels = "/".join(f"answer{i + 1}" for i in range(len(options)))
-    return {"instruction": f"Please choose the correct answer to the question: {question}\n\n{opts}\n\nAnswer format: {labels}",
-            "input": "", "output": f"the correct answer is answer{correct + 1}", "answer": f"answer{correct + 1}"}
-
-
-def alphabet(rng: random.Random) -> dict:
-    a, b = rng.sample(WORDS, 2)
-    return _choice("Which word comes first in alphabetical order?", [a, b], 0 if a < b else 1)
+def _numeric(instruction: str, answer: int) -> dict:
+    return {"instruction": instruction, "input": "", "output": f"The answer is {answer}.", "answer": str(answer)}
 
 
 def addition(rng: random.Random) -> dict:
-    x, y = rng.randint(1, 20), rng.randint(1, 20)
-    wrong = rng.sample([v for v in range(max(0, x + y - 6), x + y + 7) if v != x + y], 3)
-    options = wrong + [x + y]
-    rng.shuffle(options)
-    return _choice(f"What is {x} + {y}?", [str(o) for o in options], options.index(x + y))
+    x, y = rng.randint(1, 49), rng.randint(1, 49)
+    return _numeric(f"What is {x} + {y}?", x + y)
+
+
+def successor(rng: random.Random) -> dict:
+    n = rng.randint(1, 998)
+    return _numeric(f"Which number comes right after {n}?", n + 1)
+
+
+WORDS = ("apple river stone cloud music tiger lemon paper glass honey mouse light chair plant sugar bread ocean "
+         "piano queen robot salad table uncle violin water yacht zebra eagle forest garden cat dog sun moon "
+         "butterfly elephant banana window computer mountain").split()
+
+
+def letters(rng: random.Random) -> dict:
+    w = rng.choice(WORDS)
+    return _numeric(f"How many letters are in the word '{w}'?", len(w))
 
 
 def main() -> None:
     root = Path(__file__).resolve().parent / "toy"
-    for name, make in (("parity", parity), ("alphabet", alphabet), ("addition", addition)):
+    for name, make in (("addition", addition), ("successor", successor), ("letters", letters)):
         for split, n, seed in (("train", 400, 1), ("test", 100, 2)):
             rng = random.Random(f"{name}-{seed}")
             items = [make(rng) for _ in range(n)]

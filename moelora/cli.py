@@ -41,7 +41,7 @@ def _load(model: str | None, adapter: str | None):
 def _evaluate_both(model, tokenizer, paths, protocol, limit, batch_size, compare_base, progress=True, **kw):
     """Evaluate the adapter (and, with ``compare_base``, the base model with the adapter switched off)."""
     from .evaluate import evaluate_files
-    from .inject import get_context, set_adapter
+    from .inject import set_adapter
 
     results = {}
     ctx = getattr(model, "_moelora_ctx", None)
@@ -51,7 +51,9 @@ def _evaluate_both(model, tokenizer, paths, protocol, limit, batch_size, compare
         results["base"] = evaluate_files(model, tokenizer, paths, protocol, limit=limit, batch_size=batch_size,
                                          progress=progress, **kw)
         set_adapter(model, active)
-    name = get_context(model).active if ctx is not None else "base"
+    name = "base"
+    if ctx is not None and ctx.active is not None:  # the column is named after the method (or the adapter)
+        name = ctx.configs[ctx.active].method if ctx.active == "default" else ctx.active
     results[name] = evaluate_files(model, tokenizer, paths, protocol, limit=limit, batch_size=batch_size,
                                    progress=progress, **kw)
     return results
@@ -88,8 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, tok = load_model_and_tokenizer(run.model)
         load_adapter(model, out)
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        results = _evaluate_both(model, tok, run.eval.data, run.eval.protocol, run.eval.limit, run.eval.batch_size,
-                                 run.eval.compare_base, progress=not args.no_progress)
+        e = run.eval
+        kw = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens} if e.protocol == "generate" else {}
+        results = _evaluate_both(model, tok, e.data, e.protocol, e.limit, e.batch_size, e.compare_base,
+                                 progress=not args.no_progress, **kw)
         (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
         print(_table(results))
     return 0

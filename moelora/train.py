@@ -201,9 +201,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     per_step = micro * t.gradient_accumulation
     steps_per_epoch = max(1, len(data.epoch_order(0)) // per_step)
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
+    ddp_model = accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay), lr=t.lr)
     scheduler = _scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total)
-    ddp_model = accelerator.prepare_model(model)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling needs the wrapped optimizer
     counts = count_parameters(model)
 

@@ -12,6 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they thrash.
+torch.set_num_threads(1)
+
 COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=128, max_position_embeddings=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,

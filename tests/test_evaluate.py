@@ -70,15 +70,6 @@ ARC = [
 BOOLQ = [bool_item("is ice cold", True), bool_item("is fire cold", False), bool_item("is water wet", True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     """A character-level BPE tokenizer (Metaspace, BOS added) trained on this file's prompts."""

@@ -56,15 +56,6 @@ def assert_same_logits(got, want, mask, base=None):
         assert (got[keep] - base[keep]).abs().max() > 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def peft():
     return pytest.importorskip("peft")

@@ -29,7 +29,7 @@ def write_config(path: Path, model_dir: Path, out: Path, **train_kw) -> Path:
     cfg = {
         "model": str(model_dir),
         "method": {"type": "mixlora", "num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8},
-        "data": [{"path": str(TOY / "parity" / "train.jsonl")}, {"path": str(TOY / "alphabet" / "train.jsonl"), "weight": 2.0}],
+        "data": [{"path": str(TOY / "addition" / "train.jsonl")}, {"path": str(TOY / "successor" / "train.jsonl"), "weight": 2.0}],
         "train": t,
         "output_dir": str(out),
     }
@@ -201,7 +201,7 @@ def test_hf_trainer_trains_a_moelora_model_with_the_router_loss(tmp_path, tiny_m
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = transformers_model(tiny_model_dir)
     moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0, router_aux_loss_coef=0.1))
-    data = TrainData([DataSource(str(TOY / "parity" / "train.jsonl"))], tok, cutoff_len=128, seed=0)
+    data = TrainData([DataSource(str(TOY / "addition" / "train.jsonl"))], tok, cutoff_len=128, seed=0)
     features = [data[i] for i in range(16)]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=3,
@@ -229,13 +229,13 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=2, save_steps=0)
     assert cli(["train", "--config", str(cfg), "--no-progress"]) == 0
     out = tmp_path / "out"
-    data = [str(TOY / "parity" / "test.jsonl"), str(TOY / "alphabet" / "test.jsonl")]
-    assert cli(["eval", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", *data, "--protocol", "choice",
+    data = [str(TOY / "addition" / "test.jsonl"), str(TOY / "successor" / "test.jsonl")]
+    assert cli(["eval", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", *data, "--protocol", "generate", "--max-new-tokens", "4",
                 "--limit", "4", "--compare-base", "--output", str(tmp_path / "eval.json")]) == 0
     table = capsys.readouterr().out
-    assert "parity" in table and "alphabet" in table and "base" in table
+    assert "addition" in table and "successor" in table and "base" in table
     res = json.loads((tmp_path / "eval.json").read_text())
-    assert res["default"]["tasks"]["parity"]["total"] == 4 and res["base"]["protocol"] == "choice"
+    assert res["mixlora"]["tasks"]["addition"]["total"] == 4 and res["base"]["protocol"] == "generate"
     assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
                 "--max-new-tokens", "4"]) == 0
     assert cli(["plot", "loss", "--run", str(out), "--out", str(tmp_path / "loss.png")]) == 0
