@@ -1,0 +1,451 @@
+"""Benchmark every contender of issue 4 in one run and print ratios.
+
+Contenders (all on the same random Llama-shaped base model, rebuilt from the same seed for each):
+
+- ``peft_lora_r16``, ``peft_lora_r80``, ``peft_dora_r16``: PEFT, all 7 projections, alpha = 2r;
+- ``ours_lora_r16``: ``moelora.LoraConfig(r=16)``;
+- ``ours_mixlora_naive`` / ``ours_mixlora_fast``: ``moelora.MixLoraConfig`` (8 experts, top-2, r=16,
+  all 7 projections) with ``set_backend(model, "reference")`` (per-expert loop) / the default
+  ``"torch"`` backend (the fast form of METHODS.md section 1);
+- ``ours_milora_r16``: ``moelora.MiLoraConfig(r=16, lora_alpha=32)`` (r=16, not the paper's default
+  r=32, for a same-rank comparison with LoRA r=16).
+
+The official MoE-PEFT 2.0.2 is not measured here: it needs ``transformers<4.47`` in its own environment.
+
+Figures per contender: training step (forward + backward + AdamW step on the adapter parameters)
+time and tokens/s, peak memory (GPU only: ``torch.cuda.max_memory_allocated`` over the training
+steps), prefill time (batch 1), decode ms per generated token at batch 1 and 32 (greedy
+``generate``, KV cache on, ``min_new_tokens = max_new_tokens``; the whole ``generate`` call divided
+by the number of new tokens, prefill of the short prompt included, nothing subtracted), and the
+batch-1 memory-bandwidth floor (bytes of weights read per token / measured copy bandwidth).
+
+Before timing, a correctness gate: MixLoRA fast vs naive logits, and our LoRA vs PEFT LoRA loading
+the same weights, must agree (atol 1e-4, float32); the script aborts otherwise.
+
+Usage: ``python benchmarks/bench.py --mode cpu --output results.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import moelora  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASELINE = "peft_lora_r16"
+CONTENDERS = [
+    "peft_lora_r16",
+    "peft_lora_r80",
+    "peft_dora_r16",
+    "ours_lora_r16",
+    "ours_mixlora_naive",
+    "ours_mixlora_fast",
+    "ours_milora_r16",
+]
+FIGURES = [
+    "train_step_ms",
+    "train_tokens_per_s",
+    "peak_memory_mb",
+    "prefill_ms",
+    "decode_b1_ms_per_token",
+    "decode_b32_ms_per_token",
+    "decode_b1_floor_ms_per_token",
+    "trainable_params",
+]
+GATE_ATOL = 1e-4
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    dtype: torch.dtype
+    device: str
+    train_batch: int
+    train_len: int
+    prefill_len: int
+    decode_prompt_len: int
+    decode_new_tokens: int
+    decode_batches: tuple[int, int] = (1, 32)
+
+    def config(self, layers: int | None = None) -> transformers.LlamaConfig:
+        return transformers.LlamaConfig(
+            hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=layers or self.layers, num_attention_heads=self.heads,
+            num_key_value_heads=self.heads, vocab_size=self.vocab,
+            max_position_embeddings=max(2048, self.train_len + 16),
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+
+
+def shape_for(mode: str, tiny: bool) -> Shape:
+    if tiny:
+        return Shape(64, 96, 2, 4, 256, torch.float32, "cpu", 2, 32, 32, 8, 4)
+    if mode == "cpu":
+        return Shape(512, 1376, 4, 8, 8192, torch.float32, "cpu", 4, 128, 128, 16, 32)
+    return Shape(4096, 11008, 32, 32, 32000, torch.bfloat16, "cuda", 4, 512, 512, 16, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def build_base(shape: Shape, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
+    torch.manual_seed(seed)
+    with torch.device(shape.device):
+        model = transformers.AutoModelForCausalLM.from_config(shape.config(layers), dtype=dtype or shape.dtype)
+    return model.eval()
+
+
+def randomize(model: torch.nn.Module, seed: int = 1, scale: float = 0.02) -> None:
+    """Non-zero adapter weights (a fresh LoRA has B = 0); DoRA magnitudes and MiLoRA's activation kept."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not p.requires_grad or "magnitude" in n or "activation" in n:
+                continue
+            p.copy_((torch.randn(p.shape, generator=g) * scale).to(p))
+
+
+def make_contender(name: str, shape: Shape, base=None):
+    model = base if base is not None else build_base(shape)
+    if name.startswith("peft_"):
+        import peft
+
+        r = 80 if name == "peft_lora_r80" else 16
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS,
+                              use_dora=name == "peft_dora_r16", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, cfg)
+    elif name == "ours_lora_r16":
+        moelora.attach(model, moelora.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    elif name.startswith("ours_mixlora"):
+        cfg = moelora.MixLoraConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.05,
+                                    target_modules=TARGETS, router_aux_loss_coef=0.001)
+        moelora.attach(model, cfg)
+        moelora.set_backend(model, "reference" if name.endswith("naive") else "torch")
+    elif name == "ours_milora_r16":
+        moelora.attach(model, moelora.MiLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    else:
+        raise ValueError(name)
+    randomize(model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness gate
+
+
+@torch.no_grad()
+def _logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+def correctness_gate(shape: Shape) -> dict:
+    """float32; on GPU the benchmark's layer shapes with 2 layers (a float32 7B would not be cheap)."""
+    layers = None if shape.device == "cpu" else 2
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, shape.vocab, (2, min(64, shape.train_len)), generator=g).to(shape.device)
+    out = {}
+
+    model = make_contender("ours_mixlora_fast", shape, build_base(shape, layers=layers, dtype=torch.float32))
+    fast = _logits(model, ids)
+    moelora.set_backend(model, "reference")
+    naive = _logits(model, ids)
+    out["mixlora_fast_vs_naive_max_abs_diff"] = (fast - naive).abs().max().item()
+    del model
+
+    import peft
+
+    base = build_base(shape, layers=layers, dtype=torch.float32)
+    base_logits = _logits(base, ids)
+    model = make_contender("ours_lora_r16", shape, base)
+    ours = _logits(model, ids)
+    out["lora_vs_base_max_abs_diff_(adapter_effect)"] = (ours - base_logits).abs().max().item()
+    with tempfile.TemporaryDirectory() as tmp:
+        moelora.save_adapter(model, tmp)
+        theirs_model = peft.PeftModel.from_pretrained(build_base(shape, layers=layers, dtype=torch.float32), tmp).eval()
+        theirs = _logits(theirs_model, ids)
+    out["ours_lora_vs_peft_lora_max_abs_diff"] = (ours - theirs).abs().max().item()
+    out["logit_abs_max"] = ours.abs().max().item()
+    del model, theirs_model
+    _free(shape)
+    out["atol"] = GATE_ATOL
+    out["passed"] = all(v <= GATE_ATOL for k, v in out.items() if k.endswith("_diff"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(shape: Shape) -> None:
+    if shape.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(shape: Shape) -> None:
+    gc.collect()
+    if shape.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed(fn: Callable[[], object], shape: Shape, warmup: int, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(shape)
+    times = []
+    for _ in range(repeats):
+        _sync(shape)
+        t0 = time.perf_counter()
+        fn()
+        _sync(shape)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_bandwidth(shape: Shape) -> float:
+    """Bytes per second of a large tensor copy (read + write counted)."""
+    n = (64 if shape.device == "cpu" else 1024) * 2**20 // 4
+    a = torch.empty(n, dtype=torch.float32, device=shape.device).normal_()
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), shape, 2, 5)
+    return 2 * n * 4 / t
+
+
+def weight_bytes_per_token(name: str, model) -> int:
+    """Bytes of weights one decoded token reads: every parameter but the input embedding table,
+    with MixLoRA's unselected experts left out (activated adapter parameters, float32)."""
+    total = 0
+    for n, p in model.named_parameters():
+        if "embed_tokens" in n or p.requires_grad:
+            continue
+        total += p.numel() * p.element_size()
+    if name.startswith("ours_"):
+        adapter = moelora.count_parameters(model)["activated"]
+    else:
+        adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total + adapter * 4
+
+
+def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float) -> dict:
+    model = make_contender(name, shape)
+    dev = shape.device
+    g = torch.Generator().manual_seed(11)
+    res: dict = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    # training step
+    ids = torch.randint(3, shape.vocab, (shape.train_batch, shape.train_len), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+
+    def step():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timed(step, shape, warmup, repeats)
+    res["train_step_ms"] = t * 1e3
+    res["train_tokens_per_s"] = shape.train_batch * shape.train_len / t
+    res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
+    opt = None  # free the optimizer state before inference
+    for p in params:
+        p.grad = None
+    model.eval()
+    _free(shape)
+
+    # prefill, batch 1
+    pre = torch.randint(3, shape.vocab, (1, shape.prefill_len), generator=g).to(dev)
+
+    @torch.no_grad()
+    def prefill():
+        model(input_ids=pre, attention_mask=torch.ones_like(pre), use_cache=True)
+
+    res["prefill_ms"] = timed(prefill, shape, warmup, repeats) * 1e3
+
+    # decode
+    n_new = shape.decode_new_tokens
+    for bsz in shape.decode_batches:
+        prompt = torch.randint(3, shape.vocab, (bsz, shape.decode_prompt_len), generator=g).to(dev)
+
+        def gen(prompt=prompt):
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, pad_token_id=0)
+            assert out.shape[1] == prompt.shape[1] + n_new
+
+        res[f"decode_b{bsz}_ms_per_token"] = timed(gen, shape, min(1, warmup), max(1, min(repeats, 3))) * 1e3 / n_new
+        _free(shape)
+    res["decode_b1_floor_ms_per_token"] = weight_bytes_per_token(name, model) / bandwidth * 1e3
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def ratios(results: dict) -> dict:
+    base = results[BASELINE]
+    keys = ["train_step_ms", "peak_memory_mb", "prefill_ms", "decode_b1_ms_per_token", "decode_b32_ms_per_token"]
+    return {name: {k: _ratio(r[k], base[k]) for k in keys} for name, r in results.items()}
+
+
+def targets(results: dict) -> list[dict]:
+    r = results
+    rows = [
+        ("MixLoRA fast train step / PEFT LoRA r16", r["ours_mixlora_fast"]["train_step_ms"], r[BASELINE]["train_step_ms"], 1.25),
+        ("MixLoRA fast peak memory / PEFT LoRA r16", r["ours_mixlora_fast"]["peak_memory_mb"], r[BASELINE]["peak_memory_mb"], 1.15),
+        ("MiLoRA r16 train step / PEFT LoRA r16", r["ours_milora_r16"]["train_step_ms"], r[BASELINE]["train_step_ms"], 1.15),
+        ("MiLoRA decode b1 / our LoRA r16", r["ours_milora_r16"]["decode_b1_ms_per_token"], r["ours_lora_r16"]["decode_b1_ms_per_token"], 1.05),
+        ("MixLoRA fast decode b1 / our LoRA r16", r["ours_mixlora_fast"]["decode_b1_ms_per_token"], r["ours_lora_r16"]["decode_b1_ms_per_token"], 1.3),
+        ("MiLoRA decode b1 / bandwidth floor", r["ours_milora_r16"]["decode_b1_ms_per_token"], r["ours_milora_r16"]["decode_b1_floor_ms_per_token"], 1.5),
+        ("MixLoRA fast decode b1 / bandwidth floor", r["ours_mixlora_fast"]["decode_b1_ms_per_token"], r["ours_mixlora_fast"]["decode_b1_floor_ms_per_token"], 1.5),
+        ("MixLoRA naive / fast train step", r["ours_mixlora_naive"]["train_step_ms"], r["ours_mixlora_fast"]["train_step_ms"], None),
+        ("MixLoRA naive / fast decode b1", r["ours_mixlora_naive"]["decode_b1_ms_per_token"], r["ours_mixlora_fast"]["decode_b1_ms_per_token"], None),
+        ("MixLoRA naive / fast decode b32", r["ours_mixlora_naive"]["decode_b32_ms_per_token"], r["ours_mixlora_fast"]["decode_b32_ms_per_token"], None),
+    ]
+    out = []
+    for label, a, b, limit in rows:
+        ratio = _ratio(a, b)
+        met = None if ratio is None or limit is None else ratio <= limit
+        out.append({"target": label, "ratio": ratio, "limit": limit, "met": met})
+    return out
+
+
+def _fmt(v, digits=1):
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"
+
+
+def print_report(report: dict) -> None:
+    res, rat = report["contenders"], report["ratios_vs_" + BASELINE]
+    cols = [("train ms", "train_step_ms", 1), ("tok/s", "train_tokens_per_s", 0), ("peak MB", "peak_memory_mb", 0),
+            ("prefill ms", "prefill_ms", 2), ("dec b1 ms/tok", "decode_b1_ms_per_token", 2),
+            ("dec b32 ms/tok", "decode_b32_ms_per_token", 2), ("b1 floor ms/tok", "decode_b1_floor_ms_per_token", 3)]
+    head = f"{'contender':<20}" + "".join(f"{c:>16}" for c, _, _ in cols)
+    print("\nabsolute figures (median of repeats)")
+    print(head)
+    for name in res:
+        print(f"{name:<20}" + "".join(f"{_fmt(res[name][k], d):>16}" for _, k, d in cols))
+    rcols = [("train", "train_step_ms"), ("peak mem", "peak_memory_mb"), ("prefill", "prefill_ms"),
+             ("dec b1", "decode_b1_ms_per_token"), ("dec b32", "decode_b32_ms_per_token")]
+    print(f"\nratios vs {BASELINE} (lower is better)")
+    print(f"{'contender':<20}" + "".join(f"{c:>12}" for c, _ in rcols))
+    for name in res:
+        print(f"{name:<20}" + "".join(f"{_fmt(rat[name][k], 3):>12}" for _, k in rcols))
+    print("\nissue-4 targets (limits are the H100 targets; on CPU a regression check only)")
+    for t in report["targets"]:
+        met = "" if t["met"] is None else ("  met" if t["met"] else "  NOT met")
+        limit = "" if t["limit"] is None else f"  (<= {t['limit']})"
+        print(f"  {t['target']:<44} {_fmt(t['ratio'], 3):>8}{limit}{met}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64: a smoke test, not a benchmark")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 cpu, 3 gpu, 1 tiny)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 5 cpu, 10 gpu)")
+    ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {CONTENDERS} (default all)")
+    ap.add_argument("--skip-gate", action="store_true", help="skip the correctness gate (not for reported runs)")
+    ap.add_argument("--output", default=None, help="write the report as JSON here")
+    args = ap.parse_args(argv)
+
+    if args.mode == "gpu" and not torch.cuda.is_available():
+        print("error: --mode gpu needs CUDA", file=sys.stderr)
+        return 2
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    shape = shape_for(args.mode, args.tiny)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2 if args.mode == "cpu" else 3)
+    repeats = args.repeats if args.repeats is not None else (5 if args.mode == "cpu" else 10)
+    names = args.contenders or CONTENDERS
+    if BASELINE not in names or "ours_lora_r16" not in names:
+        names = [BASELINE, "ours_lora_r16", *names]
+    names = [n for n in CONTENDERS if n in names]
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    t_start = time.perf_counter()
+    meta = {
+        "mode": args.mode, "tiny": args.tiny, "threads": threads, "warmup": warmup, "repeats": repeats,
+        "shape": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(shape).items()},
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "device_name": torch.cuda.get_device_name() if shape.device == "cuda" else platform.processor() or platform.machine(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    try:
+        import peft
+
+        meta["peft"] = peft.__version__
+    except ImportError:
+        print("error: PEFT is needed for the baselines (pip install peft)", file=sys.stderr)
+        return 2
+    print(f"mode {args.mode}{' (tiny)' if args.tiny else ''}, {threads} threads, warmup {warmup}, repeats {repeats}")
+
+    if args.skip_gate:
+        gate = {"skipped": True}
+    else:
+        gate = correctness_gate(shape)
+        print(f"correctness gate: {gate}")
+        if not gate["passed"]:
+            print("error: correctness gate failed, not timing (see the diffs above)", file=sys.stderr)
+            return 1
+
+    bandwidth = measure_bandwidth(shape)
+    meta["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = bench_contender(name, shape, warmup, repeats, bandwidth)
+        _free(shape)  # the contender's model is gone with bench_contender's frame
+        print(f"  {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    report = {"meta": meta, "gate": gate, "contenders": results}
+    report["ratios_vs_" + BASELINE] = ratios(results)
+    report["targets"] = targets(results) if set(CONTENDERS) <= set(results) else []
+    meta["total_seconds"] = time.perf_counter() - t_start
+    print_report(report)
+    print(f"\ntotal {meta['total_seconds']:.1f} s")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

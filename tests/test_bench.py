@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/bench.py: the tiny CPU mode runs, passes its gate, and reports everything."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("moelora_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_tiny_reports_every_contender_and_figure(tmp_path):
+    pytest.importorskip("peft")
+    bench = _load()
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--mode", "cpu", "--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                     "--output", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["gate"]["passed"] is True
+    assert set(report["contenders"]) == set(bench.CONTENDERS)
+    for name, figures in report["contenders"].items():
+        assert set(bench.FIGURES) <= set(figures), name
+        for k in bench.FIGURES:
+            if k == "peak_memory_mb":
+                assert figures[k] is None  # CPU: not measured
+            else:
+                assert figures[k] > 0, (name, k)
+    assert set(report["ratios_vs_peft_lora_r16"]) == set(bench.CONTENDERS)
+    assert report["ratios_vs_peft_lora_r16"]["peft_lora_r16"]["train_step_ms"] == pytest.approx(1.0)
+    assert len(report["targets"]) == 10
