@@ -4,9 +4,10 @@ Contenders (all on the same random Llama-shaped base model, rebuilt from the sam
 
 - ``peft_lora_r16``, ``peft_lora_r80``, ``peft_dora_r16``: PEFT, all 7 projections, alpha = 2r;
 - ``ours_lora_r16``: ``moelora.LoraConfig(r=16)``;
-- ``ours_mixlora_naive`` / ``ours_mixlora_fast``: ``moelora.MixLoraConfig`` (8 experts, top-2, r=16,
-  all 7 projections) with ``set_backend(model, "reference")`` (per-expert loop) / the default
-  ``"torch"`` backend (the fast form of METHODS.md section 1);
+- ``ours_mixlora_naive`` / ``ours_mixlora_fast`` / ``ours_mixlora_dense``: ``moelora.MixLoraConfig``
+  (8 experts, top-2, r=16, all 7 projections) with ``set_backend(model, "reference")`` (per-expert
+  loop) / the device's default backend (``grouped`` on the CPU, ``torch`` on a GPU) / the masked
+  dense ``torch`` backend; "fast" and "dense" run the fast form of METHODS.md section 1;
 - ``ours_milora_r16``: ``moelora.MiLoraConfig(r=16, lora_alpha=32)`` (r=16, not the paper's default
   r=32, for a same-rank comparison with LoRA r=16).
 
@@ -57,6 +58,7 @@ CONTENDERS = [
     "ours_lora_r16",
     "ours_mixlora_naive",
     "ours_mixlora_fast",
+    "ours_mixlora_dense",
     "ours_milora_r16",
 ]
 FIGURES = [
@@ -142,7 +144,11 @@ def make_contender(name: str, shape: Shape, base=None):
         cfg = moelora.MixLoraConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.05,
                                     target_modules=TARGETS, router_aux_loss_coef=0.001)
         moelora.attach(model, cfg)
-        moelora.set_backend(model, "reference" if name.endswith("naive") else "torch")
+        if name.endswith("naive"):
+            moelora.set_backend(model, "reference")
+        elif name.endswith("dense"):
+            moelora.set_backend(model, "torch")
+        # "fast": the device's default backend (grouped on the CPU, the masked dense form on a GPU)
     elif name == "ours_milora_r16":
         moelora.attach(model, moelora.MiLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
     else:

@@ -321,7 +321,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    """Choose the grouped-LoRA kernel by name for every adapter of ``model``.
+    """Choose the grouped-LoRA kernel by name (``reference``, ``torch``, ``grouped``) for every adapter.
 
     ``"reference"`` also switches MixLoRA's FFN to the naive per-expert loop (the test oracle).
     """

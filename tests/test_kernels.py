@@ -40,16 +40,17 @@ def test_backends_match_the_equation(backend, per_slot, combine, weighted):
 
 
 @pytest.mark.parametrize("per_slot", [False, True])
-def test_dense_gradients_equal_reference(per_slot):
+def test_gradients_equal_reference(per_slot):
     x, A, B, idx, w = _case(per_slot=per_slot)
     grads = {}
-    for backend in ("reference", "torch"):
+    for backend in sorted(BACKENDS):
         leaves = [t.clone().requires_grad_() for t in (x, A, B, w)]
         out = weighted_lora(leaves[0], leaves[1], leaves[2], 2.0, idx, leaves[3], combine=True, backend=backend)
         (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads[backend] = [t.grad for t in leaves]
-    for a, b in zip(grads["reference"], grads["torch"]):
-        torch.testing.assert_close(a, b)
+    for backend in BACKENDS:
+        for a, b in zip(grads["reference"], grads[backend]):
+            torch.testing.assert_close(a, b)
 
 
 def test_single_lora_fast_path_with_row_weights():
@@ -65,3 +66,17 @@ def test_unknown_backend_is_named():
     x, A, B, idx, w = _case()
     with pytest.raises(ValueError, match="unknown LoRA kernel backend 'cuda-magic'"):
         weighted_lora(x, A, B, 1.0, idx, w, backend="cuda-magic")
+
+
+def test_default_backend_by_device():
+    from moelora.kernels import default_backend
+
+    assert default_backend(torch.device("cpu")) == "grouped"
+    assert default_backend(torch.device("cuda", 0)) == "torch"
+
+
+def test_grouped_handles_experts_with_no_tokens():
+    x, A, B, _, w = _case(N=5, E=6, k=2)
+    idx = torch.tensor([[0, 5]] * 5)  # experts 1..4 get nothing
+    got = weighted_lora(x, A, B, 1.0, idx, w, backend="grouped")
+    torch.testing.assert_close(got, _explicit(x, A, B, 1.0, idx, w, True))

@@ -67,7 +67,7 @@ def test_fast_mixlora_equals_the_naive_per_expert_loop(arch, routing):
     randomize_adapters(model, scale=0.3)
     ids, mask = batch(model)
     results = {}
-    for backend in ("reference", "torch"):
+    for backend in ("reference", "torch", "grouped"):
         moelora.set_backend(model, backend)
         model.zero_grad()
         model.train()
@@ -75,11 +75,12 @@ def test_fast_mixlora_equals_the_naive_per_expert_loop(arch, routing):
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results[backend] = (out.loss.detach(), _logits(model.eval(), ids, mask), grads)
-    ref, fast = results["reference"], results["torch"]
-    torch.testing.assert_close(fast[0], ref[0])
-    torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=1e-5)
-    for n in ref[2]:
-        torch.testing.assert_close(fast[2][n], ref[2][n], atol=1e-5, rtol=1e-4, msg=n)
+    ref = results["reference"]
+    for fast in (results["torch"], results["grouped"]):
+        torch.testing.assert_close(fast[0], ref[0])
+        torch.testing.assert_close(fast[1], ref[1], atol=1e-5, rtol=1e-5)
+        for n in ref[2]:
+            torch.testing.assert_close(fast[2][n], ref[2][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def _capture_ffn_inputs(model):
