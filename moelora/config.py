@@ -23,9 +23,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the problem."""
 
 
-def _suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1)
+def did_you_mean(name: object, valid, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the nearest valid name, or ``""``: every "unknown X" error uses it."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
 
 
 @dataclass
@@ -101,7 +103,7 @@ class AdapterConfig:
         unknown = [k for k in d if k not in names]
         if unknown:
             k = unknown[0]
-            raise ConfigError(f"unknown {cls.__name__} field '{k}'{_suggest(k, names)}")
+            raise ConfigError(f"unknown {cls.__name__} field '{k}'{did_you_mean(k, names)}")
         return cls(**d)
 
 
@@ -155,7 +157,7 @@ class MixLoraConfig(AdapterConfig):
                             optional=("expert_lora_alpha", "expert_lora_dropout"))
         self._check_int("num_experts", self.num_experts, minimum=1)
         if self.routing not in ROUTINGS:
-            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}{_suggest(str(self.routing), list(ROUTINGS))}")
+            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}{did_you_mean(str(self.routing), list(ROUTINGS))}")
         self._check_int("top_k", self.top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
@@ -177,7 +179,7 @@ class MixLoraConfig(AdapterConfig):
             from transformers.activations import ACT2FN
 
             if self.act_fn not in ACT2FN:
-                raise ConfigError(f"unknown act_fn {self.act_fn!r}{_suggest(str(self.act_fn), list(ACT2FN))}")
+                raise ConfigError(f"unknown act_fn {self.act_fn!r}{did_you_mean(str(self.act_fn), list(ACT2FN))}")
         if self.expert_lora_dropout is not None and not 0.0 <= self.expert_lora_dropout < 1.0:
             raise ConfigError(f"expert_lora_dropout must be in [0, 1), got {self.expert_lora_dropout!r}")
 
@@ -224,10 +226,10 @@ class MiLoraConfig(AdapterConfig):
                 f"(len(target_modules) = {len(self.target_modules)})"
             )
         if self.pooler not in POOLERS:
-            raise ConfigError(f"unknown pooler {self.pooler!r}{_suggest(str(self.pooler), list(POOLERS))}; choose from {POOLERS}")
+            raise ConfigError(f"unknown pooler {self.pooler!r}{did_you_mean(str(self.pooler), list(POOLERS))}; choose from {POOLERS}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
-                f"unknown activation {self.activation!r}{_suggest(str(self.activation), list(ACTIVATIONS))}; choose from {ACTIVATIONS}"
+                f"unknown activation {self.activation!r}{did_you_mean(str(self.activation), list(ACTIVATIONS))}; choose from {ACTIVATIONS}"
             )
         if self.lb_loss_coef < 0:
             raise ConfigError(f"lb_loss_coef must be >= 0, got {self.lb_loss_coef!r}")
@@ -247,6 +249,6 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
         kind = "lora"
     if kind not in METHOD_CONFIGS:
         names = [*METHOD_CONFIGS, "dora"]
-        raise ConfigError(f"unknown method type {kind!r}{_suggest(str(kind), names)}; choose from {names}")
+        raise ConfigError(f"unknown method type {kind!r}{did_you_mean(str(kind), names)}; choose from {names}")
     return METHOD_CONFIGS[kind].from_dict(d)
 

@@ -49,7 +49,6 @@ lengths and weights, in order), ``seed`` and ``epoch``: no global RNG state is r
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import did_you_mean
 
 __all__ = [
     "DataError",
@@ -103,8 +104,7 @@ class DataError(ValueError):
 
 
 def _suggest(name: str, valid: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return did_you_mean(name, valid, cutoff=0.5)
 
 
 @dataclass

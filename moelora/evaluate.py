@@ -32,7 +32,6 @@ the one it used:
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import json
 import math
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import did_you_mean
 
 PROTOCOLS = ("choice", "generate")
 CHOICE_PREFIX = "the correct answer is"  # the fixed prefix of every llm-adapters commonsense output
@@ -278,8 +279,7 @@ def task_name(path: str | Path) -> str:
 
 def _check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
-        near = difflib.get_close_matches(str(protocol), PROTOCOLS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        hint = did_you_mean(protocol, PROTOCOLS)
         raise ValueError(f"unknown protocol {protocol!r}{hint}: expected one of {', '.join(PROTOCOLS)}")
 
 

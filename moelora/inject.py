@@ -10,7 +10,6 @@ that adds the router loss to ``outputs.loss`` in training mode. Architectures ar
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig
+from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig, did_you_mean
 from .context import AdapterContext
 from .lora import AdaptedLinear, LoraWeights
 
@@ -213,8 +212,7 @@ def resolve_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
             other = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == t), None)
             if other is not None:
                 raise ConfigError(f"cannot adapt {t!r}: it is a {type(other).__name__}, not nn.Linear")
-            close = difflib.get_close_matches(t, valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(t, valid)
             raise ConfigError(
                 f"unknown target module {t!r}{hint} for model_type {model.config.model_type!r}; valid names: {valid}"
             )

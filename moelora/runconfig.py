@@ -19,7 +19,6 @@ then against the config file's directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from typing import Any
 
 import yaml
 
-from .config import AdapterConfig, ConfigError, config_from_dict
+from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
+from .data import DataSource
 
-__all__ = ["TrainConfig", "EvalConfig", "DataConfig", "RunConfig", "load_run_config", "apply_overrides"]
+__all__ = ["TrainConfig", "EvalConfig", "RunConfig", "load_run_config", "apply_overrides"]
 
 
 @dataclass
@@ -60,14 +60,6 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
-    path: str
-    format: str = "llm-adapters"
-    weight: float = 1.0
-    name: str | None = None
-
-
-@dataclass
 class EvalConfig:
     data: list[str] = field(default_factory=list)
     protocol: str = "choice"
@@ -84,7 +76,7 @@ class EvalConfig:
 class RunConfig:
     model: str | None = None
     method: dict[str, Any] = field(default_factory=lambda: {"type": "mixlora"})
-    data: list[DataConfig] = field(default_factory=list)
+    data: list[DataSource] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/example"
     eval: EvalConfig | None = None
@@ -118,8 +110,7 @@ def _build(cls: type, d: Any, where: str) -> Any:
     kwargs = {}
     for key, value in d.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, names)
             raise ConfigError(f"unknown key '{where}.{key}'{hint}".replace("'.", "'"))
         tp = hints[key]
         sub = f"{where}.{key}" if where else key
@@ -127,10 +118,10 @@ def _build(cls: type, d: Any, where: str) -> Any:
             kwargs[key] = _build(TrainConfig, value, sub)
         elif tp == EvalConfig | None:
             kwargs[key] = None if value is None else _build(EvalConfig, value, sub)
-        elif tp == list[DataConfig]:
+        elif tp == list[DataSource]:  # the data layer's own type validates each entry (DataError)
             if not isinstance(value, list):
                 raise ConfigError(f"{sub} must be a list of {{path, format, weight}} entries")
-            kwargs[key] = [_build(DataConfig, v if isinstance(v, dict) else {"path": v}, f"{sub}.{i}") for i, v in enumerate(value)]
+            kwargs[key] = [DataSource.from_dict(v if isinstance(v, dict) else {"path": v}) for v in value]
         else:
             if isinstance(value, int) and not isinstance(value, bool) and tp is float:
                 value = float(value)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import DataSource, TrainData, collate
+from .data import TrainData, collate
 from .inject import attach, get_context
 from .runconfig import RunConfig
 from .stats import count_parameters, expert_load, param_groups
@@ -193,8 +193,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     model, tokenizer = load_model_and_tokenizer(run.model)
     attach(model, cfg)
     model.to(accelerator.device)
-    sources = [DataSource(path=d.path, format=d.format, weight=d.weight, name=d.name) for d in run.data]
-    data = TrainData(sources, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
+    data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = t.batch_size * world  # global micro-batch
