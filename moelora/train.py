@@ -129,13 +129,18 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 class _Logger:
     """Metrics to ``metrics.jsonl`` (for ``moelora plot loss``) and TensorBoard when available."""
 
-    def __init__(self, out: Path, enabled: bool, resume: bool) -> None:
+    def __init__(self, out: Path, enabled: bool, start_step: int) -> None:
         self.enabled = enabled
         self.file = None
         self.tb = None
         if not enabled:
             return
-        self.file = open(out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
+        path = out / "metrics.jsonl"
+        kept = []  # on resume: the rows up to the checkpoint; later ones are about to be redone
+        if start_step > 0 and path.exists():
+            kept = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start_step]
+        self.file = open(path, "w", encoding="utf-8")
+        self.file.writelines(x + "\n" for x in kept)
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -223,7 +228,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             if main:
                 print(f"resuming from {ckpt} (step {step})")
 
-    metrics = _Logger(out, main, resume)
+    metrics = _Logger(out, main, step)
     if main:
         (out / "run_config.json").write_text(json.dumps(asdict(run), indent=2, default=str))
         print(f"{cfg.method}: {counts['trainable']:,} trainable / {counts['activated']:,} activated adapter parameters; "

@@ -111,6 +111,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
     with pytest.raises(TrainingError, match="pass --resume to continue it or --overwrite"):
         train(load_run_config(cfg_b), progress=False)
     resumed = train(load_run_config(cfg_b), resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3 was redone after the crash, and logged once
     a, b = adapter(full), adapter(resumed)
     assert a.keys() == b.keys()
     for k in a:
