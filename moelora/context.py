@@ -7,6 +7,8 @@ caches MiLoRA's per-sequence gates between prefill and decoding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,17 +38,48 @@ class AdapterContext:
     records: dict[str, list[RouterRecord]] = field(default_factory=dict)
     # MiLoRA gates cached at prefill: adapter -> layer -> (B, E)
     gates: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
-    router_calls: int = 0
-    base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored when the last adapter goes  # MiLoRA router invocations (for tests and profiling)
+    router_calls: int = 0  # MiLoRA router invocations (for tests and profiling)
+    base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored when the last adapter goes
+    # Mixed batches (``adapter_names=`` per row): the rows of each adapter, in order of first
+    # appearance; ``None`` names base-model rows. Set per forward; ``None`` = one adapter for all.
+    groups: list[tuple[str | None, torch.Tensor]] | None = None
+    rows: torch.Tensor | None = None  # the group being computed (row indices into the full batch)
+    generate_adapter_names: list[str | None] | None = None  # ``generate(adapter_names=...)``, expanded
 
     def begin_forward(self) -> None:
         self.records = {}
+
+    def set_groups(self, adapter_names: list[str | None] | None, device: torch.device) -> None:
+        """Group a mixed batch's rows by adapter (``None`` = no adapter); validates every name."""
+        if adapter_names is None:
+            self.groups = None
+            return
+        order: dict[str | None, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            if name is not None and name not in self.configs:
+                raise KeyError(f"adapter_names[{row}] = {name!r} is not attached (attached: {list(self.configs)})")
+            order.setdefault(name, []).append(row)
+        self.groups = [(name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in order.items()]
+
+    @contextmanager
+    def scope(self, rows: torch.Tensor, name: str | None) -> Iterator[None]:
+        """Compute one group of a mixed batch as a batch of its own: ``name`` is active and the
+        masks below describe ``rows`` only."""
+        previous = self.rows, self.active
+        self.rows, self.active = rows, name
+        try:
+            yield
+        finally:
+            self.rows, self.active = previous
+
+    def _select(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t[self.rows.to(t.device)]
 
     def token_mask(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
         """``(B, T)`` bool mask of the real (non-padding) tokens of this forward's input."""
         if self.attention_mask is None:
             return torch.ones(batch, seq, dtype=torch.bool, device=device)
-        m = self.attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
+        m = self._select(self.attention_mask)[:, -seq:].to(device=device, dtype=torch.bool)
         if m.shape != (batch, seq):  # e.g. a 4-D mask or a shape we cannot interpret
             return torch.ones(batch, seq, dtype=torch.bool, device=device)
         return m
@@ -58,7 +91,7 @@ class AdapterContext:
             mask = mask.clone()
             mask[:, self.prompt_width :] = False
         if self.prompt_lengths is not None:
-            lengths = self.prompt_lengths.to(device).view(-1, 1)
+            lengths = self._select(self.prompt_lengths.to(device)).view(-1, 1)
             if lengths.shape[0] != batch:
                 raise ValueError(f"prompt_lengths has {lengths.shape[0]} rows but the batch has {batch}")
             mask = mask & (mask.long().cumsum(1) <= lengths)

@@ -104,6 +104,15 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     if prompt_lengths is not None and not torch.is_tensor(prompt_lengths):
         prompt_lengths = torch.as_tensor(prompt_lengths)
     ctx.prompt_lengths = prompt_lengths
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        adapter_names = ctx.generate_adapter_names
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if adapter_names is not None and torch.is_tensor(ids) and len(adapter_names) != ids.shape[0]:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {ids.shape[0]} rows")
+    ctx.set_groups(adapter_names, ids.device if torch.is_tensor(ids) else torch.device("cpu"))
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     ctx.attention_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
     past = _past_length(kwargs.get("past_key_values"))
@@ -115,19 +124,21 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) ->
     ctx: AdapterContext = module._moelora_ctx
     if ctx.generation_step is not None:
         ctx.generation_step += 1
-    name = ctx.active
-    if name is None or not ctx.records.get(name):
-        return outputs
     from .methods import router_loss  # local: methods import this module
 
-    loss = router_loss(ctx.configs[name], ctx.records[name])
-    if loss is None:
+    names = [ctx.active] if ctx.groups is None else [n for n, _ in ctx.groups]
+    losses = {n: router_loss(ctx.configs[n], ctx.records[n]) for n in names if n is not None and ctx.records.get(n)}
+    losses = {n: v for n, v in losses.items() if v is not None}
+    if not losses:
         return outputs
+    loss = sum(losses.values())  # adapters share no parameter: each gets its own loss's gradient
     if isinstance(outputs, tuple):
         if module.training and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
             outputs = (outputs[0] + loss.to(outputs[0].dtype), *outputs[1:])
         return outputs
     outputs.router_loss = loss  # an attribute, not a key: Trainer's logits stay untouched
+    if ctx.groups is not None:
+        outputs.router_losses = losses  # per adapter, for multi-adapter training
     if module.training and getattr(outputs, "loss", None) is not None:
         outputs["loss"] = outputs.loss + loss.to(outputs.loss.dtype)
     return outputs
@@ -143,11 +154,19 @@ def _wrap_generate(model: nn.Module, ctx: AdapterContext) -> None:
             inputs = kwargs.get("inputs_embeds")
         ctx.prompt_width = inputs.shape[1] if torch.is_tensor(inputs) and inputs.dim() >= 2 else None
         ctx.generation_step = 0
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:  # per-row adapters; generate expands rows for beams / return sequences
+            cfg = kwargs.get("generation_config") or model.generation_config
+            repeat = max(kwargs.get("num_beams") or cfg.num_beams or 1, 1) * max(
+                kwargs.get("num_return_sequences") or cfg.num_return_sequences or 1, 1
+            )
+            ctx.generate_adapter_names = [n for n in names for _ in range(repeat)]
         try:
             return original(*args, **kwargs)
         finally:
             ctx.prompt_width = None
             ctx.generation_step = None
+            ctx.generate_adapter_names = None
 
     model.generate = generate
 

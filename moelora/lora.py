@@ -7,7 +7,8 @@ reproduces the base model exactly.
 
 ``AdaptedLinear`` wraps a frozen linear layer (PEFT's "wrap, don't replace"): it keeps
 ``base_layer`` and holds one entry per adapter name in ``adapters``; the model's shared context
-says which adapter is active. An entry is a ``LinearAdapter``: plain LoRA, DoRA (a variant object
+says which adapter is active, or (mixed batches) which rows use which adapter: the frozen layer then
+runs once for the whole batch and each adapter's delta is added to its own rows. An entry is a ``LinearAdapter``: plain LoRA, DoRA (a variant object
 that only changes how the delta is combined), or a MiLoRA expert (a LoRA whose weight is the
 sequence's router gate).
 """
@@ -171,7 +172,21 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        name = self._ctx.active
+        ctx = self._ctx
+        if ctx.groups is not None and ctx.rows is None:
+            return self._forward_mixed(x, out)
+        name = ctx.active
         if name is None or name not in self.adapters:
             return out
-        return self.adapters[name](base_linear(self), x, out, self._ctx, name)
+        return self.adapters[name](base_linear(self), x, out, ctx, name)
+
+    def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A batch whose rows use different adapters: the base once, each group's delta on its rows."""
+        ctx, base = self._ctx, base_linear(self)
+        for name, rows in ctx.groups:
+            if name is None or name not in self.adapters:
+                continue
+            with ctx.scope(rows, name):
+                y = self.adapters[name](base, x[rows], out[rows], ctx, name)
+            out = out.index_copy(0, rows, y)
+        return out

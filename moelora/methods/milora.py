@@ -39,7 +39,18 @@ PREFIX = "milora.layers"
 
 def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     ctx: AdapterContext = layer._moelora_ctx
-    name = ctx.active
+    h = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+    if ctx.groups is None:
+        _route(layer, ctx, ctx.active, h)
+        return
+    for name, rows in ctx.groups:  # a mixed batch: each MiLoRA adapter routes its own rows
+        if name in layer.moelora_routers:
+            with ctx.scope(rows, name):
+                _route(layer, ctx, name, h[rows])
+
+
+def _route(layer: nn.Module, ctx: AdapterContext, name: str | None, h: torch.Tensor) -> None:
+    """Route ``h``'s sequences (prefill) into ``ctx.gates``, or check the cached gates (decoding)."""
     routers = layer.moelora_routers
     if name is None or name not in routers:
         return
@@ -47,7 +58,6 @@ def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     if ctx.decoding:
         ctx.milora_gates(name, li)  # raises a clear error if prefill never routed
         return
-    h = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
     B, T, _ = h.shape
     mask = ctx.prompt_mask(B, T, h.device)  # (B, T)
     logits, gates = routers[name](h, mask)  # (B, E) each

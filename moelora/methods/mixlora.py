@@ -62,28 +62,42 @@ class MixLoraExperts(nn.Module):
             weights, indices, selected = top_k_routing(logits, self.top_k)
         return logits, weights, indices, selected
 
-    def forward(self, mlp: nn.Module, x: torch.Tensor, ctx: AdapterContext, name: str, act: nn.Module) -> torch.Tensor:
+    def forward(
+        self, mlp: nn.Module, x: torch.Tensor, ctx: AdapterContext, name: str, act: nn.Module,
+        base_gate_up: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's FFN output ``(B, T, d)``; given the base gate/up outputs ``(B, T, 2I)``
+        (a mixed batch), the pair ``(sum_j w_j h_j, rest)`` for the caller's shared down projection."""
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)  # (N, d)
         logits, weights, indices, selected = self.route(x2)
         keep = ctx.token_mask(B, T, x.device).reshape(-1)  # (N,) non-padding tokens
         ctx.record(name, RouterRecord(self.layer, logits[keep], selected[keep]))
-        if self.naive:
-            y = self._naive(mlp, x2, weights, indices, act)
-        else:
-            y = self._fast(mlp, x2, weights, indices, act)
-        return y.reshape(B, T, d)
+        if self.naive and base_gate_up is None:
+            return self._naive(mlp, x2, weights, indices, act).reshape(B, T, d)
+        if base_gate_up is not None:
+            base_gate_up = base_gate_up.reshape(B * T, 1, -1)
+        mixed, extra = self._fast(mlp, x2, weights, indices, act, base_gate_up)
+        if base_gate_up is not None:  # mixed batch: the caller runs the frozen down projection
+            return mixed.reshape(B, T, -1), extra.reshape(B, T, d)
+        return (mlp.down_proj(mixed) + extra).reshape(B, T, d)  # W_down(sum_j w_j h_j) + b + ...
 
-    def _fast(self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    def _fast(
+        self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module,
+        base_gate_up: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_j w_j h_j, the rest of y)``: the FFN output is ``W_down(first) + b + second``."""
         ex = self.experts
         if self.fused:
-            gu = mlp.gate_up_proj(x).unsqueeze(1)  # (N, 1, 2I)
+            gu = mlp.gate_up_proj(x).unsqueeze(1) if base_gate_up is None else base_gate_up  # (N, 1, 2I)
             if "gate_up_proj" in ex:
                 gu = gu + ex["gate_up_proj"].delta(x, idx, None, combine=False).to(gu.dtype)  # (N, k, 2I)
             gate, up = gu.chunk(2, dim=-1)
         else:
-            gate = mlp.gate_proj(x).unsqueeze(1)  # (N, 1, I)
-            up = mlp.up_proj(x).unsqueeze(1)
+            if base_gate_up is None:
+                gate, up = mlp.gate_proj(x).unsqueeze(1), mlp.up_proj(x).unsqueeze(1)  # (N, 1, I)
+            else:
+                gate, up = base_gate_up.chunk(2, dim=-1)
             if "gate_proj" in ex:
                 gate = gate + ex["gate_proj"].delta(x, idx, None, combine=False).to(gate.dtype)  # (N, k, I)
             if "up_proj" in ex:
@@ -92,13 +106,13 @@ class MixLoraExperts(nn.Module):
         wk = w.to(h.dtype).unsqueeze(-1)  # (N, k, 1)
         mixed = (wk * h).sum(1)  # (N, I): sum_j w_j h_j
         down = base_linear(mlp.down_proj)
-        y = mlp.down_proj(mixed)  # W_down(sum_j w_j h_j) + b
+        extra = torch.zeros(x.shape[0], down.out_features, dtype=mixed.dtype, device=x.device)
         if down.bias is not None:  # each expert adds the bias with its weight: (sum_j w_j) b
-            y = y + (w.sum(-1, keepdim=True).to(y.dtype) - 1) * down.bias
+            extra = extra + (w.sum(-1, keepdim=True).to(extra.dtype) - 1) * down.bias
         if "down_proj" in ex:
             hk = h.expand(-1, idx.shape[1], -1) if h.shape[1] == 1 else h  # (N, k, I)
-            y = y + ex["down_proj"].delta(hk, idx, w, combine=True).to(y.dtype)
-        return y
+            extra = extra + ex["down_proj"].delta(hk, idx, w, combine=True).to(extra.dtype)
+        return mixed, extra
 
     def _naive(self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """Reference: for each expert, its full FFN on the tokens routed to it."""
@@ -136,13 +150,42 @@ class MixLoraFFN(nn.Module):
         self._ctx = ctx
         self.act_attr = act_attr
 
+    def _act(self, moe: MixLoraExperts) -> nn.Module:
+        return moe.act if moe.act is not None else getattr(self.base_mlp, self.act_attr)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self._ctx.active
+        ctx = self._ctx
+        if ctx.groups is not None and ctx.rows is None:
+            return self._forward_mixed(x)
+        name = ctx.active
         if name is None or name not in self.adapters:
             return self.base_mlp(x)
         moe = self.adapters[name]
-        act = moe.act if moe.act is not None else getattr(self.base_mlp, self.act_attr)
-        return moe(self.base_mlp, x, self._ctx, name, act)
+        return moe(self.base_mlp, x, ctx, name, self._act(moe))
+
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of several adapters: the frozen projections run once for the whole batch.
+
+        Gate/up run on every row (their ``AdaptedLinear`` adds other methods' deltas per row), each
+        MixLoRA group mixes its experts' hidden states on its rows, and one down projection runs
+        on the mixed hidden states of all rows. The naive oracle form is not used here.
+        """
+        ctx, mlp = self._ctx, self.base_mlp
+        mix = [(name, rows) for name, rows in ctx.groups if name in self.adapters]
+        if not mix:
+            return mlp(x)
+        fused = next(iter(self.adapters.values())).fused
+        gate_up = mlp.gate_up_proj(x) if fused else torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = getattr(mlp, self.act_attr)(gate) * up  # rows without a mixture: the plain FFN's hidden
+        extra = torch.zeros_like(x)
+        for name, rows in mix:
+            moe = self.adapters[name]
+            with ctx.scope(rows, name):
+                mixed, rest = moe(mlp, x[rows], ctx, name, self._act(moe), base_gate_up=gate_up[rows])
+            h = h.index_copy(0, rows, mixed.to(h.dtype))
+            extra = extra.index_copy(0, rows, rest.to(extra.dtype))
+        return mlp.down_proj(h) + extra
 
 
 def attach(model: nn.Module, cfg: MixLoraConfig, name: str, ctx: AdapterContext) -> None:

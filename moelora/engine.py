@@ -1,0 +1,631 @@
+"""A batched multi-tenant inference engine: many adapters of any method on one frozen base model.
+
+One decoding step is one forward for every running request, whatever adapter each uses (the
+model's mixed-batch path, ``adapter_names=``): the frozen weights are read once for all rows, each
+row gets its own adapter's deltas, MiLoRA rows route once at prefill and reuse their gates while
+decoding, MixLoRA rows route per token.
+
+- **Continuous batching.** ``step()`` first admits waiting requests (up to ``max_batch`` running):
+  they are prefilled together (left-padded, mixed adapters) and their caches join the running
+  batch; then every running request decodes one token. Finished requests leave at once.
+- **KV cache.** ``KVStore``: per layer one preallocated ``(rows, kv_heads, capacity, head_dim)``
+  buffer that grows by doubling (rows and columns) and is compacted in place; rows are
+  right-aligned (left padding), so a decoding step writes one column for all rows.
+- **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
+  use, kept resident up to a byte budget, and the least recently used one that no running request
+  needs is evicted.
+- **Sampling.** Greedy (``temperature = 0``) or temperature / top-p sampling with one seeded
+  generator per request, so a request's output does not depend on what it is batched with; stop
+  sequences are cut from the text; streaming text never splits a UTF-8 character or shows the
+  start of a stop sequence that may still complete.
+
+The engine is single-threaded: the HTTP server (``moelora.server``) drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+__all__ = ["SamplingParams", "StepOutput", "QueueFull", "Engine", "AdapterPool", "KVStore", "ADAPTER_NAME"]
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no dots, slashes: never a path
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts (``max_queue``)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_ids: list[int]  # tokens produced this step
+    text: str  # text produced this step
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    prompt_tokens: int
+    completion_tokens: int  # so far
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    generator: torch.Generator | None
+    arrival: float
+    output: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output, stop sequence cut
+    sent: int = 0  # characters of ``text`` already streamed
+    gates: dict[int, torch.Tensor] | None = None  # MiLoRA: layer -> (E,) gates from prefill
+    finish_reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class _StoreLayer(DynamicLayer):
+    """One layer's view of the ``KVStore``: writes the new columns, returns the live rows."""
+
+    def __init__(self, store: KVStore, index: int) -> None:
+        super().__init__()
+        self.store, self.index = store, index
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.store.write(self.index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.store.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.store.length + query_length, 0
+
+
+class KVStore:
+    """Preallocated, right-aligned key/value buffers for the running rows of every layer.
+
+    Rows ``[0, rows)`` are live; columns ``[0, length)`` hold their tokens, each row's last token
+    in column ``length - 1`` and its left padding masked out by ``mask``. Buffers grow by doubling
+    and are compacted (dropping columns that are padding for every row) before growing.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None  # (row capacity, column capacity) long
+        self.rows = 0
+        self.length = 0
+
+    def cache(self) -> Cache:
+        return Cache(layers=[_StoreLayer(self, i) for i in range(self.num_layers)])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[-2]
+        self.keys[layer][: self.rows, :, self.length : self.length + T] = k
+        self.values[layer][: self.rows, :, self.length : self.length + T] = v
+        end = self.length + T
+        return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end]
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (0, 0) if self.mask is None else tuple(self.mask.shape)
+
+    def _ensure(self, rows: int, cols: int, like: list[torch.Tensor]) -> None:
+        """Room for ``rows x cols``: reallocate (doubling) keeping the live data, if needed."""
+        cap_rows, cap_cols = self.capacity
+        if rows <= cap_rows and cols <= cap_cols:
+            return
+        rows, cols = max(rows, 2 * cap_rows), max(cols, 2 * cap_cols, 16)
+
+        def grow(old: torch.Tensor | None, proto: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros((rows, proto.shape[1], cols, proto.shape[3]), dtype=proto.dtype, device=proto.device)
+            if old is not None:
+                new[: self.rows, :, : self.length] = old[: self.rows, :, : self.length]
+            return new
+
+        self.keys = [grow(self.keys[i] if self.keys else None, like[i]) for i in range(self.num_layers)]
+        self.values = [grow(self.values[i] if self.values else None, like[i]) for i in range(self.num_layers)]
+        mask = torch.zeros(rows, cols, dtype=torch.long, device=like[0].device)
+        if self.mask is not None:
+            mask[: self.rows, : self.length] = self.mask[: self.rows, : self.length]
+        self.mask = mask
+
+    def _shift_right(self, by: int) -> None:
+        """Move the live columns ``by`` to the right (new left padding for every row)."""
+        L, n = self.length, self.rows
+        for buf in (*self.keys, *self.values):
+            buf[:n, :, by : by + L] = buf[:n, :, :L].clone()
+            buf[:n, :, :by] = 0
+        self.mask[:n, by : by + L] = self.mask[:n, :L].clone()
+        self.mask[:n, :by] = 0
+        self.length += by
+
+    def compact(self) -> None:
+        """Drop the columns that are padding in every live row."""
+        if self.rows == 0:
+            self.length = 0
+            return
+        live = self.mask[: self.rows, : self.length].any(0).nonzero()
+        first = int(live[0]) if live.numel() else self.length
+        if first == 0:
+            return
+        L, n = self.length - first, self.rows
+        for buf in (*self.keys, *self.values):
+            buf[:n, :, :L] = buf[:n, :, first : first + L].clone()
+        self.mask[:n, :L] = self.mask[:n, first : first + L].clone()
+        self.length = L
+
+    def append(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add prefilled rows (``cache`` of a left-padded batch with 2-D ``mask``), right-aligned."""
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        new, width = mask.shape
+        self.compact()
+        if width > self.length:  # the new rows are longer: pad the live rows on the left
+            self._ensure(self.rows, width, keys)
+            self._shift_right(width - self.length)
+        self._ensure(self.rows + new, self.length, keys)
+        off, rows = self.length - width, slice(self.rows, self.rows + new)
+        for i in range(self.num_layers):
+            self.keys[i][rows, :, :off] = 0
+            self.values[i][rows, :, :off] = 0
+            self.keys[i][rows, :, off : self.length] = keys[i]
+            self.values[i][rows, :, off : self.length] = values[i]
+        self.mask[rows, :off] = 0
+        self.mask[rows, off : self.length] = mask
+        self.rows += new
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these live rows, in this order."""
+        if rows == list(range(self.rows)):
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        n = len(rows)
+        for buf in (*self.keys, *self.values):
+            buf[:n, :, : self.length] = buf[idx, :, : self.length]
+        self.mask[:n, : self.length] = self.mask[idx, : self.length]
+        self.rows = n
+        self.compact()
+
+    def step_mask(self) -> torch.Tensor:
+        """The attention mask of one decoding step: the live columns plus the new one."""
+        if self.length + 1 > self.capacity[1]:
+            self.compact()
+            self._ensure(self.rows, self.length + 1, self.keys)
+        self.mask[: self.rows, self.length] = 1
+        return self.mask[: self.rows, : self.length + 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter pool
+
+
+def adapter_bytes(model: nn.Module, name: str) -> int:
+    from .inject import is_adapter_parameter
+
+    return sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if is_adapter_parameter(n) and f".{name}." in f"{n}."
+    )
+
+
+class AdapterPool:
+    """Adapters by name: registered with a directory, loaded on demand, LRU-evicted over a budget."""
+
+    def __init__(self, model: nn.Module, budget_bytes: int | None = None) -> None:
+        self.model = model
+        self.budget = budget_bytes
+        self.paths: dict[str, Path] = {}
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recent first
+        self.loads = 0  # loads from disk (for tests and stats)
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise ValueError(
+                f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+            )
+
+    def register(self, name: str, path: str | Path) -> None:
+        """Register (and load once, to validate) the adapter in directory ``path`` as ``name``."""
+        self.check_name(name)
+        if name in self.paths:
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        where = Path(path)
+        if not where.is_dir():
+            raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+        self.paths[name] = where
+        try:
+            self.ensure(name, pinned=set())
+        except Exception:
+            del self.paths[name]
+            raise
+
+    def unregister(self, name: str) -> None:
+        if name not in self.paths:
+            raise KeyError(f"no adapter named {name!r}")
+        self._evict(name)
+        del self.paths[name]
+
+    def ensure(self, name: str, pinned: set[str]) -> None:
+        """Make ``name`` resident (most recently used), evicting others not in ``pinned``."""
+        from .checkpoint import load_adapter
+
+        if name in self.resident:
+            self.resident.move_to_end(name)
+        else:
+            load_adapter(self.model, self.paths[name], adapter_name=name)
+            self.loads += 1
+            self.model.eval()
+            self.resident[name] = adapter_bytes(self.model, name)
+        if self.budget is not None:
+            for victim in list(self.resident):
+                if sum(self.resident.values()) <= self.budget:
+                    break
+                if victim != name and victim not in pinned:
+                    self._evict(victim)
+
+    def _evict(self, name: str) -> None:
+        from .inject import detach
+
+        if name in self.resident:
+            detach(self.model, name)
+            del self.resident[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+
+
+class Engine:
+    """Continuous batching over one base model and an adapter pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 1024,
+        max_model_len: int | None = None,
+        adapter_budget_bytes: int | None = None,
+        base_name: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.base_name = base_name or Path(str(getattr(model.config, "_name_or_path", "") or "base")).name or "base"
+        self.pool = AdapterPool(model, adapter_budget_bytes)
+        self.device = next(model.parameters()).device
+        self.num_layers = model.config.num_hidden_layers
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.ids: set[str] = set()
+        self.store = KVStore(self.num_layers)
+        self.pending: list[StepOutput] = []  # aborts to report at the next step
+        self.steps = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | None,
+        adapters: dict[str, str] | None = None,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        **kwargs,
+    ) -> Engine:
+        """Load a base model (``None``: the embedded default) and register ``adapters`` (name -> dir)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .embedded import embedded_model_dir
+
+        path = model_dir or str(embedded_model_dir())
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
+        engine = cls(model, tokenizer, **kwargs)
+        for name, adapter_dir in (adapters or {}).items():
+            engine.load_adapter(name, adapter_dir)
+        return engine
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return list(self.pool.paths)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        if name == self.base_name:
+            raise ValueError(f"adapter name {name!r} is the base model's name")
+        self.pool.register(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
+        self.pool.unregister(name)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> None:
+        if request_id in self.ids:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if adapter == self.base_name:
+            adapter = None
+        if adapter is not None and adapter not in self.pool.paths:
+            raise KeyError(f"unknown adapter {adapter!r} (loaded: {self.adapter_names()})")
+        params.validate()
+        vocab = self.model.config.vocab_size
+        if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"the prompt must be a non-empty list of token ids in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+        self.waiting.append(_Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic()))
+        self.ids.add(request_id)
+
+    def abort(self, request_id: str) -> None:
+        for i, r in enumerate(self.running):
+            if r.id == request_id:
+                self.running.pop(i)
+                with torch.inference_mode():  # the store's buffers are inference tensors
+                    self.store.keep([j for j in range(self.store.rows) if j != i])
+                break
+        else:
+            r = next((q for q in self.waiting if q.id == request_id), None)
+            if r is None:
+                return
+            self.waiting.remove(r)
+        self.ids.discard(request_id)
+        self.pending.append(StepOutput(r.id, [], "", True, "abort", len(r.prompt), len(r.output)))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.pending)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests (prefill, first token), then decode one token for every running one."""
+        outputs: list[StepOutput] = []
+        with torch.inference_mode():
+            admitted = self._admit()
+            if admitted:
+                outputs += self._prefill(admitted)
+            if self.running:
+                outputs += self._decode()
+        self.steps += 1
+        outputs, self.pending = self.pending + outputs, []  # aborts and failed loads first
+        return outputs
+
+    def _admit(self) -> list[_Request]:
+        admitted: list[_Request] = []
+        in_use = {r.adapter for r in self.running if r.adapter is not None}
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            req = self.waiting[0]
+            if req.adapter is not None:
+                try:
+                    self.pool.ensure(req.adapter, pinned=in_use)
+                except Exception as e:  # the adapter could not be (re)loaded: fail this request only
+                    self.waiting.popleft()
+                    self.ids.discard(req.id)
+                    self.pending.append(StepOutput(req.id, [], f"[error: {e}]", True, "error", len(req.prompt), 0))
+                    continue
+                in_use.add(req.adapter)
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _adapter_kwargs(self, reqs: list[_Request]) -> dict:
+        if getattr(self.model, "_moelora_ctx", None) is None:
+            return {}
+        return {"adapter_names": [r.adapter for r in reqs]}
+
+    def _prefill(self, reqs: list[_Request]) -> list[StepOutput]:
+        width = max(len(r.prompt) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(reqs), width, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()  # full layers: the store keeps every column (sliding windows via the mask)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_kwargs(reqs),
+        )
+        self._save_gates(reqs)
+        outputs = self._sample(reqs, out.logits[:, -1])
+        alive = [i for i, r in enumerate(reqs) if r.finish_reason is None]
+        if alive:
+            if len(alive) < len(reqs):
+                cache.batch_select_indices(torch.tensor(alive, device=self.device))
+                mask = mask[alive]
+            self.store.append(cache, mask)
+            self.running.extend(reqs[i] for i in alive)
+        return outputs
+
+    def _save_gates(self, reqs: list[_Request]) -> None:
+        """Keep each MiLoRA request's prefill gates (its decoding steps reuse them)."""
+        ctx = getattr(self.model, "_moelora_ctx", None)
+        if ctx is None or ctx.groups is None:
+            return
+        for name, rows in ctx.groups:
+            if name is None or name not in ctx.gates:
+                continue
+            for j, row in enumerate(rows.tolist()):
+                reqs[row].gates = {li: g[j] for li, g in ctx.gates[name].items()}
+
+    def _load_gates(self, reqs: list[_Request]) -> None:
+        ctx = getattr(self.model, "_moelora_ctx", None)
+        if ctx is None:
+            return
+        by_adapter: dict[str, list[_Request]] = {}
+        for r in reqs:  # the same grouping as ``AdapterContext.set_groups`` (first appearance)
+            if r.gates is not None:
+                by_adapter.setdefault(r.adapter, []).append(r)
+        for name, group in by_adapter.items():
+            ctx.gates[name] = {li: torch.stack([r.gates[li] for r in group]) for li in group[0].gates}
+
+    def _decode(self) -> list[StepOutput]:
+        """Feed every running row its last token (not yet cached) and sample the next one."""
+        reqs = self.running
+        last = torch.tensor([[r.output[-1]] for r in reqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in reqs], device=self.device)
+        mask = self.store.step_mask()
+        self._load_gates(reqs)
+        out = self.model(
+            input_ids=last,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.store.cache(),
+            cache_position=torch.tensor([self.store.length], device=self.device),
+            use_cache=True,
+            **self._adapter_kwargs(reqs),
+        )
+        self.store.length += 1
+        outputs = self._sample(reqs, out.logits[:, -1])
+        keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
+        if len(keep) < len(reqs):
+            self.store.keep(keep)
+            self.running = [reqs[i] for i in keep]
+        return outputs
+
+    # -- sampling and text -----------------------------------------------------------------
+
+    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+        logits = logits.float().cpu()
+        outputs = []
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.temperature == 0:
+                token = int(logits[i].argmax())
+            else:
+                scores = logits[i] / p.temperature
+                if p.top_p < 1:
+                    sorted_scores, order = scores.sort(descending=True)
+                    cum = sorted_scores.softmax(-1).cumsum(-1)
+                    drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+                    scores = scores.index_fill(0, order[drop], float("-inf"))
+                token = int(torch.multinomial(scores.softmax(-1), 1, generator=r.generator))
+            outputs.append(self._emit(r, token))
+        return outputs
+
+    def _emit(self, r: _Request, token: int) -> StepOutput:
+        r.output.append(token)
+        finished = None
+        if token in self.eos:
+            finished = "stop"
+            ids = r.output[:-1]
+        else:
+            ids = r.output
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = _first_stop(text, r.params.stop)
+        if cut is not None:
+            text, finished = text[:cut], "stop"
+        elif finished is None and len(r.output) >= r.params.max_tokens:
+            finished = "length"
+        r.text = text
+        if finished is None:
+            safe = len(text) - _held_back(text, r.params.stop)
+        else:
+            safe = len(text)
+        delta = text[r.sent : safe] if safe > r.sent else ""
+        r.sent = max(r.sent, safe)
+        if finished is not None:
+            r.finish_reason = finished
+            self.ids.discard(r.id)
+        return StepOutput(r.id, [token], delta, finished is not None, finished, len(r.prompt), len(r.output))
+
+    # -- convenience -----------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams | list[SamplingParams]
+    ) -> list[dict]:
+        """Run requests to completion: ``[{"token_ids", "text", "finish_reason"}]`` in input order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{self.steps}-{i}" for i in range(len(prompts))]
+        for rid, prompt, adapter, p in zip(ids, prompts, adapters, plist):
+            self.add_request(rid, prompt, adapter, p)
+        results = {rid: {"token_ids": [], "text": "", "finish_reason": None} for rid in ids}
+        while any(results[rid]["finish_reason"] is None for rid in ids):
+            for o in self.step():
+                if o.request_id in results:
+                    res = results[o.request_id]
+                    res["token_ids"] += o.token_ids
+                    res["text"] += o.text
+                    if o.finished:
+                        res["finish_reason"] = o.finish_reason
+        return [results[rid] for rid in ids]
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` not to stream yet: an incomplete UTF-8 character or the
+    beginning of a stop sequence that the next tokens may complete."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold

@@ -1,0 +1,230 @@
+"""The multi-tenant engine: mixed adapters per batch, continuous batching, sampling, stop, the pool.
+
+The oracle is each request run alone: through the engine by itself and through the model's own
+``generate`` with that adapter active (greedy), which must give the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_model
+from test_mixed import CONFIGS
+
+import moelora
+from moelora.engine import Engine, QueueFull, SamplingParams
+
+METHODS = ["lora", "mixlora", "milora", "dora"]
+
+
+class ToyTokenizer:
+    """Token ids as space-separated numbers (enough for the engine's text handling)."""
+
+    eos_token_id, pad_token_id = 2, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for arch in ("llama", "gemma2", "phi3"):
+        src = tiny_model(arch)
+        for n in METHODS:
+            cfg = CONFIGS[n]
+            moelora.attach(src, cfg, n)
+        randomize_adapters(src)
+        for n in METHODS:
+            moelora.save_adapter(src, root / arch / n, n)
+            out[arch, n] = root / arch / n
+    return out
+
+
+def prompts(n: int, seed: int = 0, vocab: int = 128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def engine(arch, adapter_dirs, **kw):
+    eng = Engine(tiny_model(arch), ToyTokenizer(), **kw)
+    for n in METHODS:
+        eng.load_adapter(n, str(adapter_dirs[arch, n]))
+    return eng
+
+
+def hf_alone(model, prompt, adapter, max_new):
+    moelora.set_adapter(model, adapter)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=2)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_mixed_continuous_batch_equals_each_request_alone(arch, adapter_dirs):
+    eng = engine(arch, adapter_dirs, max_batch=4)  # 10 requests through 4 slots: joins and leaves
+    ps = prompts(10)
+    adapters = ["lora", "mixlora", None, "milora", "dora", "mixlora", "milora", "lora", None, "dora"]
+    params = [SamplingParams(max_tokens=3 + i % 5) for i in range(10)]  # different lengths
+    together = eng.generate(ps, adapters, params)
+    for p, a, sp, res in zip(ps, adapters, params, together):
+        alone = eng.generate([p], [a], sp)[0]
+        assert res["token_ids"] == alone["token_ids"], a
+        hf = hf_alone(eng.model, p, a, sp.max_tokens)
+        assert res["token_ids"] == hf, a
+        assert res["finish_reason"] == ("stop" if 2 in hf else "length")
+    assert eng.store.rows == 0 and not eng.has_work()
+
+
+def test_requests_join_between_steps_and_streams_add_up(adapter_dirs):
+    eng = engine("llama", adapter_dirs, max_batch=8)
+    ps = prompts(6, seed=3)
+    adapters = ["milora", "mixlora", "lora", "dora", None, "milora"]
+    sp = SamplingParams(max_tokens=20)
+    expected = [hf_alone(eng.model, p, a, 20) for p, a in zip(ps, adapters)]
+    got = {i: [] for i in range(6)}
+    texts = {i: "" for i in range(6)}
+    finished = set()
+    step = 0
+    while len(finished) < 6:
+        if step < 6:  # one new request per step, while the others decode
+            eng.add_request(str(step), ps[step], adapters[step], sp)
+        for o in eng.step():
+            i = int(o.request_id)
+            got[i] += o.token_ids
+            texts[i] += o.text
+            assert o.prompt_tokens == len(ps[i]) and o.completion_tokens == len(got[i])
+            if o.finished:
+                finished.add(i)
+        step += 1
+    for i in range(6):
+        assert got[i] == expected[i]
+        assert texts[i] == "".join(f" {t}" for t in expected[i] if t != 2)
+
+
+def test_kv_store_grows_compacts_and_keeps_long_generations_exact(adapter_dirs):
+    eng = engine("llama", adapter_dirs, max_batch=3)
+    ps = [list(range(3, 40)), [5, 6], list(range(50, 60))]
+    adapters = ["mixlora", "lora", "milora"]
+    params = [SamplingParams(max_tokens=n) for n in (5, 40, 25)]
+    res = eng.generate(ps, adapters, params)
+    for p, a, sp, r in zip(ps, adapters, params, res):
+        assert r["token_ids"] == hf_alone(eng.model, p, a, sp.max_tokens)
+    assert eng.store.capacity[1] >= 16 and eng.store.rows == 0
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(adapter_dirs):
+    eng = engine("llama", adapter_dirs, max_batch=8)
+    ps = prompts(4, seed=5)
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.8, seed=1234)
+    together = eng.generate(ps, ["mixlora", "lora", "milora", None], sp)
+    alone = eng.generate([ps[2]], ["milora"], sp)[0]
+    assert together[2]["token_ids"] == alone["token_ids"]
+    other = eng.generate([ps[2]], ["milora"], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.8, seed=1))[0]
+    assert other["token_ids"] != alone["token_ids"]
+    greedy = eng.generate([ps[2]], ["milora"], SamplingParams(max_tokens=10))[0]
+    assert greedy["token_ids"] != alone["token_ids"]
+
+
+def test_stop_sequences_are_cut_and_never_streamed(adapter_dirs):
+    eng = engine("llama", adapter_dirs)
+    p = prompts(1, seed=7)[0]
+    full = eng.generate([p], ["lora"], SamplingParams(max_tokens=12))[0]
+    tokens = full["token_ids"]
+    stop = f" {tokens[4]} {tokens[5]}"  # spans two tokens: held back after the first
+    first = full["text"].find(stop)
+    streamed = ""
+    eng.add_request("s", p, "lora", SamplingParams(max_tokens=12, stop=[stop]))
+    final = None
+    while eng.has_work():
+        for o in eng.step():
+            streamed += o.text
+            assert stop not in streamed
+            if o.finished:
+                final = o
+    assert final.finish_reason == "stop"
+    assert streamed == full["text"][:first]
+
+
+def test_adapter_pool_evicts_least_recently_used_and_reloads(adapter_dirs):
+    eng = engine("llama", adapter_dirs)
+    sizes = dict(eng.pool.resident)
+    eng.pool.budget = sizes["lora"] + sizes["mixlora"]  # room for these two, not a third
+    ps = prompts(4, seed=9)
+    sp = SamplingParams(max_tokens=4)
+    first = eng.generate(ps, ["lora", "mixlora", "lora", "mixlora"], sp)
+    assert set(eng.pool.resident) == {"lora", "mixlora"}  # the two others were least recently used
+    loads = eng.pool.loads
+    eng.generate(ps[:2], ["milora", "milora"], sp)
+    # milora + mixlora is over the budget too: both older ones went, least recently used first
+    assert list(eng.pool.resident) == ["milora"]
+    again = eng.generate(ps, ["lora", "mixlora", "lora", "mixlora"], sp)  # reloaded from disk
+    assert eng.pool.loads == loads + 3 and list(eng.pool.resident) == ["lora", "mixlora"]
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in first]
+    assert first[0]["token_ids"] == hf_alone(eng.model, ps[0], "lora", 4)
+
+
+def test_adapters_in_use_are_never_evicted(adapter_dirs):
+    eng = engine("llama", adapter_dirs, max_batch=8)
+    eng.pool.budget = 1  # nothing fits: only what running requests need stays
+    ps = prompts(4, seed=2)
+    res = eng.generate(ps, METHODS, SamplingParams(max_tokens=5))
+    for p, a, r in zip(ps, METHODS, res):
+        assert r["token_ids"] == hf_alone(eng.model, p, a, 5)
+
+
+def test_bad_requests_are_clear_errors(adapter_dirs, tmp_path):
+    eng = engine("llama", adapter_dirs, max_queue=2)
+    sp = SamplingParams(max_tokens=4)
+    with pytest.raises(KeyError, match="unknown adapter 'nope'"):
+        eng.add_request("a", [5, 6], "nope", sp)
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        eng.add_request("a", [5] * 253, None, sp)
+    with pytest.raises(ValueError, match="token ids in"):
+        eng.add_request("a", [5, 999], None, sp)
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request("a", [5], None, SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="top_p"):
+        eng.add_request("a", [5], None, SamplingParams(top_p=0))
+    eng.add_request("a", [5], None, sp)
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("a", [5], None, sp)
+    eng.add_request("b", [5], None, sp)
+    with pytest.raises(QueueFull):
+        eng.add_request("c", [5], None, sp)
+    for bad in ("../etc", "a/b", "", "x" * 65, ".hidden"):
+        with pytest.raises(ValueError, match="invalid adapter name"):
+            eng.load_adapter(bad, str(adapter_dirs["llama", "lora"]))
+    with pytest.raises(FileNotFoundError):
+        eng.load_adapter("new", str(tmp_path / "missing"))
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(Exception, match="adapter_config.json|no adapter"):
+        eng.load_adapter("junk", str(tmp_path / "junk"))
+    assert "junk" not in eng.adapter_names()
+    eng.abort("a")  # a waiting request leaves the queue
+    eng.add_request("c", [5, 6], "lora", sp)
+    with pytest.raises(ValueError, match="in use"):
+        eng.unload_adapter("lora")
+
+
+def test_abort_removes_a_running_request_and_the_rest_stay_exact(adapter_dirs):
+    eng = engine("llama", adapter_dirs)
+    ps = prompts(3, seed=11)
+    sp = SamplingParams(max_tokens=8)
+    for i, (p, a) in enumerate(zip(ps, ["lora", "mixlora", "milora"])):
+        eng.add_request(str(i), p, a, sp)
+    reasons, tokens = {}, {"0": [], "2": []}
+    step = 0
+    while eng.has_work():
+        if step == 2:
+            eng.abort("1")
+        step += 1
+        for o in eng.step():
+            if o.request_id in tokens:
+                tokens[o.request_id] += o.token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+    assert reasons["1"] == "abort" and reasons["0"] == reasons["2"] == "length"
+    assert eng.store.rows == 0
+    for i, a in ((0, "lora"), (2, "milora")):
+        assert tokens[str(i)] == hf_alone(eng.model, ps[i], a, 8)
