@@ -44,10 +44,12 @@ class AdapterContext:
     # appearance; ``None`` names base-model rows. Set per forward; ``None`` = one adapter for all.
     groups: list[tuple[str | None, torch.Tensor]] | None = None
     rows: torch.Tensor | None = None  # the group being computed (row indices into the full batch)
+    row_cache: dict = field(default_factory=dict)  # per forward: packed-LoRA slots of a mixed batch
     generate_adapter_names: list[str | None] | None = None  # ``generate(adapter_names=...)``, expanded
 
     def begin_forward(self) -> None:
         self.records = {}
+        self.row_cache = {}
 
     def set_groups(self, adapter_names: list[str | None] | None, device: torch.device) -> None:
         """Group a mixed batch's rows by adapter (``None`` = no adapter); validates every name."""

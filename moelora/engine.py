@@ -439,8 +439,8 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Admit waiting requests (prefill, first token), then decode one token for every running one."""
         outputs: list[StepOutput] = []
+        admitted = self._admit()  # outside inference mode: loaded adapters stay normal parameters
         with torch.inference_mode():
-            admitted = self._admit()
             if admitted:
                 outputs += self._prefill(admitted)
             if self.running:

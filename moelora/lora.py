@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import weighted_lora
+from .kernels.dense import packed_lora
 
 if TYPE_CHECKING:
     from .context import AdapterContext
@@ -181,12 +182,63 @@ class AdaptedLinear(nn.Module):
         return self.adapters[name](base_linear(self), x, out, ctx, name)
 
     def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """A batch whose rows use different adapters: the base once, each group's delta on its rows."""
+        """A batch whose rows use different adapters: the base once, each group's delta on its rows.
+
+        At inference, the plain-LoRA and MiLoRA groups share one packed op (every resident
+        adapter's weights stacked once, one slot per row); DoRA groups, and every group while
+        training, go through their own entry on their rows.
+        """
         ctx, base = self._ctx, base_linear(self)
-        for name, rows in ctx.groups:
-            if name is None or name not in self.adapters:
+        groups = [(n, rows) for n, rows in ctx.groups if n is not None and n in self.adapters]
+        packed = [] if torch.is_grad_enabled() or x.dim() != 3 else [
+            (n, rows) for n, rows in groups if self.adapters[n].variant is None
+        ]
+        if len(packed) > 1:
+            out = out + self._packed_delta(x, packed).to(out.dtype)
+        for name, rows in groups:
+            if (name, rows) in packed and len(packed) > 1:
                 continue
             with ctx.scope(rows, name):
                 y = self.adapters[name](base, x[rows], out[rows], ctx, name)
             out = out.index_copy(0, rows, y)
         return out
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, int]]:
+        """Every plain entry's LoRA stacked (rebuilt when an adapter or a weight changes)."""
+        entries = [(n, a.lora) for n, a in self.adapters.items() if a.variant is None]
+        key = tuple((n, w.lora_A._version, w.lora_B._version, w.lora_A.data_ptr(), w.lora_B.data_ptr()) for n, w in entries)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            r = max(w.r for _, w in entries)
+            first = entries[0][1]
+            A = first.lora_A.new_zeros(len(entries), r, first.lora_A.shape[2])
+            B = first.lora_B.new_zeros(first.lora_B.shape[1], len(entries), r)
+            for p, (_, w) in enumerate(entries):
+                A[p, : w.r] = w.lora_A[0].detach()
+                B[:, p, : w.r] = w.lora_B[0].detach()
+            cached = (key, A.reshape(-1, A.shape[2]), B.reshape(B.shape[0], -1), r, {n: p for p, (n, _) in enumerate(entries)})
+            self.__dict__["_packed"] = cached  # not a buffer: never saved, rebuilt on demand
+        return cached[1:]
+
+    def _packed_delta(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        A, B, r, slots = self._pack()
+        ctx, (Bsz, T) = self._ctx, x.shape[:2]
+        key = (id(self.__dict__["_packed"]), tuple(n for n, _ in groups))
+        rows = ctx.row_cache.get(key)  # the same for every projection with the same adapters
+        if rows is None:
+            slot = torch.zeros(Bsz, dtype=torch.long, device=x.device)
+            scale = torch.zeros(Bsz, dtype=A.dtype, device=x.device)
+            for n, idx in groups:
+                slot[idx] = slots[n]
+                scale[idx] = self.adapters[n].lora.scaling
+            rows = ctx.row_cache[key] = (slot, scale)
+        slot, weight = rows
+        gated = [(n, idx) for n, idx in groups if self.adapters[n].gate is not None]
+        if gated:  # MiLoRA: the row's gate for this projection's expert
+            weight = weight.clone()
+            for n, idx in gated:
+                layer, expert = self.adapters[n].gate
+                with ctx.scope(idx, n):
+                    weight[idx] = weight[idx] * ctx.milora_gates(n, layer)[:, expert].to(weight.dtype)
+        tokens = x.reshape(Bsz * T, -1)
+        return packed_lora(tokens, A, B, r, slot.repeat_interleave(T), weight.repeat_interleave(T)).view(Bsz, T, -1)

@@ -112,3 +112,21 @@ def test_mixed_router_losses_and_gradients_are_per_adapter():
     out.logits[2].sum().backward()  # row 2 uses "lora"
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all(".adapters.lora." in n for n in grads), sorted(grads)[:5]
+
+
+def test_packed_inference_path_equals_the_training_path_and_follows_weight_updates():
+    model = zoo(names=("lora", "milora", "lora_mlp", "dora"))
+    names = ["lora", "milora", "lora_mlp", "dora", "lora", None]
+    ids, mask = batch(model, B=len(names), T=5)
+    with torch.no_grad():  # packed: plain LoRA and MiLoRA rows in one op per projection
+        packed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    looped = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.detach()  # grad on: per group
+    torch.testing.assert_close(packed, looped, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # an in-place update (what an optimizer step does) invalidates the pack
+        for n, p in model.named_parameters():
+            if ".adapters.lora." in n and "lora_B" in n:
+                p.mul_(3.0)
+        again = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    assert not torch.allclose(again[0], packed[0]) and torch.allclose(again[3], packed[3], atol=1e-6)
+    torch.testing.assert_close(again, model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.detach(),
+                               rtol=1e-4, atol=1e-5)

@@ -45,3 +45,16 @@ def weighted_lora_dense(
     if combine:
         return F.linear(u.sum(1).reshape(N, E * r), B_cat) * scaling  # (N, out)
     return F.linear(u.reshape(N, k, E * r), B_cat) * scaling  # (N, k, out)
+
+
+def packed_lora(x: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor, r: int, slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The masked dense form on weights packed once: one LoRA per row (a multi-tenant batch).
+
+    ``A_cat: (P*r, in)`` and ``B_cat: (out, P*r)`` hold ``P`` LoRAs of rank ``r`` (lower ranks
+    zero-padded); row ``n`` of ``x: (N, in)`` gets ``weight[n] * B[slot[n]] A[slot[n]] x[n]`` (the
+    scale folded into ``weight``). Two matmuls whatever ``P``, no loop, no host sync.
+    """
+    P = A_cat.shape[0] // r
+    z = F.linear(x.to(A_cat.dtype), A_cat).view(x.shape[0], P, r)  # (N, P, r)
+    sel = F.one_hot(slot, P).to(z.dtype) * weight.to(z.dtype).unsqueeze(-1)  # (N, P)
+    return F.linear((z * sel.unsqueeze(-1)).view(x.shape[0], P * r), B_cat)
