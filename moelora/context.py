@@ -25,6 +25,9 @@ class RouterRecord:
     selected: torch.Tensor  # (N, E) bool: the experts each row uses
 
 
+_ACTIVE = object()  # ``forward_name`` unset: the forward uses ``active``
+
+
 @dataclass
 class AdapterContext:
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
@@ -44,6 +47,7 @@ class AdapterContext:
     # appearance; ``None`` names base-model rows. Set per forward; ``None`` = one adapter for all.
     groups: list[tuple[str | None, torch.Tensor]] | None = None
     rows: torch.Tensor | None = None  # the group being computed (row indices into the full batch)
+    forward_name: object = _ACTIVE  # this forward's (or group's) adapter when it is not ``active``
     row_cache: dict = field(default_factory=dict)  # per forward: packed-LoRA slots of a mixed batch
     generate_adapter_names: list[str | None] | None = None  # ``generate(adapter_names=...)``, expanded
 
@@ -51,28 +55,38 @@ class AdapterContext:
         self.records = {}
         self.row_cache = {}
 
+    @property
+    def current(self) -> str | None:
+        """The adapter of the forward (or mixed-batch group) being computed."""
+        return self.active if self.forward_name is _ACTIVE else self.forward_name
+
     def set_groups(self, adapter_names: list[str | None] | None, device: torch.device) -> None:
-        """Group a mixed batch's rows by adapter (``None`` = no adapter); validates every name."""
+        """Group a mixed batch's rows by adapter (``None`` = no adapter); validates every name.
+
+        A batch whose rows all use one adapter runs as a plain single-adapter forward."""
+        self.groups, self.forward_name = None, _ACTIVE
         if adapter_names is None:
-            self.groups = None
             return
         order: dict[str | None, list[int]] = {}
         for row, name in enumerate(adapter_names):
             if name is not None and name not in self.configs:
                 raise KeyError(f"adapter_names[{row}] = {name!r} is not attached (attached: {list(self.configs)})")
             order.setdefault(name, []).append(row)
+        if len(order) == 1:
+            self.forward_name = next(iter(order))
+            return
         self.groups = [(name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in order.items()]
 
     @contextmanager
     def scope(self, rows: torch.Tensor, name: str | None) -> Iterator[None]:
         """Compute one group of a mixed batch as a batch of its own: ``name`` is active and the
         masks below describe ``rows`` only."""
-        previous = self.rows, self.active
-        self.rows, self.active = rows, name
+        previous = self.rows, self.forward_name
+        self.rows, self.forward_name = rows, name
         try:
             yield
         finally:
-            self.rows, self.active = previous
+            self.rows, self.forward_name = previous
 
     def _select(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.rows is None else t[self.rows.to(t.device)]

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .config import MiLoraConfig
+
 __all__ = ["SamplingParams", "StepOutput", "QueueFull", "Engine", "AdapterPool", "KVStore", "ADAPTER_NAME"]
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no dots, slashes: never a path
@@ -248,7 +250,7 @@ class AdapterPool:
     def __init__(self, model: nn.Module, budget_bytes: int | None = None) -> None:
         self.model = model
         self.budget = budget_bytes
-        self.paths: dict[str, Path] = {}
+        self.paths: dict[str, Path | None] = {}  # None: attached in memory by ``adopt``
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recent first
         self.loads = 0  # loads from disk (for tests and stats)
 
@@ -274,6 +276,14 @@ class AdapterPool:
             del self.paths[name]
             raise
 
+    def adopt(self, name: str) -> None:
+        """Register an adapter already attached to the model (no directory: never evicted)."""
+        self.check_name(name)
+        if name in self.paths:
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        self.paths[name] = None
+        self.resident[name] = adapter_bytes(self.model, name)
+
     def unregister(self, name: str) -> None:
         if name not in self.paths:
             raise KeyError(f"no adapter named {name!r}")
@@ -295,7 +305,7 @@ class AdapterPool:
             for victim in list(self.resident):
                 if sum(self.resident.values()) <= self.budget:
                     break
-                if victim != name and victim not in pinned:
+                if victim != name and victim not in pinned and self.paths[victim] is not None:
                     self._evict(victim)
 
     def _evict(self, name: str) -> None:
@@ -382,6 +392,13 @@ class Engine:
         if name == self.base_name:
             raise ValueError(f"adapter name {name!r} is the base model's name")
         self.pool.register(name, path)
+
+    def add_attached(self, name: str) -> None:
+        """Serve an adapter already attached to ``self.model`` (``moelora.attach``); never evicted."""
+        if name == self.base_name:
+            raise ValueError(f"adapter name {name!r} is the base model's name")
+        self.pool.adopt(name)
+        self.model.eval()
 
     def unload_adapter(self, name: str) -> None:
         users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
@@ -503,24 +520,20 @@ class Engine:
     def _save_gates(self, reqs: list[_Request]) -> None:
         """Keep each MiLoRA request's prefill gates (its decoding steps reuse them)."""
         ctx = getattr(self.model, "_moelora_ctx", None)
-        if ctx is None or ctx.groups is None:
+        if ctx is None:
             return
-        for name, rows in ctx.groups:
-            if name is None or name not in ctx.gates:
-                continue
-            for j, row in enumerate(rows.tolist()):
-                reqs[row].gates = {li: g[j] for li, g in ctx.gates[name].items()}
+        for name, group in _by_adapter(reqs).items():  # the context's grouping: first appearance
+            if name is not None and isinstance(ctx.configs.get(name), MiLoraConfig):
+                for j, r in enumerate(group):
+                    r.gates = {li: g[j] for li, g in ctx.gates[name].items()}
 
     def _load_gates(self, reqs: list[_Request]) -> None:
         ctx = getattr(self.model, "_moelora_ctx", None)
         if ctx is None:
             return
-        by_adapter: dict[str, list[_Request]] = {}
-        for r in reqs:  # the same grouping as ``AdapterContext.set_groups`` (first appearance)
-            if r.gates is not None:
-                by_adapter.setdefault(r.adapter, []).append(r)
-        for name, group in by_adapter.items():
-            ctx.gates[name] = {li: torch.stack([r.gates[li] for r in group]) for li in group[0].gates}
+        for name, group in _by_adapter(reqs).items():
+            if group[0].gates is not None:
+                ctx.gates[name] = {li: torch.stack([r.gates[li] for r in group]) for li in group[0].gates}
 
     def _decode(self) -> list[StepOutput]:
         """Feed every running row its last token (not yet cached) and sample the next one."""
@@ -612,6 +625,14 @@ class Engine:
                     if o.finished:
                         res["finish_reason"] = o.finish_reason
         return [results[rid] for rid in ids]
+
+
+def _by_adapter(reqs: list[_Request]) -> dict[str | None, list[_Request]]:
+    """Requests by adapter in order of first appearance (``AdapterContext.set_groups``'s order)."""
+    groups: dict[str | None, list[_Request]] = {}
+    for r in reqs:
+        groups.setdefault(r.adapter, []).append(r)
+    return groups
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

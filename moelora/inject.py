@@ -126,7 +126,7 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) ->
         ctx.generation_step += 1
     from .methods import router_loss  # local: methods import this module
 
-    names = [ctx.active] if ctx.groups is None else [n for n, _ in ctx.groups]
+    names = [ctx.current] if ctx.groups is None else [n for n, _ in ctx.groups]
     losses = {n: router_loss(ctx.configs[n], ctx.records[n]) for n in names if n is not None and ctx.records.get(n)}
     losses = {n: v for n, v in losses.items() if v is not None}
     if not losses:

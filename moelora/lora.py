@@ -176,7 +176,7 @@ class AdaptedLinear(nn.Module):
         ctx = self._ctx
         if ctx.groups is not None and ctx.rows is None:
             return self._forward_mixed(x, out)
-        name = ctx.active
+        name = ctx.current
         if name is None or name not in self.adapters:
             return out
         return self.adapters[name](base_linear(self), x, out, ctx, name)

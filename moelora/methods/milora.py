@@ -41,7 +41,7 @@ def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     ctx: AdapterContext = layer._moelora_ctx
     h = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
     if ctx.groups is None:
-        _route(layer, ctx, ctx.active, h)
+        _route(layer, ctx, ctx.current, h)
         return
     for name, rows in ctx.groups:  # a mixed batch: each MiLoRA adapter routes its own rows
         if name in layer.moelora_routers:

@@ -157,7 +157,7 @@ class MixLoraFFN(nn.Module):
         ctx = self._ctx
         if ctx.groups is not None and ctx.rows is None:
             return self._forward_mixed(x)
-        name = ctx.active
+        name = ctx.current
         if name is None or name not in self.adapters:
             return self.base_mlp(x)
         moe = self.adapters[name]
