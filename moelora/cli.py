@@ -1,4 +1,4 @@
-"""The ``moelora`` command line: train, eval, generate, chat, plot.
+"""The ``moelora`` command line: train, eval, generate, chat, plot, serve.
 
     moelora train --config FILE [key.sub=value ...] [--resume | --overwrite]
     moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|generate
@@ -6,6 +6,7 @@
     moelora chat [--model DIR] [--adapter DIR]
     moelora plot routing --adapter DIR --data FILE [FILE ...] --out routing.png
     moelora plot loss --run DIR --out loss.png
+    moelora serve --model DIR --adapter NAME=PATH [...] [--port 8000] [--api-key K] [--admin]
 
 ``--model`` defaults to the embedded SmolLM2-135M-Instruct. Errors in configs, data files and
 checkpoints print one line naming the problem and exit with status 2.
@@ -85,15 +86,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
 
         from .checkpoint import load_adapter
+        from .inject import set_adapter
         from .train import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(run.model)
-        load_adapter(model, out)
+        names = list(run.adapters) if run.adapters is not None else ["default"]
+        for name in names:  # several adapters: evaluated one after the other on the same model
+            load_adapter(model, Path(out) / name if run.adapters is not None else out, adapter_name=name)
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         e = run.eval
         kw = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens} if e.protocol == "generate" else {}
-        results = _evaluate_both(model, tok, e.data, e.protocol, e.limit, e.batch_size, e.compare_base,
-                                 progress=not args.no_progress, **kw)
+        results = {}
+        for i, name in enumerate(names):
+            set_adapter(model, name)
+            results.update(_evaluate_both(model, tok, e.data, e.protocol, e.limit, e.batch_size,
+                                          e.compare_base and i == 0, progress=not args.no_progress, **kw))
         (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
         print(_table(results))
     return 0
@@ -172,6 +179,38 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP server over the multi-tenant engine (docs/serve.md)."""
+    import re
+
+    adapters: dict[str, str] = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH, NAME made of 1-64 letters, digits, '_', '-'")
+        if name in adapters:
+            raise ValueError(f"--adapter {name!r} given twice")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--adapter {name}: no such directory: {path}")
+        adapters[name] = path
+    api_key = args.api_key or os.environ.get("MOELORA_API_KEY") or None
+    try:
+        from .server import run_server
+    except ImportError as e:  # aiohttp is an optional extra
+        raise ValueError(str(e)) from e
+    from .engine import Engine
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_batch,
+                                    max_queue=args.max_queue, device=device)
+    run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin)
+    return 0
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter directory")
@@ -227,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, many adapters on one base model")
+    p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the adapter directory PATH as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or $MOELORA_API_KEY)")
+    p.add_argument("--admin", action="store_true", help="enable POST/DELETE /v1/admin/adapters (load/unload)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch (then 429)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.set_defaults(fn=cmd_serve)
     return ap
 
 

@@ -235,12 +235,12 @@ class KVStore:
 
 
 def adapter_bytes(model: nn.Module, name: str) -> int:
-    from .inject import is_adapter_parameter
+    from .inject import adapter_of
 
     return sum(
         p.numel() * p.element_size()
         for n, p in model.named_parameters()
-        if is_adapter_parameter(n) and f".{name}." in f"{n}."
+        if adapter_of(n) == name
     )
 
 
@@ -643,7 +643,7 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
 def _held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of ``text`` not to stream yet: an incomplete UTF-8 character or the
     beginning of a stop sequence that the next tokens may complete."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    hold = len(text) - len(text.rstrip("\ufffd"))  # bytes of a character still incomplete
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):

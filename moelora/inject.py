@@ -247,6 +247,14 @@ def is_adapter_parameter(name: str) -> bool:
     return ".adapters." in name or ".moelora_routers." in name
 
 
+def adapter_of(name: str) -> str | None:
+    """The adapter a parameter belongs to (``...adapters.{adapter}.…``), or ``None`` for the base."""
+    for holder in (".adapters.", ".moelora_routers."):
+        if holder in name:
+            return name.split(holder, 1)[1].split(".", 1)[0]
+    return None
+
+
 def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Attach an adapter to ``model`` in place, freeze the base, make the adapter active; return ``model``."""
     from .methods import METHODS

@@ -29,6 +29,7 @@ import yaml
 
 from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
 from .data import DataSource
+from .engine import ADAPTER_NAME
 
 __all__ = ["TrainConfig", "EvalConfig", "RunConfig", "load_run_config", "apply_overrides"]
 
@@ -80,9 +81,29 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/example"
     eval: EvalConfig | None = None
+    adapters: dict[str, dict[str, Any]] | None = None
+    """Several adapters trained together on one base (name -> method block; replaces ``method``)."""
 
     def adapter_config(self) -> AdapterConfig:
         return config_from_dict(self.method)
+
+    def adapter_configs(self) -> dict[str, AdapterConfig]:
+        """name -> config of every adapter this run trains (``{"default": method}`` for one)."""
+        if self.adapters is None:
+            return {"default": self.adapter_config()}
+        configs = {}
+        for name, block in self.adapters.items():
+            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+                raise ConfigError(f"adapters: invalid adapter name {name!r} (1-64 letters, digits, '_' or '-')")
+            if not isinstance(block, dict):
+                raise ConfigError(f"adapters.{name} must be a method block like {{type: lora, r: 16}}")
+            try:
+                configs[name] = config_from_dict(block)
+            except ConfigError as e:
+                raise ConfigError(f"adapters.{name}: {e}") from None
+        if not configs:
+            raise ConfigError("adapters: give at least one adapter (or use `method` for a single one)")
+        return configs
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -181,8 +202,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raise ConfigError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
         base_dir = p.resolve().parent
     d = apply_overrides(d, list(overrides))
+    if d.get("adapters") is not None and "method" in d:
+        raise ConfigError("give either `method` (one adapter) or `adapters` (several trained together), not both")
     run = _build(RunConfig, d, "")
-    run.adapter_config()  # validates the method block now, not after the model is loaded
+    run.adapter_configs()  # validates the method block(s) now, not after the model is loaded
     t = run.train
     for name in ("num_epochs", "batch_size", "gradient_accumulation", "cutoff_len", "log_steps"):
         if getattr(t, name) < 1:

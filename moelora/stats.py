@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import MiLoraConfig, MixLoraConfig
-from .inject import get_context, is_adapter_parameter
+from .inject import adapter_of, get_context
 
 
 def count_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
@@ -20,7 +20,7 @@ def count_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[
     cfg = ctx.configs[name]
     total = expert = 0
     for n, p in model.named_parameters():
-        if not is_adapter_parameter(n) or f".{name}." not in f"{n}.":
+        if adapter_of(n) != name:
             continue
         total += p.numel()
         if isinstance(cfg, MixLoraConfig) and ".experts." in n:
@@ -52,14 +52,15 @@ def expert_load(model: nn.Module, adapter_name: str | None = None) -> dict[int, 
     return out
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer groups for the trainable parameters: MiLoRA's rational activation coefficients get
-    ``lr * activation_lr_scale`` (the paper's separate, smaller learning rate), the rest ``lr``."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, adapter_name: str | None = None) -> list[dict]:
+    """Optimizer groups for the trainable parameters (of one adapter, when named): MiLoRA's rational
+    activation coefficients get ``lr * activation_lr_scale`` (the paper's separate, smaller learning
+    rate), the rest ``lr``."""
     ctx = get_context(model)
     scales = {n: c.activation_lr_scale for n, c in ctx.configs.items() if isinstance(c, MiLoraConfig)}
     main, slow = [], {}
     for n, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (adapter_name is not None and adapter_of(n) != adapter_name):
             continue
         adapter = next((a for a in scales if f".moelora_routers.{a}.activation." in n), None)
         (slow.setdefault(adapter, []) if adapter else main).append(p)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .data import TrainData, collate
-from .inject import attach, get_context
+from .inject import adapter_of, attach, get_context
 from .runconfig import RunConfig
 from .stats import count_parameters, expert_load, param_groups
 
@@ -112,9 +112,10 @@ def _precision(name: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[name]
 
 
-def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_output_dir(out: Path, resume: bool, overwrite: bool, names: list[str] | None = None) -> None:
     existing = checkpoints(out) if out.exists() else []
-    has_adapter = (out / checkpoint.CONFIG_NAME).exists()
+    has_adapter = (out / checkpoint.CONFIG_NAME).exists() or any((out / n / checkpoint.CONFIG_NAME).exists()
+                                                                 for n in names or [])
     if (existing or has_adapter) and not (resume or overwrite):
         what = f"{len(existing)} checkpoint(s)" if existing else "an adapter"
         raise TrainingError(
@@ -162,7 +163,8 @@ class _Logger:
                 self.tb.add_scalar(f"train/{k}", v, step)
             for layer, frac in load.items():
                 for e, f in enumerate(frac.tolist()):
-                    self.tb.add_scalar(f"expert_load/layer{layer:02d}/expert{e}", f, step)
+                    where = f"layer{layer:02d}" if isinstance(layer, int) else layer  # "adapter/layer" (several)
+                    self.tb.add_scalar(f"expert_load/{where}/expert{e}", f, step)
 
     def close(self) -> None:
         if self.file is not None:
@@ -183,20 +185,24 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     t = run.train
     out = Path(run.output_dir)
-    cfg = run.adapter_config()
+    configs = run.adapter_configs()
+    names = list(configs)
+    multi = run.adapters is not None  # several adapters, each row of a batch repeated for each
     if not run.data:
         raise TrainingError("the config has no data: add at least one entry under `data:`")
     # Without a GPU, `cpu=True` lets accelerate run torchrun/`accelerate launch` processes as gloo DDP.
     accelerator = Accelerator(mixed_precision=_precision(t.precision), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     if main:
-        _check_output_dir(out, resume, overwrite)
+        _check_output_dir(out, resume, overwrite, names if multi else None)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(t.seed)
 
     model, tokenizer = load_model_and_tokenizer(run.model)
-    attach(model, cfg)
+    for name, cfg in configs.items():
+        set_seed(t.seed)  # each adapter starts as it would alone, whatever was attached before it
+        attach(model, cfg, name)
     model.to(accelerator.device)
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
 
@@ -206,10 +212,13 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     steps_per_epoch = max(1, len(data.epoch_order(0)) // per_step)
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
     ddp_model = accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay), lr=t.lr)
-    scheduler = _scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total)
-    optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling needs the wrapped optimizer
-    counts = count_parameters(model)
+    optimizers, schedulers = {}, {}  # one per adapter: each trains exactly as it would alone
+    for name in names:
+        opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
+        schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)
+        optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
+    counts = {name: count_parameters(model, name) for name in names}
+    files = _CheckpointFiles(names if multi else None)
 
     step, start_epoch, position = 0, 0, 0
     if resume:
@@ -218,9 +227,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
         else:
             state = json.loads((ckpt / STATE_NAME).read_text())
-            checkpoint.load_adapter(model, ckpt / "adapter")
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            for name in names:
+                checkpoint.load_adapter(model, ckpt / files.adapter(name), adapter_name=name)
+                optimizers[name].load_state_dict(torch.load(ckpt / files.optimizer(name), weights_only=True))
+                schedulers[name].load_state_dict(torch.load(ckpt / files.scheduler(name), weights_only=True))
             rng_file = ckpt / f"rng_{rank}.pt"
             if rng_file.exists():  # our own file: python's RNG state is a tuple, not a tensor
                 _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -231,8 +241,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     metrics = _Logger(out, main, step)
     if main:
         (out / "run_config.json").write_text(json.dumps(asdict(run), indent=2, default=str))
-        print(f"{cfg.method}: {counts['trainable']:,} trainable / {counts['activated']:,} activated adapter parameters; "
-              f"{len(data)} examples, {total} steps of {per_step} examples")
+        for name, cfg in configs.items():
+            label = cfg.method if not multi else f"{name} ({cfg.method})"
+            print(f"{label}: {counts[name]['trainable']:,} trainable / {counts[name]['activated']:,} activated "
+                  f"adapter parameters")
+        print(f"{len(data)} examples, {total} steps of {per_step} examples"
+              + (f" for each of {len(names)} adapters in one batch" if multi else ""))
     bar = tqdm(total=total, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     ddp_model.train()
     last_good = latest_checkpoint(out)
@@ -241,7 +255,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     tokens_seen, t_start = 0, time.time()
     try:
         while step < total:
-            loss_sum, router_sum = 0.0, 0.0
+            loss_sum = dict.fromkeys(names, 0.0)
+            router_sum = dict.fromkeys(names, 0.0)
             for _ in range(t.gradient_accumulation):
                 if position + micro > len(order):
                     epoch, position = epoch + 1, 0
@@ -249,54 +264,108 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 rows = order[position : position + micro]
                 position += micro
                 feats = [data[i] for i in rows[rank * t.batch_size : (rank + 1) * t.batch_size]]
-                batch = {k: v.to(accelerator.device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
+                batch = {k: v.to(accelerator.device) for k, v in collate(feats * len(names), tokenizer.pad_token_id).items()}
                 labels = batch.pop("labels")
-                n_tokens = (labels[:, 1:] != -100).sum()
+                n_tokens = (labels[: len(feats), 1:] != -100).sum()  # one adapter's share
                 global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
+                if multi:
+                    batch["adapter_names"] = [n for n in names for _ in feats]
                 with accelerator.autocast():
                     outputs = ddp_model(**batch)
                 logits = outputs.logits[:, :-1].float()
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                     ignore_index=-100, reduction="sum")
+                                     ignore_index=-100, reduction="none").view(len(names), -1).sum(1)
                 lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
-                router = getattr(outputs, "router_loss", None)
-                loss = (lm + (router if router is not None else 0.0)) / t.gradient_accumulation
+                routers = getattr(outputs, "router_losses", None) if multi else None
+                if routers is None:
+                    router = getattr(outputs, "router_loss", None)
+                    routers = {names[0]: router} if router is not None else {}
+                loss = (lm.sum() + sum(routers.values(), torch.zeros((), device=lm.device))) / t.gradient_accumulation
                 if not torch.isfinite(loss):
                     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                     raise TrainingError(f"the loss is {loss.item()} at step {step + 1}: stopping ({where})")
-                accelerator.backward(loss)
-                loss_sum += lm.item() / world / t.gradient_accumulation
-                router_sum += (router.item() if router is not None else 0.0) / t.gradient_accumulation
+                accelerator.backward(loss)  # adapters share no parameter: each gets its own loss's gradient
+                for i, name in enumerate(names):
+                    loss_sum[name] += lm[i].item() / world / t.gradient_accumulation
+                    if name in routers:
+                        router_sum[name] += routers[name].item() / t.gradient_accumulation
                 tokens_seen += int(batch["attention_mask"].sum()) * world
-            if t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            for name in names:
+                if t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(_adapter_params(model, name), t.max_grad_norm)
+                optimizers[name].step()
+                schedulers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
             step += 1
-            global_loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum").item()
-            lr = scheduler.get_last_lr()[0]
+            sums = torch.tensor([loss_sum[n] for n in names], device=accelerator.device)
+            global_loss = dict(zip(names, accelerator.reduce(sums, reduction="sum").tolist()))
+            lr = schedulers[names[0]].get_last_lr()[0]
             tok_s = tokens_seen / max(1e-9, time.time() - t_start)
+            mean_loss = sum(global_loss.values()) / len(names)
+            mean_router = sum(router_sum.values()) / len(names)
             bar.update(1)
-            bar.set_postfix(loss=f"{global_loss:.4f}", router=f"{router_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", router=f"{mean_router:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if step % t.log_steps == 0 or step == total:
-                load = expert_load(model) if get_context(model).records else {}
-                metrics.log(step, {"loss": global_loss, "router_loss": router_sum, "lr": lr, "tokens_per_s": tok_s,
-                                   "epoch": epoch + position / max(1, len(order))}, load)
+                scalars = {"loss": mean_loss, "router_loss": mean_router, "lr": lr, "tokens_per_s": tok_s,
+                           "epoch": epoch + position / max(1, len(order))}
+                load = {}
+                if multi:
+                    for name in names:
+                        scalars[f"loss/{name}"], scalars[f"router_loss/{name}"] = global_loss[name], router_sum[name]
+                        if get_context(model).records.get(name):
+                            load.update({f"{name}/{k}": v for k, v in expert_load(model, name).items()})
+                elif get_context(model).records:
+                    load = expert_load(model)
+                metrics.log(step, scalars, load)
             if t.save_steps and step % t.save_steps == 0 and step < total:
-                last_good = _save_checkpoint(accelerator, model, optimizer, scheduler, out, step, epoch, position, t)
+                last_good = _save_checkpoint(accelerator, model, optimizers, schedulers, files, out, step, epoch,
+                                             position, t)
             if _stop_after is not None and step >= _stop_after:
                 return out
     finally:
         bar.close()
         metrics.close()
     if main:
-        checkpoint.save_adapter(model, out)
+        for name in names:
+            checkpoint.save_adapter(model, out / name if multi else out, name)
+        _write_summary(out, names, total, time.time() - t_start, accelerator.device)
     accelerator.wait_for_everyone()
     return out
 
 
-def _save_checkpoint(accelerator, model, optimizer, scheduler, out: Path, step: int, epoch: int, position: int, t) -> Path:
+def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if p.requires_grad and adapter_of(n) == name]
+
+
+def _write_summary(out: Path, names: list[str], steps: int, seconds: float, device: torch.device) -> None:
+    """``train_summary.json``: steps, time and the process's peak memory (GPU: allocated tensors)."""
+    import resource
+
+    summary = {"adapters": names, "steps": steps, "seconds": round(seconds, 3), "device": str(device),
+               "peak_cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        summary["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class _CheckpointFiles:
+    """File names inside a checkpoint: one adapter keeps the original layout; several get suffixes."""
+
+    def __init__(self, names: list[str] | None) -> None:
+        self.multi = names is not None
+
+    def adapter(self, name: str) -> str:
+        return f"adapter-{name}" if self.multi else "adapter"
+
+    def optimizer(self, name: str) -> str:
+        return f"optimizer-{name}.pt" if self.multi else "optimizer.pt"
+
+    def scheduler(self, name: str) -> str:
+        return f"scheduler-{name}.pt" if self.multi else "scheduler.pt"
+
+
+def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Path, step: int, epoch: int, position: int,
+                     t) -> Path:
     """Write ``checkpoint-{step}`` atomically: every process writes its RNG state into a hidden
     directory, then the main process adds the rest and renames it into place."""
     final = out / f"checkpoint-{step}"
@@ -308,9 +377,10 @@ def _save_checkpoint(accelerator, model, optimizer, scheduler, out: Path, step: 
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.save_adapter(model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name in optimizers:
+            checkpoint.save_adapter(model, tmp / files.adapter(name), name)
+            torch.save(optimizers[name].state_dict(), tmp / files.optimizer(name))
+            torch.save(schedulers[name].state_dict(), tmp / files.scheduler(name))
         state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes}
         (tmp / STATE_NAME).write_text(json.dumps(state))
         for f in tmp.iterdir():
