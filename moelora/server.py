@@ -1,0 +1,844 @@
+"""``moelora serve``: an OpenAI-compatible HTTP server over the multi-tenant :class:`moelora.engine.Engine`.
+
+    from moelora.server import create_app, serve_in_thread
+    url, stop = serve_in_thread(engine, "127.0.0.1", 0, api_key=None)   # port 0 = any free port
+    ...
+    stop()
+
+Endpoints (OpenAI / vLLM shapes): ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health`` and, only with ``admin=True``
+(``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}``.
+See docs/serve.md.
+
+Threading: the engine is not thread-safe, so one engine thread (:class:`EngineWorker`) owns it and is
+the only caller of its methods (and of its tokenizer). The asyncio handlers hand it work through a
+thread-safe queue and get answers back through futures; per-request outputs are routed strictly by
+request id into that request's ``asyncio.Queue`` with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import json
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    from aiohttp import web
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("moelora serve needs aiohttp: pip install 'moelora[serve]'") from e
+
+try:  # the engine's own types; a compatible stand-in until moelora/engine.py exists
+    from .engine import QueueFull, SamplingParams
+except ImportError:  # pragma: no cover - exercised only without the engine
+
+    @dataclass
+    class SamplingParams:  # type: ignore[no-redef]
+        max_tokens: int = 16
+        temperature: float = 0.0
+        top_p: float = 1.0
+        seed: int | None = None
+        stop: list[str] = field(default_factory=list)
+
+    class QueueFull(Exception):  # type: ignore[no-redef]
+        pass
+
+
+__all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
+           "SamplingParams", "QueueFull"]
+
+log = logging.getLogger("moelora.server")
+
+# the engine's rule (no dots or slashes: a name is never a path)
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_STOP = 16  # stop sequences per request (OpenAI allows 4; vLLM has no limit)
+MAX_STOP_LEN = 256
+MAX_BODY = 8 * 1024 * 1024  # request body bytes
+
+
+# ----------------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error answered in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": "1"} if self.status == 429 else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+# ----------------------------------------------------------------------------------------- engine thread
+@dataclass
+class _Stream:
+    """Where one request's outputs go: an asyncio queue living on ``loop``."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class EngineWorker:
+    """The one thread that calls engine methods. Loops ``step()`` while ``has_work()``, else blocks on its queue.
+
+    ``call(fn, *args)`` runs ``fn(engine, *args)`` on the engine thread and returns a
+    ``concurrent.futures.Future``; ``register``/``abort`` manage the request-id -> stream routing table.
+    An exception in ``step()`` fails every running request (they get a 500) and the thread keeps serving.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # touched only on the engine thread
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.step_errors = 0
+
+    # -- called from any thread
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="moelora-engine", daemon=True)
+            self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
+
+    def call(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopped.is_set():
+            fut.set_exception(APIError(503, "the server is shutting down", type="server_error", code="unavailable"))
+        else:
+            self._cmds.put(("call", fn, args, fut))
+        return fut
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.wrap_future(self.call(fn, *args))
+
+    def abort(self, request_id: str) -> None:
+        if not self._stopped.is_set():
+            self._cmds.put(("abort", request_id))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        self._cmds.put(("stop",))
+        self._thread.join(timeout)
+
+    # -- engine thread only
+    def register(self, request_id: str, stream: _Stream) -> None:
+        self._streams[request_id] = stream
+
+    def _run(self) -> None:
+        try:
+            while True:
+                busy = self._has_work()
+                try:
+                    cmd = self._cmds.get_nowait() if busy else self._cmds.get()
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:  # drain everything queued, in order, before the next step
+                    if cmd[0] == "stop":
+                        self._shutdown()
+                        return
+                    self._handle(cmd)
+                    try:
+                        cmd = self._cmds.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if self._has_work():
+                    self._step()
+                elif self._streams:  # the engine is idle but requests wait: they were lost, never hang them
+                    self._fail_all("the engine dropped the request")
+        except BaseException:  # pragma: no cover - a bug in this loop; leave /health reporting it
+            log.exception("engine thread crashed")
+            self._stopped.set()
+            self._fail_all("the engine thread crashed")
+            raise
+
+    def _handle(self, cmd: tuple) -> None:
+        if cmd[0] == "call":
+            _, fn, args, fut = cmd
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(self.engine, *args)
+            except BaseException as e:  # delivered to the caller, never kills the thread
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+        elif cmd[0] == "abort":
+            rid = cmd[1]
+            self._streams.pop(rid, None)
+            try:
+                self.engine.abort(rid)
+            except Exception:  # unknown or already finished
+                pass
+
+    def _has_work(self) -> bool:
+        try:
+            return bool(self.engine.has_work())
+        except Exception:
+            log.exception("engine.has_work() raised")
+            self.step_errors += 1
+            self._fail_all("internal engine error")
+            return False
+
+    def _step(self) -> None:
+        try:
+            outputs = list(self.engine.step())
+        except Exception as e:
+            log.exception("engine.step() raised; failing %d running request(s)", len(self._streams))
+            self.step_errors += 1
+            self._fail_all(f"internal engine error: {type(e).__name__}")
+            time.sleep(0.01)  # no hot loop if the engine keeps failing
+            return
+        for out in outputs:
+            rid = getattr(out, "request_id", None)
+            stream = self._streams.get(rid) if isinstance(rid, str) else None
+            if stream is None:  # aborted, already finished or foreign: dropped, never delivered elsewhere
+                continue
+            if out.finished:
+                del self._streams[rid]
+            stream.put(out)
+
+    def _fail_all(self, message: str, status: int = 500, code: str = "internal_error") -> None:
+        streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            stream.put(APIError(status, message, type="server_error", code=code))
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                pass
+
+    def _shutdown(self) -> None:
+        self._stopped.set()
+        self._fail_all("the server is shutting down", status=503, code="unavailable")
+        while True:  # answer whatever is still queued
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "call" and cmd[3].set_running_or_notify_cancel():
+                cmd[3].set_exception(APIError(503, "the server is shutting down", type="server_error",
+                                              code="unavailable"))
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _opt_int(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    x = body.get(key)
+    if x is None:
+        return None
+    if not _is_int(x):
+        raise _bad(f"'{key}' must be an integer, got {type(x).__name__}", param=key, code="invalid_type")
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise _bad(f"'{key}' must be {rng}, got {x}", param=key, code="invalid_value")
+    return x
+
+
+def _opt_num(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    x = body.get(key)
+    if x is None:
+        return default
+    if not _is_num(x):
+        raise _bad(f"'{key}' must be a number, got {type(x).__name__}", param=key, code="invalid_type")
+    if x > hi or x < lo or (lo_open and x == lo):
+        raise _bad(f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {x}", param=key,
+                   code="invalid_value")
+    return float(x)
+
+
+def _opt_bool(body: dict, key: str) -> bool:
+    x = body.get(key, False)
+    if x is None:
+        return False
+    if not isinstance(x, bool):
+        raise _bad(f"'{key}' must be a boolean, got {type(x).__name__}", param=key, code="invalid_type")
+    return x
+
+
+def _unsupported(body: dict, chat: bool) -> None:
+    """Fields we do not implement are refused when set to anything but their neutral value."""
+    neutral = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "tools": (None, []), "functions": (None, []), "top_logprobs": (None, 0)}
+    for key, ok in neutral.items():
+        if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
+            raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        raise _bad("only response_format {\"type\": \"text\"} is supported", param="response_format",
+                   code="unsupported_parameter")
+
+
+@dataclass
+class _Req:
+    model: str
+    params: SamplingParams
+    max_tokens: int | None  # None: up to the context (chat default)
+    stream: bool
+    include_usage: bool
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+
+
+def _parse_common(body: dict, chat: bool) -> _Req:
+    model = body.get("model")
+    if model is None:
+        raise _bad("you must provide a model parameter", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model or len(model) > 256:
+        raise _bad("'model' must be a non-empty string", param="model", code="invalid_type")
+    n = _opt_int(body, "n")
+    if n is not None and n != 1:
+        raise _bad("only n=1 is supported", param="n", code="unsupported_parameter")
+    _unsupported(body, chat)
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens = _opt_int(body, "max_completion_tokens", lo=1)
+    else:
+        max_tokens = _opt_int(body, "max_tokens", lo=1)
+    if max_tokens is None and not chat:
+        max_tokens = 16  # the OpenAI completions default
+    temperature = _opt_num(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI default; 0 = greedy
+    top_p = _opt_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    seed = _opt_int(body, "seed", lo=-(2**63), hi=2**64 - 1)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in stop):
+        raise _bad(f"'stop' takes at most {MAX_STOP} non-empty strings of up to {MAX_STOP_LEN} characters",
+                   param="stop", code="invalid_value")
+    stream = _opt_bool(body, "stream")
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad("'stream_options' must be an object", param="stream_options", code="invalid_type")
+        if not stream:
+            raise _bad("'stream_options' is only allowed with stream=true", param="stream_options",
+                       code="invalid_value")
+        include_usage = _opt_bool(so, "include_usage")
+    params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
+                            stop=list(stop))
+    return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage)
+
+
+def _parse_completion(body: dict) -> _Req:
+    req = _parse_common(body, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("'prompt' must not be empty", param="prompt", code="invalid_value")
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if any(t < 0 for t in prompt):
+            raise _bad("token ids in 'prompt' must be >= 0", param="prompt", code="invalid_value")
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise _bad("batched prompts are not supported: send one prompt per request", param="prompt",
+                   code="unsupported_parameter")
+    elif prompt is None:
+        raise _bad("you must provide a prompt parameter", param="prompt", code="missing_required_parameter")
+    else:
+        raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", param="prompt",
+                   code="invalid_type")
+    req.prompt = prompt
+    return req
+
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _parse_chat(body: dict) -> _Req:
+    req = _parse_common(body, chat=True)
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("you must provide a messages parameter", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", param="messages", code="invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"'{where}' must be an object", param=where, code="invalid_type")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise _bad(f"'{where}.role' must be one of {sorted(_ROLES)}", param=f"{where}.role",
+                       code="invalid_value")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _bad(f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": str}}",
+                               param=f"{where}.content", code="invalid_type")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise _bad(f"'{where}.content' must be a string", param=f"{where}.content", code="invalid_type")
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
+    req.messages = out
+    return req
+
+
+# ------------------------------------------------------------------------- engine-thread request setup
+def _resolve_adapter(engine: Any, model: str) -> str | None:
+    if model == engine.base_name:
+        return None
+    if model not in engine.adapter_names():
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return model
+
+
+def _submit(engine: Any, worker: EngineWorker, rid: str, req: _Req, stream: _Stream) -> int:
+    """Runs on the engine thread: tokenize, check the context, add the request, route its outputs. -> prompt length."""
+    adapter = _resolve_adapter(engine, req.model)
+    tok = engine.tokenizer
+    param = "prompt"
+    if req.messages is not None:
+        param = "messages"
+        if not getattr(tok, "chat_template", None):
+            raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions", param="messages",
+                       code="no_chat_template")
+        try:
+            text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # template errors (roles must alternate, ...) are the caller's
+            raise _bad(f"the chat template rejected the messages: {e}", param="messages", code="invalid_value") from e
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    elif isinstance(req.prompt, str):
+        ids = list(tok(req.prompt)["input_ids"])
+    else:
+        ids = list(req.prompt)
+        vocab = len(tok) if tok is not None else None
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise _bad(f"token ids in 'prompt' must be < {vocab}", param="prompt", code="invalid_value")
+    if not ids:
+        raise _bad("the prompt is empty after tokenization", param=param, code="invalid_value")
+    limit = int(engine.max_model_len)
+    max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
+    if max_tokens < 1 or len(ids) + max_tokens > limit:
+        raise _bad(f"This model's maximum context length is {limit} tokens. However, you requested "
+                   f"{len(ids) + max(max_tokens, 0)} tokens ({len(ids)} in the {param}, {max(max_tokens, 0)} in the "
+                   f"completion). Please reduce the length of the {param} or completion.",
+                   param=param, code="context_length_exceeded")
+    req.params.max_tokens = max_tokens
+    try:
+        engine.add_request(rid, ids, adapter, req.params)
+    except KeyError as e:
+        raise APIError(404, f"The model `{req.model}` does not exist.", param="model",
+                       code="model_not_found") from e
+    except QueueFull as e:
+        raise APIError(429, "the server is overloaded: too many requests waiting, retry later",
+                       type="rate_limit_error", code="queue_full") from e
+    except ValueError as e:
+        raise _bad(str(e) or "invalid request", param=param, code="invalid_value") from e
+    except Exception as e:
+        if type(e).__name__ == "QueueFull":
+            raise APIError(429, "the server is overloaded: too many requests waiting, retry later",
+                           type="rate_limit_error", code="queue_full") from e
+        raise
+    worker.register(rid, stream)
+    return len(ids)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+WORKER = web.AppKey("moelora_worker", EngineWorker)
+CONFIG = web.AppKey("moelora_config", dict)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _json_body(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _as_error(item: Any) -> Any:
+    """A request the engine failed by itself (finish_reason "error", e.g. its adapter would not load) -> 500."""
+    if isinstance(item, BaseException) or not (item.finished and item.finish_reason == "error"):
+        return item
+    return APIError(500, item.text or "the engine failed the request", type="server_error", code="engine_error")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    worker = request.app[WORKER]
+    body = await _json_body(request)
+    req = _parse_chat(body) if chat else _parse_completion(body)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+    state = {"done": False}  # True once the engine is finished with the request (or never had it)
+    try:
+        try:
+            prompt_tokens = await worker.run(_submit, worker, rid, req, stream)
+        except APIError:
+            state["done"] = True
+            raise
+        if req.stream:
+            return await _stream_response(request, req, rid, created, prompt_tokens, stream.queue, chat, state)
+        text, reason, completion_tokens = [], None, 0
+        while True:
+            item = await stream.queue.get()
+            item = _as_error(item)
+            if isinstance(item, BaseException):
+                state["done"] = True
+                raise item
+            text.append(item.text)
+            completion_tokens = item.completion_tokens
+            if item.finished:
+                state["done"], reason = True, item.finish_reason
+                prompt_tokens = item.prompt_tokens or prompt_tokens
+                break
+        usage = _usage(prompt_tokens, completion_tokens)
+        content = "".join(text)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                      "finish_reason": reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return web.json_response({"id": rid, "object": obj, "created": created, "model": req.model,
+                                  "system_fingerprint": None, "choices": [choice], "usage": usage})
+    finally:
+        if not state["done"]:  # the client went away / the handler was cancelled: free the engine slot
+            worker.abort(rid)
+
+
+async def _stream_response(request, req: _Req, rid: str, created: int, prompt_tokens: int, q: asyncio.Queue,
+                           chat: bool, state: dict) -> web.StreamResponse:
+    """Server-sent events: ``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    base = {"id": rid, "object": obj, "created": created, "model": req.model, "system_fingerprint": None}
+
+    def chunk(choices: list) -> bytes:
+        d = {**base, "choices": choices}
+        if req.include_usage:
+            d["usage"] = None
+        return _sse(d)
+
+    def choice(text: str | None, reason: str | None, role: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+    if chat:
+        await resp.write(chunk([choice(None, None, role=True)]))
+    while True:
+        item = _as_error(await q.get())
+        if isinstance(item, BaseException):  # headers are sent: the error goes into the stream
+            state["done"] = True
+            err = item if isinstance(item, APIError) else APIError(500, str(item), type="server_error")
+            await _write_quietly(resp, _sse(err.body()), b"data: [DONE]\n\n")
+            return resp
+        if not item.finished:
+            if item.text:
+                await resp.write(chunk([choice(item.text, None)]))
+            continue
+        state["done"] = True  # the engine is done with it: a disconnect from now on needs no abort
+        parts = []
+        if chat:
+            if item.text:
+                parts.append(chunk([choice(item.text, None)]))
+            parts.append(chunk([choice(None, item.finish_reason)]))
+        else:
+            parts.append(chunk([choice(item.text, item.finish_reason)]))
+        if req.include_usage:
+            usage = _usage(item.prompt_tokens or prompt_tokens, item.completion_tokens)
+            parts.append(_sse({**base, "choices": [], "usage": usage}))
+        parts.append(b"data: [DONE]\n\n")
+        await _write_quietly(resp, *parts)
+        return resp
+
+
+async def _write_quietly(resp: web.StreamResponse, *parts: bytes) -> None:
+    try:
+        for p in parts:
+            await resp.write(p)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):  # the client left after the request finished: nothing to abort
+        pass
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+def _model_card(name: str, base: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "moelora", "root": base,
+            "parent": None if name == base else base}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    base, names = await request.app[WORKER].run(lambda e: (e.base_name, list(e.adapter_names())))
+    created = request.app[CONFIG]["created"]
+    return web.json_response({"object": "list", "data": [_model_card(n, base, created) for n in [base, *names]]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    base, names = await request.app[WORKER].run(lambda e: (e.base_name, list(e.adapter_names())))
+    if name != base and name not in names:
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+    return web.json_response(_model_card(name, base, request.app[CONFIG]["created"]))
+
+
+async def health(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    if not worker.alive():
+        return web.json_response({"status": "error", "engine_thread": "dead"}, status=503)
+    return web.json_response({"status": "ok", "step_errors": worker.step_errors})
+
+
+def _check_name(name: Any, param: str = "name") -> str:
+    if not isinstance(name, str):
+        raise _bad(f"'{param}' must be a string", param=param, code="invalid_type")
+    if not ADAPTER_NAME_RE.match(name):
+        raise _bad(f"invalid adapter name {name[:80]!r}: use 1-64 letters, digits, '_' or '-', starting with a "
+                   "letter or digit", param=param, code="invalid_value")
+    return name
+
+
+def _require_admin(request: web.Request) -> None:
+    if not request.app[CONFIG]["admin"]:
+        raise APIError(403, "the admin API is disabled: start the server with --admin", type="permission_error",
+                       code="admin_disabled")
+
+
+async def load_adapter(request: web.Request) -> web.Response:
+    _require_admin(request)
+    body = await _json_body(request)
+    name = _check_name(body.get("name"))
+    path = body.get("path")
+    if not isinstance(path, str) or not path:
+        raise _bad("'path' must be a non-empty string (an adapter directory)", param="path", code="invalid_type")
+    if "\x00" in path or not os.path.isdir(path):
+        raise _bad(f"'path' is not a directory: {path[:200]}", param="path", code="invalid_value")
+
+    def _load(engine):
+        if name == engine.base_name or name in engine.adapter_names():
+            raise APIError(409, f"the model `{name}` already exists: unload it first", param="name",
+                           code="adapter_exists")
+        try:
+            engine.load_adapter(name, path)
+        except FileNotFoundError as e:
+            raise _bad(f"cannot load the adapter: {e}", param="path", code="invalid_value") from e
+        except (ValueError, KeyError, OSError) as e:
+            raise _bad(f"cannot load the adapter: {e}", param="path", code="invalid_value") from e
+        return engine.base_name
+
+    base = await request.app[WORKER].run(_load)
+    return web.json_response(_model_card(name, base, int(time.time())))
+
+
+async def unload_adapter(request: web.Request) -> web.Response:
+    _require_admin(request)
+    name = _check_name(request.match_info["name"])
+
+    def _unload(engine):
+        if name == engine.base_name:
+            raise _bad("the base model cannot be unloaded", param="name", code="invalid_value")
+        try:
+            engine.unload_adapter(name)
+        except KeyError as e:
+            raise APIError(404, f"The model `{name}` does not exist.", param="name", code="model_not_found") from e
+        except ValueError as e:  # in use by running/waiting requests
+            raise APIError(409, str(e), param="name", code="adapter_in_use") from e
+
+    await request.app[WORKER].run(_unload)
+    return web.json_response({"id": name, "object": "model", "deleted": True})
+
+
+def _auth_ok(request: web.Request, api_key: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def _middleware(api_key: str | None):
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        try:
+            if api_key and (request.path == "/v1" or request.path.startswith("/v1/")) and not _auth_ok(request, api_key):
+                raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+            return await handler(request)
+        except APIError as e:
+            return e.response()
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            msg = {404: f"unknown route: {request.method} {request.path}",
+                   405: f"method {request.method} not allowed on {request.path}"}.get(e.status, e.reason)
+            return web.json_response(APIError(e.status, msg, code=_HTTP_CODES.get(e.status)).body(),
+                                     status=e.status)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return APIError(500, f"internal server error: {type(e).__name__}", type="server_error",
+                            code="internal_error").response()
+
+    return errors
+
+
+def create_app(engine: Any, api_key: str | None = None, admin: bool = False) -> web.Application:
+    """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
+
+    ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
+    ``admin``: enables ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (403 otherwise).
+    """
+    app = web.Application(middlewares=[_middleware(api_key)], client_max_size=MAX_BODY)
+    worker = EngineWorker(engine)
+    app[WORKER] = worker
+    app[CONFIG] = {"admin": bool(admin), "created": int(time.time())}
+
+    async def _start(app):
+        worker.start()
+
+    async def _cleanup(app):
+        await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_cleanup)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{name}", get_model)
+    app.router.add_post("/v1/admin/adapters", load_adapter)
+    app.router.add_delete("/v1/admin/adapters/{name}", unload_adapter)
+    app.router.add_get("/health", health)
+    return app
+
+
+# -------------------------------------------------------------------------------------------- running it
+async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    return runner, (sockets[0].getsockname()[1] if sockets else port)
+
+
+def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                    admin: bool = False) -> tuple[str, Callable[[], None]]:
+    """Serve on a background thread (``port=0``: a free port). -> (base url, stop function)."""
+    app = create_app(engine, api_key=api_key, admin=admin)
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future = concurrent.futures.Future()
+    holder: dict[str, Any] = {}
+
+    def _main():
+        asyncio.set_event_loop(loop)
+        try:
+            holder["runner"], bound = loop.run_until_complete(_start_site(app, host, port))
+        except BaseException as e:
+            started.set_exception(e)
+            loop.close()
+            return
+        started.set_result(bound)
+        loop.run_forever()
+        try:
+            loop.run_until_complete(holder["runner"].cleanup())
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=_main, name="moelora-server", daemon=True)
+    thread.start()
+    bound = started.result(timeout=60)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+    stopped = threading.Event()
+
+    def stop() -> None:
+        """Fail in-flight requests (503), close the listener, stop both threads."""
+        if stopped.is_set():
+            return
+        stopped.set()
+        app[WORKER].stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)
+
+    return url, stop
+
+
+def run_server(engine: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               admin: bool = False) -> None:
+    """Serve in the foreground until Ctrl-C (``moelora serve``)."""
+    if admin and not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("warning: --admin without --api-key on %s: anyone who can reach the port can load adapters",
+                    host)
+    app = create_app(engine, api_key=api_key, admin=admin)
+    summary = (f"moelora serve: base model {engine.base_name!r}, adapters {engine.adapter_names()}, "
+               f"api key {'required' if api_key else 'off'}, admin {'on' if admin else 'off'}")  # before the thread
+
+    def _announce(msg: str) -> None:
+        print(summary, flush=True)
+        print(msg.strip(), flush=True)
+
+    web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=_announce)

@@ -1,0 +1,607 @@
+"""``moelora serve``: real HTTP (httpx) against a server on 127.0.0.1, over a deterministic fake engine
+(benchmarks/load_test.py's FakeEngine: output = "{adapter}:" + reversed prompt) and, when
+moelora/engine.py provides it, the real engine on a tiny random Llama."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp")
+httpx = pytest.importorskip("httpx")
+
+from moelora.server import ADAPTER_NAME_RE, serve_in_thread  # noqa: E402
+
+LOAD_TEST = Path(__file__).resolve().parent.parent / "benchmarks" / "load_test.py"
+
+
+def _load_test_module():
+    name = "moelora_load_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, LOAD_TEST)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+lt = _load_test_module()
+FakeEngine = lt.FakeEngine
+ADAPTERS = ["alpha", "beta", "gamma-1", "delta_v2"]
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def expected(name: str, prompt: str | bytes, max_tokens: int, stop=()):
+    ids = list(prompt.encode() if isinstance(prompt, str) else prompt)
+    return FakeEngine.expected(name, ids, max_tokens, stop)
+
+
+@pytest.fixture
+def start():
+    """start(engine=None, **kw) -> (url, engine); every server is stopped at teardown."""
+    stops = []
+
+    def _start(engine=None, **kw):
+        engine = engine or FakeEngine(ADAPTERS, max_batch=4, max_queue=16)
+        url, stop = serve_in_thread(engine, "127.0.0.1", 0, **kw)
+        stops.append(stop)
+        return url, engine
+
+    yield _start
+    for s in stops:
+        s()
+
+
+@pytest.fixture
+def server(start):
+    return start()
+
+
+def post(url, path, body=None, **kw):
+    kw.setdefault("timeout", 30)
+    if body is not None and not isinstance(body, (bytes, str)):
+        return httpx.post(url + path, json=body, **kw)
+    return httpx.post(url + path, content=body, **kw)
+
+
+def assert_error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def sse_events(lines) -> list:
+    """Parse ``data: ...`` events; the stream must end with ``[DONE]``."""
+    events = []
+    buf = "".join(lines)
+    assert buf.endswith("data: [DONE]\n\n"), buf[-200:]
+    for block in buf.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return events[:-1]
+
+
+def stream(url, path, body, **kw):
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=30, **kw) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(list(r.iter_text()))
+
+
+# ------------------------------------------------------------------------------------------ happy paths
+def test_completion_shape_and_text(server):
+    url, _ = server
+    r = post(url, "/v1/completions", {"model": "alpha", "prompt": "hello", "max_tokens": 32, "temperature": 0})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    text, reason, n = expected("alpha", "hello", 32)
+    assert text == "alpha:olleh" and reason == "stop"
+    assert d["id"].startswith("cmpl-") and d["object"] == "text_completion" and d["model"] == "alpha"
+    assert isinstance(d["created"], int) and abs(d["created"] - time.time()) < 60
+    assert d["choices"] == [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}]
+    assert d["usage"] == {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
+
+
+def test_completion_length_token_ids_base_and_stop(server):
+    url, engine = server
+    d = post(url, "/v1/completions", {"model": "beta", "prompt": "hello", "max_tokens": 3}).json()
+    assert d["choices"][0]["text"] == "bet" and d["choices"][0]["finish_reason"] == "length"
+    assert d["usage"]["completion_tokens"] == 3
+    d = post(url, "/v1/completions", {"model": "alpha", "prompt": [104, 105], "max_tokens": 20}).json()
+    assert d["choices"][0]["text"] == "alpha:ih" and d["usage"]["prompt_tokens"] == 2
+    d = post(url, "/v1/completions", {"model": "alpha", "prompt": [[104, 105]], "max_tokens": 20}).json()
+    assert d["choices"][0]["text"] == "alpha:ih"
+    d = post(url, "/v1/completions", {"model": engine.base_name, "prompt": ["abc"], "max_tokens": 40}).json()
+    assert d["choices"][0]["text"] == f"{engine.base_name}:cba" and d["model"] == engine.base_name
+    for stop in ("ll", ["zz", "ll"]):
+        d = post(url, "/v1/completions", {"model": "alpha", "prompt": "hello", "max_tokens": 32, "stop": stop}).json()
+        assert d["choices"][0]["text"] == "alpha:o" and d["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_completion(server):
+    url, _ = server
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    r = post(url, "/v1/chat/completions", {"model": "gamma-1", "messages": msgs, "max_tokens": 100, "temperature": 0})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    rendered = "<system>be brief\n<user>hi\n<assistant>"
+    text, reason, n = expected("gamma-1", rendered, 100)
+    assert d["id"].startswith("chatcmpl-") and d["object"] == "chat.completion" and d["model"] == "gamma-1"
+    assert d["choices"] == [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": reason}]
+    assert d["usage"] == {"prompt_tokens": len(rendered), "completion_tokens": n, "total_tokens": len(rendered) + n}
+    # no max_tokens in chat: up to the context
+    d = post(url, "/v1/chat/completions", {"model": "alpha", "messages": msgs}).json()
+    assert d["choices"][0]["message"]["content"] == expected("alpha", rendered, 10_000)[0]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("max_tokens", [4, 64])
+def test_streaming_reassembles_to_non_streaming(server, chat, max_tokens):
+    url, _ = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "delta_v2", "max_tokens": max_tokens, "temperature": 0}
+    body.update({"messages": [{"role": "user", "content": "stream me"}]} if chat else {"prompt": "stream me"})
+    full = post(url, path, body).json()
+    events = stream(url, path, {**body, "stream_options": {"include_usage": True}})
+    *chunks, usage_chunk = events
+    assert len({e["id"] for e in events}) == 1 and events[0]["id"].startswith("chatcmpl-" if chat else "cmpl-")
+    assert all(e["object"] == ("chat.completion.chunk" if chat else "text_completion") for e in events)
+    assert all(e["model"] == "delta_v2" and isinstance(e["created"], int) for e in events)
+    assert all(e["usage"] is None for e in chunks)
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert all(c["finish_reason"] is None for e in chunks[:-1] for c in e["choices"])
+    final = chunks[-1]["choices"][0]
+    if chat:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in chunks)
+        assert final["delta"] == {} and final["finish_reason"] == full["choices"][0]["finish_reason"]
+        assert text == full["choices"][0]["message"]["content"]
+    else:
+        text = "".join(e["choices"][0]["text"] for e in chunks)
+        assert final["finish_reason"] == full["choices"][0]["finish_reason"]
+        assert text == full["choices"][0]["text"]
+    assert len(chunks) > 2  # really incremental
+    # without stream_options there is no usage key and no usage chunk
+    plain = stream(url, path, body)
+    assert all("usage" not in e for e in plain) and all(e["choices"] for e in plain)
+
+
+def test_concurrent_streams_for_different_adapters_get_their_own_outputs(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=8, max_queue=64, step_delay=0.002))
+    jobs = [(ADAPTERS[i % len(ADAPTERS)], f"request number {i:03d}", bool(i % 3)) for i in range(24)]
+
+    def run(job):
+        name, prompt, streaming = job
+        body = {"model": name, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        if streaming:
+            events = stream(url, "/v1/completions", body)
+            assert len({e["id"] for e in events}) == 1 and {e["model"] for e in events} == {name}
+            return "".join(e["choices"][0]["text"] for e in events), events[0]["id"]
+        d = post(url, "/v1/completions", body).json()
+        return d["choices"][0]["text"], d["id"]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(run, jobs))
+    for (name, prompt, _), (text, _) in zip(jobs, results):
+        assert text == expected(name, prompt, 24)[0]
+    assert len({rid for _, rid in results}) == len(jobs)
+    assert engine.max_running_seen > 1  # requests really were decoded together
+    assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads  # one engine thread
+
+
+def test_models_and_health(server):
+    url, engine = server
+    d = httpx.get(url + "/v1/models").json()
+    assert d["object"] == "list"
+    assert [m["id"] for m in d["data"]] == [engine.base_name, *ADAPTERS]
+    for m in d["data"]:
+        assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"] == "moelora"
+    assert httpx.get(url + "/v1/models/alpha").json()["id"] == "alpha"
+    assert_error(httpx.get(url + "/v1/models/nope"), 404, code="model_not_found")
+    h = httpx.get(url + "/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+GOOD = {"model": "alpha", "prompt": "hi", "max_tokens": 4}
+CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("path,body,status,code,param", [
+    ("/v1/completions", b"{not json", 400, "invalid_json", None),
+    ("/v1/completions", b"", 400, "invalid_json", None),
+    ("/v1/completions", b"\xff\xfe", 400, "invalid_json", None),
+    ("/v1/completions", [1, 2], 400, "invalid_json", None),
+    ("/v1/completions", {"prompt": "hi"}, 400, "missing_required_parameter", "model"),
+    ("/v1/completions", {**GOOD, "model": 7}, 400, "invalid_type", "model"),
+    ("/v1/completions", {**GOOD, "model": "nope"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {**GOOD, "model": "../../etc/passwd"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {**GOOD, "n": 2}, 400, "unsupported_parameter", "n"),
+    ("/v1/completions", {**GOOD, "max_tokens": -1}, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": 2.5}, 400, "invalid_type", "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": True}, 400, "invalid_type", "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": "hot"}, 400, "invalid_type", "temperature"),
+    ("/v1/completions", {**GOOD, "temperature": 3}, 400, "invalid_value", "temperature"),
+    ("/v1/completions", {**GOOD, "top_p": 0}, 400, "invalid_value", "top_p"),
+    ("/v1/completions", {**GOOD, "seed": "x"}, 400, "invalid_type", "seed"),
+    ("/v1/completions", {**GOOD, "stop": 5}, 400, "invalid_type", "stop"),
+    ("/v1/completions", {**GOOD, "stop": [""]}, 400, "invalid_value", "stop"),
+    ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_type", "stream"),
+    ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400, "invalid_value",
+     "stream_options"),
+    ("/v1/completions", {**GOOD, "logprobs": 5}, 400, "unsupported_parameter", "logprobs"),
+    ("/v1/completions", {**GOOD, "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("/v1/completions", {"model": "alpha"}, 400, "missing_required_parameter", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": {}}, 400, "invalid_type", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": []}, 400, "invalid_type", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ""}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, "unsupported_parameter", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [1, "a"]}, 400, "invalid_type", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [-1]}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [999]}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": "x" * 600}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": "x" * 500, "max_tokens": 100}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "invalid_type", "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "invalid_type", "messages"),
+    ("/v1/chat/completions", {"model": "alpha"}, 400, "missing_required_parameter", "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value",
+     "messages[0].role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type",
+     "messages[0].content"),
+    ("/v1/chat/completions", {**CHAT, "messages": ["hi"]}, 400, "invalid_type", "messages[0]"),
+    ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "unsupported_parameter", "n"),
+    ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model_not_found", "model"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 600}]}, 400,
+     "context_length_exceeded", "messages"),
+])
+def test_bad_requests_get_openai_errors(server, path, body, status, code, param):
+    url, engine = server
+    assert_error(post(url, path, body), status, code=code, param=param)
+    assert not engine.running and not engine.waiting  # nothing leaked into the engine
+    assert post(url, "/v1/completions", GOOD).status_code == 200  # and the server still serves
+
+
+def test_unknown_routes_and_methods(server):
+    url, _ = server
+    assert_error(httpx.get(url + "/v1/nope"), 404, code="not_found")
+    assert_error(httpx.get(url + "/nope"), 404, code="not_found")
+    assert_error(httpx.get(url + "/v1/completions"), 405, code="method_not_allowed")
+    assert_error(post(url, "/v1/completions", b"x" * (9 * 1024 * 1024)), 413)
+
+
+def test_queue_full_is_429(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=1, max_queue=1, step_delay=0.01))
+    body = {"model": "alpha", "prompt": "x" * 250, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as first:
+        lines = first.iter_lines()  # (keep the iterator: a collected one closes the connection)
+        next(lines)  # running (admitted to the batch) ...
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as second:
+            assert second.status_code == 200  # ... this one waits in the queue ...
+            r = post(url, "/v1/completions", GOOD)  # ... and this one does not fit
+            assert_error(r, 429, code="queue_full")
+            assert r.headers.get("retry-after") == "1"
+    # the two streams were dropped by the client: both are aborted, the server serves again
+    deadline = time.time() + 10
+    while (engine.running or engine.waiting) and time.time() < deadline:
+        time.sleep(0.02)
+    assert post(url, "/v1/completions", GOOD).status_code == 200
+
+
+def test_api_key(start):
+    url, _ = start(api_key="s3cret")
+    assert_error(post(url, "/v1/completions", GOOD), 401, code="invalid_api_key")
+    assert_error(post(url, "/v1/completions", GOOD, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(post(url, "/v1/completions", GOOD, headers={"Authorization": "s3cret"}), 401)
+    assert_error(httpx.get(url + "/v1/models"), 401)
+    assert_error(httpx.get(url + "/v1/does-not-exist"), 401)  # no route probing without the key
+    ok = {"Authorization": "Bearer s3cret"}
+    assert post(url, "/v1/completions", GOOD, headers=ok).status_code == 200
+    assert httpx.get(url + "/v1/models", headers=ok).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200  # open
+
+
+def test_admin_disabled_by_default(server, tmp_path):
+    url, engine = server
+    assert_error(post(url, "/v1/admin/adapters", {"name": "new", "path": str(tmp_path)}), 403, code="admin_disabled")
+    assert_error(httpx.delete(url + "/v1/admin/adapters/alpha"), 403, code="admin_disabled")
+    assert "alpha" in engine.adapters and "new" not in engine.adapters
+
+
+def test_admin_load_unload(start, tmp_path):
+    url, engine = start(api_key="k", admin=True)
+    h = {"Authorization": "Bearer k"}
+    assert_error(post(url, "/v1/admin/adapters", {"name": "new", "path": str(tmp_path)}), 401)
+    r = post(url, "/v1/admin/adapters", {"name": "new", "path": str(tmp_path)}, headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "new" and r.json()["object"] == "model"
+    assert engine.adapters["new"] == str(tmp_path)
+    assert "new" in [m["id"] for m in httpx.get(url + "/v1/models", headers=h).json()["data"]]
+    d = post(url, "/v1/completions", {**GOOD, "model": "new"}, headers=h).json()
+    assert d["choices"][0]["text"] == "new:"
+    assert_error(post(url, "/v1/admin/adapters", {"name": "new", "path": str(tmp_path)}, headers=h), 409,
+                 code="adapter_exists")
+    assert_error(post(url, "/v1/admin/adapters", {"name": engine.base_name, "path": str(tmp_path)}, headers=h),
+                 409)
+    r = httpx.delete(url + "/v1/admin/adapters/new", headers=h)
+    assert r.status_code == 200 and r.json() == {"id": "new", "object": "model", "deleted": True}
+    assert "new" not in engine.adapters
+    assert_error(post(url, "/v1/completions", {**GOOD, "model": "new"}, headers=h), 404, code="model_not_found")
+    assert_error(httpx.delete(url + "/v1/admin/adapters/new", headers=h), 404, code="model_not_found")
+    assert_error(httpx.delete(url + "/v1/admin/adapters/" + engine.base_name, headers=h), 400)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "..", ".hidden", "a.b", "a/b", "a\\b", "", " x", "x" * 65,
+                                  "-dash", "a\x00b", "ünï", 5, None, ["a"]])
+def test_admin_rejects_bad_names(start, tmp_path, name):
+    url, engine = start(admin=True)
+    before = dict(engine.adapters)
+    err = assert_error(post(url, "/v1/admin/adapters", {"name": name, "path": str(tmp_path)}), 400)
+    assert err["param"] == "name"
+    assert engine.adapters == before
+
+
+def test_admin_bad_paths_and_delete_names(start, tmp_path):
+    url, engine = start(admin=True)
+    before = dict(engine.adapters)
+    (tmp_path / "file").write_text("x")
+    for body in ({"name": "ok", "path": str(tmp_path / "missing")}, {"name": "ok", "path": str(tmp_path / "file")},
+                 {"name": "ok", "path": 3}, {"name": "ok"}, {"name": "ok", "path": ""}):
+        assert_error(post(url, "/v1/admin/adapters", body), 400, param="path")
+    assert_error(post(url, "/v1/admin/adapters", b"nope"), 400, code="invalid_json")
+    for name in ("..evil", "%2E%2E%2Fetc", "a%00b", "-x"):
+        r = httpx.delete(url + "/v1/admin/adapters/" + name)
+        assert r.status_code in (400, 404), r.text
+        assert_error(r, r.status_code)
+    assert engine.adapters == before
+    assert ADAPTER_NAME_RE.match("delta_v2") and not ADAPTER_NAME_RE.match("../x") and not ADAPTER_NAME_RE.match("a.b")
+
+
+# -------------------------------------------------------------------------------- robustness and aborts
+def _wait_for(cond, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_stream_disconnect_aborts(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=4, max_queue=16, step_delay=0.01))
+    body = {"model": "alpha", "prompt": "y" * 300, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(lines)[len("data: "):])
+        rid = first["id"]
+    assert _wait_for(lambda: rid in engine.aborted), engine.aborted
+    assert _wait_for(lambda: not engine.running and not engine.waiting)
+    assert post(url, "/v1/completions", GOOD).status_code == 200
+
+
+def test_non_streaming_disconnect_aborts(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=4, max_queue=16, step_delay=0.01))
+    with pytest.raises(httpx.TimeoutException):
+        post(url, "/v1/completions", {"model": "beta", "prompt": "z" * 300, "max_tokens": 200}, timeout=0.3)
+    assert _wait_for(lambda: len(engine.aborted) == 1), engine.aborted
+    assert _wait_for(lambda: not engine.running and not engine.waiting)
+
+
+def test_engine_step_exception_is_500_and_server_survives(server):
+    url, engine = server
+    engine.fail_steps = 1
+    err = assert_error(post(url, "/v1/completions", GOOD), 500)
+    assert err["type"] == "server_error"
+    h = httpx.get(url + "/health").json()
+    assert h["status"] == "ok" and h["step_errors"] == 1
+    assert post(url, "/v1/completions", GOOD).json()["choices"][0]["text"] == expected("alpha", "hi", 4)[0]
+
+
+def test_engine_exception_mid_stream(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=4, max_queue=16, step_delay=0.01))
+    body = {"model": "alpha", "prompt": "q" * 50, "max_tokens": 100, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        chunks = []
+        for chunk in r.iter_text():
+            if not chunks:
+                engine.fail_steps = 1  # after the first chunk
+            chunks.append(chunk)
+        events = sse_events(chunks)
+    assert len(events) >= 2 and "error" not in events[0]
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
+    assert httpx.get(url + "/health").status_code == 200
+    assert post(url, "/v1/completions", GOOD).status_code == 200
+
+
+def test_add_request_unexpected_exception_is_500(server, monkeypatch):
+    url, engine = server
+
+    def boom(*a, **k):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(engine, "add_request", boom)
+    assert_error(post(url, "/v1/completions", GOOD), 500)
+    monkeypatch.undo()
+    assert post(url, "/v1/completions", GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_engine_failed_request_is_500(server, streaming):
+    url, engine = server
+    engine.broken_adapters.add("beta")
+    body = {**GOOD, "model": "beta"}
+    if streaming:
+        events = stream(url, "/v1/completions", body)
+        assert events[-1]["error"]["code"] == "engine_error" and "cannot load beta" in events[-1]["error"]["message"]
+    else:
+        assert "cannot load beta" in assert_error(post(url, "/v1/completions", body), 500, code="engine_error")["message"]
+    assert post(url, "/v1/completions", GOOD).status_code == 200
+
+
+def test_admin_unload_in_use_is_409(start):
+    url, engine = start(FakeEngine(ADAPTERS, step_delay=0.01), admin=True)
+    body = {"model": "alpha", "prompt": "x" * 250, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert_error(httpx.delete(url + "/v1/admin/adapters/alpha"), 409, code="adapter_in_use")
+    assert _wait_for(lambda: not engine.running)
+    assert httpx.delete(url + "/v1/admin/adapters/alpha").status_code == 200
+
+
+def test_stop_function_fails_pending_and_returns(start):
+    engine = FakeEngine(ADAPTERS, step_delay=0.01)
+    url, stop = serve_in_thread(engine, "127.0.0.1", 0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(post, url, "/v1/completions", {**GOOD, "max_tokens": 200, "prompt": "p" * 300})
+        assert _wait_for(lambda: engine.running)
+        t0 = time.time()
+        stop()
+        assert time.time() - t0 < 10
+        try:
+            r = fut.result(timeout=10)
+            assert r.status_code >= 500
+        except httpx.HTTPError:
+            pass  # the connection was closed under it: fine too
+
+
+def test_openai_client(start):
+    openai = pytest.importorskip("openai")
+    url, _ = start(api_key="k")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+    assert [m.id for m in client.models.list()][1:] == ADAPTERS
+    c = client.completions.create(model="alpha", prompt="hello", max_tokens=32, temperature=0)
+    assert c.choices[0].text == "alpha:olleh" and c.usage.completion_tokens == 11
+    msgs = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="beta", messages=msgs, max_tokens=50, temperature=0)
+    assert r.choices[0].message.content == expected("beta", "<user>hi\n<assistant>", 50)[0]
+    s = client.chat.completions.create(model="beta", messages=msgs, max_tokens=50, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == r.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="alpha", prompt="x", n=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+# ------------------------------------------------------------------------------------ load test and CLI
+def test_load_test_fake_mode(capsys):
+    rc = lt.main(["--fake", "--requests", "48", "--clients", "16", "--adapters", "4", "--max-seconds", "60"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "48/48 requests" in out and "p99" in out and "PASS" in out
+
+
+def test_cli_serve_rejects_bad_adapter_specs(tmp_path, capsys):
+    from moelora.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--adapter", f"a={tmp_path}", "--port", "0", "--admin"])
+    assert args.adapter == [f"a={tmp_path}"] and args.admin and args.host == "127.0.0.1"
+    assert main(["serve", "--adapter", f"../x={tmp_path}"]) == 2
+    assert main(["serve", "--adapter", "noequals"]) == 2
+    assert main(["serve", "--adapter", f"a={tmp_path / 'missing'}"]) == 2
+    assert main(["serve", "--adapter", f"a={tmp_path}", "--adapter", f"a={tmp_path}"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- real engine
+def _real_engine_cls():
+    try:
+        from moelora.engine import Engine
+    except ImportError:
+        return None
+    return Engine if hasattr(Engine, "from_pretrained") else None
+
+
+@pytest.fixture(scope="module")
+def real_adapters(tmp_path_factory, tiny_model_dir):
+    if _real_engine_cls() is None:
+        pytest.skip("engine not available")
+    import transformers
+    from conftest import randomize_adapters
+
+    import moelora
+
+    out = {}
+    for i, name in enumerate(["lora-a", "lora-b"]):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8))
+        randomize_adapters(model, seed=10 + i, scale=0.5)
+        path = tmp_path_factory.mktemp("adapters") / name
+        moelora.save_adapter(model, path)
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture
+def real_server(start, tiny_model_dir, real_adapters):
+    Engine = _real_engine_cls()
+    engine = Engine.from_pretrained(str(tiny_model_dir), adapters=real_adapters, max_batch=4, max_queue=16,
+                                    device="cpu")
+    return start(engine, admin=True)
+
+
+@pytest.mark.slow
+def test_real_engine_completion_chat_and_stream(real_server):
+    url, engine = real_server
+    names = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert names[0] == engine.base_name and set(names[1:]) == {"lora-a", "lora-b"}
+    body = {"model": "lora-a", "prompt": "Below is an instruction", "max_tokens": 8, "temperature": 0}
+    d = post(url, "/v1/completions", body).json()
+    assert d["usage"]["completion_tokens"] <= 8 and d["choices"][0]["finish_reason"] in ("stop", "length")
+    events = stream(url, "/v1/completions", body)
+    assert "".join(e["choices"][0]["text"] for e in events) == d["choices"][0]["text"]
+    c = post(url, "/v1/chat/completions", {"model": "lora-b", "messages": [{"role": "user", "content": "hi"}],
+                                            "max_tokens": 6, "temperature": 0})
+    assert c.status_code == 200, c.text
+    assert c.json()["choices"][0]["message"]["role"] == "assistant"
+    assert_error(post(url, "/v1/completions", {**body, "model": "nope"}), 404)
+    assert_error(post(url, "/v1/completions", {**body, "max_tokens": 10_000}), 400, code="context_length_exceeded")
+
+
+@pytest.mark.slow
+def test_real_engine_concurrent_adapters_match_sequential(real_server):
+    url, engine = real_server
+    jobs = [(name, f"Below is an instruction {i}") for i in range(3) for name in ("lora-a", "lora-b",
+                                                                                   engine.base_name)]
+
+    def run(job):
+        body = {"model": job[0], "prompt": job[1], "max_tokens": 8, "temperature": 0}
+        return post(url, "/v1/completions", body).json()["choices"][0]["text"]
+
+    sequential = [run(j) for j in jobs]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent_ = list(pool.map(run, jobs))
+    assert concurrent_ == sequential
+    assert sequential[0::3] != sequential[1::3]  # the two adapters really differ
+
+
+@pytest.mark.slow
+def test_real_engine_admin_load_and_unload(real_server, real_adapters):
+    url, engine = real_server
+    body = {"prompt": "Below is an instruction", "max_tokens": 6, "temperature": 0}
+    ref = post(url, "/v1/completions", {**body, "model": "lora-a"}).json()["choices"][0]["text"]
+    r = post(url, "/v1/admin/adapters", {"name": "copy-of-a", "path": real_adapters["lora-a"]})
+    assert r.status_code == 200, r.text
+    assert post(url, "/v1/completions", {**body, "model": "copy-of-a"}).json()["choices"][0]["text"] == ref
+    assert_error(post(url, "/v1/admin/adapters", {"name": "bad.name", "path": real_adapters["lora-a"]}), 400)
+    assert httpx.delete(url + "/v1/admin/adapters/copy-of-a").status_code == 200
+    assert_error(post(url, "/v1/completions", {**body, "model": "copy-of-a"}), 404)
