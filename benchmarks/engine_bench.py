@@ -61,11 +61,13 @@ def build(s: dict):
 
 
 def randomize(model, seed=1, scale=0.02):
-    g = torch.Generator().manual_seed(seed)
+    """Non-zero adapter weights (a fresh LoRA has B = 0), drawn on the parameters' device."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad and "magnitude" not in n and "activation" not in n:
-                p.copy_((torch.randn(p.shape, generator=g) * scale).to(p))
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(scale).to(p))
             p.requires_grad_(False)
 
 
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
 
     # ours: one model, 32 LoRAs + 8 of each method attached, each contender picks its rows' adapters
     model = build(s)
-    kinds = ["lora"] * B + ["dora", "mixlora", "milora"] * (B // 4) + ["lora"] * 0
+    kinds = ["lora"] * B + ["dora", "mixlora", "milora"] * (B // 4)
     names = []
     for i, kind in enumerate(kinds):
         name = f"{kind}{i}"
