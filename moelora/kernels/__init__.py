@@ -16,6 +16,11 @@ Backends, chosen by name (the reference is the oracle of every other one):
   The default on GPUs.
 - ``"grouped"``: assignments sorted by expert, one pair of matmuls per expert: exactly the
   selected experts' FLOPs, one host sync per call. The default on the CPU.
+- ``"triton"``: fused Triton kernels (Punica/S-LoRA "SGMV" style), forward and backward:
+  assignments sorted by expert on the device (no host sync), a shrink with exactly the selected
+  experts' FLOPs, an expand that sums a token's slots in registers. Registered only when ``triton``
+  imports (``TRITON_IMPORT_ERROR`` says why not otherwise); CPU tensors run through Triton's
+  interpreter (slow: for tests).
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "torch": weighted_lora_dense,
     "grouped": weighted_lora_grouped,
 }
+TRITON_IMPORT_ERROR: str | None = None  # why the "triton" backend is not registered, if it is not
+try:
+    from .triton_kernel import weighted_lora_triton
+except Exception as err:  # ImportError without Triton; a broken install can raise anything
+    TRITON_IMPORT_ERROR = f"{type(err).__name__}: {err}"
+else:
+    BACKENDS["triton"] = weighted_lora_triton
 DEFAULT_BACKEND = "torch"
 CPU_BACKEND = "grouped"
 
@@ -74,5 +86,10 @@ def weighted_lora(
     try:
         fn = BACKENDS[name]
     except KeyError:
+        if name == "triton":
+            raise RuntimeError(
+                f"LoRA kernel backend 'triton' is unavailable: the triton package failed to import "
+                f"({TRITON_IMPORT_ERROR}); install triton or pick one of {sorted(BACKENDS)}"
+            ) from None
         raise ValueError(f"unknown LoRA kernel backend {name!r}; available: {sorted(BACKENDS)}") from None
     return fn(x, A, B, scaling, indices, weights, combine)

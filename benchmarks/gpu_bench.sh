@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of issues 4 and 5 in one device call (H100; see docs/benchmarks.md).
+# Run from the repository root: bash benchmarks/gpu_bench.sh OUTDIR [seconds budget]
+# Optional: wheels for the MoE-PEFT environment in .whl_moepeft/ (see benchmarks/moe_peft_bench.py).
+set -u
+OUT=${1:-gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+step() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s) ==="
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  tail -n 40 "$OUT/$name.log"
+  echo "=== $name rc=$rc in $((SECONDS - t0))s ==="
+}
+step kernel 70 python3 benchmarks/kernel_bench.py
+step bench 260 python3 benchmarks/bench.py --mode gpu --output "$OUT/bench_gpu.json"
+step engine 120 python3 benchmarks/engine_bench.py --mode gpu --output "$OUT/engine_gpu.json"
+if ls .whl_moepeft/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_old .whl_moepeft/*.whl \
+    > "$OUT/moepeft_install.log" 2>&1
+  step moepeft 100 env PYTHONPATH=/tmp/site_old python3 benchmarks/moe_peft_bench.py --mode gpu --output "$OUT/moe_peft_gpu.json"
+fi
