@@ -51,16 +51,16 @@ import moelora  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASELINE = "peft_lora_r16"
-CONTENDERS = [
+CONTENDERS = [  # in priority order: with --budget, the last ones are skipped first
     "peft_lora_r16",
-    "peft_lora_r80",
-    "peft_dora_r16",
     "ours_lora_r16",
-    "ours_mixlora_naive",
     "ours_mixlora_fast",
-    "ours_mixlora_dense",
-    "ours_mixlora_triton",
     "ours_milora_r16",
+    "ours_mixlora_triton",
+    "ours_mixlora_naive",
+    "peft_dora_r16",
+    "peft_lora_r80",
+    "ours_mixlora_dense",
 ]
 FIGURES = [
     "train_step_ms",
@@ -128,6 +128,18 @@ def randomize(model: torch.nn.Module, seed: int = 1, scale: float = 0.02) -> Non
             if not p.requires_grad or "magnitude" in n or "activation" in n:
                 continue
             p.copy_((torch.randn(p.shape, generator=g) * scale).to(p))
+
+
+def _unwrap(model):
+    """The bare base model again after a contender (``--reuse-base``): adapters removed."""
+    if hasattr(model, "_moelora_ctx"):
+        moelora.detach(model)
+    elif hasattr(model, "unload"):  # a PeftModel
+        model = model.unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return model.eval()
 
 
 def make_contender(name: str, shape: Shape, base=None):
@@ -257,8 +269,19 @@ def weight_bytes_per_token(name: str, model) -> int:
     return total + adapter * 4
 
 
-def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float) -> dict:
-    model = make_contender(name, shape)
+def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float, base=None) -> dict:
+    t_build = time.perf_counter()
+    model = make_contender(name, shape, base)
+    _sync(shape)
+    print(f"    {name}: built in {time.perf_counter() - t_build:.1f} s", flush=True)
+    try:
+        return _bench(name, model, shape, warmup, repeats, bandwidth)
+    finally:
+        if base is not None:
+            _unwrap(model)
+
+
+def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth: float) -> dict:
     dev = shape.device
     g = torch.Generator().manual_seed(11)
     res: dict = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -324,22 +347,24 @@ def _ratio(a, b):
 def ratios(results: dict) -> dict:
     base = results[BASELINE]
     keys = ["train_step_ms", "peak_memory_mb", "prefill_ms", "decode_b1_ms_per_token", "decode_b32_ms_per_token"]
-    return {name: {k: _ratio(r[k], base[k]) for k in keys} for name, r in results.items()}
+    return {name: {k: _ratio(r.get(k), base.get(k)) for k in keys} for name, r in results.items()}
 
 
 def targets(results: dict) -> list[dict]:
-    r = results
+    def r_(name: str, key: str):
+        return results.get(name, {}).get(key)
+
     rows = [
-        ("MixLoRA fast train step / PEFT LoRA r16", r["ours_mixlora_fast"]["train_step_ms"], r[BASELINE]["train_step_ms"], 1.25),
-        ("MixLoRA fast peak memory / PEFT LoRA r16", r["ours_mixlora_fast"]["peak_memory_mb"], r[BASELINE]["peak_memory_mb"], 1.15),
-        ("MiLoRA r16 train step / PEFT LoRA r16", r["ours_milora_r16"]["train_step_ms"], r[BASELINE]["train_step_ms"], 1.15),
-        ("MiLoRA decode b1 / our LoRA r16", r["ours_milora_r16"]["decode_b1_ms_per_token"], r["ours_lora_r16"]["decode_b1_ms_per_token"], 1.05),
-        ("MixLoRA fast decode b1 / our LoRA r16", r["ours_mixlora_fast"]["decode_b1_ms_per_token"], r["ours_lora_r16"]["decode_b1_ms_per_token"], 1.3),
-        ("MiLoRA decode b1 / bandwidth floor", r["ours_milora_r16"]["decode_b1_ms_per_token"], r["ours_milora_r16"]["decode_b1_floor_ms_per_token"], 1.5),
-        ("MixLoRA fast decode b1 / bandwidth floor", r["ours_mixlora_fast"]["decode_b1_ms_per_token"], r["ours_mixlora_fast"]["decode_b1_floor_ms_per_token"], 1.5),
-        ("MixLoRA naive / fast train step", r["ours_mixlora_naive"]["train_step_ms"], r["ours_mixlora_fast"]["train_step_ms"], None),
-        ("MixLoRA naive / fast decode b1", r["ours_mixlora_naive"]["decode_b1_ms_per_token"], r["ours_mixlora_fast"]["decode_b1_ms_per_token"], None),
-        ("MixLoRA naive / fast decode b32", r["ours_mixlora_naive"]["decode_b32_ms_per_token"], r["ours_mixlora_fast"]["decode_b32_ms_per_token"], None),
+        ("MixLoRA fast train step / PEFT LoRA r16", r_("ours_mixlora_fast", "train_step_ms"), r_(BASELINE, "train_step_ms"), 1.25),
+        ("MixLoRA fast peak memory / PEFT LoRA r16", r_("ours_mixlora_fast", "peak_memory_mb"), r_(BASELINE, "peak_memory_mb"), 1.15),
+        ("MiLoRA r16 train step / PEFT LoRA r16", r_("ours_milora_r16", "train_step_ms"), r_(BASELINE, "train_step_ms"), 1.15),
+        ("MiLoRA decode b1 / our LoRA r16", r_("ours_milora_r16", "decode_b1_ms_per_token"), r_("ours_lora_r16", "decode_b1_ms_per_token"), 1.05),
+        ("MixLoRA fast decode b1 / our LoRA r16", r_("ours_mixlora_fast", "decode_b1_ms_per_token"), r_("ours_lora_r16", "decode_b1_ms_per_token"), 1.3),
+        ("MiLoRA decode b1 / bandwidth floor", r_("ours_milora_r16", "decode_b1_ms_per_token"), r_("ours_milora_r16", "decode_b1_floor_ms_per_token"), 1.5),
+        ("MixLoRA fast decode b1 / bandwidth floor", r_("ours_mixlora_fast", "decode_b1_ms_per_token"), r_("ours_mixlora_fast", "decode_b1_floor_ms_per_token"), 1.5),
+        ("MixLoRA naive / fast train step", r_("ours_mixlora_naive", "train_step_ms"), r_("ours_mixlora_fast", "train_step_ms"), None),
+        ("MixLoRA naive / fast decode b1", r_("ours_mixlora_naive", "decode_b1_ms_per_token"), r_("ours_mixlora_fast", "decode_b1_ms_per_token"), None),
+        ("MixLoRA naive / fast decode b32", r_("ours_mixlora_naive", "decode_b32_ms_per_token"), r_("ours_mixlora_fast", "decode_b32_ms_per_token"), None),
     ]
     out = []
     for label, a, b, limit in rows:
@@ -366,7 +391,7 @@ def print_report(report: dict) -> None:
     print("\nabsolute figures (median of repeats)")
     print(head)
     for name in res:
-        print(f"{name:<20}" + "".join(f"{_fmt(res[name][k], d):>16}" for _, k, d in cols))
+        print(f"{name:<20}" + "".join(f"{_fmt(res[name].get(k), d):>16}" for _, k, d in cols))
     rcols = [("train", "train_step_ms"), ("peak mem", "peak_memory_mb"), ("prefill", "prefill_ms"),
              ("dec b1", "decode_b1_ms_per_token"), ("dec b32", "decode_b32_ms_per_token")]
     print(f"\nratios vs {BASELINE} (lower is better)")
@@ -390,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contenders", nargs="*", default=None, help=f"subset of {CONTENDERS} (default all)")
     ap.add_argument("--skip-gate", action="store_true", help="skip the correctness gate (not for reported runs)")
     ap.add_argument("--output", default=None, help="write the report as JSON here")
+    ap.add_argument("--reuse-base", action="store_true",
+                    help="build the base model once and attach/remove each contender's adapter on it")
+    ap.add_argument("--budget", type=float, default=0, help="skip the remaining contenders after this many seconds")
     args = ap.parse_args(argv)
 
     if args.mode == "gpu" and not torch.cuda.is_available():
@@ -441,15 +469,25 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure_bandwidth(shape)
     meta["copy_bandwidth_gb_s"] = bandwidth / 1e9
     results = {}
+    base = build_base(shape) if args.reuse_base else None
     for name in names:
+        if args.budget and time.perf_counter() - t_start > args.budget:
+            print(f"  {name}: skipped (over the --budget of {args.budget} s)", flush=True)
+            continue
         t0 = time.perf_counter()
-        results[name] = bench_contender(name, shape, warmup, repeats, bandwidth)
+        try:
+            results[name] = bench_contender(name, shape, warmup, repeats, bandwidth, base)
+        except torch.OutOfMemoryError as e:  # e.g. PEFT DoRA's full-weight norms on a 7B shape
+            print(f"  {name}: out of memory ({str(e).splitlines()[0]})", flush=True)
+            results[name] = {"error": "out of memory"}
         _free(shape)  # the contender's model is gone with bench_contender's frame
         print(f"  {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    results = {k: v for k, v in results.items() if "error" not in v} | {
+        k: v for k, v in results.items() if "error" in v}
 
     report = {"meta": meta, "gate": gate, "contenders": results}
     report["ratios_vs_" + BASELINE] = ratios(results)
-    report["targets"] = targets(results) if {c for c in CONTENDERS if not c.endswith("triton")} <= set(results) else []
+    report["targets"] = targets(results) if BASELINE in results else []
     meta["total_seconds"] = time.perf_counter() - t_start
     print_report(report)
     print(f"\ntotal {meta['total_seconds']:.1f} s")

@@ -166,9 +166,9 @@ def main(argv=None) -> int:
     lora_names = names[:B]
     mixed_names = lora_names[: B // 4] + names[B:]
     runs = {
-        "ours_base": [None] * B,
         "ours_one_adapter": [lora_names[0]] * B,
         "ours_32_lora": lora_names,
+        "ours_base": [None] * B,
         "ours_32_mixed": mixed_names[:B],
     }
     for label, rows in runs.items():

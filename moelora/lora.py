@@ -223,15 +223,15 @@ class AdaptedLinear(nn.Module):
     def _packed_delta(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         A, B, r, slots = self._pack()
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
-        key = (id(self.__dict__["_packed"]), tuple(n for n, _ in groups))
-        rows = ctx.row_cache.get(key)  # the same for every projection with the same adapters
+        key = (tuple(slots), tuple(n for n, _ in groups))
+        rows = ctx.row_cache.get(key)  # the same for every projection with the same adapters: built once
         if rows is None:
-            slot = torch.zeros(Bsz, dtype=torch.long, device=x.device)
-            scale = torch.zeros(Bsz, dtype=A.dtype, device=x.device)
+            slot, scale = [0] * Bsz, [0.0] * Bsz
             for n, idx in groups:
-                slot[idx] = slots[n]
-                scale[idx] = self.adapters[n].lora.scaling
-            rows = ctx.row_cache[key] = (slot, scale)
+                for i in idx.tolist():
+                    slot[i], scale[i] = slots[n], self.adapters[n].lora.scaling
+            rows = ctx.row_cache[key] = (torch.tensor(slot, device=x.device),
+                                         torch.tensor(scale, dtype=A.dtype, device=x.device))
         slot, weight = rows
         gated = [(n, idx) for n, idx in groups if self.adapters[n].gate is not None]
         if gated:  # MiLoRA: the row's gate for this projection's expert
