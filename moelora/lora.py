@@ -134,6 +134,13 @@ class LinearAdapter(nn.Module):
     def forward(self, base: nn.Linear, x: torch.Tensor, base_out: torch.Tensor, ctx: AdapterContext, name: str) -> torch.Tensor:
         if self.variant is not None:
             return self.variant.combine(base, self.lora, x, base_out)
+        lora = self.lora
+        if self.gate is None and lora.num_experts == 1 and lora.backend is None and not (
+            self.training and isinstance(lora.dropout, nn.Dropout)
+        ):  # plain LoRA without dropout (decoding): the two products directly, fewest host-side steps
+            A, B = lora.lora_A[0], lora.lora_B[0]
+            d = F.linear(F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A), B) * lora.scaling
+            return base_out + d.to(base_out.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         weights = None
@@ -177,9 +184,10 @@ class AdaptedLinear(nn.Module):
         if ctx.groups is not None and ctx.rows is None:
             return self._forward_mixed(x, out)
         name = ctx.current
-        if name is None or name not in self.adapters:
+        entry = self.adapters._modules.get(name) if name is not None else None
+        if entry is None:
             return out
-        return self.adapters[name](base_linear(self), x, out, ctx, name)
+        return entry.forward(base_linear(self), x, out, ctx, name)  # no hooks on entries: skip __call__
 
     def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A batch whose rows use different adapters: the base once, each group's delta on its rows.
