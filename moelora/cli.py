@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .inject import set_adapter
         from .train import load_model_and_tokenizer
 
-        model, tok = load_model_and_tokenizer(run.model)
+        model, tok = load_model_and_tokenizer(run.model, quantization=run.quantization)
         names = list(run.adapters) if run.adapters is not None else ["default"]
         for name in names:  # several adapters: evaluated one after the other on the same model
             load_adapter(model, Path(out) / name if run.adapters is not None else out, adapter_name=name)

@@ -97,6 +97,11 @@ class DoraVariant(nn.Module):
 
     def __init__(self, base: nn.Linear, lora: LoraWeights) -> None:
         super().__init__()
+        if not base.weight.dtype.is_floating_point:
+            raise ValueError(
+                f"DoRA needs the base weight's row norms, but this base layer is quantized "
+                f"({type(base.weight).__name__}, {base.weight.dtype}); use LoRA, MixLoRA or MiLoRA on a quantized base"
+            )
         with torch.no_grad():
             norm = self._weight_norm(base.weight, lora)
         self.magnitude = nn.Parameter(norm.to(lora.lora_A.dtype))

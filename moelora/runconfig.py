@@ -81,6 +81,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/example"
     eval: EvalConfig | None = None
+    quantization: str | None = None
+    """``4bit`` / ``8bit``: load the frozen base through bitsandbytes (QLoRA-style; CUDA only)."""
     adapters: dict[str, dict[str, Any]] | None = None
     """Several adapters trained together on one base (name -> method block; replaces ``method``)."""
 
@@ -218,6 +220,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"train.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
+    if run.quantization not in (None, "4bit", "8bit"):
+        raise ConfigError(f"quantization must be 4bit, 8bit or null, got {run.quantization!r}")
     if run.eval is not None and run.eval.protocol not in ("choice", "generate"):
         raise ConfigError(f"eval.protocol must be choice or generate, got {run.eval.protocol!r}")
     for entry in run.data:

@@ -48,10 +48,38 @@ class TrainingError(RuntimeError):
     """The run cannot go on (bad output_dir, non-finite loss, ...); the message says why."""
 
 
-def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer; ``None`` is the embedded SmolLM2-135M-Instruct."""
+def quantization_config(quantization: str | None):
+    """``BitsAndBytesConfig`` for a 4-bit (NF4, double quantization, bf16 compute) or 8-bit base
+    (QLoRA-style: the base is frozen and quantized, adapters train in float32). GPU only."""
+    if quantization is None:
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise TrainingError(f"quantization must be 4bit, 8bit or null, got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise TrainingError(
+            f"a {quantization} base model needs a CUDA GPU (bitsandbytes); this machine has none. "
+            "Remove `quantization` to train on the CPU in full precision."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainingError(f"a {quantization} base model needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torch.float32,
+                             quantization: str | None = None):
+    """A causal LM and its tokenizer; ``None`` is the embedded SmolLM2-135M-Instruct.
+
+    ``quantization`` ("4bit" / "8bit") loads the base through bitsandbytes on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quant = quantization_config(quantization)  # fails before anything is loaded
     if name_or_path is None:
         from .embedded import embedded_model_dir
 
@@ -59,7 +87,11 @@ def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torc
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if quant is not None:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map={"": torch.cuda.current_device()})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     return model, tokenizer
 
 
@@ -199,11 +231,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     accelerator.wait_for_everyone()
     set_seed(t.seed)
 
-    model, tokenizer = load_model_and_tokenizer(run.model)
+    model, tokenizer = load_model_and_tokenizer(run.model, quantization=run.quantization)
     for name, cfg in configs.items():
         set_seed(t.seed)  # each adapter starts as it would alone, whatever was attached before it
         attach(model, cfg, name)
-    model.to(accelerator.device)
+    if run.quantization is None:  # a bitsandbytes model is placed at load time and cannot be moved
+        model.to(accelerator.device)
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
 
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -99,3 +99,27 @@ def test_cli_trains_and_evaluates_every_adapter(tmp_path, tiny_model_dir, capsys
     assert "base" in table and "plain" in table and " mi" in table
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert list(results) == ["base", "plain", "mi"]
+
+
+def test_quantized_base_is_a_clear_error_without_a_gpu(tmp_path, tiny_model_dir, monkeypatch):
+    from moelora.train import TrainingError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = config(tmp_path / "q.yaml", tiny_model_dir, tmp_path / "q", method=ADAPTERS["plain"])
+    run.quantization = "4bit"
+    with pytest.raises(TrainingError, match="4bit base model needs a CUDA GPU"):
+        train(run, progress=False)
+    assert not (tmp_path / "q" / "adapter_config.json").exists()
+    with pytest.raises(ConfigError, match="quantization must be 4bit, 8bit or null"):
+        load_run_config(tmp_path / "q.yaml", ["quantization=3bit"])
+
+
+def test_dora_refuses_a_quantized_base_layer():
+    from torch import nn
+
+    from moelora.lora import DoraVariant, LoraWeights
+
+    base = nn.Linear(8, 8)
+    base.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match="DoRA needs the base weight's row norms"):
+        DoraVariant(base, LoraWeights(8, 8, 2, 1.0, 0.0))
