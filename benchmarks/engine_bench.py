@@ -144,7 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="runs per contender; the best is kept")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (default 1: several threads on a shared machine can be 40x slower)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     s = shape(args.mode)
     if s["device"] == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure in gpu mode")

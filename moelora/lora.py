@@ -216,7 +216,7 @@ class AdaptedLinear(nn.Module):
             out = out.index_copy(0, rows, y)
         return out
 
-    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, int]]:
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """Every plain entry's LoRA stacked (rebuilt when an adapter or a weight changes)."""
         entries = [(n, a.lora) for n, a in self.adapters.items() if a.variant is None]
         key = tuple((n, w.lora_A._version, w.lora_B._version, w.lora_A.data_ptr(), w.lora_B.data_ptr()) for n, w in entries)
@@ -229,12 +229,12 @@ class AdaptedLinear(nn.Module):
             for p, (_, w) in enumerate(entries):
                 A[p, : w.r] = w.lora_A[0].detach()
                 B[:, p, : w.r] = w.lora_B[0].detach()
-            cached = (key, A.reshape(-1, A.shape[2]), B.reshape(B.shape[0], -1), r, {n: p for p, (n, _) in enumerate(entries)})
+            cached = (key, A, B.reshape(B.shape[0], -1), {n: p for p, (n, _) in enumerate(entries)})
             self.__dict__["_packed"] = cached  # not a buffer: never saved, rebuilt on demand
         return cached[1:]
 
     def _packed_delta(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        A, B, r, slots = self._pack()
+        A, B_cat, slots = self._pack()
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
         key = (tuple(slots), tuple(n for n, _ in groups))
         rows = ctx.row_cache.get(key)  # the same for every projection with the same adapters: built once
@@ -254,4 +254,4 @@ class AdaptedLinear(nn.Module):
                 with ctx.scope(idx, n):
                     weight[idx] = weight[idx] * ctx.milora_gates(n, layer)[:, expert].to(weight.dtype)
         tokens = x.reshape(Bsz * T, -1)
-        return packed_lora(tokens, A, B, r, slot.repeat_interleave(T), weight.repeat_interleave(T)).view(Bsz, T, -1)
+        return packed_lora(tokens, A, B_cat, slot.repeat_interleave(T), weight.repeat_interleave(T)).view(Bsz, T, -1)

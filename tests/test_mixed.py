@@ -130,3 +130,17 @@ def test_packed_inference_path_equals_the_training_path_and_follows_weight_updat
     assert not torch.allclose(again[0], packed[0]) and torch.allclose(again[3], packed[3], atol=1e-6)
     torch.testing.assert_close(again, model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.detach(),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("N", [3, 40])
+def test_packed_lora_equals_one_lora_per_row(N):
+    from moelora.kernels.dense import packed_lora
+
+    g = torch.Generator().manual_seed(0)
+    P, r, d_in, d_out = 5, 4, 12, 10
+    A, B = torch.randn(P, r, d_in, generator=g), torch.randn(P, d_out, r, generator=g)
+    x = torch.randn(N, d_in, generator=g)
+    slot, weight = torch.randint(0, P, (N,), generator=g), torch.rand(N, generator=g)
+    out = packed_lora(x, A, B.permute(1, 0, 2).reshape(d_out, P * r), slot, weight)
+    ref = torch.stack([weight[n] * B[slot[n]] @ (A[slot[n]] @ x[n]) for n in range(N)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
