@@ -54,7 +54,9 @@ def _evaluate_both(model, tokenizer, paths, protocol, limit, batch_size, compare
         set_adapter(model, active)
     name = "base"
     if ctx is not None and ctx.active is not None:  # the column is named after the method (or the adapter)
-        name = ctx.configs[ctx.active].method if ctx.active == "default" else ctx.active
+        cfg = ctx.configs[ctx.active]
+        method = "dora" if getattr(cfg, "use_dora", False) else cfg.method
+        name = method if ctx.active == "default" else ctx.active
     results[name] = evaluate_files(model, tokenizer, paths, protocol, limit=limit, batch_size=batch_size,
                                    progress=progress, **kw)
     return results
