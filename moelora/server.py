@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 try:
@@ -39,21 +39,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("moelora serve needs aiohttp: pip install 'moelora[serve]'") from e
 
-try:  # the engine's own types; a compatible stand-in until moelora/engine.py exists
-    from .engine import QueueFull, SamplingParams
-except ImportError:  # pragma: no cover - exercised only without the engine
-
-    @dataclass
-    class SamplingParams:  # type: ignore[no-redef]
-        max_tokens: int = 16
-        temperature: float = 0.0
-        top_p: float = 1.0
-        seed: int | None = None
-        stop: list[str] = field(default_factory=list)
-
-    class QueueFull(Exception):  # type: ignore[no-redef]
-        pass
-
+from .engine import QueueFull, SamplingParams
 
 __all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
            "SamplingParams", "QueueFull"]
