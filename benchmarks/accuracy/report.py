@@ -185,6 +185,9 @@ def _pyplot():
     return plt
 
 
+SMOOTH_FROM = 50  # steps from which the curves are smoothed
+
+
 def _ema(xs: list[float], alpha: float = 0.1) -> list[float]:
     out, v = [], None
     for x in xs:
@@ -213,6 +216,9 @@ def training_curves(runs: dict, dirs: dict, methods: list[str], tasks: list[str]
             rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
             steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
             color = f"C{i}"
+            if len(steps) < SMOOTH_FROM:  # a short run: an average would lag far behind the raw curve
+                ax.plot(steps, loss, color=color, linewidth=1.5, label=TITLES.get(m, m))
+                continue
             ax.plot(steps, loss, color=color, alpha=0.2, linewidth=0.8)
             ax.plot(steps, _ema(loss), color=color, linewidth=1.5, label=TITLES.get(m, m))
         title = "multi-task" if setting == "multi" else TASK_TITLES.get(setting.split("/")[1], setting)
@@ -409,6 +415,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="with --data-root: draw missing routing heatmaps (needs the adapters)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--routing-limit", type=int, default=256)
+    ap.add_argument("--reading", type=Path, default=None, help="markdown with the interpretation (the Reading section)")
     args = ap.parse_args(argv)
     raw_argv = list(sys.argv) if argv is None else ["benchmarks/accuracy/report.py", *argv]
 
@@ -449,8 +456,9 @@ def main(argv=None) -> int:
     md.append("## Training curves\n")
     curves = args.images / "training_curves.png"
     if training_curves(runs, dirs, methods, tasks, curves):
-        md.append(f"![training curves]({rel(curves)})\n\nLM loss on the response tokens per step (faint: raw; "
-                  "solid: exponential moving average, 0.1), first seed of each setting.\n")
+        md.append(f"![training curves]({rel(curves)})\n\nLM loss on the response tokens per step (runs of "
+                  f"{SMOOTH_FROM} steps or more: faint raw, solid exponential moving average 0.1), first seed of "
+                  "each setting.\n")
     else:
         md.append("_no metrics found_\n")
     md.append("## Routing (multi-task adapters)\n")
@@ -469,9 +477,12 @@ def main(argv=None) -> int:
                       f"(`moelora plot routing`).\n\n![{m} routing]({rel(out)})\n")
     if not drew:
         md.append("_no routing heatmaps (no finished multi-task MixLoRA / MiLoRA run with a routing.png)_\n")
-    md.append("## Reading\n\nTODO(lead): the interpretation of these tables (which differences exceed the seed "
-              "spread, single vs multi-task, the parameter-matched comparison, the routing pictures, and how "
-              "they compare with the published numbers below).\n")
+    if args.reading is not None:  # a person's interpretation, kept beside the study and versioned
+        md.append("## Reading\n\n" + args.reading.read_text(encoding="utf-8").strip() + "\n")
+    else:
+        md.append("## Reading\n\nTODO(lead): the interpretation of these tables (which differences exceed the seed "
+                  "spread, single vs multi-task, the parameter-matched comparison, the routing pictures, and how "
+                  "they compare with the published numbers below).\n")
     md.append(PUBLISHED)
     md.append("## Coverage\n")
     md.append(coverage(runs, failed, methods, tasks))
