@@ -50,17 +50,13 @@ model's logits (float32; on GPU the benchmark's layer shapes with 2 layers), ato
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -68,63 +64,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+from common import FIGURES, GATE_ATOL, TARGETS, Shape, _free, shape_for, timed  # noqa: E402
+
 CONTENDERS = ["moe_peft_lora_r16", "moe_peft_mixlora"]
-FIGURES = [
-    "train_step_ms",
-    "train_tokens_per_s",
-    "peak_memory_mb",
-    "prefill_ms",
-    "decode_b1_ms_per_token",
-    "decode_b32_ms_per_token",
-    "decode_b1_floor_ms_per_token",
-    "trainable_params",
-]
-GATE_ATOL = 1e-4
-
-
-# ---------------------------------------------------------------------------------------------
-# shapes: a copy of bench.py's (kept in step by hand; bench.py imports moelora)
-
-
-@dataclass
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    vocab: int
-    dtype: torch.dtype
-    device: str
-    train_batch: int
-    train_len: int
-    prefill_len: int
-    decode_prompt_len: int
-    decode_new_tokens: int
-    decode_batches: tuple[int, int] = (1, 32)
-
-    def config(self, layers: int | None = None):
-        import transformers
-
-        return transformers.LlamaConfig(
-            hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=layers or self.layers, num_attention_heads=self.heads,
-            num_key_value_heads=self.heads, vocab_size=self.vocab,
-            max_position_embeddings=max(2048, self.train_len + 16),
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        )
-
-
-def shape_for(mode: str, tiny: bool) -> Shape:
-    if tiny:
-        return Shape(64, 96, 2, 4, 256, torch.float32, "cpu", 2, 32, 32, 8, 4)
-    if mode == "cpu":
-        return Shape(512, 1376, 4, 8, 8192, torch.float32, "cpu", 4, 128, 128, 16, 32)
-    return Shape(4096, 11008, 32, 32, 32000, torch.bfloat16, "cuda", 4, 512, 512, 16, 128)
-
-
-# ---------------------------------------------------------------------------------------------
-# models
 
 
 def build_base(shape: Shape, seed: int = 0, layers: int | None = None, dtype: torch.dtype | None = None):
@@ -217,32 +160,6 @@ def sanity_gate(shape: Shape, attn: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # timing (as bench.py)
-
-
-def _sync(shape: Shape) -> None:
-    if shape.device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free(shape: Shape) -> None:
-    gc.collect()
-    if shape.device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def timed(fn: Callable[[], object], shape: Shape, warmup: int, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(shape)
-    times = []
-    for _ in range(repeats):
-        _sync(shape)
-        t0 = time.perf_counter()
-        fn()
-        _sync(shape)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class IdTokenizer:

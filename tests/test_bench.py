@@ -29,7 +29,10 @@ def test_bench_tiny_reports_every_contender_and_figure(tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["gate"]["passed"] is True
-    assert set(report["contenders"]) == set(bench.CONTENDERS)
+    from moelora.kernels import BACKENDS
+
+    expected = {c for c in bench.CONTENDERS if "triton" in BACKENDS or not c.endswith("triton")}
+    assert set(report["contenders"]) == expected  # the Triton contender only where Triton imports
     for name, figures in report["contenders"].items():
         assert set(bench.FIGURES) <= set(figures), name
         for k in bench.FIGURES:
@@ -37,6 +40,6 @@ def test_bench_tiny_reports_every_contender_and_figure(tmp_path):
                 assert figures[k] is None  # CPU: not measured
             else:
                 assert figures[k] > 0, (name, k)
-    assert set(report["ratios_vs_peft_lora_r16"]) == set(bench.CONTENDERS)
+    assert set(report["ratios_vs_peft_lora_r16"]) == expected
     assert report["ratios_vs_peft_lora_r16"]["peft_lora_r16"]["train_step_ms"] == pytest.approx(1.0)
     assert len(report["targets"]) == 10
