@@ -228,3 +228,13 @@ def test_abort_removes_a_running_request_and_the_rest_stay_exact(adapter_dirs):
     assert eng.store.rows == 0
     for i, a in ((0, "lora"), (2, "milora")):
         assert tokens[str(i)] == hf_alone(eng.model, ps[i], a, 8)
+
+
+def test_streamed_text_holds_back_incomplete_characters_and_stop_prefixes():
+    from moelora.engine import _held_back
+
+    assert _held_back("abc", []) == 0
+    assert _held_back("ab\ufffd\ufffd", []) == 2  # a character whose bytes are still arriving
+    assert _held_back("hello wor", ["world"]) == 3  # may still become the stop sequence
+    assert _held_back("hello", ["lo!", "xyz"]) == 2
+    assert _held_back("x\ufffd", ["\ufffdy"]) == 1
