@@ -204,6 +204,11 @@ def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidt
             _unwrap(model)
 
 
+def _phase(name: str, what: str, t0: float) -> None:
+    """Where a contender's time goes (a GPU run once took 80-100 s per contender, cause unknown)."""
+    print(f"    {name}: {what} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth: float) -> dict:
     dev = shape.device
     g = torch.Generator().manual_seed(11)
@@ -224,8 +229,10 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     t = timed(step, shape, warmup, repeats)
     res["train_step_ms"] = t * 1e3
+    _phase(name, "training steps", t0)
     res["train_tokens_per_s"] = shape.train_batch * shape.train_len / t
     res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
     opt = None  # free the optimizer state before inference
@@ -241,7 +248,9 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
     def prefill():
         model(input_ids=pre, attention_mask=torch.ones_like(pre), use_cache=True)
 
+    t0 = time.perf_counter()
     res["prefill_ms"] = timed(prefill, shape, warmup, repeats) * 1e3
+    _phase(name, "prefill", t0)
 
     # decode
     n_new = shape.decode_new_tokens
@@ -253,7 +262,9 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
                                  max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, pad_token_id=0)
             assert out.shape[1] == prompt.shape[1] + n_new
 
+        t0 = time.perf_counter()
         res[f"decode_b{bsz}_ms_per_token"] = timed(gen, shape, min(1, warmup), max(1, min(repeats, 3))) * 1e3 / n_new
+        _phase(name, f"decode b{bsz}", t0)
         _free(shape)
     res["decode_b1_floor_ms_per_token"] = weight_bytes_per_token(name, model) / bandwidth * 1e3
     return res
