@@ -111,8 +111,20 @@ class DoraVariant(nn.Module):
         w = weight.to(lora.lora_A.dtype) + lora.merged_weight().detach()
         return torch.linalg.vector_norm(w, dim=1)  # (out,)
 
+    def _norm(self, base: nn.Linear, lora: LoraWeights) -> torch.Tensor:
+        """``||W + s B A||`` per row (detached), recomputed only when ``W``, ``A`` or ``B`` changed:
+        it costs a full ``(out, in)`` matrix, which would otherwise be rebuilt at every decoding step."""
+        w, a, b = base.weight, lora.lora_A, lora.lora_B
+        key = (w.data_ptr(), w._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        cached = self.__dict__.get("_norm_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._weight_norm(w, lora))
+            self.__dict__["_norm_cache"] = cached  # not a buffer: never saved
+        return cached[1]
+
     def combine(self, base: nn.Linear, lora: LoraWeights, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        scale = self.magnitude / self._weight_norm(base.weight, lora).detach()  # (out,)
+        scale = self.magnitude / self._norm(base, lora)  # (out,)
         if self.training and not isinstance(lora.dropout, nn.Identity):
             x_d = lora.dropout(x)
             w_xd = F.linear(x_d, base.weight)

@@ -144,3 +144,22 @@ def test_packed_lora_equals_one_lora_per_row(N):
     out = packed_lora(x, A, B.permute(1, 0, 2).reshape(d_out, P * r), slot, weight)
     ref = torch.stack([weight[n] * B[slot[n]] @ (A[slot[n]] @ x[n]) for n in range(N)])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_norm_is_cached_and_follows_weight_updates():
+    model = zoo(names=("dora",))
+    ids, mask = batch(model, B=2, T=5)
+    with torch.inference_mode():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        again = model(input_ids=ids, attention_mask=mask).logits  # the cached norms
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    with torch.no_grad():  # an optimizer-like in-place update: the norms must be recomputed
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(2.0)
+    cached = model(input_ids=ids, attention_mask=mask).logits.detach()
+    for m in model.modules():
+        m.__dict__.pop("_norm_cache", None)
+    fresh = model(input_ids=ids, attention_mask=mask).logits.detach()
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    assert not torch.allclose(cached, first)
