@@ -209,17 +209,25 @@ class AdaptedLinear(nn.Module):
     def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A batch whose rows use different adapters: the base once, each group's delta on its rows.
 
-        At inference, the plain-LoRA and MiLoRA groups share one packed op (every resident
-        adapter's weights stacked once, one slot per row); DoRA groups, and every group while
-        training, go through their own entry on their rows.
+        At inference, the groups share one packed op (every resident adapter's weights stacked once,
+        one slot per row; DoRA rows then get their magnitude scaling); while training, each group
+        goes through its own entry on its rows.
         """
         ctx, base = self._ctx, base_linear(self)
         groups = [(n, rows) for n, rows in ctx.groups if n is not None and n in self.adapters]
-        packed = [] if torch.is_grad_enabled() or x.dim() != 3 else [
-            (n, rows) for n, rows in groups if self.adapters[n].variant is None
-        ]
+        packed = [] if torch.is_grad_enabled() or x.dim() != 3 else groups
         if len(packed) > 1:
-            out = out + self._packed_delta(x, packed).to(out.dtype)
+            delta = self._packed_delta(x, packed)  # (B, T, out), float32
+            dora = [(n, rows) for n, rows in packed if self.adapters[n].variant is not None]
+            if not dora:
+                return out + delta.to(out.dtype)
+            # DoRA rows: y = W x + b + (m/n - 1) W x + (m/n) s B A x; other rows: y = W x + b + s B A x
+            mult = torch.ones(x.shape[0], 1, out.shape[-1], dtype=delta.dtype, device=out.device)
+            for n, rows in dora:
+                entry = self.adapters[n]
+                mult[rows] = (entry.variant.magnitude / entry.variant._norm(base, entry.lora)).to(mult.dtype)
+            w_x = out if base.bias is None else out - base.bias
+            return out + ((mult - 1) * w_x.to(mult.dtype) + mult * delta).to(out.dtype)
         for name, rows in groups:
             if (name, rows) in packed and len(packed) > 1:
                 continue
@@ -229,8 +237,8 @@ class AdaptedLinear(nn.Module):
         return out
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-        """Every plain entry's LoRA stacked (rebuilt when an adapter or a weight changes)."""
-        entries = [(n, a.lora) for n, a in self.adapters.items() if a.variant is None]
+        """Every entry's LoRA stacked (rebuilt when an adapter or a weight changes)."""
+        entries = [(n, a.lora) for n, a in self.adapters.items()]
         key = tuple((n, w.lora_A._version, w.lora_B._version, w.lora_A.data_ptr(), w.lora_B.data_ptr()) for n, w in entries)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
