@@ -16,6 +16,7 @@ sequence's router gate).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
@@ -236,11 +237,14 @@ class AdaptedLinear(nn.Module):
             out = out.index_copy(0, rows, y)
         return out
 
-    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-        """Every entry's LoRA stacked (rebuilt when an adapter or a weight changes)."""
-        entries = [(n, a.lora) for n, a in self.adapters.items()]
-        key = tuple((n, w.lora_A._version, w.lora_B._version, w.lora_A.data_ptr(), w.lora_B.data_ptr()) for n, w in entries)
-        cached = self.__dict__.get("_packed")
+    def _pack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """The LoRAs of ``names`` (this batch's adapters) stacked, one slot each. A few recent sets are
+        kept (a decoding batch keeps its set until a request joins or leaves); a set is rebuilt when
+        one of its weights changes. Only the batch's adapters cost work in the packed op."""
+        entries = [(n, self.adapters[n].lora) for n in names]
+        key = tuple((w.lora_A._version, w.lora_B._version, w.lora_A.data_ptr(), w.lora_B.data_ptr()) for _, w in entries)
+        packs = self.__dict__.setdefault("_packs", OrderedDict())  # not buffers: never saved
+        cached = packs.get(names)
         if cached is None or cached[0] != key:
             r = max(w.r for _, w in entries)
             first = entries[0][1]
@@ -249,14 +253,17 @@ class AdaptedLinear(nn.Module):
             for p, (_, w) in enumerate(entries):
                 A[p, : w.r] = w.lora_A[0].detach()
                 B[:, p, : w.r] = w.lora_B[0].detach()
-            cached = (key, A, B.reshape(B.shape[0], -1), {n: p for p, (n, _) in enumerate(entries)})
-            self.__dict__["_packed"] = cached  # not a buffer: never saved, rebuilt on demand
+            cached = packs[names] = (key, A, B.reshape(B.shape[0], -1), {n: p for p, (n, _) in enumerate(entries)})
+            while len(packs) > 4:
+                packs.popitem(last=False)
+        packs.move_to_end(names)
         return cached[1:]
 
     def _packed_delta(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        A, B_cat, slots = self._pack()
+        names = tuple(n for n, _ in groups)
+        A, B_cat, slots = self._pack(names)
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
-        key = (tuple(slots), tuple(n for n, _ in groups))
+        key = names
         rows = ctx.row_cache.get(key)  # the same for every projection with the same adapters: built once
         if rows is None:
             slot, scale = [0] * Bsz, [0.0] * Bsz
