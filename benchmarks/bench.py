@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 import transformers  # noqa: E402
-from common import FIGURES, GATE_ATOL, TARGETS, Shape, _free, _sync, shape_for, timed  # noqa: E402, F401
+from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, _sync, shape_for, timed  # noqa: E402, F401
 
 import moelora  # noqa: E402
 
@@ -306,14 +306,6 @@ def targets(results: dict) -> list[dict]:
         met = None if ratio is None or limit is None else ratio <= limit
         out.append({"target": label, "ratio": ratio, "limit": limit, "met": met})
     return out
-
-
-def _fmt(v, digits=1):
-    if v is None:
-        return "n/a"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.{digits}f}"
 
 
 def print_report(report: dict) -> None:

@@ -91,3 +91,10 @@ def timed(fn: Callable[[], object], shape: Shape, warmup: int, repeats: int) -> 
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
+
+def _fmt(v, digits=1):
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"

@@ -65,7 +65,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
-from common import FIGURES, GATE_ATOL, TARGETS, Shape, _free, shape_for, timed  # noqa: E402
+from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, shape_for, timed  # noqa: E402
 
 CONTENDERS = ["moe_peft_lora_r16", "moe_peft_mixlora"]
 
@@ -269,14 +269,6 @@ def bench_contender(name: str, shape: Shape, attn: str, checkpoint: str, warmup:
 
 # ---------------------------------------------------------------------------------------------
 # report
-
-
-def _fmt(v, digits=1):
-    if v is None:
-        return "n/a"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.{digits}f}"
 
 
 def print_report(report: dict) -> None:
