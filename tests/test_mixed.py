@@ -163,3 +163,30 @@ def test_dora_norm_is_cached_and_follows_weight_updates():
     fresh = model(input_ids=ids, attention_mask=mask).logits.detach()
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
     assert not torch.allclose(cached, first)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+def test_several_mixlora_tenants_share_one_routing_and_expert_op(arch):
+    model = tiny_model(arch)
+    moelora.attach(model, MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8), "mixA")
+    moelora.attach(model, MixLoraConfig(num_experts=6, top_k=2, r=2, lora_alpha=8), "mixB")
+    moelora.attach(model, MixLoraConfig(num_experts=3, top_k=2, r=4, lora_alpha=4), "mixC")
+    moelora.attach(model, CONFIGS["lora"], "lora")
+    randomize_adapters(model).eval()
+    names = ["mixA", "mixB", None, "mixC", "lora", "mixB", "mixA"]
+    ids, mask = batch(model, B=len(names), T=6)
+    ffn = model.model.layers[0].mlp
+    with torch.no_grad():
+        pooled = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        assert ffn.__dict__.get("_pools"), "the pooled path was not taken"
+        ref = alone(model, ids, mask, names)
+    real = mask.bool()
+    torch.testing.assert_close(pooled[real], ref[real], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a weight update rebuilds the pool
+        for n, p in model.named_parameters():
+            if ".mixB." in n and "experts" in n and "lora_B" in n:
+                p.mul_(2.0)
+        again = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        ref2 = alone(model, ids, mask, names)
+    torch.testing.assert_close(again[real], ref2[real], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(again[1], pooled[1])

@@ -22,6 +22,8 @@ the naive form draws one per expert (as the official code). Both are off in ``ev
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,10 +86,13 @@ class MixLoraExperts(nn.Module):
 
     def _fast(
         self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module,
-        base_gate_up: torch.Tensor | None = None,
+        base_gate_up: torch.Tensor | None = None, experts: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum_j w_j h_j, the rest of y)``: the FFN output is ``W_down(first) + b + second``."""
-        ex = self.experts
+        """``(sum_j w_j h_j, the rest of y)``: the FFN output is ``W_down(first) + b + second``.
+
+        ``experts`` (projection -> stacked LoRAs) defaults to this adapter's; a mixed batch passes
+        several adapters' experts pooled (``MixLoraFFN._pooled``)."""
+        ex = self.experts if experts is None else experts
         if self.fused:
             gu = mlp.gate_up_proj(x).unsqueeze(1) if base_gate_up is None else base_gate_up  # (N, 1, 2I)
             if "gate_up_proj" in ex:
@@ -150,6 +155,53 @@ class MixLoraFFN(nn.Module):
         self._ctx = ctx
         self.act_attr = act_attr
 
+    def _poolable(self, mix: list[tuple[str, torch.Tensor]]) -> bool:
+        """Several top-k tenants with the same k, activation and expert projections, at inference."""
+        if len(mix) < 2 or torch.is_grad_enabled():
+            return False
+        moes = [self.adapters[n] for n, _ in mix]
+        first = moes[0]
+        return all(
+            m.routing == "top_k" and m.top_k == first.top_k and not m.naive and type(m.act) is type(first.act)
+            and set(m.experts) == set(first.experts) and m.top_k <= m.moe_gate.shape[0]
+            for m in moes
+        )
+
+    def _pooled(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Routers and experts of ``names`` stacked (a few recent sets cached, rebuilt on any change)."""
+        moes = [self.adapters[n] for n in names]
+        key = _pool_key(moes)
+        pools = self.__dict__.setdefault("_pools", OrderedDict())  # not buffers: never saved
+        cached = pools.get(names)
+        if cached is None or cached[0] != key:
+            sizes = torch.tensor([m.moe_gate.shape[0] for m in moes])
+            router = torch.cat([m.moe_gate.detach().float() for m in moes])  # (sum E, d)
+            experts = {proj: _PooledLora([m.experts[proj] for m in moes]) for proj in moes[0].experts}
+            cached = pools[names] = (key, router, sizes.cumsum(0) - sizes, sizes, experts)
+            while len(pools) > 4:
+                pools.popitem(last=False)
+        pools.move_to_end(names)
+        return cached[1:]
+
+    def _pooled_mixture(self, x: torch.Tensor, gate_up: torch.Tensor, mix: list[tuple[str, torch.Tensor]]):
+        """Every MixLoRA row of a mixed batch at once: each token routed by its own adapter's router
+        (the other adapters' logits masked out), then one grouped op over all adapters' experts."""
+        names = tuple(n for n, _ in mix)
+        router, offsets, sizes, experts = self._pooled(names)
+        G, T, d = x.shape
+        group = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, (_, r) in enumerate(mix)])
+        group = group.to(x.device).repeat_interleave(T)  # (N,) adapter of each token
+        lo, hi = offsets.to(x.device)[group], (offsets + sizes).to(x.device)[group]
+        col = torch.arange(router.shape[0], device=x.device)
+        own = (col >= lo[:, None]) & (col < hi[:, None])  # (N, sum E)
+        x2 = x.reshape(G * T, d)
+        logits = F.linear(x2.float(), router.to(x.device)).masked_fill(~own, float("-inf"))
+        first = self.adapters[names[0]]
+        weights, indices, _ = top_k_routing(logits, first.top_k)
+        mixed, rest = first._fast(self.base_mlp, x2, weights, indices, self._act(first),
+                                  gate_up.reshape(G * T, 1, -1), experts=experts)
+        return mixed.reshape(G, T, -1), rest.reshape(G, T, d)
+
     def _act(self, moe: MixLoraExperts) -> nn.Module:
         return moe.act if moe.act is not None else getattr(self.base_mlp, self.act_attr)
 
@@ -179,6 +231,10 @@ class MixLoraFFN(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         h = getattr(mlp, self.act_attr)(gate) * up  # rows without a mixture: the plain FFN's hidden
         extra = torch.zeros_like(x)
+        if self._poolable(mix):  # inference, several MixLoRA tenants: one routing and one expert op
+            rows = torch.cat([r for _, r in mix])
+            mixed, rest = self._pooled_mixture(x[rows], gate_up[rows], mix)
+            return mlp.down_proj(h.index_copy(0, rows, mixed.to(h.dtype))) + extra.index_copy(0, rows, rest.to(extra.dtype))
         for name, rows in mix:
             moe = self.adapters[name]
             with ctx.scope(rows, name):
@@ -186,6 +242,32 @@ class MixLoraFFN(nn.Module):
             h = h.index_copy(0, rows, mixed.to(h.dtype))
             extra = extra.index_copy(0, rows, rest.to(extra.dtype))
         return mlp.down_proj(h) + extra
+
+
+class _PooledLora:
+    """Several adapters' stacked expert LoRAs as one ``LoraWeights``-like object (scales folded into B)."""
+
+    def __init__(self, loras: list[LoraWeights]) -> None:
+        r = max(w.r for w in loras)
+        first = loras[0]
+        E = sum(w.num_experts for w in loras)
+        self.lora_A = first.lora_A.new_zeros(E, r, first.lora_A.shape[2])
+        self.lora_B = first.lora_B.new_zeros(E, first.lora_B.shape[1], r)
+        e = 0
+        for w in loras:
+            n = w.num_experts
+            self.lora_A[e : e + n, : w.r] = w.lora_A.detach()
+            self.lora_B[e : e + n, :, : w.r] = w.lora_B.detach() * w.scaling
+            e += n
+
+    def delta(self, x, indices=None, weights=None, combine=True, *, dropout=True):
+        from ..kernels import weighted_lora
+
+        return weighted_lora(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, 1.0, indices, weights, combine=combine)
+
+
+def _pool_key(moes: list[MixLoraExperts]) -> tuple:
+    return tuple((p.data_ptr(), p._version) for m in moes for p in m.parameters())
 
 
 def attach(model: nn.Module, cfg: MixLoraConfig, name: str, ctx: AdapterContext) -> None:
