@@ -41,6 +41,9 @@ class AdapterContext:
     records: dict[str, list[RouterRecord]] = field(default_factory=dict)
     # MiLoRA gates cached at prefill: adapter -> layer -> (B, E)
     gates: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # At inference, which of a layer's MiLoRA modules any row selected (host-side, from prefill):
+    # the others have gate 0 for every row and are skipped while decoding. adapter -> layer -> [bool]
+    gate_any: dict[str, dict[int, list[bool]]] = field(default_factory=dict)
     router_calls: int = 0  # MiLoRA router invocations (for tests and profiling)
     base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored when the last adapter goes
     # Mixed batches (``adapter_names=`` per row): the rows of each adapter, in order of first
@@ -115,6 +118,11 @@ class AdapterContext:
 
     def record(self, adapter: str, rec: RouterRecord) -> None:
         self.records.setdefault(adapter, []).append(rec)
+
+    def milora_unused(self, adapter: str, layer: int, expert: int) -> bool:
+        """True when no row of the current batch selected this MiLoRA module (known at inference)."""
+        used = self.gate_any.get(adapter, {}).get(layer)
+        return used is not None and not used[expert]
 
     def milora_gates(self, adapter: str, layer: int) -> torch.Tensor:
         try:

@@ -89,6 +89,7 @@ class _Request:
     text: str = ""  # decoded output, stop sequence cut
     sent: int = 0  # characters of ``text`` already streamed
     gates: dict[int, torch.Tensor] | None = None  # MiLoRA: layer -> (E,) gates from prefill
+    gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
 
 
@@ -526,6 +527,7 @@ class Engine:
             if name is not None and isinstance(ctx.configs.get(name), MiLoraConfig):
                 for j, r in enumerate(group):
                     r.gates = {li: g[j] for li, g in ctx.gates[name].items()}
+                    r.gate_any = {li: (g > 0).tolist() for li, g in r.gates.items()}  # host copy, once
 
     def _load_gates(self, reqs: list[_Request]) -> None:
         ctx = getattr(self.model, "_moelora_ctx", None)
@@ -534,6 +536,8 @@ class Engine:
         for name, group in _by_adapter(reqs).items():
             if group[0].gates is not None:
                 ctx.gates[name] = {li: torch.stack([r.gates[li] for r in group]) for li in group[0].gates}
+                ctx.gate_any[name] = {li: [any(col) for col in zip(*(r.gate_any[li] for r in group))]
+                                      for li in group[0].gates}
 
     def _decode(self) -> list[StepOutput]:
         """Feed every running row its last token (not yet cached) and sample the next one."""

@@ -315,6 +315,7 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         _remove(model, name)
         del ctx.configs[name]
         ctx.gates.pop(name, None)
+        ctx.gate_any.pop(name, None)
     if ctx.active not in ctx.configs:
         ctx.active = next(iter(ctx.configs), None)
     if not ctx.configs:

@@ -164,6 +164,8 @@ class LinearAdapter(nn.Module):
         weights = None
         if self.gate is not None:
             layer, expert = self.gate
+            if not torch.is_grad_enabled() and ctx.milora_unused(name, layer, expert):
+                return base_out  # gate 0 for every row: MiLoRA's decoding costs only the selected modules
             g = ctx.milora_gates(name, layer)[:, expert]  # (B,)
             T = x2.shape[0] // g.shape[0]
             weights = g.repeat_interleave(T).unsqueeze(1)  # (N, 1)

@@ -190,3 +190,27 @@ def test_several_mixlora_tenants_share_one_routing_and_expert_op(arch):
         ref2 = alone(model, ids, mask, names)
     torch.testing.assert_close(again[real], ref2[real], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(again[1], pooled[1])
+
+
+def test_milora_inference_skips_the_modules_no_row_selected(monkeypatch):
+    from moelora.lora import LoraWeights
+
+    model = tiny_model()
+    moelora.attach(model, MiLoraConfig(r=4, lora_alpha=8, top_k=2), "mi")
+    randomize_adapters(model).eval()
+    ids, mask = batch(model, B=1, T=6)
+    with_grad = model(input_ids=ids, attention_mask=mask).logits.detach()  # training-like: every module runs
+    calls = []
+    original = LoraWeights.delta
+    monkeypatch.setattr(LoraWeights, "delta", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with torch.no_grad():
+        skipped = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(skipped, with_grad, rtol=1e-5, atol=1e-6)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers * 2  # one row, top-2: only its 2 selected modules of 7 per layer ran
+    calls.clear()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 3 * layers * 2  # prefill + 2 decoding steps, 2 modules per layer each
+    moelora.set_backend(model, "reference")  # any backend: the same tokens
+    assert torch.equal(out, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                           pad_token_id=0))

@@ -63,6 +63,11 @@ def _route(layer: nn.Module, ctx: AdapterContext, name: str | None, h: torch.Ten
     logits, gates = routers[name](h, mask)  # (B, E) each
     ctx.router_calls += 1
     ctx.gates.setdefault(name, {})[li] = gates
+    used = ctx.gate_any.setdefault(name, {})
+    if torch.is_grad_enabled():
+        used.pop(li, None)  # training: no skipping (and no host sync per layer)
+    else:  # one host sync per layer at prefill; decoding then skips the modules no row selected
+        used[li] = (gates > 0).any(0).tolist()
     ctx.record(name, RouterRecord(li, logits, gates > 0))
 
 
