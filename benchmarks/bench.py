@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in CONTENDERS if n in names]
     from moelora.kernels import BACKENDS
 
-    if "triton" not in BACKENDS:
+    if "triton" not in BACKENDS or args.mode == "cpu":  # on the CPU Triton only has its (slow) interpreter
         names = [n for n in names if not n.endswith("triton")]
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
