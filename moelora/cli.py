@@ -207,8 +207,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.adapter_budget_mb is not None and args.adapter_budget_mb <= 0:
+        raise ValueError(f"--adapter-budget-mb must be positive, got {args.adapter_budget_mb}")
+    budget = None if args.adapter_budget_mb is None else int(args.adapter_budget_mb * 2**20)
     engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_batch,
-                                    max_queue=args.max_queue, device=device)
+                                    max_queue=args.max_queue, device=device, adapter_budget_bytes=budget)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin)
     return 0
 
@@ -280,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--adapter-budget-mb", type=float, default=None,
+                   help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
+                        "evicted and reloaded from their directory on demand (default: no limit)")
     p.set_defaults(fn=cmd_serve)
     return ap
 

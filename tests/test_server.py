@@ -520,6 +520,8 @@ def test_cli_serve_rejects_bad_adapter_specs(tmp_path, capsys):
     assert main(["serve", "--adapter", f"a={tmp_path / 'missing'}"]) == 2
     assert main(["serve", "--adapter", f"a={tmp_path}", "--adapter", f"a={tmp_path}"]) == 2
     assert "error" in capsys.readouterr().err
+    assert main(["serve", "--adapter-budget-mb", "0"]) == 2
+    assert "--adapter-budget-mb must be positive" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- real engine
