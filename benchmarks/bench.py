@@ -29,7 +29,6 @@ Usage: ``python benchmarks/bench.py --mode cpu --output results.json``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 import transformers  # noqa: E402
-from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, _sync, shape_for, timed  # noqa: E402, F401
+from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, _sync, finish, shape_for, timed  # noqa: E402, F401
 
 import moelora  # noqa: E402
 
@@ -414,13 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"meta": meta, "gate": gate, "contenders": results}
     report["ratios_vs_" + BASELINE] = ratios(results)
     report["targets"] = targets(results) if BASELINE in results else []
-    meta["total_seconds"] = time.perf_counter() - t_start
-    print_report(report)
-    print(f"\ntotal {meta['total_seconds']:.1f} s")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.output}")
+    finish(report, print_report, t_start, args.output)
     return 0
 
 

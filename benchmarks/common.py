@@ -5,6 +5,7 @@ moe_peft_bench.py runs in its own environment (transformers 4.46)."""
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -98,3 +99,14 @@ def _fmt(v, digits=1):
     if isinstance(v, int):
         return f"{v:,}"
     return f"{v:.{digits}f}"
+
+
+def finish(report: dict, print_report: Callable[[dict], None], t_start: float, output: str | None) -> None:
+    """Total time into ``report["meta"]``, the printed report, and the JSON file when asked for."""
+    report["meta"]["total_seconds"] = time.perf_counter() - t_start
+    print_report(report)
+    print(f"\ntotal {report['meta']['total_seconds']:.1f} s")
+    if output:
+        with open(output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {output}")

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -65,7 +64,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
-from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, shape_for, timed  # noqa: E402
+from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, finish, shape_for, timed  # noqa: E402
 
 CONTENDERS = ["moe_peft_lora_r16", "moe_peft_mixlora"]
 
@@ -388,13 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: done in {time.perf_counter() - t0:.1f} s", flush=True)
 
     report = {"meta": meta, "gate": gate, "contenders": results}
-    meta["total_seconds"] = time.perf_counter() - t_start
-    print_report(report)
-    print(f"\ntotal {meta['total_seconds']:.1f} s")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.output}")
+    finish(report, print_report, t_start, args.output)
     return 0
 
 

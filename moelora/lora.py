@@ -29,7 +29,14 @@ from .kernels.dense import packed_lora
 if TYPE_CHECKING:
     from .context import AdapterContext
 
-__all__ = ["LoraWeights", "LinearAdapter", "DoraVariant", "AdaptedLinear", "base_linear"]
+__all__ = ["LoraWeights", "LinearAdapter", "DoraVariant", "AdaptedLinear", "base_linear", "weights_key"]
+
+
+def weights_key(tensors) -> tuple:
+    """Identifies the current contents of ``tensors`` (storage and in-place version counters): the key
+    of every cache derived from weights (DoRA norms, packed multi-tenant LoRAs, pooled experts), so an
+    optimizer step, a load or any in-place edit invalidates it."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def base_linear(module: nn.Module) -> nn.Linear:
@@ -115,12 +122,11 @@ class DoraVariant(nn.Module):
     def _norm(self, base: nn.Linear, lora: LoraWeights) -> torch.Tensor:
         """``||W + s B A||`` per row (detached), recomputed only when ``W``, ``A`` or ``B`` changed:
         it costs a full ``(out, in)`` matrix, which would otherwise be rebuilt at every decoding step."""
-        w, a, b = base.weight, lora.lora_A, lora.lora_B
-        key = (w.data_ptr(), w._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        key = weights_key((base.weight, lora.lora_A, lora.lora_B))
         cached = self.__dict__.get("_norm_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, self._weight_norm(w, lora))
+                cached = (key, self._weight_norm(base.weight, lora))
             self.__dict__["_norm_cache"] = cached  # not a buffer: never saved
         return cached[1]
 
@@ -174,7 +180,8 @@ class LinearAdapter(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen linear layer plus named adapters; applies the context's active adapter, if it has one."""
+    """A frozen linear layer plus named adapters; applies the context's current adapter, if it has one,
+    or each row's own adapter in a mixed batch."""
 
     def __init__(self, base_layer: nn.Linear, ctx: AdapterContext) -> None:
         super().__init__()
@@ -212,16 +219,15 @@ class AdaptedLinear(nn.Module):
     def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A batch whose rows use different adapters: the base once, each group's delta on its rows.
 
-        At inference, the groups share one packed op (every resident adapter's weights stacked once,
-        one slot per row; DoRA rows then get their magnitude scaling); while training, each group
-        goes through its own entry on its rows.
+        At inference, the groups share one packed op (the batch's adapters' weights stacked, one
+        slot per row; DoRA rows then get their magnitude scaling); while training, each group goes
+        through its own entry on its rows.
         """
         ctx, base = self._ctx, base_linear(self)
         groups = [(n, rows) for n, rows in ctx.groups if n is not None and n in self.adapters]
-        packed = [] if torch.is_grad_enabled() or x.dim() != 3 else groups
-        if len(packed) > 1:
-            delta = self._packed_delta(x, packed)  # (B, T, out), float32
-            dora = [(n, rows) for n, rows in packed if self.adapters[n].variant is not None]
+        if len(groups) > 1 and not torch.is_grad_enabled() and x.dim() == 3:
+            delta = self._packed_delta(x, groups)  # (B, T, out), float32
+            dora = [(n, rows) for n, rows in groups if self.adapters[n].variant is not None]
             if not dora:
                 return out + delta.to(out.dtype)
             # DoRA rows: y = W x + b + (m/n - 1) W x + (m/n) s B A x; other rows: y = W x + b + s B A x
@@ -232,8 +238,6 @@ class AdaptedLinear(nn.Module):
             w_x = out if base.bias is None else out - base.bias
             return out + ((mult - 1) * w_x.to(mult.dtype) + mult * delta).to(out.dtype)
         for name, rows in groups:
-            if (name, rows) in packed and len(packed) > 1:
-                continue
             with ctx.scope(rows, name):
                 y = self.adapters[name](base, x[rows], out[rows], ctx, name)
             out = out.index_copy(0, rows, y)
@@ -244,7 +248,7 @@ class AdaptedLinear(nn.Module):
         kept (a decoding batch keeps its set until a request joins or leaves); a set is rebuilt when
         one of its weights changes. Only the batch's adapters cost work in the packed op."""
         entries = [(n, self.adapters[n].lora) for n in names]
-        key = tuple((w.lora_A._version, w.lora_B._version, w.lora_A.data_ptr(), w.lora_B.data_ptr()) for _, w in entries)
+        key = weights_key(t for _, w in entries for t in (w.lora_A, w.lora_B))
         packs = self.__dict__.setdefault("_packs", OrderedDict())  # not buffers: never saved
         cached = packs.get(names)
         if cached is None or cached[0] != key:
@@ -265,14 +269,13 @@ class AdaptedLinear(nn.Module):
         names = tuple(n for n, _ in groups)
         A, B_cat, slots = self._pack(names)
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
-        key = names
-        rows = ctx.row_cache.get(key)  # the same for every projection with the same adapters: built once
+        rows = ctx.row_cache.get(names)  # the same for every projection with the same adapters: built once
         if rows is None:
             slot, scale = [0] * Bsz, [0.0] * Bsz
             for n, idx in groups:
                 for i in idx.tolist():
                     slot[i], scale[i] = slots[n], self.adapters[n].lora.scaling
-            rows = ctx.row_cache[key] = (torch.tensor(slot, device=x.device),
+            rows = ctx.row_cache[names] = (torch.tensor(slot, device=x.device),
                                          torch.tensor(scale, dtype=A.dtype, device=x.device))
         slot, weight = rows
         gated = [(n, idx) for n, idx in groups if self.adapters[n].gate is not None]

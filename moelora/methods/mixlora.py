@@ -31,7 +31,7 @@ from transformers.activations import ACT2FN
 
 from ..config import MixLoraConfig
 from ..context import AdapterContext, RouterRecord
-from ..lora import LinearAdapter, LoraWeights, base_linear
+from ..lora import LinearAdapter, LoraWeights, base_linear, weights_key
 from ..routing import mixlora_aux_loss, top_k_routing, top_p_routing
 
 PREFIX = "mixlora.layers"
@@ -170,7 +170,7 @@ class MixLoraFFN(nn.Module):
     def _pooled(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Routers and experts of ``names`` stacked (a few recent sets cached, rebuilt on any change)."""
         moes = [self.adapters[n] for n in names]
-        key = _pool_key(moes)
+        key = weights_key(p for m in moes for p in m.parameters())
         pools = self.__dict__.setdefault("_pools", OrderedDict())  # not buffers: never saved
         cached = pools.get(names)
         if cached is None or cached[0] != key:
@@ -264,10 +264,6 @@ class _PooledLora:
         from ..kernels import weighted_lora
 
         return weighted_lora(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, 1.0, indices, weights, combine=combine)
-
-
-def _pool_key(moes: list[MixLoraExperts]) -> tuple:
-    return tuple((p.data_ptr(), p._version) for m in moes for p in m.parameters())
 
 
 def attach(model: nn.Module, cfg: MixLoraConfig, name: str, ctx: AdapterContext) -> None:
