@@ -238,3 +238,19 @@ def test_streamed_text_holds_back_incomplete_characters_and_stop_prefixes():
     assert _held_back("hello wor", ["world"]) == 3  # may still become the stop sequence
     assert _held_back("hello", ["lo!", "xyz"]) == 2
     assert _held_back("x\ufffd", ["\ufffdy"]) == 1
+
+
+def test_an_adapter_that_cannot_be_reloaded_fails_its_requests_only(adapter_dirs, tmp_path):
+    import shutil
+
+    eng = engine("llama", adapter_dirs)
+    shutil.copytree(adapter_dirs["llama", "lora"], tmp_path / "gone")
+    eng.load_adapter("gone", str(tmp_path / "gone"))
+    eng.pool.budget = 1  # everything idle is evicted
+    eng.generate([[5, 6]], ["mixlora"], SamplingParams(max_tokens=2))
+    assert "gone" not in eng.pool.resident
+    shutil.rmtree(tmp_path / "gone")  # its directory disappears while it is evicted
+    ps = prompts(2, seed=4)
+    res = eng.generate(ps, ["gone", "lora"], SamplingParams(max_tokens=3))
+    assert res[0]["finish_reason"] == "error" and "gone" in res[0]["text"]
+    assert res[1]["token_ids"] == hf_alone(eng.model, ps[1], "lora", 3)
