@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "float32_linear",
     "top_k_routing",
     "top_p_routing",
     "mixlora_aux_loss",
@@ -22,6 +23,13 @@ __all__ = [
     "PromptPooler",
     "PromptRouter",
 ]
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` in float32 even under ``torch.autocast``, which would otherwise run it in bf16/fp16:
+    router logits are float32 (METHODS.md), whatever precision the rest of the model trains in."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
 
 
 def top_k_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,8 +206,9 @@ class PromptRouter(nn.Module):
         mask = mask.clone()
         empty = ~mask.any(1)
         mask[empty] = True  # a row without prompt tokens pools over all its positions
-        pooled = self.activation(self.pooler(h, mask))  # (B, d)
-        logits = F.linear(pooled, self.weight.float())  # (B, E)
+        with torch.autocast(h.device.type, enabled=False):  # float32 throughout, also under bf16 autocast
+            pooled = self.activation(self.pooler(h, mask))  # (B, d)
+            logits = F.linear(pooled, self.weight.float())  # (B, E)
         weights, indices, _ = top_k_routing(logits, self.top_k)
         gates = torch.zeros_like(logits).scatter(1, indices, weights)  # (B, E)
         return logits, gates

@@ -251,3 +251,32 @@ def test_count_parameters_and_param_groups():
     groups = moelora.param_groups(m2, lr=1e-3)
     assert [g["lr"] for g in groups] == [1e-3, 1e-3 * 0.01]
     assert sum(p.numel() for g in groups for p in g["params"]) == moelora.count_parameters(m2)["trainable"]
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
+def test_trains_under_bf16_autocast_with_float32_router_logits(method, monkeypatch):
+    """`train.precision: bf16` runs the model under autocast: the routers must still compute their
+    logits in float32 (METHODS.md), and MiLoRA once failed there (scatter of bf16 into float32)."""
+    model = tiny_model("llama")
+    moelora.attach(model, METHOD_CONFIGS[method]())
+    randomize_adapters(model)
+    ids, mask = batch(model)
+    seen = []
+    real = moelora.routing.top_k_routing
+
+    def spy(logits, k):
+        seen.append(logits.dtype)
+        return real(logits, k)
+
+    for mod in (moelora.routing, moelora.methods.mixlora):
+        monkeypatch.setattr(mod, "top_k_routing", spy)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, labels=ids, prompt_lengths=torch.full((ids.shape[0],), 3))
+    assert out.logits.dtype == torch.bfloat16  # autocast is really on
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    if method.startswith("mixlora") and "top_p" not in method or method == "milora":
+        assert seen and set(seen) == {torch.float32}

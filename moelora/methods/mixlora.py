@@ -25,14 +25,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from ..config import MixLoraConfig
 from ..context import AdapterContext, RouterRecord
 from ..lora import LinearAdapter, LoraWeights, base_linear, weights_key
-from ..routing import mixlora_aux_loss, top_k_routing, top_p_routing
+from ..routing import float32_linear, mixlora_aux_loss, top_k_routing, top_p_routing
 
 PREFIX = "mixlora.layers"
 
@@ -57,7 +56,7 @@ class MixLoraExperts(nn.Module):
         r_in = x.float()
         if self.training and self.jitter_noise > 0:
             r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits = F.linear(r_in, self.moe_gate.float())  # (N, E)
+        logits = float32_linear(r_in, self.moe_gate)  # (N, E)
         if self.routing == "top_p":
             weights, indices, selected = top_p_routing(logits, self.top_p, self.temperature, self.top_p_renormalize)
         else:
@@ -195,7 +194,7 @@ class MixLoraFFN(nn.Module):
         col = torch.arange(router.shape[0], device=x.device)
         own = (col >= lo[:, None]) & (col < hi[:, None])  # (N, sum E)
         x2 = x.reshape(G * T, d)
-        logits = F.linear(x2.float(), router.to(x.device)).masked_fill(~own, float("-inf"))
+        logits = float32_linear(x2, router.to(x.device)).masked_fill(~own, float("-inf"))
         first = self.adapters[names[0]]
         weights, indices, _ = top_k_routing(logits, first.top_k)
         mixed, rest = first._fast(self.base_mlp, x2, weights, indices, self._act(first),
