@@ -16,10 +16,10 @@ step() {  # name seconds command...
   echo "=== $name rc=$rc in $((SECONDS - t0))s ==="
 }
 [ -z "${SKIP_KERNEL:-}" ] && step kernel 70 python3 benchmarks/kernel_bench.py
-step bench 230 python3 benchmarks/bench.py --mode gpu --reuse-base --budget 190 --warmup 2 --repeats 5 --output "$OUT/bench_gpu.json"
-step engine 120 python3 benchmarks/engine_bench.py --mode gpu --repeats 1 --output "$OUT/engine_gpu.json"
+step bench ${BENCH_SECS:-330} python3 benchmarks/bench.py --mode gpu --reuse-base --budget $(( ${BENCH_SECS:-330} - 40 )) --warmup 2 --repeats 5 --output "$OUT/bench_gpu.json"
+[ -z "${SKIP_ENGINE:-}" ] && step engine 120 python3 benchmarks/engine_bench.py --mode gpu --repeats 1 --output "$OUT/engine_gpu.json"
 if ls .whl_moepeft/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_old .whl_moepeft/*.whl \
     > "$OUT/moepeft_install.log" 2>&1
-  step moepeft 70 env PYTHONPATH=/tmp/site_old python3 benchmarks/moe_peft_bench.py --mode gpu --output "$OUT/moe_peft_gpu.json"
+  step moepeft 120 env PYTHONPATH=/tmp/site_old python3 benchmarks/moe_peft_bench.py --mode gpu --output "$OUT/moe_peft_gpu.json"
 fi
