@@ -305,9 +305,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     batch["adapter_names"] = [n for n in names for _ in feats]
                 with accelerator.autocast():
                     outputs = ddp_model(**batch)
-                logits = outputs.logits[:, :-1].float()
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                     ignore_index=-100, reduction="none").view(len(names), -1).sum(1)
+                # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
+                targets = labels[:, 1:]
+                rows, cols = (targets != -100).nonzero(as_tuple=True)
+                token_ce = F.cross_entropy(outputs.logits[rows, cols].float(), targets[rows, cols], reduction="none")
+                ce = token_ce.new_zeros(len(names)).index_add(0, rows // len(feats), token_ce)  # per adapter
                 lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
                 routers = getattr(outputs, "router_losses", None) if multi else None
                 if routers is None:

@@ -185,6 +185,8 @@ class Runner:
         threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
         self.env = dict(os.environ)
         self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+                        # many processes share one GPU: less fragmentation, fewer out-of-memory failures
+                        PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
                         PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
                             [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
         for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
