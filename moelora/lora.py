@@ -163,7 +163,7 @@ class LinearAdapter(nn.Module):
             self.training and isinstance(lora.dropout, nn.Dropout)
         ):  # plain LoRA without dropout (decoding): the two products directly, fewest host-side steps
             A, B = lora.lora_A[0], lora.lora_B[0]
-            d = F.linear(F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A), B) * lora.scaling
+            d = F.linear(F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A) * lora.scaling, B)
             return base_out + d.to(base_out.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)

@@ -280,3 +280,40 @@ def test_trains_under_bf16_autocast_with_float32_router_logits(method, monkeypat
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     if method.startswith("mixlora") and "top_p" not in method or method == "milora":
         assert seen and set(seen) == {torch.float32}
+
+
+def _saved_bytes_and_grads(recompute: bool, arch: str = "llama"):
+    torch.manual_seed(0)
+    model = tiny_model(arch)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.1))
+    randomize_adapters(model)
+    for m in model.modules():
+        if isinstance(m, moelora.methods.mixlora.MixLoraExperts):
+            m.recompute = recompute
+    ids, mask = batch(model, B=4, T=16)
+    model.train()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(123)  # the same dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(saved), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])  # separate and fused gate/up
+def test_mixlora_recomputed_experts_give_the_same_gradients_and_keep_less(arch):
+    """Training recomputes the expert part of the FFN (k copies of the hidden activations) in the
+    backward pass instead of keeping it: same loss and gradients (dropout masks replayed), less kept."""
+    kept, loss, grads = _saved_bytes_and_grads(True, arch)
+    kept_plain, loss_plain, grads_plain = _saved_bytes_and_grads(False, arch)
+    torch.testing.assert_close(loss, loss_plain, atol=0, rtol=0)
+    assert grads.keys() == grads_plain.keys() and len(grads) > 0
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_plain[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert kept < 0.8 * kept_plain, (kept, kept_plain)

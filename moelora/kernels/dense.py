@@ -21,10 +21,13 @@ def weighted_lora_dense(
 ) -> torch.Tensor:
     E, r, d_in = A.shape
     d_out = B.shape[1]
-    if indices is None and E == 1:  # plain LoRA, possibly with a per-row weight
-        y = F.linear(F.linear(x, A[0]), B[0]) * scaling  # (N, out) or (N, k, out)
+    if indices is None and E == 1:  # plain LoRA, possibly with a per-row weight (MiLoRA's gate)
+        # scale and weight the rank-r intermediate, not the (N, out) result: the same products, an
+        # r-wide elementwise op instead of an out-wide one, and autograd keeps (N, r) for the weight
+        z = F.linear(x, A[0]) * scaling  # (N, r) or (N, k, r)
         if weights is not None:
-            y = y * (weights.to(y.dtype) if x.dim() == 3 else weights.to(y.dtype)[:, :1])
+            z = z * (weights.unsqueeze(-1).to(z.dtype) if x.dim() == 3 else weights.to(z.dtype)[:, :1])
+        y = F.linear(z, B[0])  # (N, out) or (N, k, out)
         if x.dim() == 2:
             return y if combine else y.unsqueeze(1)
         return y.sum(1) if combine else y
@@ -41,10 +44,10 @@ def weighted_lora_dense(
         z = z.view(N, 1, E, r)
     else:
         z = z.view(N, k, E, r)
-    u = z * sel.unsqueeze(-1)  # (N, k, E, r)
+    u = z * (sel * scaling).unsqueeze(-1)  # (N, k, E, r): weights and scale on the r-wide side
     if combine:
-        return F.linear(u.sum(1).reshape(N, E * r), B_cat) * scaling  # (N, out)
-    return F.linear(u.reshape(N, k, E * r), B_cat) * scaling  # (N, k, out)
+        return F.linear(u.sum(1).reshape(N, E * r), B_cat)  # (N, out)
+    return F.linear(u.reshape(N, k, E * r), B_cat)  # (N, k, out)
 
 
 def packed_lora(x: torch.Tensor, A: torch.Tensor, B_cat: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

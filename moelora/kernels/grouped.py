@@ -29,12 +29,15 @@ def weighted_lora_grouped(
     flat = indices.reshape(-1)  # (N*k,)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync
-    parts = []
+    # the routing weight and the scale go on the rank-r intermediate (r-wide, not out-wide)
+    scale = (weights.reshape(-1)[order].to(x.dtype) * scaling).unsqueeze(1) if weights is not None else None
+    parts, start = [], 0
     for e, seg in enumerate(torch.split(xk[order], counts)):
         if seg.shape[0]:
-            parts.append((seg @ A[e].t()) @ B[e].t())  # (n_e, out)
-    ys = torch.cat(parts) * scaling  # (N*k, out), sorted by expert
+            z = seg @ A[e].t()  # (n_e, r)
+            z = z * (scale[start : start + seg.shape[0]] if scale is not None else scaling)
+            parts.append(z @ B[e].t())  # (n_e, out)
+        start += seg.shape[0]
+    ys = torch.cat(parts)  # (N*k, out), sorted by expert
     y = torch.empty_like(ys).index_copy(0, order, ys).view(N, k, -1)  # back to (token, slot) order
-    if weights is not None:
-        y = y * weights.unsqueeze(-1).to(y.dtype)
     return y.sum(1) if combine else y

@@ -22,10 +22,12 @@ the naive form draws one per expert (as the official code). Both are off in ``ev
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from ..config import MixLoraConfig
@@ -48,6 +50,7 @@ class MixLoraExperts(nn.Module):
         self.top_p_renormalize = cfg.top_p_renormalize
         self.jitter_noise = cfg.jitter_noise
         self.naive = False
+        self.recompute = True  # while training: recompute the expert part in the backward (see _fast)
         # The checkpoint's activation (MoE-PEFT applies ACT2FN[act_fn]); None = the FFN's own.
         self.act = ACT2FN[cfg.act_fn] if cfg.act_fn else None
 
@@ -90,18 +93,33 @@ class MixLoraExperts(nn.Module):
         """``(sum_j w_j h_j, the rest of y)``: the FFN output is ``W_down(first) + b + second``.
 
         ``experts`` (projection -> stacked LoRAs) defaults to this adapter's; a mixed batch passes
-        several adapters' experts pooled (``MixLoraFFN._pooled``)."""
+        several adapters' experts pooled (``MixLoraFFN._pooled``). The frozen gate/up products run
+        here once per token; the expert part after them (``_experts``) works on ``k`` copies of the
+        FFN's hidden activations, so while training it is recomputed in the backward pass instead of
+        kept (``self.recompute``, METHODS.md's memory note): it costs small LoRA products and
+        elementwise work again, and saves ``~6 k`` activation-sized tensors per layer."""
         ex = self.experts if experts is None else experts
         if self.fused:
-            gu = mlp.gate_up_proj(x).unsqueeze(1) if base_gate_up is None else base_gate_up  # (N, 1, 2I)
+            base = (mlp.gate_up_proj(x).unsqueeze(1) if base_gate_up is None else base_gate_up,)  # (N, 1, 2I)
+        elif base_gate_up is None:
+            base = (mlp.gate_proj(x).unsqueeze(1), mlp.up_proj(x).unsqueeze(1))  # (N, 1, I) each
+        else:
+            base = tuple(base_gate_up.chunk(2, dim=-1))
+        fn = functools.partial(self._experts, ex, act, base_linear(mlp.down_proj))
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, x, w, idx, *base, use_reentrant=False)
+        return fn(x, w, idx, *base)
+
+    def _experts(self, ex: dict, act: nn.Module, down: nn.Linear, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
+                 *base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert deltas on the base gate/up outputs ``base``, the activation, the weighted mix."""
+        if self.fused:
+            gu = base[0]
             if "gate_up_proj" in ex:
                 gu = gu + ex["gate_up_proj"].delta(x, idx, None, combine=False).to(gu.dtype)  # (N, k, 2I)
             gate, up = gu.chunk(2, dim=-1)
         else:
-            if base_gate_up is None:
-                gate, up = mlp.gate_proj(x).unsqueeze(1), mlp.up_proj(x).unsqueeze(1)  # (N, 1, I)
-            else:
-                gate, up = base_gate_up.chunk(2, dim=-1)
+            gate, up = base
             if "gate_proj" in ex:
                 gate = gate + ex["gate_proj"].delta(x, idx, None, combine=False).to(gate.dtype)  # (N, k, I)
             if "up_proj" in ex:
@@ -109,7 +127,6 @@ class MixLoraExperts(nn.Module):
         h = act(gate) * up  # (N, k or 1, I)
         wk = w.to(h.dtype).unsqueeze(-1)  # (N, k, 1)
         mixed = (wk * h).sum(1)  # (N, I): sum_j w_j h_j
-        down = base_linear(mlp.down_proj)
         extra = torch.zeros(x.shape[0], down.out_features, dtype=mixed.dtype, device=x.device)
         if down.bias is not None:  # each expert adds the bias with its weight: (sum_j w_j) b
             extra = extra + (w.sum(-1, keepdim=True).to(extra.dtype) - 1) * down.bias
