@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = bench_contender(key, shape, attn, ckpt, warmup, repeats, decode)
         _free(shape)
         print(f"  {key}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"  {key}: {json.dumps(results[key])}", flush=True)  # a run killed later still tells
 
     report = {"meta": meta, "gate": gate, "contenders": results}
     finish(report, print_report, t_start, args.output)

@@ -374,9 +374,11 @@ def setup(studies: list[dict], runs: dict, dirs: dict) -> str:
                      f"{last.get('max_new_tokens')} new tokens.")
     for s in studies:
         env = s.get("environment", {})
-        lines.append(f"- **Machine** (`{s['out'].name}`): {env.get('gpu') or 'no GPU'}, {env.get('cpus')} CPU cores, "
-                     f"torch {env.get('torch')}, transformers {env.get('transformers')}, Python {env.get('python')}, "
-                     f"commit `{(env.get('git_commit') or '?')[:10]}`.")
+        line = (f"- **Machine** (`{s['out'].name}`): {env.get('gpu') or 'no GPU'}, {env.get('cpus')} CPU cores, "
+                f"torch {env.get('torch')}, transformers {env.get('transformers')}, Python {env.get('python')}, "
+                f"commit `{(env.get('git_commit') or '?')[:10]}`.")
+        if line not in lines:  # several folders from the same machine and code: once
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
