@@ -49,6 +49,7 @@ PROTOCOLS = ("choice", "generate")
 CHOICE_PREFIX = "the correct answer is"  # the fixed prefix of every llm-adapters commonsense output
 LABEL_FAMILIES = ("answer", "solution", "option", "ending")  # ARC/OBQA/SIQA, PIQA, WinoGrande, HellaSwag
 NUMBER_TOLERANCE = 1e-3  # LLM-Adapters' `miss`
+SAMPLES_KEPT = 20  # generate: outputs kept per task in the results (to see what a model answers)
 SPLIT_NAMES = {"test", "train", "dev", "val", "valid", "validation", "eval"}
 
 _NUMBER_RE = re.compile(r"-?\d+\.?\d*")
@@ -66,6 +67,7 @@ class TaskResult:
     unparsed: int
     accuracy_norm: float | None = None  # choice: acc_norm (log-likelihood per byte)
     correct_norm: int | None = None
+    samples: list[dict] | None = None  # generate: the first outputs as generated, parsed and expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +154,9 @@ def candidate_labels(items: Sequence[dict]) -> list[str]:
 
 def _label_regex(labels: Sequence[str]) -> re.Pattern:
     alternatives = "|".join(re.escape(lab) for lab in sorted(labels, key=len, reverse=True))
-    return re.compile(rf"(?<![A-Za-z0-9_])({alternatives})(?![A-Za-z0-9_])", re.IGNORECASE)
+    # a label starts a word and is not followed by a digit: "answer3the ..." (a model that runs on
+    # past its answer) is answer3, as in LLM-Adapters' substring search; "answer12" and "untrue" are not
+    return re.compile(rf"(?<![A-Za-z0-9_])({alternatives})(?![0-9])", re.IGNORECASE)
 
 
 def parse_answer(text: str, labels: Sequence[str]) -> str | None:
@@ -163,8 +167,9 @@ def parse_answer(text: str, labels: Sequence[str]) -> str | None:
       dropped: ``"The answer is 42."`` -> ``"42"``).
     - single-letter labels (AQuA): the letter of ``"answer is (X)"`` / ``"answer: X"``, else the
       first ``"(X)"``, else the first standalone capital letter among the labels.
-    - otherwise: the first label found, case-insensitive, as a whole word; returned as spelled in
-      ``labels`` (``"True"`` -> ``"true"``).
+    - otherwise: the first label found, case-insensitive, at the start of a word and not followed by
+      a digit (``"answer3the"`` -> ``answer3``; ``"answer12"``, ``"untrue"`` -> nothing); returned
+      as spelled in ``labels`` (``"True"`` -> ``"true"``).
     """
     if not labels:
         found = _NUMBER_RE.findall(text.replace(",", ""))
@@ -613,6 +618,19 @@ def _cut_response(text: str) -> str:
     return body[start : m.start()] if m else body[start:]
 
 
+def _stop_tokens(model: Any, tokenizer: Any) -> dict:
+    """``eos_token_id`` for ``generate``: the model's generation config's end tokens plus the
+    tokenizer's EOS, which ``moelora train`` appends to every response (the two can differ, e.g. a
+    model converted from GGUF whose generation config names another end token)."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in ids:
+        ids.append(eos)
+    return {"eos_token_id": ids} if ids else {}
+
+
 def generate_responses(
     model: Any,
     tokenizer: Any,
@@ -631,6 +649,7 @@ def generate_responses(
     pad = _pad_id(tokenizer)
     encoded = [list(x) for x in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    stop = _stop_tokens(model, tokenizer)
     texts = [""] * len(prompts)
     with _progress(len(prompts), desc, "item", progress) as bar, _EvalMode(model):
         for start in range(0, len(order), batch_size):
@@ -644,7 +663,7 @@ def generate_responses(
                 mask[r, T - len(seq) :] = 1
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                num_beams=num_beams, do_sample=False, pad_token_id=pad,
+                num_beams=num_beams, do_sample=False, pad_token_id=pad, **stop,
             )
             seqs = out.sequences if hasattr(out, "sequences") else out
             new = seqs[:, T:]
@@ -679,14 +698,18 @@ def evaluate_generate(
         progress=progress, desc=f"{task} (generate)",
     )
     correct = unparsed = 0
+    samples = []
     for it, text in zip(items, texts, strict=True):
         item_labels = _item_labels(it, labels)
         pred = parse_answer(_cut_response(text), item_labels)
         if pred is None:
             unparsed += 1
         correct += is_correct(pred, it["answer"], item_labels)
+        if len(samples) < SAMPLES_KEPT:
+            samples.append({"output": text, "parsed": pred, "answer": str(it["answer"])})
     n = len(items)
-    return TaskResult(task=task, protocol="generate", correct=correct, total=n, accuracy=correct / n, unparsed=unparsed)
+    return TaskResult(task=task, protocol="generate", correct=correct, total=n, accuracy=correct / n, unparsed=unparsed,
+                      samples=samples)
 
 
 # ---------------------------------------------------------------------------------------------

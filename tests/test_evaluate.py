@@ -20,6 +20,7 @@ import moelora
 from moelora.evaluate import (
     CHOICE_PREFIX,
     TaskResult,
+    _stop_tokens,
     candidate_labels,
     evaluate_choice,
     evaluate_files,
@@ -120,6 +121,9 @@ def test_parse_answer_labels():
     assert parse_answer("True", ["true", "false"]) == "true"
     assert parse_answer("it is FALSE, not true", ["true", "false"]) == "false"
     assert parse_answer("untrue", ["true", "false"]) is None
+    # a model that runs on past its answer without a space (no EOS) still answered, as LLM-Adapters reads it
+    assert parse_answer("the correct answer is answer3the correct answer is answer1", arc) == "answer3"
+    assert parse_answer("truethe correct answer is false", ["true", "false"]) == "true"
     assert parse_answer("the correct answer is solution2", ["solution1", "solution2"]) == "solution2"
     assert parse_answer("option1", ["option1", "option2"]) == "option1"
 
@@ -335,6 +339,11 @@ def test_generate_with_a_stub_model(tok):
     assert (res.correct, res.total, res.unparsed, res.accuracy) == (2, 4, 1, 0.5)
     assert [c["batch"] for c in stub.calls] == [3, 1]
     assert all(c["max_new_tokens"] == 32 and c["num_beams"] == 1 and c["do_sample"] is False for c in stub.calls)
+    assert all(c["eos_token_id"] == [tok.eos_token_id] for c in stub.calls)  # the EOS training appends stops
+    # what the model answered is kept, in item order
+    assert [(x["output"], x["parsed"], x["answer"]) for x in res.samples] == [
+        ("the correct answer is answer2", "answer2", "answer2"), ("Answer1 is right", "answer1", "answer1"),
+        ("I think answer3", "answer3", "answer4"), ("no idea", None, "answer3")]
 
     items = [math_item("Q one?", "42.0"), math_item("Q two?", "1234.5"), math_item("Q three?", "8.0"),
              math_item("Q four?", "5.0"), math_item("Q five?", "9.0")]
@@ -350,6 +359,19 @@ def test_generate_with_a_stub_model(tok):
     assert stub.calls[0]["max_new_tokens"] == 256 and stub.calls[0]["num_beams"] == 2
     evaluate_generate(stub, tok, items, task="gsm8k", max_new_tokens=7, limit=2, progress=False)
     assert stub.calls[-1]["max_new_tokens"] == 7 and stub.calls[-1]["batch"] == 2
+
+
+def test_generation_stops_at_the_tokenizers_eos_too(tok):
+    """Training appends the tokenizer's EOS; a generation config naming another end token (as a model
+    converted from GGUF may) must not make a fine-tuned model run on past its answer."""
+    model = tiny_model("llama")
+    other = (tok.eos_token_id + 1) % model.config.vocab_size
+    model.generation_config.eos_token_id = other
+    assert _stop_tokens(model, tok) == {"eos_token_id": [other, tok.eos_token_id]}
+    model.generation_config.eos_token_id = [tok.eos_token_id, other]
+    assert _stop_tokens(model, tok) == {"eos_token_id": [tok.eos_token_id, other]}
+    model.generation_config.eos_token_id = None
+    assert _stop_tokens(model, tok) == {"eos_token_id": [tok.eos_token_id]}
 
 
 def test_generate_on_tiny_models_left_padding(tok):
@@ -391,9 +413,10 @@ def test_evaluate_files_and_table(tok, tmp_path):
 
     stub = StubGenerator(tok, {"is ice cold": "true", "is fire cold": "True", "is water wet": "yes"})
     out = evaluate_files(stub, tok, [paths[1]], "generate", progress=False)
-    assert out["tasks"]["boolq"] | {} == {
+    assert out["tasks"]["boolq"] | {"samples": None} == {
         "task": "boolq", "protocol": "generate", "correct": 1, "total": 3, "accuracy": 1 / 3, "unparsed": 1,
-        "accuracy_norm": None, "correct_norm": None}
+        "accuracy_norm": None, "correct_norm": None, "samples": None}
+    assert [x["output"] for x in out["tasks"]["boolq"]["samples"]] == ["true", "True", "yes"]
     assert "unparsed" in format_table(out).splitlines()[0]
 
     # two split files of one task are told apart
