@@ -53,6 +53,9 @@ class AdapterContext:
     forward_name: object = _ACTIVE  # this forward's (or group's) adapter when it is not ``active``
     row_cache: dict = field(default_factory=dict)  # per forward: packed-LoRA slots of a mixed batch
     generate_adapter_names: list[str | None] | None = None  # ``generate(adapter_names=...)``, expanded
+    # ``generate(attention_mask=...)``: the 2-D padding mask of the prompt, for a prefill that gets a
+    # 4-D mask instead (a static cache makes ``generate`` build one)
+    generate_mask: torch.Tensor | None = None
 
     def begin_forward(self) -> None:
         self.records = {}

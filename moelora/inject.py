@@ -97,6 +97,19 @@ def _past_length(past: Any) -> int:
         return 0
 
 
+def _prompt_mask(ctx: AdapterContext, ids: Any) -> torch.Tensor | None:
+    """The 2-D padding mask of a ``generate`` prefill whose forward got a 4-D mask (static cache),
+    from the mask ``generate`` was called with (rows repeated as ``generate`` expands them)."""
+    mask = ctx.generate_mask
+    if mask is None or ctx.generation_step != 0 or not torch.is_tensor(ids) or ids.shape[1] != mask.shape[1]:
+        return None
+    if ids.shape[0] != mask.shape[0]:
+        if ids.shape[0] % mask.shape[0]:
+            return None
+        mask = mask.repeat_interleave(ids.shape[0] // mask.shape[0], dim=0)  # beams / return sequences
+    return mask
+
+
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     ctx: AdapterContext = module._moelora_ctx
     ctx.begin_forward()
@@ -114,7 +127,9 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {ids.shape[0]} rows")
     ctx.set_groups(adapter_names, ids.device if torch.is_tensor(ids) else torch.device("cpu"))
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    ctx.attention_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+    if not (torch.is_tensor(mask) and mask.dim() == 2):
+        mask = _prompt_mask(ctx, ids)
+    ctx.attention_mask = mask
     past = _past_length(kwargs.get("past_key_values"))
     ctx.decoding = past > 0 or (ctx.generation_step is not None and ctx.generation_step > 0)
     return args, kwargs
@@ -154,6 +169,8 @@ def _wrap_generate(model: nn.Module, ctx: AdapterContext) -> None:
             inputs = kwargs.get("inputs_embeds")
         ctx.prompt_width = inputs.shape[1] if torch.is_tensor(inputs) and inputs.dim() >= 2 else None
         ctx.generation_step = 0
+        mask = kwargs.get("attention_mask")
+        ctx.generate_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
         names = kwargs.pop("adapter_names", None)
         if names is not None:  # per-row adapters; generate expands rows for beams / return sequences
             cfg = kwargs.get("generation_config") or model.generation_config
@@ -166,6 +183,7 @@ def _wrap_generate(model: nn.Module, ctx: AdapterContext) -> None:
         finally:
             ctx.prompt_width = None
             ctx.generation_step = None
+            ctx.generate_mask = None
             ctx.generate_adapter_names = None
 
     model.generate = generate

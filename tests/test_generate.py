@@ -56,6 +56,23 @@ def test_cache_on_and_off_agree_for_greedy_sampling_and_beams(method):
         assert torch.equal(runs[0], runs[1]), kw
 
 
+@pytest.mark.parametrize("kw", [{}, {"num_beams": 2}])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_static_cache_equals_the_dynamic_cache(method, kw):
+    """`cache_implementation="static"` (the cache `torch.compile`d decoding uses) hands the model a 4-D
+    mask: MiLoRA's prompt pooling must still skip the left padding (it once pooled over it)."""
+    model = _model(method)
+    ids, mask = batch(model, B=3, T=6, left_pad=True)
+    assert (mask == 0).any()
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                output_scores=True, return_dict_in_generate=True, **kw)
+    dynamic = model.generate(**args)
+    static = model.generate(**args, cache_implementation="static", disable_compile=True)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores, strict=True):  # the gates too, not only the argmax
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=False, use_cache=False)])
 def test_milora_router_runs_at_prefill_only(kw):
     model = _model("milora")
