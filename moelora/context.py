@@ -18,11 +18,24 @@ from .config import AdapterConfig
 
 @dataclass
 class RouterRecord:
-    """One router call: logits of the tokens (or sequences) that count, and what was selected."""
+    """One router call: logits of the tokens (or sequences) that count, and what was selected.
+
+    ``keep`` (``(N,)`` bool, optional) marks the rows that count (padding excluded); it is applied
+    when ``logits`` / ``selected`` are read, not when recorded, so a forward records without a
+    data-dependent shape (``torch.compile``d decoding traces it as one graph)."""
 
     layer: int
-    logits: torch.Tensor  # (N, E) float32, padding excluded
-    selected: torch.Tensor  # (N, E) bool: the experts each row uses
+    all_logits: torch.Tensor  # (N, E) float32
+    all_selected: torch.Tensor  # (N, E) bool: the experts each row uses
+    keep: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.all_logits if self.keep is None else self.all_logits[self.keep]
+
+    @property
+    def selected(self) -> torch.Tensor:
+        return self.all_selected if self.keep is None else self.all_selected[self.keep]
 
 
 _ACTIVE = object()  # ``forward_name`` unset: the forward uses ``active``
@@ -36,7 +49,9 @@ class AdapterContext:
     attention_mask: torch.Tensor | None = None  # (B, S) 1 = real token; S >= this forward's T
     prompt_lengths: torch.Tensor | None = None  # (B,) non-padding prompt tokens per row
     prompt_width: int | None = None  # during generate(): columns of the original prompt
-    generation_step: int | None = None  # forwards done in the current generate() call, else None
+    # inside generate(): "prefill" until its first forward is done, then "decode"; None outside. A
+    # string, not a step counter: a compiled decoding step guards on it, and a counter would recompile
+    generate_phase: str | None = None
     decoding: bool = False  # a KV cache already holds the prompt: reuse cached routing
     records: dict[str, list[RouterRecord]] = field(default_factory=dict)
     # MiLoRA gates cached at prefill: adapter -> layer -> (B, E)

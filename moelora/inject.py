@@ -101,7 +101,7 @@ def _prompt_mask(ctx: AdapterContext, ids: Any) -> torch.Tensor | None:
     """The 2-D padding mask of a ``generate`` prefill whose forward got a 4-D mask (static cache),
     from the mask ``generate`` was called with (rows repeated as ``generate`` expands them)."""
     mask = ctx.generate_mask
-    if mask is None or ctx.generation_step != 0 or not torch.is_tensor(ids) or ids.shape[1] != mask.shape[1]:
+    if mask is None or ctx.generate_phase != "prefill" or not torch.is_tensor(ids) or ids.shape[1] != mask.shape[1]:
         return None
     if ids.shape[0] != mask.shape[0]:
         if ids.shape[0] % mask.shape[0]:
@@ -130,15 +130,18 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     if not (torch.is_tensor(mask) and mask.dim() == 2):
         mask = _prompt_mask(ctx, ids)
     ctx.attention_mask = mask
-    past = _past_length(kwargs.get("past_key_values"))
-    ctx.decoding = past > 0 or (ctx.generation_step is not None and ctx.generation_step > 0)
+    # generate()'s decoding steps are known without reading the cache's length (a host sync, and a
+    # graph break in a compiled step); its prefill may itself continue a cache the caller passed
+    ctx.decoding = ctx.generate_phase == "decode" or _past_length(kwargs.get("past_key_values")) > 0
     return args, kwargs
 
 
 def _post_forward(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
     ctx: AdapterContext = module._moelora_ctx
-    if ctx.generation_step is not None:
-        ctx.generation_step += 1
+    if ctx.generate_phase == "prefill":
+        ctx.generate_phase = "decode"
+    if torch.compiler.is_compiling() and not module.training:
+        return outputs  # a compiled decoding step: no router loss to report (data-dependent shapes)
     from .methods import router_loss  # local: methods import this module
 
     names = [ctx.current] if ctx.groups is None else [n for n, _ in ctx.groups]
@@ -168,7 +171,7 @@ def _wrap_generate(model: nn.Module, ctx: AdapterContext) -> None:
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         ctx.prompt_width = inputs.shape[1] if torch.is_tensor(inputs) and inputs.dim() >= 2 else None
-        ctx.generation_step = 0
+        ctx.generate_phase = "prefill"
         mask = kwargs.get("attention_mask")
         ctx.generate_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
         names = kwargs.pop("adapter_names", None)
@@ -182,7 +185,7 @@ def _wrap_generate(model: nn.Module, ctx: AdapterContext) -> None:
             return original(*args, **kwargs)
         finally:
             ctx.prompt_width = None
-            ctx.generation_step = None
+            ctx.generate_phase = None
             ctx.generate_mask = None
             ctx.generate_adapter_names = None
 

@@ -122,8 +122,13 @@ class DoraVariant(nn.Module):
     def _norm(self, base: nn.Linear, lora: LoraWeights) -> torch.Tensor:
         """``||W + s B A||`` per row (detached), recomputed only when ``W``, ``A`` or ``B`` changed:
         it costs a full ``(out, in)`` matrix, which would otherwise be rebuilt at every decoding step."""
-        key = weights_key((base.weight, lora.lora_A, lora.lora_B))
         cached = self.__dict__.get("_norm_cache")
+        if torch.compiler.is_compiling():  # storage pointers cannot be traced: trust the eager calls'
+            if cached is not None:  # check (a compiled decoding step follows an eager prefill)
+                return cached[1]
+            with torch.no_grad():
+                return self._weight_norm(base.weight, lora)
+        key = weights_key((base.weight, lora.lora_A, lora.lora_B))
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, self._weight_norm(base.weight, lora))
@@ -170,7 +175,9 @@ class LinearAdapter(nn.Module):
         weights = None
         if self.gate is not None:
             layer, expert = self.gate
-            if not torch.is_grad_enabled() and ctx.milora_unused(name, layer, expert):
+            # (not while compiling: which modules a prompt selected would become a guard, and each new
+            # selection pattern a recompilation; the compiled step computes every module, gated)
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and ctx.milora_unused(name, layer, expert):
                 return base_out  # gate 0 for every row: MiLoRA's decoding costs only the selected modules
             g = ctx.milora_gates(name, layer)[:, expert]  # (B,)
             T = x2.shape[0] // g.shape[0]

@@ -130,3 +130,36 @@ def test_decoding_without_prefill_routing_is_a_clear_error():
     with pytest.raises(RuntimeError, match="has no routing for layer 0"):
         with torch.no_grad():
             model(ids[:, -1:], past_key_values=out.past_key_values)
+
+
+def _compile_config(backend):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CompileConfig(fullgraph=True, backend=backend, mode=None, dynamic=False)
+    if not hasattr(cfg, "_compile_all_devices"):
+        pytest.skip("this transformers has no CompileConfig._compile_all_devices (auto-compile off the GPU)")
+    cfg._compile_all_devices = True  # transformers compiles decoding on CUDA only by default
+    return cfg
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_compiled_static_cache_decoding_is_one_graph_and_exact(method):
+    """On a GPU, `generate(cache_implementation="static")` makes transformers `torch.compile` every
+    decoding step (CUDA graphs). Here with dynamo's eager backend: the whole step is one graph
+    (fullgraph=True: no graph break), compiled once for several prompts and steps (no guard on a
+    step counter or on which MiLoRA modules a prompt picked), and the tokens equal eager decoding."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = _compile_config(backend)
+    model = _model(method)
+    for seed in range(3):
+        ids, mask = batch(model, B=3, T=6, seed=seed, left_pad=True)
+        args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        eager = model.generate(**args)
+        compiled = model.generate(**args, cache_implementation="static", compile_config=cfg)
+        assert torch.equal(compiled, eager), seed
+    assert len(graphs) == 1

@@ -83,6 +83,8 @@ def weighted_lora(
         ``(N, out)`` if ``combine`` else ``(N, k, out)``.
     """
     name = backend or default_backend(x.device)
+    if name == "grouped" and torch.compiler.is_compiling():
+        name = "torch"  # `grouped` syncs with the host (per-expert counts); the masked dense form traces
     try:
         fn = BACKENDS[name]
     except KeyError:

@@ -76,7 +76,7 @@ class MixLoraExperts(nn.Module):
         x2 = x.reshape(B * T, d)  # (N, d)
         logits, weights, indices, selected = self.route(x2)
         keep = ctx.token_mask(B, T, x.device).reshape(-1)  # (N,) non-padding tokens
-        ctx.record(name, RouterRecord(self.layer, logits[keep], selected[keep]))
+        ctx.record(name, RouterRecord(self.layer, logits, selected, keep))
         if self.naive and base_gate_up is None:
             return self._naive(mlp, x2, weights, indices, act).reshape(B, T, d)
         if base_gate_up is not None:
