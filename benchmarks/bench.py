@@ -49,6 +49,7 @@ from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, _sync, finis
 import moelora  # noqa: E402
 
 BASELINE = "peft_lora_r16"
+COMPILED_DECODE = False  # --compiled-decode
 CONTENDERS = [  # in priority order: with --budget, the last ones are skipped first
     "peft_lora_r16",
     "ours_lora_r16",
@@ -209,6 +210,15 @@ def _phase(name: str, what: str, t0: float) -> None:
     print(f"    {name}: {what} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def compiled_decode_kwargs(shape: Shape) -> dict:
+    """``generate`` arguments for compiled decoding: a static KV cache, with which transformers
+    ``torch.compile``s every decoding step (on CUDA: inductor + CUDA graphs, ``reduce-overhead``;
+    on the CPU, where transformers does not compile by default: inductor, default mode)."""
+    cfg = transformers.CompileConfig(mode="reduce-overhead" if shape.device == "cuda" else "default")
+    cfg._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": cfg}
+
+
 def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth: float) -> dict:
     dev = shape.device
     g = torch.Generator().manual_seed(11)
@@ -254,12 +264,14 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
 
     # decode
     n_new = shape.decode_new_tokens
+    decode_kwargs = compiled_decode_kwargs(shape) if COMPILED_DECODE else {}
     for bsz in shape.decode_batches:
         prompt = torch.randint(3, shape.vocab, (bsz, shape.decode_prompt_len), generator=g).to(dev)
 
         def gen(prompt=prompt):
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, pad_token_id=0)
+                                 max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, pad_token_id=0,
+                                 **decode_kwargs)
             assert out.shape[1] == prompt.shape[1] + n_new
 
         t0 = time.perf_counter()
@@ -344,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-base", action="store_true",
                     help="build the base model once and attach/remove each contender's adapter on it")
     ap.add_argument("--budget", type=float, default=0, help="skip the remaining contenders after this many seconds")
+    ap.add_argument("--compiled-decode", action="store_true",
+                    help="decode with a static cache, each step torch.compiled (CUDA graphs on a GPU); the "
+                         "warm-up call pays the compilation")
     args = ap.parse_args(argv)
+    global COMPILED_DECODE
+    COMPILED_DECODE = args.compiled_decode
 
     if args.mode == "gpu" and not torch.cuda.is_available():
         print("error: --mode gpu needs CUDA", file=sys.stderr)
@@ -368,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     meta = {
-        "mode": args.mode, "tiny": args.tiny, "threads": threads, "warmup": warmup, "repeats": repeats,
+        "mode": args.mode, "tiny": args.tiny, "compiled_decode": args.compiled_decode, "threads": threads, "warmup": warmup, "repeats": repeats,
         "shape": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(shape).items()},
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "device_name": torch.cuda.get_device_name() if shape.device == "cuda" else platform.processor() or platform.machine(),
