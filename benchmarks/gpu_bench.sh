@@ -17,6 +17,9 @@ step() {  # name seconds command...
 }
 [ -z "${SKIP_KERNEL:-}" ] && step kernel 70 python3 benchmarks/kernel_bench.py
 step bench ${BENCH_SECS:-330} python3 benchmarks/bench.py --mode gpu --reuse-base --budget $(( ${BENCH_SECS:-330} - 40 )) --warmup 2 --repeats 5 --output "$OUT/bench_gpu.json"
+[ -n "${COMPILED:-}" ] && step bench_compiled ${COMPILED_SECS:-240} python3 benchmarks/bench.py --mode gpu --reuse-base --skip-gate --compiled-decode \
+  --budget $(( ${COMPILED_SECS:-240} - 40 )) --warmup 2 --repeats 5 --contenders peft_lora_r16 ours_lora_r16 ours_mixlora_fast ours_milora_r16 \
+  --output "$OUT/bench_gpu_compiled.json"
 [ -z "${SKIP_ENGINE:-}" ] && step engine 120 python3 benchmarks/engine_bench.py --mode gpu --repeats 1 --output "$OUT/engine_gpu.json"
 if ls .whl_moepeft/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_old .whl_moepeft/*.whl \
