@@ -42,19 +42,26 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / NAME
     if (target / "config.json").is_file():
         return target
+    return convert_gguf(gguf_path(), target, name=NAME)
+
+
+def convert_gguf(src: str | Path, target: str | Path, name: str | None = None) -> Path:
+    """Convert a GGUF file into a normal saved-model directory (float32 weights + tokenizer), written
+    atomically. ``save_pretrained`` refuses a model loaded with ``gguf_file=`` (it is flagged as
+    quantized), so the dequantized weights go into a fresh model built from its config."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    src, target = Path(src), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
         config = gguf_model.config  # dequantized weights, but flagged as a GGUF-quantized (unsaveable) model
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        config._name_or_path = NAME
+        config._name_or_path = name or target.name
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config

