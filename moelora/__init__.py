@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, export_mixlora, load_adapter, save_adapter  # noqa: E402
 from .config import ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig  # noqa: E402
-from .inject import ARCHITECTURES, attach, detach, get_context, set_adapter, set_backend  # noqa: E402
+from .inject import ARCHITECTURES, attach, detach, get_context, set_adapter, set_backend, set_recompute  # noqa: E402
 from .stats import count_parameters, expert_load, param_groups  # noqa: E402
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "detach",
     "set_adapter",
     "set_backend",
+    "set_recompute",
     "save_adapter",
     "load_adapter",
     "export_mixlora",

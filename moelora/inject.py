@@ -367,6 +367,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     ctx.active = adapter_name
 
 
+def set_recompute(model: nn.Module, enabled: bool) -> None:
+    """MixLoRA: recompute the expert part of each FFN in the backward pass instead of keeping its
+    ``k`` copies of the hidden activations (default on; off trades that memory for ~3-11% less
+    step time, docs/benchmarks.md). No effect on other methods or at inference."""
+    for m in model.modules():
+        if hasattr(m, "recompute"):
+            m.recompute = bool(enabled)
+
+
 def set_backend(model: nn.Module, backend: str) -> None:
     """Choose the grouped-LoRA kernel by name (``reference``, ``torch``, ``grouped``) for every adapter.
 

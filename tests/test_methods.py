@@ -287,9 +287,8 @@ def _saved_bytes_and_grads(recompute: bool, arch: str = "llama"):
     model = tiny_model(arch)
     moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.1))
     randomize_adapters(model)
-    for m in model.modules():
-        if isinstance(m, moelora.methods.mixlora.MixLoraExperts):
-            m.recompute = recompute
+    moelora.set_recompute(model, recompute)
+    assert {m.recompute for m in model.modules() if isinstance(m, moelora.methods.mixlora.MixLoraExperts)} == {recompute}
     ids, mask = batch(model, B=4, T=16)
     model.train()
     saved = []
