@@ -255,9 +255,11 @@ class AdaptedLinear(nn.Module):
         kept (a decoding batch keeps its set until a request joins or leaves); a set is rebuilt when
         one of its weights changes. Only the batch's adapters cost work in the packed op."""
         entries = [(n, self.adapters[n].lora) for n in names]
-        key = weights_key(t for _, w in entries for t in (w.lora_A, w.lora_B))
         packs = self.__dict__.setdefault("_packs", OrderedDict())  # not buffers: never saved
         cached = packs.get(names)
+        if cached is not None and torch.compiler.is_compiling():
+            return cached[1:]  # storage pointers cannot be traced: the eager prefill built or checked it
+        key = weights_key([t for _, w in entries for t in (w.lora_A, w.lora_B)])
         if cached is None or cached[0] != key:
             r = max(w.r for _, w in entries)
             first = entries[0][1]
@@ -277,13 +279,13 @@ class AdaptedLinear(nn.Module):
         A, B_cat, slots = self._pack(names)
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
         rows = ctx.row_cache.get(names)  # the same for every projection with the same adapters: built once
-        if rows is None:
-            slot, scale = [0] * Bsz, [0.0] * Bsz
+        if rows is None:  # tensor writes, no host round trip: a compiled decoding step traces them
+            slot = torch.zeros(Bsz, dtype=torch.long, device=x.device)
+            scale = torch.zeros(Bsz, dtype=A.dtype, device=x.device)
             for n, idx in groups:
-                for i in idx.tolist():
-                    slot[i], scale[i] = slots[n], self.adapters[n].lora.scaling
-            rows = ctx.row_cache[names] = (torch.tensor(slot, device=x.device),
-                                         torch.tensor(scale, dtype=A.dtype, device=x.device))
+                slot[idx] = slots[n]
+                scale[idx] = self.adapters[n].lora.scaling
+            rows = ctx.row_cache[names] = (slot, scale)
         slot, weight = rows
         gated = [(n, idx) for n, idx in groups if self.adapters[n].gate is not None]
         if gated:  # MiLoRA: the row's gate for this projection's expert

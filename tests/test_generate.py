@@ -163,3 +163,22 @@ def test_compiled_static_cache_decoding_is_one_graph_and_exact(method):
         compiled = model.generate(**args, cache_implementation="static", compile_config=cfg)
         assert torch.equal(compiled, eager), seed
     assert len(graphs) == 1
+
+
+def test_compiled_decoding_of_a_mixed_batch():
+    """Rows with different adapters (LoRA, MiLoRA, MixLoRA, none) in one compiled decoding step:
+    fullgraph=True (no graph break: the packed op's slot table is built with tensor writes, its
+    stacked weights come from the eager prefill), tokens equal eager decoding."""
+    torch._dynamo.reset()
+    cfg = _compile_config(lambda gm, example_inputs: gm.forward)
+    model = tiny_model("llama")
+    moelora.attach(model, CONFIGS["lora"](), "a")
+    moelora.attach(model, CONFIGS["milora"](), "b")
+    moelora.attach(model, CONFIGS["mixlora"](), "c")
+    randomize_adapters(model, scale=0.2)
+    model.eval()
+    ids, mask = batch(model, B=4, T=6, left_pad=True)
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                adapter_names=["a", "b", "c", None])
+    eager = model.generate(**args)
+    assert torch.equal(model.generate(**args, cache_implementation="static", compile_config=cfg), eager)
