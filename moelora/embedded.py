@@ -45,6 +45,24 @@ def embedded_model_dir() -> Path:
     return convert_gguf(gguf_path(), target, name=NAME)
 
 
+def align_eos(tokenizer, generation_config) -> bool:
+    """Make the tokenizer's EOS the generation config's end token when they differ; True if changed.
+
+    Training appends ``tokenizer.eos_token`` to every response and ``generate`` stops at the
+    generation config's ``eos_token_id``: they must be the same token. transformers 5.17 reads
+    SmolLM2's GGUF with ``eos_token = <|im_start|>`` (id 1) but ``eos_token_id = 2`` (``<|im_end|>``)
+    in the generation config, so an adapter trained on it never stops (seen on the GPU machine)."""
+    eos = generation_config.eos_token_id
+    if isinstance(eos, (list, tuple)):  # several end tokens (e.g. Llama 3): any of them will do
+        if not eos or tokenizer.eos_token_id in eos:
+            return False
+        eos = eos[0]
+    if eos is None or tokenizer.eos_token_id == eos:
+        return False
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
+    return True
+
+
 def convert_gguf(src: str | Path, target: str | Path, name: str | None = None) -> Path:
     """Convert a GGUF file into a normal saved-model directory (float32 weights + tokenizer), written
     atomically. ``save_pretrained`` refuses a model loaded with ``gguf_file=`` (it is flagged as
@@ -65,6 +83,7 @@ def convert_gguf(src: str | Path, target: str | Path, name: str | None = None) -
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
+        align_eos(tok, model.generation_config)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.rename(tmp, target)  # atomic: a half-converted model is never picked up

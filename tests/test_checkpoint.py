@@ -829,3 +829,19 @@ def test_convert_gguf_writes_a_loadable_model_directory(tmp_path):
     text = "### Response:\nthe correct answer is answer3"
     assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
     assert tok.eos_token_id == gguf_tok.eos_token_id
+
+
+def test_align_eos_makes_the_tokenizer_stop_where_generate_stops():
+    """transformers 5.17 reads SmolLM2's GGUF with tokenizer EOS <|im_start|> but generation-config EOS
+    <|im_end|>: training would append one and generation stop at the other."""
+    from conftest import bpe_tokenizer
+    from transformers import GenerationConfig
+
+    from moelora.embedded import align_eos
+
+    tok = bpe_tokenizer(["hello world", "the correct answer is true"])
+    other = next(i for i in range(len(tok)) if i != tok.eos_token_id)
+    assert align_eos(tok, GenerationConfig(eos_token_id=other)) is True
+    assert tok.eos_token_id == other
+    assert align_eos(tok, GenerationConfig(eos_token_id=[0, other])) is False  # one of several: kept
+    assert align_eos(tok, GenerationConfig()) is False and tok.eos_token_id == other  # no end token: unchanged
