@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,22 @@ def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torc
                                                      device_map={"": torch.cuda.current_device()})
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    _warn_eos_mismatch(tokenizer, getattr(model, "generation_config", None), name_or_path)
     return model, tokenizer
+
+
+def _warn_eos_mismatch(tokenizer, generation_config, where: str) -> None:
+    """Training ends every response with the tokenizer's EOS; ``generate`` stops at the generation
+    config's end tokens. When the first is not among the second, a trained adapter does not stop."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if ends and tokenizer.eos_token_id not in ends:
+        warnings.warn(
+            f"{where}: the tokenizer's EOS {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) is not among the "
+            f"generation config's end tokens {ends}: training appends the former, generate() stops at the latter; "
+            f"set one to the other (moelora.embedded.align_eos does it for the tokenizer)",
+            stacklevel=3,
+        )
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -254,3 +254,26 @@ def test_chat_reads_turns_until_an_empty_line(tiny_model_dir):
                        input="is 4 even?\n/reset\nagain\n\n", capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("model> ") == 2
+
+
+def test_loading_warns_when_the_tokenizers_eos_is_not_a_generation_end_token(tiny_model_dir, tmp_path):
+    """The failure behind the first GPU accuracy study: responses trained to end with one token,
+    generation stopping at another. Loading such a model says so; a consistent one loads quietly."""
+    import shutil
+    import warnings
+
+    import transformers
+
+    from moelora.train import load_model_and_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consistent: no warning
+        load_model_and_tokenizer(str(tiny_model_dir))
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    tok = transformers.AutoTokenizer.from_pretrained(bad)
+    gen = transformers.GenerationConfig.from_pretrained(bad)
+    gen.eos_token_id = (tok.eos_token_id + 1) % len(tok)
+    gen.save_pretrained(bad)
+    with pytest.warns(UserWarning, match="is not among the generation config's end tokens"):
+        load_model_and_tokenizer(str(bad))
