@@ -49,7 +49,6 @@ from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, _sync, finis
 import moelora  # noqa: E402
 
 BASELINE = "peft_lora_r16"
-COMPILED_DECODE = False  # --compiled-decode
 CONTENDERS = [  # in priority order: with --budget, the last ones are skipped first
     "peft_lora_r16",
     "ours_lora_r16",
@@ -193,13 +192,14 @@ def weight_bytes_per_token(name: str, model) -> int:
     return total + adapter * 4
 
 
-def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float, base=None) -> dict:
+def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float, base=None,
+                    compiled_decode: bool = False) -> dict:
     t_build = time.perf_counter()
     model = make_contender(name, shape, base)
     _sync(shape)
     print(f"    {name}: built in {time.perf_counter() - t_build:.1f} s", flush=True)
     try:
-        return _bench(name, model, shape, warmup, repeats, bandwidth)
+        return _bench(name, model, shape, warmup, repeats, bandwidth, compiled_decode)
     finally:
         if base is not None:
             _unwrap(model)
@@ -219,7 +219,8 @@ def compiled_decode_kwargs(shape: Shape) -> dict:
     return {"cache_implementation": "static", "compile_config": cfg}
 
 
-def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth: float) -> dict:
+def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth: float,
+           compiled_decode: bool = False) -> dict:
     dev = shape.device
     g = torch.Generator().manual_seed(11)
     res: dict = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -264,7 +265,7 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
 
     # decode
     n_new = shape.decode_new_tokens
-    decode_kwargs = compiled_decode_kwargs(shape) if COMPILED_DECODE else {}
+    decode_kwargs = compiled_decode_kwargs(shape) if compiled_decode else {}
     for bsz in shape.decode_batches:
         prompt = torch.randint(3, shape.vocab, (bsz, shape.decode_prompt_len), generator=g).to(dev)
 
@@ -360,8 +361,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode with a static cache, each step torch.compiled (CUDA graphs on a GPU); the "
                          "warm-up call pays the compilation")
     args = ap.parse_args(argv)
-    global COMPILED_DECODE
-    COMPILED_DECODE = args.compiled_decode
 
     if args.mode == "gpu" and not torch.cuda.is_available():
         print("error: --mode gpu needs CUDA", file=sys.stderr)
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         try:
-            results[name] = bench_contender(name, shape, warmup, repeats, bandwidth, base)
+            results[name] = bench_contender(name, shape, warmup, repeats, bandwidth, base, args.compiled_decode)
         except torch.OutOfMemoryError as e:  # e.g. PEFT DoRA's full-weight norms on a 7B shape
             print(f"  {name}: out of memory ({str(e).splitlines()[0]})", flush=True)
             results[name] = {"error": "out of memory"}

@@ -335,6 +335,14 @@ def _special_prefix(tokenizer) -> list[int]:
     return []
 
 
+def end_token_ids(generation_config) -> list[int]:
+    """The generation config's ``eos_token_id`` as a list (it may be an int, a list or unset): the
+    tokens ``generate`` stops at. Training ends every response with the tokenizer's EOS, so that
+    token must be among these (``moelora.embedded.align_eos``, the warning of ``moelora train``)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
 def _eos_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:

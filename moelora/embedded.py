@@ -52,14 +52,12 @@ def align_eos(tokenizer, generation_config) -> bool:
     generation config's ``eos_token_id``: they must be the same token. transformers 5.17 reads
     SmolLM2's GGUF with ``eos_token = <|im_start|>`` (id 1) but ``eos_token_id = 2`` (``<|im_end|>``)
     in the generation config, so an adapter trained on it never stops (seen on the GPU machine)."""
-    eos = generation_config.eos_token_id
-    if isinstance(eos, (list, tuple)):  # several end tokens (e.g. Llama 3): any of them will do
-        if not eos or tokenizer.eos_token_id in eos:
-            return False
-        eos = eos[0]
-    if eos is None or tokenizer.eos_token_id == eos:
+    from .data import end_token_ids
+
+    ends = end_token_ids(generation_config)
+    if not ends or tokenizer.eos_token_id in ends:  # several end tokens (e.g. Llama 3): any will do
         return False
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ends[0])
     return True
 
 

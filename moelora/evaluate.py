@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from .config import did_you_mean
+from .data import end_token_ids
 
 PROTOCOLS = ("choice", "generate")
 CHOICE_PREFIX = "the correct answer is"  # the fixed prefix of every llm-adapters commonsense output
@@ -622,9 +623,7 @@ def _stop_tokens(model: Any, tokenizer: Any) -> dict:
     """``eos_token_id`` for ``generate``: the model's generation config's end tokens plus the
     tokenizer's EOS, which ``moelora train`` appends to every response (the two can differ, e.g. a
     model converted from GGUF whose generation config names another end token)."""
-    config = getattr(model, "generation_config", None)
-    ids = getattr(config, "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    ids = end_token_ids(getattr(model, "generation_config", None))
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and eos not in ids:
         ids.append(eos)

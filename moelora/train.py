@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import TrainData, collate
+from .data import TrainData, collate, end_token_ids
 from .inject import adapter_of, attach, get_context
 from .runconfig import RunConfig
 from .stats import count_parameters, expert_load, param_groups
@@ -100,8 +100,7 @@ def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torc
 def _warn_eos_mismatch(tokenizer, generation_config, where: str) -> None:
     """Training ends every response with the tokenizer's EOS; ``generate`` stops at the generation
     config's end tokens. When the first is not among the second, a trained adapter does not stop."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ends = end_token_ids(generation_config)
     if ends and tokenizer.eos_token_id not in ends:
         warnings.warn(
             f"{where}: the tokenizer's EOS {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) is not among the "
