@@ -47,6 +47,7 @@ import transformers  # noqa: E402
 from common import FIGURES, GATE_ATOL, TARGETS, Shape, _fmt, _free, _sync, finish, shape_for, timed  # noqa: E402, F401
 
 import moelora  # noqa: E402
+from moelora.train import enable_gradient_checkpointing  # noqa: E402
 
 BASELINE = "peft_lora_r16"
 CONTENDERS = [  # in priority order: with --budget, the last ones are skipped first
@@ -193,16 +194,38 @@ def weight_bytes_per_token(name: str, model) -> int:
 
 
 def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float, base=None,
-                    compiled_decode: bool = False) -> dict:
+                    compiled_decode: bool = False, checkpointing: bool = False) -> dict:
     t_build = time.perf_counter()
     model = make_contender(name, shape, base)
+    if checkpointing:  # every contender alike: transformers' non-reentrant activation checkpointing
+        enable_gradient_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     _sync(shape)
     print(f"    {name}: built in {time.perf_counter() - t_build:.1f} s", flush=True)
     try:
         return _bench(name, model, shape, warmup, repeats, bandwidth, compiled_decode)
     finally:
+        if checkpointing:
+            (model.get_base_model() if hasattr(model, "get_base_model") else model).gradient_checkpointing_disable()
         if base is not None:
             _unwrap(model)
+
+
+def kept_activation_bytes(model, step) -> int:
+    """Bytes autograd keeps for the backward of one training step: the distinct storages its
+    saved tensors hold, the model's own weights excluded. The activation-memory figure on any
+    device (on the CPU the only one: ``peak_memory_mb`` is CUDA's allocator statistic)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(kept.values())
 
 
 def _phase(name: str, what: str, t0: float) -> None:
@@ -246,6 +269,7 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
     _phase(name, "training steps", t0)
     res["train_tokens_per_s"] = shape.train_batch * shape.train_len / t
     res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
+    res["activations_mb"] = kept_activation_bytes(model, step) / 2**20
     opt = None  # free the optimizer state before inference
     for p in params:
         p.grad = None
@@ -293,7 +317,7 @@ def _ratio(a, b):
 
 def ratios(results: dict) -> dict:
     base = results[BASELINE]
-    keys = ["train_step_ms", "peak_memory_mb", "prefill_ms", "decode_b1_ms_per_token", "decode_b32_ms_per_token"]
+    keys = ["train_step_ms", "peak_memory_mb", "activations_mb", "prefill_ms", "decode_b1_ms_per_token", "decode_b32_ms_per_token"]
     return {name: {k: _ratio(r.get(k), base.get(k)) for k in keys} for name, r in results.items()}
 
 
@@ -304,6 +328,7 @@ def targets(results: dict) -> list[dict]:
     rows = [
         ("MixLoRA fast train step / PEFT LoRA r16", r_("ours_mixlora_fast", "train_step_ms"), r_(BASELINE, "train_step_ms"), 1.25),
         ("MixLoRA fast peak memory / PEFT LoRA r16", r_("ours_mixlora_fast", "peak_memory_mb"), r_(BASELINE, "peak_memory_mb"), 1.15),
+        ("MixLoRA fast activations kept / PEFT LoRA r16", r_("ours_mixlora_fast", "activations_mb"), r_(BASELINE, "activations_mb"), None),
         ("MiLoRA r16 train step / PEFT LoRA r16", r_("ours_milora_r16", "train_step_ms"), r_(BASELINE, "train_step_ms"), 1.15),
         ("MiLoRA decode b1 / our LoRA r16", r_("ours_milora_r16", "decode_b1_ms_per_token"), r_("ours_lora_r16", "decode_b1_ms_per_token"), 1.05),
         ("MixLoRA fast decode b1 / our LoRA r16", r_("ours_mixlora_fast", "decode_b1_ms_per_token"), r_("ours_lora_r16", "decode_b1_ms_per_token"), 1.3),
@@ -324,6 +349,7 @@ def targets(results: dict) -> list[dict]:
 def print_report(report: dict) -> None:
     res, rat = report["contenders"], report["ratios_vs_" + BASELINE]
     cols = [("train ms", "train_step_ms", 1), ("tok/s", "train_tokens_per_s", 0), ("peak MB", "peak_memory_mb", 0),
+            ("kept MB", "activations_mb", 0),
             ("prefill ms", "prefill_ms", 2), ("dec b1 ms/tok", "decode_b1_ms_per_token", 2),
             ("dec b32 ms/tok", "decode_b32_ms_per_token", 2), ("b1 floor ms/tok", "decode_b1_floor_ms_per_token", 3)]
     head = f"{'contender':<20}" + "".join(f"{c:>16}" for c, _, _ in cols)
@@ -331,7 +357,7 @@ def print_report(report: dict) -> None:
     print(head)
     for name in res:
         print(f"{name:<20}" + "".join(f"{_fmt(res[name].get(k), d):>16}" for _, k, d in cols))
-    rcols = [("train", "train_step_ms"), ("peak mem", "peak_memory_mb"), ("prefill", "prefill_ms"),
+    rcols = [("train", "train_step_ms"), ("peak mem", "peak_memory_mb"), ("kept", "activations_mb"), ("prefill", "prefill_ms"),
              ("dec b1", "decode_b1_ms_per_token"), ("dec b32", "decode_b32_ms_per_token")]
     print(f"\nratios vs {BASELINE} (lower is better)")
     print(f"{'contender':<20}" + "".join(f"{c:>12}" for c, _ in rcols))
@@ -360,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compiled-decode", action="store_true",
                     help="decode with a static cache, each step torch.compiled (CUDA graphs on a GPU); the "
                          "warm-up call pays the compilation")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="train every contender with transformers' (non-reentrant) activation checkpointing")
     args = ap.parse_args(argv)
 
     if args.mode == "gpu" and not torch.cuda.is_available():
@@ -384,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     meta = {
-        "mode": args.mode, "tiny": args.tiny, "compiled_decode": args.compiled_decode, "threads": threads, "warmup": warmup, "repeats": repeats,
+        "mode": args.mode, "tiny": args.tiny, "compiled_decode": args.compiled_decode,
+        "gradient_checkpointing": args.gradient_checkpointing, "threads": threads, "warmup": warmup, "repeats": repeats,
         "shape": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(shape).items()},
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "device_name": torch.cuda.get_device_name() if shape.device == "cuda" else platform.processor() or platform.machine(),
@@ -419,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         try:
-            results[name] = bench_contender(name, shape, warmup, repeats, bandwidth, base, args.compiled_decode)
+            results[name] = bench_contender(name, shape, warmup, repeats, bandwidth, base, args.compiled_decode,
+                                            args.gradient_checkpointing)
         except torch.OutOfMemoryError as e:  # e.g. PEFT DoRA's full-weight norms on a 7B shape
             print(f"  {name}: out of memory ({str(e).splitlines()[0]})", flush=True)
             results[name] = {"error": "out of memory"}

@@ -18,6 +18,7 @@ FIGURES = [
     "train_step_ms",
     "train_tokens_per_s",
     "peak_memory_mb",
+    "activations_mb",
     "prefill_ms",
     "decode_b1_ms_per_token",
     "decode_b32_ms_per_token",

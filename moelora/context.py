@@ -38,6 +38,11 @@ class RouterRecord:
         return self.all_selected if self.keep is None else self.all_selected[self.keep]
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where gradient checkpointing recomputes layers)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 _ACTIVE = object()  # ``forward_name`` unset: the forward uses ``active``
 
 
@@ -71,6 +76,9 @@ class AdapterContext:
     # ``generate(attention_mask=...)``: the 2-D padding mask of the prompt, for a prefill that gets a
     # 4-D mask instead (a static cache makes ``generate`` build one)
     generate_mask: torch.Tensor | None = None
+    # Decoder layers that transformers' gradient checkpointing recomputes in the backward of this
+    # (training) forward: MixLoRA skips its own inner recompute there
+    checkpointed_layers: frozenset[int] = frozenset()
 
     def begin_forward(self) -> None:
         self.records = {}
@@ -135,6 +143,8 @@ class AdapterContext:
         return mask
 
     def record(self, adapter: str, rec: RouterRecord) -> None:
+        if not torch.compiler.is_compiling() and in_backward():
+            return  # gradient checkpointing recomputing a layer: the forward already recorded it
         self.records.setdefault(adapter, []).append(rec)
 
     def milora_unused(self, adapter: str, layer: int, expert: int) -> bool:

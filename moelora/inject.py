@@ -110,6 +110,34 @@ def _prompt_mask(ctx: AdapterContext, ids: Any) -> torch.Tensor | None:
     return mask
 
 
+def _checkpointed_layers(model: nn.Module, ctx: AdapterContext) -> frozenset[int]:
+    """The decoder layers transformers' gradient checkpointing recomputes in this training forward.
+
+    Routers need non-reentrant checkpointing: the reentrant kind runs the forward without autograd,
+    so a router loss would get no gradient (MixLoRA) or the recompute would reach the router's
+    graph outside the layer a second time (MiLoRA); both are refused with the fix named.
+    LoRA and DoRA train under either kind."""
+    layers = decoder_layers(model)
+    on = frozenset(i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False))
+    if not on:
+        return on
+    names = [ctx.current] if ctx.groups is None else [n for n, _ in ctx.groups]
+    routed = sorted({ctx.configs[n].method for n in names if n is not None} & {"mixlora", "milora"})
+    fn = getattr(layers[min(on)], "_gradient_checkpointing_func", None)
+    reentrant = (getattr(fn, "keywords", None) or {}).get("use_reentrant", True) is not False
+    if reentrant and not routed and not hasattr(model, "_require_grads_hook") and hasattr(model, "enable_input_require_grads"):
+        # reentrant checkpointing passes gradients only to inputs that require them; the frozen
+        # embeddings' output does not (transformers 4 does this for PEFT models only)
+        model.enable_input_require_grads()
+    if routed and reentrant:
+        raise ValueError(
+            f"{' and '.join(routed)} cannot train under reentrant gradient checkpointing: its router loss would get "
+            "no gradient. Enable it with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}) (Trainer: gradient_checkpointing_kwargs={'use_reentrant': False})"
+        )
+    return on
+
+
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     ctx: AdapterContext = module._moelora_ctx
     ctx.begin_forward()
@@ -130,6 +158,7 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     if not (torch.is_tensor(mask) and mask.dim() == 2):
         mask = _prompt_mask(ctx, ids)
     ctx.attention_mask = mask
+    ctx.checkpointed_layers = _checkpointed_layers(module, ctx) if module.training and torch.is_grad_enabled() else frozenset()
     # generate()'s decoding steps are known without reading the cache's length (a host sync, and a
     # graph break in a compiled step); its prefill may itself continue a cache the caller passed
     ctx.decoding = ctx.generate_phase == "decode" or _past_length(kwargs.get("past_key_values")) > 0

@@ -58,6 +58,9 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"
     """auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward instead of keeping its activations
+    (transformers' non-reentrant activation checkpointing): less memory, about one more forward."""
 
 
 @dataclass

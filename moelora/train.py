@@ -252,6 +252,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         attach(model, cfg, name)
     if run.quantization is None:  # a bitsandbytes model is placed at load time and cannot be moved
         model.to(accelerator.device)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -412,6 +414,19 @@ class _CheckpointFiles:
 
     def scheduler(self, name: str) -> str:
         return f"scheduler-{name}.pt" if self.multi else "scheduler.pt"
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing of every decoder layer, non-reentrant (the kind
+    routers need: see ``moelora.inject``); the method's name changed in transformers 5."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing (train.gradient_checkpointing)")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Path, step: int, epoch: int, position: int,

@@ -40,4 +40,4 @@ def test_bench_tiny_reports_every_contender_and_figure(tmp_path):
                 assert figures[k] > 0, (name, k)
     assert set(report["ratios_vs_peft_lora_r16"]) == expected
     assert report["ratios_vs_peft_lora_r16"]["peft_lora_r16"]["train_step_ms"] == pytest.approx(1.0)
-    assert len(report["targets"]) == 10
+    assert len(report["targets"]) == 11

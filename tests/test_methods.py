@@ -5,6 +5,7 @@ import torch
 from conftest import ARCHS, batch, randomize_adapters, tiny_model
 
 import moelora
+from moelora.methods.mixlora import MixLoraExperts
 
 METHOD_CONFIGS = {
     "lora": lambda: moelora.LoraConfig(r=4, lora_alpha=8),
@@ -316,3 +317,63 @@ def test_mixlora_recomputed_experts_give_the_same_gradients_and_keep_less(arch):
     for n in grads:
         torch.testing.assert_close(grads[n], grads_plain[n], atol=1e-6, rtol=1e-5, msg=n)
     assert kept < 0.8 * kept_plain, (kept, kept_plain)
+
+
+def _checkpointing_step(method: str, checkpointing: dict | None, arch: str = "llama"):
+    """One training forward/backward with transformers' gradient checkpointing set as given (None:
+    off): the loss, the adapter gradients, bytes autograd kept, MixLoRA expert-part runs, records."""
+    model = randomize_adapters(moelora.attach(tiny_model(arch), METHOD_CONFIGS[method]()))
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    model.train()
+    runs = []
+    for m in model.modules():
+        if isinstance(m, MixLoraExperts):
+            original = m._experts
+            m._experts = lambda *a, _f=original: runs.append(1) or _f(*a)
+    ids, mask = batch(model, B=3, T=10)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(7)  # the same dropout masks in both runs
+    kw = {"prompt_lengths": mask.sum(1) - 2} if method == "milora" else {}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, attention_mask=mask, labels=ids, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    records = len(moelora.get_context(model).records.get("default", []))
+    return out.loss.detach(), grads, sum(saved), len(runs), records
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "mixlora", "milora"])
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(method, arch):
+    """transformers' (non-reentrant) gradient checkpointing: the same loss and gradients, router
+    loss included; the recompute in the backward records no router call twice, and MixLoRA does
+    not recompute its expert part a third time inside the recomputed layer."""
+    loss, grads, kept, runs, records = _checkpointing_step(method, None, arch)
+    loss_c, grads_c, kept_c, runs_c, records_c = _checkpointing_step(method, {"use_reentrant": False}, arch)
+    torch.testing.assert_close(loss_c, loss, atol=0, rtol=0)
+    assert grads_c.keys() == grads.keys() and sum(g.abs().sum() > 0 for g in grads_c.values()) > len(grads) / 2
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert kept_c < 0.5 * kept, (kept_c, kept)
+    assert records_c == records == (2 if method in ("mixlora", "milora") else 0)  # one per layer
+    if method == "mixlora":
+        assert runs == runs_c == 4  # per layer: forward + one recompute (MixLoRA's own, or the layer's)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "milora"])
+def test_reentrant_gradient_checkpointing_is_refused_for_routers(method):
+    """Reentrant checkpointing runs the forward without autograd: the router loss would get no
+    gradient. Refused with the fix named; plain LoRA trains under it unchanged."""
+    with pytest.raises(ValueError, match=f"{method} cannot train under reentrant gradient checkpointing.*use_reentrant': False"):
+        _checkpointing_step(method, {"use_reentrant": True})
+    loss, grads, *_ = _checkpointing_step("lora", None)
+    loss_c, grads_c, *_ = _checkpointing_step("lora", {"use_reentrant": True})
+    torch.testing.assert_close(loss_c, loss, atol=0, rtol=0)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)

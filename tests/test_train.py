@@ -119,6 +119,25 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """`train.gradient_checkpointing: true`: every decoder layer is recomputed in the backward
+    (dropout masks replayed), and the adapter equals the run that kept the activations."""
+    import transformers.modeling_utils as mu
+
+    calls = []
+    original = mu.checkpoint
+    monkeypatch.setattr(mu, "checkpoint", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    runs = {}
+    for on in (False, True):
+        cfg = write_config(tmp_path / f"{on}.yaml", tiny_model_dir, tmp_path / str(on), max_steps=3, save_steps=0)
+        runs[on] = adapter(train(load_run_config(cfg, [f"train.gradient_checkpointing={str(on).lower()}"]), progress=False))
+        assert len(calls) == (3 * 2 if on else 0)  # steps x layers, each non-reentrant
+    assert all(kw["use_reentrant"] is False for kw in calls)
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[False]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_refuses_an_output_dir_with_another_run_and_changes_nothing(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=2)
     out = train(load_run_config(cfg), progress=False)
@@ -195,7 +214,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
 
 
-def test_hf_trainer_trains_a_moelora_model_with_the_router_loss(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_trainer_trains_a_moelora_model_with_the_router_loss(tmp_path, tiny_model_dir, checkpointing):
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from moelora.data import DataSource, TrainData, collate
@@ -208,7 +228,8 @@ def test_hf_trainer_trains_a_moelora_model_with_the_router_loss(tmp_path, tiny_m
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=3,
                              learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1,
-                             remove_unused_columns=False, use_cpu=True)
+                             remove_unused_columns=False, use_cpu=True, gradient_checkpointing=checkpointing,
+                             gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
     trainer = Trainer(model=model, args=args, train_dataset=features,
                       data_collator=lambda feats: collate(feats, tok.pad_token_id))
     batch = collate(features[:4], tok.pad_token_id)

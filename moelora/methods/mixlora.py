@@ -81,14 +81,17 @@ class MixLoraExperts(nn.Module):
             return self._naive(mlp, x2, weights, indices, act).reshape(B, T, d)
         if base_gate_up is not None:
             base_gate_up = base_gate_up.reshape(B * T, 1, -1)
-        mixed, extra = self._fast(mlp, x2, weights, indices, act, base_gate_up)
+        # HF gradient checkpointing already recomputes the whole layer: a second, inner recompute
+        # would run the expert part three times for nothing
+        recompute = self.recompute and self.training and torch.is_grad_enabled() and self.layer not in ctx.checkpointed_layers
+        mixed, extra = self._fast(mlp, x2, weights, indices, act, base_gate_up, recompute=recompute)
         if base_gate_up is not None:  # mixed batch: the caller runs the frozen down projection
             return mixed.reshape(B, T, -1), extra.reshape(B, T, d)
         return (mlp.down_proj(mixed) + extra).reshape(B, T, d)  # W_down(sum_j w_j h_j) + b + ...
 
     def _fast(
         self, mlp: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: nn.Module,
-        base_gate_up: torch.Tensor | None = None, experts: dict | None = None,
+        base_gate_up: torch.Tensor | None = None, experts: dict | None = None, recompute: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum_j w_j h_j, the rest of y)``: the FFN output is ``W_down(first) + b + second``.
 
@@ -96,8 +99,9 @@ class MixLoraExperts(nn.Module):
         several adapters' experts pooled (``MixLoraFFN._pooled``). The frozen gate/up products run
         here once per token; the expert part after them (``_experts``) works on ``k`` copies of the
         FFN's hidden activations, so while training it is recomputed in the backward pass instead of
-        kept (``self.recompute``, METHODS.md's memory note): it costs small LoRA products and
-        elementwise work again, and saves ``~6 k`` activation-sized tensors per layer."""
+        kept (``recompute``: ``self.recompute`` while training, METHODS.md's memory note): it costs
+        small LoRA products and elementwise work again, and saves ``~6 k`` activation-sized tensors
+        per layer."""
         ex = self.experts if experts is None else experts
         if self.fused:
             base = (mlp.gate_up_proj(x).unsqueeze(1) if base_gate_up is None else base_gate_up,)  # (N, 1, 2I)
@@ -106,7 +110,7 @@ class MixLoraExperts(nn.Module):
         else:
             base = tuple(base_gate_up.chunk(2, dim=-1))
         fn = functools.partial(self._experts, ex, act, base_linear(mlp.down_proj))
-        if self.recompute and self.training and torch.is_grad_enabled():
+        if recompute:
             return checkpoint(fn, x, w, idx, *base, use_reentrant=False)
         return fn(x, w, idx, *base)
 
