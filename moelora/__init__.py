@@ -11,7 +11,16 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, export_mixlora, load_adapter, save_adapter  # noqa: E402
 from .config import ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig  # noqa: E402
-from .inject import ARCHITECTURES, attach, detach, get_context, set_adapter, set_backend, set_recompute  # noqa: E402
+from .inject import (  # noqa: E402
+    ARCHITECTURES,
+    attach,
+    detach,
+    get_context,
+    merge_and_unload,
+    set_adapter,
+    set_backend,
+    set_recompute,
+)
 from .stats import count_parameters, expert_load, param_groups  # noqa: E402
 
 __all__ = [
@@ -23,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "attach",
     "detach",
+    "merge_and_unload",
     "set_adapter",
     "set_backend",
     "set_recompute",

@@ -1,4 +1,4 @@
-"""The ``moelora`` command line: train, eval, generate, chat, plot, serve.
+"""The ``moelora`` command line: train, eval, generate, chat, plot, serve, export.
 
     moelora train --config FILE [key.sub=value ...] [--resume | --overwrite]
     moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|generate
@@ -7,6 +7,7 @@
     moelora plot routing --adapter DIR --data FILE [FILE ...] --out routing.png
     moelora plot loss --run DIR --out loss.png
     moelora serve --model DIR --adapter NAME=PATH [...] [--port 8000] [--api-key K] [--admin]
+    moelora export --adapter DIR --output DIR [--model DIR] [--dtype auto] [--overwrite]
 
 ``--model`` defaults to the embedded SmolLM2-135M-Instruct. Errors in configs, data files and
 checkpoints print one line naming the problem and exit with status 2.
@@ -137,6 +138,39 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> 
     with torch.no_grad():
         out = model.generate(**enc, **kw)
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge a LoRA/DoRA adapter into the base and save a plain transformers model (with its tokenizer)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .checkpoint import load_adapter
+    from .inject import merge_and_unload
+    from .train import load_model_and_tokenizer
+
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model_and_tokenizer(args.model, dtype=dtype)
+    load_adapter(model, args.adapter)
+    model = merge_and_unload(model)  # refuses MixLoRA / MiLoRA before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:  # written beside the target, then moved into place: an interrupted export leaves no half model
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged {args.adapter} into {args.model or 'the embedded model'}: {out} ({next(model.parameters()).dtype})")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -287,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
                         "evicted and reloaded from their directory on demand (default: no limit)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("export", help="merge a LoRA/DoRA adapter into the base and save a plain transformers model")
+    p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", required=True, help="LoRA or DoRA adapter directory (ours or PEFT's)")
+    p.add_argument("--output", required=True, help="directory for the merged model and its tokenizer")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights' dtype (auto: the base model's own); the merge itself is computed in float32")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.set_defaults(fn=cmd_export)
     return ap
 
 

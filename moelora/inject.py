@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig, did_you_mean
 from .context import AdapterContext
-from .lora import AdaptedLinear, LoraWeights
+from .lora import AdaptedLinear, LoraWeights, base_linear
 
 __all__ = ["Architecture", "ARCHITECTURES", "attach", "detach", "set_adapter", "set_backend", "get_context"]
 
@@ -371,6 +371,44 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     if not ctx.configs:
         _teardown(model)
     return model
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Fold a LoRA or DoRA adapter (default: the active one) into the base weights and remove every
+    adapter: the plain ``transformers`` model is returned, ready for ``save_pretrained`` or any
+    serving stack, with the adapter's outputs and no adapter cost.
+
+    LoRA: ``W + s B A``; DoRA: ``(m / ||W + s B A||) (W + s B A)`` per output row (the bias is
+    unchanged in both). Computed in float32, stored in the base weight's dtype. MixLoRA and MiLoRA
+    cannot be merged: which experts apply depends on each token (MixLoRA) or prompt (MiLoRA). Other
+    adapters attached to the model are removed too (they were trained on the unmerged base), as
+    PEFT's ``merge_and_unload`` does.
+    """
+    ctx = get_context(model)
+    name = ctx.active if adapter_name is None else adapter_name
+    if name not in ctx.configs:
+        raise KeyError(f"no adapter named {name!r} to merge (attached: {list(ctx.configs)})")
+    cfg = ctx.configs[name]
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(
+            f"adapter {name!r} is {cfg.method}: only LoRA and DoRA merge into the base weights (which "
+            f"{'experts' if cfg.method == 'mixlora' else 'modules'} apply depends on the "
+            f"{'token' if cfg.method == 'mixlora' else 'prompt'}); serve it unmerged"
+        )
+    wrappers = [m for m in model.modules() if isinstance(m, AdaptedLinear) and name in m.adapters]
+    for wrapper in wrappers:  # check everything before changing anything
+        if not base_linear(wrapper).weight.dtype.is_floating_point:
+            raise ValueError(f"cannot merge into a quantized base layer ({base_linear(wrapper).weight.dtype}); "
+                             "load the base in float16/bfloat16/float32 to merge")
+    for wrapper in wrappers:
+        entry, base = wrapper.adapters[name], base_linear(wrapper)
+        lora = entry.lora
+        w = base.weight.to(lora.lora_A.dtype) + lora.merged_weight()  # (out, in)
+        if entry.variant is not None:
+            w = w * (entry.variant.magnitude / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
+        base.weight.copy_(w.to(base.weight.dtype))
+    return detach(model)
 
 
 def _teardown(model: nn.Module) -> None:

@@ -73,7 +73,7 @@ def quantization_config(quantization: str | None):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype = torch.float32,
+def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype | str = torch.float32,
                              quantization: str | None = None):
     """A causal LM and its tokenizer; ``None`` is the embedded SmolLM2-135M-Instruct.
 

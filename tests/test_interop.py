@@ -126,6 +126,21 @@ def test_we_load_peft(peft, tmp_path, arch, use_dora, use_rslora):
     assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
 
 
+@pytest.mark.parametrize("arch,use_dora", [("llama", False), ("llama", True), ("phi3", True)])
+def test_our_merge_of_a_peft_adapter_equals_peft_merge_and_unload(peft, tmp_path, arch, use_dora):
+    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets_of(arch), use_dora=use_dora, task_type="CAUSAL_LM")
+    theirs_model = peft.get_peft_model(tiny_model(arch), pcfg)
+    randomize_peft(theirs_model)
+    theirs_model.save_pretrained(str(tmp_path / "ad"))
+    theirs = theirs_model.merge_and_unload().state_dict()
+    model = tiny_model(arch)
+    moelora.load_adapter(model, tmp_path / "ad")
+    ours = moelora.merge_and_unload(model).state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Official mixlora 0.2.3 / MoE-PEFT layout
 

@@ -5,7 +5,7 @@ import torch
 from conftest import ARCHS, batch, randomize_adapters, tiny_model
 
 import moelora
-from moelora.methods.mixlora import MixLoraExperts
+from moelora.methods.mixlora import MixLoraExperts, MixLoraFFN
 
 METHOD_CONFIGS = {
     "lora": lambda: moelora.LoraConfig(r=4, lora_alpha=8),
@@ -377,3 +377,45 @@ def test_reentrant_gradient_checkpointing_is_refused_for_routers(method):
     torch.testing.assert_close(loss_c, loss, atol=0, rtol=0)
     for n in grads:
         torch.testing.assert_close(grads_c[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_and_unload_gives_a_plain_model_with_the_adapters_outputs(arch, method):
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    base = _logits(model, ids, mask)
+    randomize_adapters(moelora.attach(model, METHOD_CONFIGS[method]()))
+    moelora.attach(model, METHOD_CONFIGS["mixlora"](), adapter_name="other")  # removed too
+    moelora.set_adapter(model, "default")
+    adapted = _logits(model, ids, mask)
+    merged = moelora.merge_and_unload(model)
+    assert merged is model and not hasattr(model, "_moelora_ctx")
+    assert not any(isinstance(m, (moelora.lora.AdaptedLinear, MixLoraFFN)) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # as before attach
+    out = _logits(model, ids, mask)
+    torch.testing.assert_close(out, adapted, atol=2e-5, rtol=1e-5)
+    assert (out - base).abs().max() > 1e-2  # the adapter mattered
+
+
+def test_merge_and_unload_into_a_bfloat16_base():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = batch(model)
+    randomize_adapters(moelora.attach(model, METHOD_CONFIGS["dora"]()))
+    adapted = _logits(model, ids, mask).float()
+    moelora.merge_and_unload(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    out = _logits(model, ids, mask).float()
+    assert (out - adapted).abs().max() < 0.05 * adapted.abs().max()  # bf16 rounding of the merged weights
+
+
+@pytest.mark.parametrize("method", ["mixlora", "milora"])
+def test_merge_refuses_routed_methods_and_changes_nothing(method):
+    model = randomize_adapters(moelora.attach(tiny_model("llama"), METHOD_CONFIGS[method]()))
+    ids, mask = batch(model)
+    before = _logits(model, ids, mask)
+    with pytest.raises(ValueError, match=f"is {method}: only LoRA and DoRA merge"):
+        moelora.merge_and_unload(model)
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        moelora.merge_and_unload(model, "nope")
+    torch.testing.assert_close(_logits(model, ids, mask), before, atol=0, rtol=0)

@@ -269,6 +269,43 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
     assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.json")]) == 2
 
 
+def test_cli_export_merges_lora_into_a_plain_model_and_refuses_the_rest(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import randomize_adapters
+
+    model = transformers_model(tiny_model_dir)
+    randomize_adapters(moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8, use_dora=True)))
+    moelora.save_adapter(model, tmp_path / "dora")
+    moelora.detach(model)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    moelora.save_adapter(model, tmp_path / "mix")
+    adapted = transformers_model(tiny_model_dir)
+    moelora.load_adapter(adapted, tmp_path / "dora")
+    ids = torch.randint(3, 100, (2, 9))
+
+    out = tmp_path / "merged"
+    assert cli(["export", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "dora"), "--output", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).pad_token_id is not None
+    assert not any("lora" in k or "magnitude" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, atol=2e-5, rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []  # no partial left
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli(["export", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "dora"), "--output", str(out)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert cli(["export", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "mix"), "--output", str(out),
+                "--overwrite"]) == 2
+    assert "is mixlora: only LoRA and DoRA merge" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing already saved changed
+    assert cli(["export", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "dora"), "--output", str(out),
+                "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+
+
 def test_chat_reads_turns_until_an_empty_line(tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "moelora.cli", "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"],
