@@ -311,11 +311,16 @@ def _resolve_dir(path: str | os.PathLike) -> Path:
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by checkpoint key, on the CPU. Parameters sharded by FSDP2 (DTensors)
+    are gathered in full: then every process of the group must call this, in the same order."""
     cfg = _config_of(model, adapter_name)
-    return {
-        key: (p[i] if i is not None else p).detach().to("cpu").clone().contiguous()
-        for key, p, i in checkpoint_entries(model, cfg, adapter_name)
-    }
+    out = {}
+    for key, p, i in checkpoint_entries(model, cfg, adapter_name):
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor
+            t = t.full_tensor()
+        out[key] = (t[i] if i is not None else t).to("cpu").clone().contiguous()
+    return out
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> AdapterConfig:
@@ -325,12 +330,17 @@ def _config_of(model: nn.Module, adapter_name: str) -> AdapterConfig:
     return ctx.configs[adapter_name]
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Save one adapter to ``path`` (a directory) atomically, in its method's checkpoint layout."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Save one adapter to ``path`` (a directory) atomically, in its method's checkpoint layout.
+
+    ``tensors``: the adapter's ``adapter_tensors``, when already gathered (sharded training)."""
     cfg = _config_of(model, adapter_name)
     config = checkpoint_config(model, cfg)
     metadata = {"format": "pt", "adapter_config": json.dumps(config)}  # the weights carry their own config
-    weights = save_safetensors_bytes(adapter_tensors(model, adapter_name), metadata=metadata)
+    if tensors is None:
+        tensors = adapter_tensors(model, adapter_name)
+    weights = save_safetensors_bytes(tensors, metadata=metadata)
     config["moelora"]["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     write_adapter_dir(path, {SAFETENSORS_NAME: weights, CONFIG_NAME: json.dumps(config, indent=2).encode()})
 

@@ -19,6 +19,7 @@ then against the config file's directory.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"
     """auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16."""
+    fsdp: bool = False
+    """Shard the frozen base and the adapters over the processes (FSDP2, one unit per decoder
+    layer) instead of replicating them (DDP); no effect in a single process."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward instead of keeping its activations
     (transformers' non-reentrant activation checkpointing): less memory, about one more forward."""
@@ -109,6 +113,26 @@ class RunConfig:
         if not configs:
             raise ConfigError("adapters: give at least one adapter (or use `method` for a single one)")
         return configs
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` and ``2e-4`` as strings, which every
+    learning rate in a config would trip over."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -167,7 +191,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
         parts = key.split(".")
@@ -200,7 +224,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            d = _yaml_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from None
         if not isinstance(d, dict):

@@ -6,7 +6,8 @@ only). Each process takes its own contiguous slice of every global micro-batch. 
 the sum of token losses divided by the number of response tokens in the whole global micro-batch
 (counted across processes), so N processes compute the same gradient as one process with the
 same global batch; the router loss (MixLoRA's aux loss, MiLoRA's load-balance loss) is computed on
-each process's own rows and averaged by DDP.
+each process's own rows and averaged by DDP. With ``train.fsdp`` the model is sharded (FSDP2,
+``shard_model``) instead of replicated; gradients are averaged the same way.
 
 Checkpoints (``output_dir/checkpoint-{step}``, every ``save_steps``) hold the adapter (the
 ``save_adapter`` format), the optimizer and scheduler states, every process's RNG states and
@@ -237,6 +238,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     multi = run.adapters is not None  # several adapters, each row of a batch repeated for each
     if not run.data:
         raise TrainingError("the config has no data: add at least one entry under `data:`")
+    _refuse_accelerate_sharding()
     # Without a GPU, `cpu=True` lets accelerate run torchrun/`accelerate launch` processes as gloo DDP.
     accelerator = Accelerator(mixed_precision=_precision(t.precision), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -255,38 +257,57 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
+    files = _CheckpointFiles(names if multi else None)
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    state = json.loads((ckpt / STATE_NAME).read_text()) if ckpt is not None else None
+    if ckpt is not None:  # adapters before any sharding: each process loads the full tensors
+        for name in names:
+            checkpoint.load_adapter(model, ckpt / files.adapter(name), adapter_name=name)
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    sharded = t.fsdp and world > 1
+    full_optim = bool(state and state.get("fsdp"))  # optimizer states by parameter name, gathered in full
+    if state is not None and sharded and not full_optim:
+        raise TrainingError(f"{ckpt} was written without FSDP sharding (optimizer states by parameter index): "
+                            "resume it without train.fsdp")
     micro = t.batch_size * world  # global micro-batch
     per_step = micro * t.gradient_accumulation
     steps_per_epoch = max(1, len(data.epoch_order(0)) // per_step)
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
-    ddp_model = accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
+    if sharded:  # FSDP2: each process keeps 1/world of every parameter, frozen base included
+        shard_model(model)
+    ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
     optimizers, schedulers = {}, {}  # one per adapter: each trains exactly as it would alone
     for name in names:
         opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
         schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)
         optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
     counts = {name: count_parameters(model, name) for name in names}
-    files = _CheckpointFiles(names if multi else None)
 
     step, start_epoch, position = 0, 0, 0
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
-        else:
-            state = json.loads((ckpt / STATE_NAME).read_text())
-            for name in names:
-                checkpoint.load_adapter(model, ckpt / files.adapter(name), adapter_name=name)
-                optimizers[name].load_state_dict(torch.load(ckpt / files.optimizer(name), weights_only=True))
-                schedulers[name].load_state_dict(torch.load(ckpt / files.scheduler(name), weights_only=True))
-            rng_file = ckpt / f"rng_{rank}.pt"
-            if rng_file.exists():  # our own file: python's RNG state is a tuple, not a tensor
-                _set_rng_state(torch.load(rng_file, weights_only=False))
-            step, start_epoch, position = state["step"], state["epoch"], state["position"]
-            if main:
-                print(f"resuming from {ckpt} (step {step})")
+    if ckpt is not None:
+        for name in names:
+            saved = torch.load(ckpt / files.optimizer(name), weights_only=True)
+            if full_optim:  # into a sharded model or not: the states are scattered to match
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(model, optimizers[name].optimizer, saved,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizers[name].load_state_dict(saved)
+            schedulers[name].load_state_dict(torch.load(ckpt / files.scheduler(name), weights_only=True))
+        rng_file = ckpt / f"rng_{rank}.pt"
+        if rng_file.exists():  # our own file: python's RNG state is a tuple, not a tensor
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        step, start_epoch, position = state["step"], state["epoch"], state["position"]
+        if state.get("world_size", world) != world:
+            logger.warning("resuming a run of %d processes with %d: the global batch changes from %d to %d examples",
+                           state["world_size"], world, t.batch_size * state["world_size"] * t.gradient_accumulation,
+                           per_step)
+        if main:
+            print(f"resuming from {ckpt} (step {step})")
 
     metrics = _Logger(out, main, step)
     if main:
@@ -371,15 +392,16 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 metrics.log(step, scalars, load)
             if t.save_steps and step % t.save_steps == 0 and step < total:
                 last_good = _save_checkpoint(accelerator, model, optimizers, schedulers, files, out, step, epoch,
-                                             position, t)
+                                             position, t, sharded)
             if _stop_after is not None and step >= _stop_after:
                 return out
     finally:
         bar.close()
         metrics.close()
+    tensors = _adapter_tensors(model, names, main, sharded)
     if main:
         for name in names:
-            checkpoint.save_adapter(model, out / name if multi else out, name)
+            checkpoint.save_adapter(model, out / name if multi else out, name, tensors=tensors[name])
         _write_summary(out, names, total, time.time() - t_start, accelerator.device)
     accelerator.wait_for_everyone()
     return out
@@ -429,10 +451,48 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _refuse_accelerate_sharding() -> None:
+    """accelerate's own FSDP and DeepSpeed plugins would wrap the model in ways this recipe does not
+    save or resume correctly: refuse them before anything is loaded, naming what works instead."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise TrainingError("accelerate's FSDP config is not used by moelora train: launch with a plain (DDP) "
+                            "accelerate config or torchrun and set train.fsdp: true (moelora shards with FSDP2 itself)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise TrainingError("DeepSpeed is not supported by moelora train: use train.fsdp: true (FSDP2 sharding "
+                            "of the base and the adapters) or plain DDP")
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): one unit per decoder layer, then the rest.
+
+    Every parameter, the frozen base and the adapters alike, is split over the processes and
+    gathered one layer at a time in the forward and backward; gradients are reduce-scattered and
+    averaged, as DDP averages them. Works over gloo on CPUs and NCCL on GPUs."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .inject import decoder_layers
+
+    try:
+        layers = list(decoder_layers(model))
+    except ValueError:  # an architecture without a layer table: one unit for the whole model
+        layers = []
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _adapter_tensors(model: torch.nn.Module, names: list[str], main: bool, sharded: bool) -> dict[str, dict | None]:
+    """Each adapter's full tensors for saving: gathered by every process when sharded (a collective),
+    else read by the main process only."""
+    return {name: checkpoint.adapter_tensors(model, name) if (main or sharded) else None for name in names}
+
+
 def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Path, step: int, epoch: int, position: int,
-                     t) -> Path:
+                     t, sharded: bool = False) -> Path:
     """Write ``checkpoint-{step}`` atomically: every process writes its RNG state into a hidden
-    directory, then the main process adds the rest and renames it into place."""
+    directory, then the main process adds the rest and renames it into place. Sharded (FSDP), the
+    adapters and optimizer states are first gathered in full by every process: a checkpoint is the
+    same files whatever the number of processes."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
@@ -440,13 +500,24 @@ def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Pat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    tensors = _adapter_tensors(model, list(optimizers), accelerator.is_main_process, sharded)
+    optim_states = {}
+    for name, opt in optimizers.items():
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim_states[name] = get_optimizer_state_dict(
+                model, opt.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif accelerator.is_main_process:
+            optim_states[name] = opt.state_dict()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name in optimizers:
-            checkpoint.save_adapter(model, tmp / files.adapter(name), name)
-            torch.save(optimizers[name].state_dict(), tmp / files.optimizer(name))
+            checkpoint.save_adapter(model, tmp / files.adapter(name), name, tensors=tensors[name])
+            torch.save(optim_states[name], tmp / files.optimizer(name))
             torch.save(schedulers[name].state_dict(), tmp / files.scheduler(name))
-        state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes}
+        state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes,
+                 "fsdp": sharded}
         (tmp / STATE_NAME).write_text(json.dumps(state))
         for f in tmp.iterdir():
             if f.is_file():

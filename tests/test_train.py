@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def test_config_errors_name_the_problem(tmp_path, tiny_model_dir):
         load_run_config(cfg, ["method.top_k=9"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "nope.yaml")
+    assert load_run_config(cfg, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.2 floats (PyYAML reads a string)
     run = load_run_config(cfg, ["train.max_steps=20", "method.top_k=1", "data.1.weight=3", f"output_dir={tmp_path}/x"])
     assert (run.train.max_steps, run.method["top_k"], run.data[1].weight, run.output_dir) == (20, 1, 3.0, f"{tmp_path}/x")
 
@@ -195,23 +197,60 @@ def test_sigkill_at_any_moment_leaves_the_newest_complete_checkpoint_loadable(tm
             assert (ckpt / name).is_file()
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
-    """DDP on CPU (gloo): 2 processes x batch 2 = 1 process x batch 4, same data order and seed."""
-    method = '{type: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0}'
-    one = write_config(tmp_path / "one.yaml", tiny_model_dir, tmp_path / "one", batch_size=4, max_steps=3, save_steps=0)
-    two = write_config(tmp_path / "two.yaml", tiny_model_dir, tmp_path / "two", batch_size=2, max_steps=3, save_steps=0)
+def run_cli_train(config: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """``moelora train`` in subprocesses: one, or several through torchrun (gloo on the CPU)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["--no-progress", f"method={method}"]
-    subprocess.run([sys.executable, "-m", "moelora.cli", "train", "--config", str(one), *common], env=env, check=True,
-                   capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), "-m", "moelora.cli", "train", "--config", str(two), *common],
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+              str(29500 + (os.getpid() + time.monotonic_ns()) % 1000)] if processes > 1 else [sys.executable]
+    r = subprocess.run([*launch, "-m", "moelora.cli", "train", "--config", str(config), "--no-progress", *args],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model_dir, fsdp):
+    """DDP (or FSDP2 sharding, `train.fsdp`) on CPU (gloo): 2 processes x batch 2 = 1 process x batch
+    4, same data order and seed."""
+    method = '{type: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0}'
+    one = write_config(tmp_path / "one.yaml", tiny_model_dir, tmp_path / "one", batch_size=4, max_steps=3, save_steps=0)
+    two = write_config(tmp_path / "two.yaml", tiny_model_dir, tmp_path / "two", batch_size=2, max_steps=3, save_steps=2,
+                       fsdp=fsdp)
+    run_cli_train(one, f"method={method}")
+    run_cli_train(two, f"method={method}", processes=2)
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    ckpt = tmp_path / "two" / "checkpoint-2"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["fsdp"] is fsdp
+    moelora.load_adapter(transformers_model(tiny_model_dir), ckpt / "adapter")  # gathered in full when sharded
+
+
+def test_fsdp_resume_equals_an_uninterrupted_sharded_run(tmp_path, tiny_model_dir):
+    """A sharded run's checkpoint (adapters and optimizer states gathered in full) resumes exactly."""
+    full = write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", batch_size=2, max_steps=4, save_steps=2,
+                        fsdp=True)
+    run_cli_train(full, processes=2)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", batch_size=2, max_steps=4,
+                           save_steps=2, fsdp=True)
+    assert "resuming from" in run_cli_train(resumed, "--resume", processes=2).stdout
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_accelerate_fsdp_and_deepspeed_configs_are_refused_with_what_works(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out"))
+    for var, message in (("ACCELERATE_USE_FSDP", "set train.fsdp: true"), ("ACCELERATE_USE_DEEPSPEED", "not supported")):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(TrainingError, match=message):
+            train(cfg, progress=False)
+        monkeypatch.delenv(var)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
