@@ -238,7 +238,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     multi = run.adapters is not None  # several adapters, each row of a batch repeated for each
     if not run.data:
         raise TrainingError("the config has no data: add at least one entry under `data:`")
-    _refuse_accelerate_sharding()
+    fsdp = t.fsdp or _accelerate_sharding()
     # Without a GPU, `cpu=True` lets accelerate run torchrun/`accelerate launch` processes as gloo DDP.
     accelerator = Accelerator(mixed_precision=_precision(t.precision), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -267,7 +267,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             checkpoint.load_adapter(model, ckpt / files.adapter(name), adapter_name=name)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    sharded = t.fsdp and world > 1
+    sharded = fsdp and world > 1
     full_optim = bool(state and state.get("fsdp"))  # optimizer states by parameter name, gathered in full
     if state is not None and sharded and not full_optim:
         raise TrainingError(f"{ckpt} was written without FSDP sharding (optimizer states by parameter index): "
@@ -451,15 +451,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _refuse_accelerate_sharding() -> None:
-    """accelerate's own FSDP and DeepSpeed plugins would wrap the model in ways this recipe does not
-    save or resume correctly: refuse them before anything is loaded, naming what works instead."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise TrainingError("accelerate's FSDP config is not used by moelora train: launch with a plain (DDP) "
-                            "accelerate config or torchrun and set train.fsdp: true (moelora shards with FSDP2 itself)")
+def _accelerate_sharding() -> bool:
+    """True when ``accelerate launch`` was given an FSDP config: moelora then shards with its own
+    FSDP2 (``train.fsdp``), which saves and resumes adapters correctly, and accelerate is told
+    nothing (its FSDP plugin would wrap the model itself). DeepSpeed is refused before anything is
+    loaded, naming what works instead."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise TrainingError("DeepSpeed is not supported by moelora train: use train.fsdp: true (FSDP2 sharding "
                             "of the base and the adapters) or plain DDP")
+    if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    logger.warning("accelerate's FSDP config: moelora shards with its own FSDP2 (train.fsdp: true, one unit per "
+                   "decoder layer); the config's other FSDP options (wrap policy, offloading, ...) are not applied")
+    return True
 
 
 def shard_model(model: torch.nn.Module) -> None:
