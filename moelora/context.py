@@ -71,7 +71,8 @@ class AdapterContext:
     groups: list[tuple[str | None, torch.Tensor]] | None = None
     rows: torch.Tensor | None = None  # the group being computed (row indices into the full batch)
     forward_name: object = _ACTIVE  # this forward's (or group's) adapter when it is not ``active``
-    row_cache: dict = field(default_factory=dict)  # per forward: packed-LoRA slots of a mixed batch
+    row_cache: dict = field(default_factory=dict)  # per forward: the mixed batch's plans (``AdaptedLinear._plan``)
+    adapter_epoch: int = 0  # bumped when adapters are attached or removed: packed-weight caches rebuild
     generate_adapter_names: list[str | None] | None = None  # ``generate(adapter_names=...)``, expanded
     # ``generate(attention_mask=...)``: the 2-D padding mask of the prompt, for a prefill that gets a
     # 4-D mask instead (a static cache makes ``generate`` build one)

@@ -332,6 +332,7 @@ def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             _teardown(model)
         raise
     ctx.configs[adapter_name] = cfg
+    ctx.adapter_epoch += 1
     ctx.active = adapter_name
     _freeze_base(model)
     model.train(model.training)  # new adapter modules follow the model's train/eval mode
@@ -363,6 +364,7 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         if name not in ctx.configs:
             raise KeyError(f"no adapter named {name!r} (attached: {list(ctx.configs)})")
         _remove(model, name)
+        ctx.adapter_epoch += 1
         del ctx.configs[name]
         ctx.gates.pop(name, None)
         ctx.gate_any.pop(name, None)

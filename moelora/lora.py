@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import weighted_lora
-from .kernels.dense import packed_lora
+from .kernels.dense import packed_lora, packed_lora_by_slot
 
 if TYPE_CHECKING:
     from .context import AdapterContext
@@ -186,6 +186,44 @@ class LinearAdapter(nn.Module):
         return base_out + delta.reshape(*lead, -1).to(base_out.dtype)
 
 
+class _MixedPlan:
+    """One forward's mixed batch as seen by wrappers holding the same adapters (``_plan``): the
+    groups they serve, which are DoRA or MiLoRA, and the packed op's row tables (built on first use:
+    tensor writes only, no host round trip, so a compiled decoding step traces them)."""
+
+    def __init__(self, groups: list[tuple[str, torch.Tensor]], entries: dict, T: int) -> None:
+        self.groups, self.T = groups, T
+        self.names = tuple(n for n, _ in groups)
+        self.dora = [(n, rows) for n, rows in groups if entries[n].variant is not None]
+        self.gated = [(n, rows) for n, rows in groups if entries[n].gate is not None]
+        self.scaling = [entries[n].lora.scaling for n in self.names]
+        sizes = [rows.numel() for _, rows in groups]  # host-side metadata: no sync
+        self.m = (max(sizes) if sizes else 0) * T  # tokens of the largest slot
+        self.by_slot = len(groups) * self.m <= 2 * sum(sizes) * T
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """By slot: each slot's tokens ``(P, m)`` and their LoRA scales (0 on padding); otherwise
+        each of the ``batch`` rows' slot and scale (0 for rows without an adapter here)."""
+        if self._tables is None:
+            P, T = len(self.groups), self.T
+            shape = (P, self.m) if self.by_slot else (batch,)
+            where = torch.zeros(shape, dtype=torch.long, device=device)
+            scale = torch.zeros(shape, dtype=dtype, device=device)
+            steps = torch.arange(T, device=device)
+            for p, ((_, idx), s) in enumerate(zip(self.groups, self.scaling)):
+                idx = idx.to(device)
+                if self.by_slot:
+                    L = idx.numel() * T
+                    where[p, :L] = (idx.unsqueeze(1) * T + steps).reshape(-1)
+                    scale[p, :L] = s
+                else:
+                    where[idx] = p
+                    scale[idx] = s
+            self._tables = (where, scale)
+        return self._tables
+
+
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus named adapters; applies the context's current adapter, if it has one,
     or each row's own adapter in a mixed batch."""
@@ -231,68 +269,85 @@ class AdaptedLinear(nn.Module):
         through its own entry on its rows.
         """
         ctx, base = self._ctx, base_linear(self)
-        groups = [(n, rows) for n, rows in ctx.groups if n is not None and n in self.adapters]
-        if len(groups) > 1 and not torch.is_grad_enabled() and x.dim() == 3:
-            delta = self._packed_delta(x, groups)  # (B, T, out), float32
-            dora = [(n, rows) for n, rows in groups if self.adapters[n].variant is not None]
-            if not dora:
+        plan = self._plan(ctx, x.shape[1] if x.dim() == 3 else 1)
+        if len(plan.groups) > 1 and not torch.is_grad_enabled() and x.dim() == 3:
+            delta = self._packed_delta(x, plan)  # (B, T, out), float32
+            if not plan.dora:
                 return out + delta.to(out.dtype)
             # DoRA rows: y = W x + b + (m/n - 1) W x + (m/n) s B A x; other rows: y = W x + b + s B A x
             mult = torch.ones(x.shape[0], 1, out.shape[-1], dtype=delta.dtype, device=out.device)
-            for n, rows in dora:
+            for n, rows in plan.dora:
                 entry = self.adapters[n]
                 mult[rows] = (entry.variant.magnitude / entry.variant._norm(base, entry.lora)).to(mult.dtype)
             w_x = out if base.bias is None else out - base.bias
             return out + ((mult - 1) * w_x.to(mult.dtype) + mult * delta).to(out.dtype)
-        for name, rows in groups:
+        for name, rows in plan.groups:
             with ctx.scope(rows, name):
                 y = self.adapters[name](base, x[rows], out[rows], ctx, name)
             out = out.index_copy(0, rows, y)
         return out
 
-    def _pack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-        """The LoRAs of ``names`` (this batch's adapters) stacked, one slot each. A few recent sets are
-        kept (a decoding batch keeps its set until a request joins or leaves); a set is rebuilt when
-        one of its weights changes. Only the batch's adapters cost work in the packed op."""
-        entries = [(n, self.adapters[n].lora) for n in names]
+    def _plan(self, ctx: AdapterContext, T: int) -> _MixedPlan:
+        """What a mixed batch means for a wrapper holding these adapters: built once per forward and
+        shared by every wrapper with the same adapters (a decoding step visits hundreds of them,
+        and a Python pass over 32 tenants each time was most of the multi-tenant overhead)."""
+        entries = self.adapters._modules
+        key = ("plan", tuple(entries), T)
+        plan = ctx.row_cache.get(key)
+        if plan is None:
+            groups = [(n, rows) for n, rows in ctx.groups if n is not None and n in entries]
+            plan = ctx.row_cache[key] = _MixedPlan(groups, entries, T)
+        return plan
+
+    def _pack(self, names: tuple[str, ...], epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """The LoRAs of ``names`` (this batch's adapters) stacked, one slot each: ``A (P, r, in)`` and
+        ``B`` transposed, ``(P, r, out)``. A few recent sets are kept (a decoding batch keeps its set
+        until a request joins or leaves); a set is rebuilt when one of its weights changes (in place
+        or replaced) or when adapters were attached or removed since (``epoch``). Only the batch's
+        adapters cost work in the packed op."""
         packs = self.__dict__.setdefault("_packs", OrderedDict())  # not buffers: never saved
         cached = packs.get(names)
         if cached is not None and torch.compiler.is_compiling():
-            return cached[1:]  # storage pointers cannot be traced: the eager prefill built or checked it
-        key = weights_key([t for _, w in entries for t in (w.lora_A, w.lora_B)])
-        if cached is None or cached[0] != key:
-            r = max(w.r for _, w in entries)
-            first = entries[0][1]
+            return cached[1:4]  # storage pointers cannot be traced: the eager prefill built or checked it
+        if cached is None or cached[5] != epoch or cached[0] != weights_key(cached[4]):
+            entries = [self.adapters[n].lora for n in names]
+            tensors = [t for w in entries for t in (w.lora_A, w.lora_B)]
+            r = max(w.r for w in entries)
+            first = entries[0]
             A = first.lora_A.new_zeros(len(entries), r, first.lora_A.shape[2])
-            B = first.lora_B.new_zeros(first.lora_B.shape[1], len(entries), r)
-            for p, (_, w) in enumerate(entries):
+            B = first.lora_B.new_zeros(len(entries), r, first.lora_B.shape[1])
+            for p, w in enumerate(entries):
                 A[p, : w.r] = w.lora_A[0].detach()
-                B[:, p, : w.r] = w.lora_B[0].detach()
-            cached = packs[names] = (key, A, B.reshape(B.shape[0], -1), {n: p for p, (n, _) in enumerate(entries)})
+                B[p, : w.r] = w.lora_B[0].detach().t()
+            slots = {n: p for p, n in enumerate(names)}
+            cached = packs[names] = (weights_key(tensors), A, B, slots, tensors, epoch)
             while len(packs) > 4:
                 packs.popitem(last=False)
         packs.move_to_end(names)
-        return cached[1:]
+        return cached[1:4]
 
-    def _packed_delta(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        names = tuple(n for n, _ in groups)
-        A, B_cat, slots = self._pack(names)
+    def _packed_delta(self, x: torch.Tensor, plan: _MixedPlan) -> torch.Tensor:
+        """Each row's own adapter delta, ``(B, T, out)`` float32, for a batch of several adapters.
+
+        Few tokens per adapter (the multi-tenant case: each request its own adapter): each slot's
+        tokens gathered and two batched products (``packed_lora_by_slot``, the tokens' own FLOPs).
+        Many tokens on a few adapters: the masked dense form (``packed_lora``), which would otherwise
+        pad every slot to the largest. Either way no host sync: the sizes are the groups' lengths."""
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
-        rows = ctx.row_cache.get(names)  # the same for every projection with the same adapters: built once
-        if rows is None:  # tensor writes, no host round trip: a compiled decoding step traces them
-            slot = torch.zeros(Bsz, dtype=torch.long, device=x.device)
-            scale = torch.zeros(Bsz, dtype=A.dtype, device=x.device)
-            for n, idx in groups:
-                slot[idx] = slots[n]
-                scale[idx] = self.adapters[n].lora.scaling
-            rows = ctx.row_cache[names] = (slot, scale)
-        slot, weight = rows
-        gated = [(n, idx) for n, idx in groups if self.adapters[n].gate is not None]
-        if gated:  # MiLoRA: the row's gate for this projection's expert
+        A, B, slots = self._pack(plan.names, ctx.adapter_epoch)
+        where, weight = plan.tables(Bsz, x.device, A.dtype)
+        if plan.gated:  # MiLoRA: the row's gate for this projection's expert
             weight = weight.clone()
-            for n, idx in gated:
+            for n, idx in plan.gated:
                 layer, expert = self.adapters[n].gate
                 with ctx.scope(idx, n):
-                    weight[idx] = weight[idx] * ctx.milora_gates(n, layer)[:, expert].to(weight.dtype)
+                    g = ctx.milora_gates(n, layer)[:, expert].to(weight.dtype)  # (rows,)
+                if plan.by_slot:
+                    L = idx.numel() * T
+                    weight[slots[n], :L] = weight[slots[n], :L] * g.repeat_interleave(T)
+                else:
+                    weight[idx] = weight[idx] * g
         tokens = x.reshape(Bsz * T, -1)
-        return packed_lora(tokens, A, B_cat, slot.repeat_interleave(T), weight.repeat_interleave(T)).view(Bsz, T, -1)
+        if plan.by_slot:
+            return packed_lora_by_slot(tokens, A, B, where, weight).view(Bsz, T, -1)
+        return packed_lora(tokens, A, B, where.repeat_interleave(T), weight.repeat_interleave(T)).view(Bsz, T, -1)

@@ -53,6 +53,45 @@ def test_mixed_batch_equals_each_row_alone(arch):
     torch.testing.assert_close(mixed[real], ref[real], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout,names", [
+    ("by_slot", ["lora", "dora", None, "milora", "lora_mlp", "mixlora"]),  # a few rows per adapter
+    ("dense", ["lora"] * 6 + ["dora", None, "milora"]),  # most rows on one adapter: masked dense
+])
+def test_both_packed_layouts_equal_each_row_alone(layout, names, monkeypatch):
+    import moelora.lora as lora_module
+
+    used = []
+    for fn in ("packed_lora", "packed_lora_by_slot"):
+        original = getattr(lora_module, fn)
+        monkeypatch.setattr(lora_module, fn, lambda *a, _f=original, _n=fn: used.append(_n) or _f(*a))
+    model = zoo()
+    ids, mask = batch(model, B=len(names), T=6)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        ref = alone(model, ids, mask, names)
+    real = mask.bool()
+    torch.testing.assert_close(mixed[real], ref[real], rtol=1e-4, atol=1e-5)
+    assert set(used) == {"packed_lora_by_slot" if layout == "by_slot" else "packed_lora"}
+
+
+def test_an_adapter_replaced_under_the_same_name_is_not_served_from_the_old_pack():
+    model = zoo(names=("lora", "dora", "milora"))
+    names = ["lora", "dora", "milora", "lora"]
+    ids, mask = batch(model, B=len(names), T=5)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        moelora.detach(model, "lora")
+        moelora.attach(model, CONFIGS["lora"], "lora")
+        for n, p in model.named_parameters():  # new tensors, new values; the other adapters untouched
+            if ".adapters.lora." in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+        after = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        ref = alone(model, ids, mask, names)
+    real = mask.bool()
+    torch.testing.assert_close(after[real], ref[real], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(after[0], before[0])
+
+
 def test_mixed_batch_differs_per_adapter_and_does_not_change_active():
     model = zoo()
     moelora.set_adapter(model, "lora")
@@ -133,17 +172,24 @@ def test_packed_inference_path_equals_the_training_path_and_follows_weight_updat
 
 
 @pytest.mark.parametrize("N", [3, 40])
-def test_packed_lora_equals_one_lora_per_row(N):
-    from moelora.kernels.dense import packed_lora
+def test_packed_lora_both_forms_equal_one_lora_per_row(N):
+    from moelora.kernels.dense import packed_lora, packed_lora_by_slot
 
     g = torch.Generator().manual_seed(0)
     P, r, d_in, d_out = 5, 4, 12, 10
     A, B = torch.randn(P, r, d_in, generator=g), torch.randn(P, d_out, r, generator=g)
     x = torch.randn(N, d_in, generator=g)
     slot, weight = torch.randint(0, P, (N,), generator=g), torch.rand(N, generator=g)
-    out = packed_lora(x, A, B.permute(1, 0, 2).reshape(d_out, P * r), slot, weight)
     ref = torch.stack([weight[n] * B[slot[n]] @ (A[slot[n]] @ x[n]) for n in range(N)])
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_lora(x, A, B.transpose(1, 2), slot, weight), ref, rtol=1e-5, atol=1e-5)
+    # by slot: each slot's tokens, padded with token 0 at weight 0
+    m = int(torch.bincount(slot, minlength=P).max())
+    index, w = torch.zeros(P, m, dtype=torch.long), torch.zeros(P, m)
+    for p in range(P):
+        tok = (slot == p).nonzero().flatten()
+        index[p, : len(tok)], w[p, : len(tok)] = tok, weight[tok]
+    torch.testing.assert_close(packed_lora_by_slot(x, A, B.transpose(1, 2).contiguous(), index, w), ref,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_dora_norm_is_cached_and_follows_weight_updates():
