@@ -84,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = load_run_config(args.config, args.overrides)
     out = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the other processes are done
+        return 0
     print(f"adapter saved in {out}")
     if run.eval is not None and run.eval.data:
         import torch

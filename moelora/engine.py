@@ -369,9 +369,9 @@ class Engine:
         """Load a base model (``None``: the embedded default) and register ``adapters`` (name -> dir)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .embedded import embedded_model_dir
+        from .embedded import resolve_model
 
-        path = model_dir or str(embedded_model_dir())
+        path = resolve_model(model_dir)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

@@ -71,10 +71,10 @@ class MoeLoraLM(HFLM):
     ) -> None:
         if adapter and kwargs.get("peft"):
             raise ValueError("give either adapter= (loaded by moelora, which also reads PEFT adapters) or peft=, not both")
-        if pretrained is None:
-            from .embedded import embedded_model_dir
+        if pretrained is None or isinstance(pretrained, str):
+            from .embedded import resolve_model
 
-            pretrained = embedded_model_dir()
+            pretrained = resolve_model(pretrained)
         if isinstance(pretrained, os.PathLike):
             pretrained = os.fspath(pretrained)
         # device=None lets HFLM pick cuda when available, else cpu (HFLM's own default is "cuda").

@@ -76,16 +76,16 @@ def quantization_config(quantization: str | None):
 
 def load_model_and_tokenizer(name_or_path: str | None, dtype: torch.dtype | str = torch.float32,
                              quantization: str | None = None):
-    """A causal LM and its tokenizer; ``None`` is the embedded SmolLM2-135M-Instruct.
+    """A causal LM and its tokenizer; ``None`` is the embedded SmolLM2-135M-Instruct, and an
+    embedded model's name (``gemma-3-270m``, ``moelora.embedded``) that model.
 
     ``quantization`` ("4bit" / "8bit") loads the base through bitsandbytes on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quant = quantization_config(quantization)  # fails before anything is loaded
-    if name_or_path is None:
-        from .embedded import embedded_model_dir
+    from .embedded import resolve_model
 
-        name_or_path = str(embedded_model_dir())
+    quant = quantization_config(quantization)  # fails before anything is loaded
+    name_or_path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

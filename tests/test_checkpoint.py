@@ -845,3 +845,53 @@ def test_align_eos_makes_the_tokenizer_stop_where_generate_stops():
     assert tok.eos_token_id == other
     assert align_eos(tok, GenerationConfig(eos_token_id=[0, other])) is False  # one of several: kept
     assert align_eos(tok, GenerationConfig()) is False and tok.eos_token_id == other  # no end token: unchanged
+
+
+def test_embedded_gguf_chunks_are_assembled_once_and_checked(tmp_path, monkeypatch):
+    """A GGUF split over several wheels (Gemma-3-270M's four) is concatenated once into the cache,
+    checked against its SHA-256, and written atomically; a missing wheel names the install command."""
+    import hashlib
+
+    import moelora.embedded as emb
+
+    chunks = [tmp_path / f"c{i}" for i in range(3)]
+    for i, c in enumerate(chunks):
+        c.write_bytes(bytes([i]) * (1000 + i))
+    whole = b"".join(c.read_bytes() for c in chunks)
+    good = emb.EmbeddedModel("fake", "fake-model", (("a", "x"), ("b", "y"), ("c", "z")),
+                             hashlib.sha256(whole).hexdigest(), "pip install fake")
+    monkeypatch.setenv("MOELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(emb, "_chunk_paths", lambda model: chunks)
+    monkeypatch.setitem(emb.EMBEDDED, "fake", good)
+    path = emb.gguf_path("fake")
+    assert path == tmp_path / "cache" / "fake-model.gguf" and path.read_bytes() == whole
+    chunks[0].write_bytes(b"changed")
+    assert emb.gguf_path("fake").read_bytes() == whole  # assembled once
+
+    bad = emb.EmbeddedModel("bad", "bad-model", good.chunks, "0" * 64, "pip install fake")
+    monkeypatch.setitem(emb.EMBEDDED, "bad", bad)
+    with pytest.raises(FileNotFoundError, match="SHA-256 .* expected 0000.*pip install fake"):
+        emb.gguf_path("bad")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake-model.gguf"]  # nothing half-written
+
+    monkeypatch.undo()
+    missing = emb.EmbeddedModel("m", "m", (("moelora-no-such-dist", "f"),), None, "pip install moelora-no-such-dist")
+    with pytest.raises(FileNotFoundError, match="needs the 'moelora-no-such-dist' wheel: pip install moelora-no-such-dist"):
+        emb._chunk_paths(missing)
+
+
+def test_model_names_resolve_to_embedded_models(tmp_path, monkeypatch):
+    import moelora.embedded as emb
+
+    monkeypatch.setattr(emb, "embedded_model_dir", lambda name=emb.DEFAULT: tmp_path / name)
+    assert emb.resolve_model(None) == str(tmp_path / "smollm2-135m-instruct")
+    assert emb.resolve_model("Gemma-3-270M") == str(tmp_path / "gemma-3-270m")
+    assert emb.resolve_model("some/hub-id") == "some/hub-id"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma-3-270m").mkdir()  # e.g. an output_dir of that name: not a model
+    assert emb.resolve_model("gemma-3-270m") == str(tmp_path / "gemma-3-270m")
+    (tmp_path / "gemma-3-270m" / "config.json").write_text("{}")  # a saved model of that name wins
+    assert emb.resolve_model("gemma-3-270m") == "gemma-3-270m"
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="unknown embedded model 'nope'"):
+        emb.embedded_model_dir("nope")

@@ -387,11 +387,9 @@ def parameter_counts(args) -> dict:
     import moelora
     from moelora.config import config_from_dict
 
-    path = args.model
-    if path is None:
-        from moelora.embedded import embedded_model_dir
+    from moelora.embedded import resolve_model
 
-        path = str(embedded_model_dir())
+    path = resolve_model(args.model)
     config = transformers.AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         base = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
