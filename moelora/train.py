@@ -19,6 +19,7 @@ A NaN or infinite loss stops the run with ``TrainingError`` before anything is s
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -279,6 +280,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if sharded:  # FSDP2: each process keeps 1/world of every parameter, frozen base included
         shard_model(model)
     ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # transformers >= 4.50
     optimizers, schedulers = {}, {}  # one per adapter: each trains exactly as it would alone
     for name in names:
         opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
@@ -341,12 +343,18 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
                 if multi:
                     batch["adapter_names"] = [n for n in names for _ in feats]
-                with accelerator.autocast():
-                    outputs = ddp_model(**batch)
-                # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
+                # logits only at the positions some row predicts a response token from (not the prompt):
+                # with a large vocabulary the (rows, length, vocab) logits are most of a step's memory
                 targets = labels[:, 1:]
                 rows, cols = (targets != -100).nonzero(as_tuple=True)
-                token_ce = F.cross_entropy(outputs.logits[rows, cols].float(), targets[rows, cols], reduction="none")
+                keep = torch.unique(cols) if keeps_logits else None  # sorted positions
+                if keep is not None:
+                    batch["logits_to_keep"] = keep
+                with accelerator.autocast():
+                    outputs = ddp_model(**batch)
+                at = torch.searchsorted(keep, cols) if keep is not None else cols
+                # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
+                token_ce = F.cross_entropy(outputs.logits[rows, at].float(), targets[rows, cols], reduction="none")
                 ce = token_ce.new_zeros(len(names)).index_add(0, rows // len(feats), token_ce)  # per adapter
                 lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
                 routers = getattr(outputs, "router_losses", None) if multi else None

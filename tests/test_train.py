@@ -140,6 +140,39 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_model_dir
         torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_logits_only_at_response_positions_train_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """The LM head runs only where a row predicts a response token (`logits_to_keep`): the same
+    adapter as computing every position's logits (a model whose forward has no such argument)."""
+    import inspect
+
+    import transformers
+
+    kept = []
+    original = transformers.LlamaForCausalLM.forward
+
+    def spy(self, *a, logits_to_keep=0, **kw):
+        kept.append(logits_to_keep)
+        return original(self, *a, logits_to_keep=logits_to_keep, **kw)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", spy)
+    cfg = write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", max_steps=2, save_steps=0)
+    a = adapter(train(load_run_config(cfg), progress=False))
+    assert kept and all(torch.is_tensor(k) and 0 < len(k) < 95 for k in kept)  # positions, not the whole row
+    import types
+
+    import moelora.train
+
+    without = inspect.signature(original)
+    without = without.replace(parameters=[p for p in without.parameters.values() if p.name != "logits_to_keep"])
+    monkeypatch.setattr(moelora.train, "inspect", types.SimpleNamespace(signature=lambda f: without))
+    cfg = write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", max_steps=2, save_steps=0)
+    kept.clear()
+    b = adapter(train(load_run_config(cfg), progress=False))
+    assert kept and all(k == 0 for k in kept)  # every position
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_refuses_an_output_dir_with_another_run_and_changes_nothing(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=2)
     out = train(load_run_config(cfg), progress=False)
