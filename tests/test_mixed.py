@@ -41,16 +41,18 @@ def alone(model, ids, mask, names):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_batch_equals_each_row_alone(arch):
-    model = zoo(arch)
-    names = ["mixlora", None, "lora", "milora", "dora", "mixlora", "lora_mlp", "milora"]
+def assert_mixed_equals_alone(model, names):
     ids, mask = batch(model, B=len(names), T=6)
     with torch.no_grad():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
         ref = alone(model, ids, mask, names)
     real = mask.bool()
     torch.testing.assert_close(mixed[real], ref[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_equals_each_row_alone(arch):
+    assert_mixed_equals_alone(zoo(arch), ["mixlora", None, "lora", "milora", "dora", "mixlora", "lora_mlp", "milora"])
 
 
 @pytest.mark.parametrize("layout,names", [
@@ -64,13 +66,7 @@ def test_both_packed_layouts_equal_each_row_alone(layout, names, monkeypatch):
     for fn in ("packed_lora", "packed_lora_by_slot"):
         original = getattr(lora_module, fn)
         monkeypatch.setattr(lora_module, fn, lambda *a, _f=original, _n=fn: used.append(_n) or _f(*a))
-    model = zoo()
-    ids, mask = batch(model, B=len(names), T=6)
-    with torch.no_grad():
-        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
-        ref = alone(model, ids, mask, names)
-    real = mask.bool()
-    torch.testing.assert_close(mixed[real], ref[real], rtol=1e-4, atol=1e-5)
+    assert_mixed_equals_alone(zoo(), names)
     assert set(used) == {"packed_lora_by_slot" if layout == "by_slot" else "packed_lora"}
 
 
