@@ -88,6 +88,29 @@ def test_an_adapter_replaced_under_the_same_name_is_not_served_from_the_old_pack
     assert not torch.allclose(after[0], before[0])
 
 
+def test_pooled_mixlora_tenants_follow_weight_updates_and_replacement():
+    """Several MixLoRA tenants are routed and computed together from a pooled copy of their
+    routers and experts: an in-place update or a replaced adapter must not be served stale."""
+    model = tiny_model("llama")
+    for name in ("m1", "m2"):
+        moelora.attach(model, CONFIGS["mixlora"], name)
+    randomize_adapters(model).eval()
+    names = ["m1", "m2", "m1", None]
+    assert_mixed_equals_alone(model, names)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".m1." in n:
+                p.mul_(1.5)
+    assert_mixed_equals_alone(model, names)
+    moelora.detach(model, "m1")
+    moelora.attach(model, CONFIGS["mixlora"], "m1")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".m1." in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    assert_mixed_equals_alone(model, names)
+
+
 def test_mixed_batch_differs_per_adapter_and_does_not_change_active():
     model = zoo()
     moelora.set_adapter(model, "lora")

@@ -188,20 +188,23 @@ class MixLoraFFN(nn.Module):
         )
 
     def _pooled(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """Routers and experts of ``names`` stacked (a few recent sets cached, rebuilt on any change)."""
-        moes = [self.adapters[n] for n in names]
-        key = weights_key(p for m in moes for p in m.parameters())
+        """Routers and experts of ``names`` stacked (a few recent sets cached, rebuilt when a weight
+        changes, in place or replaced, or when adapters were attached or removed since)."""
         pools = self.__dict__.setdefault("_pools", OrderedDict())  # not buffers: never saved
         cached = pools.get(names)
-        if cached is None or cached[0] != key:
+        epoch = self._ctx.adapter_epoch
+        if cached is None or cached[6] != epoch or cached[0] != weights_key(cached[5]):
+            moes = [self.adapters[n] for n in names]
+            tensors = [p for m in moes for p in m.parameters()]
             sizes = torch.tensor([m.moe_gate.shape[0] for m in moes])
             router = torch.cat([m.moe_gate.detach().float() for m in moes])  # (sum E, d)
             experts = {proj: _PooledLora([m.experts[proj] for m in moes]) for proj in moes[0].experts}
-            cached = pools[names] = (key, router, sizes.cumsum(0) - sizes, sizes, experts)
+            cached = pools[names] = (weights_key(tensors), router, sizes.cumsum(0) - sizes, sizes, experts, tensors,
+                                     epoch)
             while len(pools) > 4:
                 pools.popitem(last=False)
         pools.move_to_end(names)
-        return cached[1:]
+        return cached[1:5]
 
     def _pooled_mixture(self, x: torch.Tensor, gate_up: torch.Tensor, mix: list[tuple[str, torch.Tensor]]):
         """Every MixLoRA row of a mixed batch at once: each token routed by its own adapter's router
