@@ -20,6 +20,9 @@ step bench ${BENCH_SECS:-330} python3 benchmarks/bench.py --mode gpu --reuse-bas
 [ -n "${COMPILED:-}" ] && step bench_compiled ${COMPILED_SECS:-240} python3 benchmarks/bench.py --mode gpu --reuse-base --skip-gate --compiled-decode \
   --budget $(( ${COMPILED_SECS:-240} - 40 )) --warmup 2 --repeats 5 --contenders peft_lora_r16 ours_lora_r16 ours_mixlora_fast ours_milora_r16 \
   --output "$OUT/bench_gpu_compiled.json"
+[ -n "${CKPT:-}" ] && step bench_ckpt ${CKPT_SECS:-150} python3 benchmarks/bench.py --mode gpu --reuse-base --skip-gate --gradient-checkpointing \
+  --budget $(( ${CKPT_SECS:-150} - 30 )) --warmup 2 --repeats 5 --contenders peft_lora_r16 ours_mixlora_fast \
+  --output "$OUT/bench_gpu_ckpt.json"
 [ -z "${SKIP_ENGINE:-}" ] && step engine 120 python3 benchmarks/engine_bench.py --mode gpu --repeats 1 --output "$OUT/engine_gpu.json"
 if ls .whl_moepeft/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_old .whl_moepeft/*.whl \
