@@ -41,3 +41,22 @@ def test_bench_tiny_reports_every_contender_and_figure(tmp_path):
     assert set(report["ratios_vs_peft_lora_r16"]) == expected
     assert report["ratios_vs_peft_lora_r16"]["peft_lora_r16"]["train_step_ms"] == pytest.approx(1.0)
     assert len(report["targets"]) == 11
+
+
+def test_bench_checkpointed_keeps_fewer_activations(tmp_path):
+    """`--gradient-checkpointing` trains every contender with layer recomputation (the base reused
+    between contenders, checkpointing switched off again): they keep fewer activation bytes."""
+    pytest.importorskip("peft")
+    bench = _load()
+    kept = {}
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"bench{len(flag)}.json"
+        rc = bench.main(["--mode", "cpu", "--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--skip-gate",
+                         "--reuse-base", "--contenders", "peft_lora_r16", "ours_lora_r16", "ours_mixlora_fast",
+                         "--output", str(out), *flag])
+        assert rc == 0
+        report = json.loads(out.read_text())
+        assert report["meta"]["gradient_checkpointing"] is bool(flag)
+        kept[bool(flag)] = {n: c["activations_mb"] for n, c in report["contenders"].items()}
+    for name in kept[False]:
+        assert kept[True][name] < kept[False][name], name
