@@ -117,7 +117,10 @@ def _checkpointed_layers(model: nn.Module, ctx: AdapterContext) -> frozenset[int
     so a router loss would get no gradient (MixLoRA) or the recompute would reach the router's
     graph outside the layer a second time (MiLoRA); both are refused with the fix named.
     LoRA and DoRA train under either kind."""
-    layers = decoder_layers(model)
+    try:
+        layers = decoder_layers(model)
+    except ValueError:  # plain LoRA on a model without a layer table (no routers there either)
+        return frozenset()
     on = frozenset(i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False))
     if not on:
         return on

@@ -212,6 +212,10 @@ def test_plain_lora_on_unknown_architecture_with_explicit_linear_target_works():
     torch.testing.assert_close(logits(model), ref)  # B = 0: a fresh adapter is the identity
     randomize_adapters(model)
     assert not torch.allclose(logits(model), ref)
+    model.train()  # and it trains (no decoder-layer table needed)
+    ids = torch.randint(3, 64, (2, 5))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.lm_head.adapters["default"].lora.lora_B.grad is not None
 
 
 def test_attaching_the_same_adapter_name_twice_raises_and_keeps_the_first():
