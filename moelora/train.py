@@ -304,10 +304,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if rng_file.exists():  # our own file: python's RNG state is a tuple, not a tensor
             _set_rng_state(torch.load(rng_file, weights_only=False))
         step, start_epoch, position = state["step"], state["epoch"], state["position"]
-        if state.get("world_size", world) != world:
+        before = state.get("global_batch", t.batch_size * state.get("world_size", world) * t.gradient_accumulation)
+        if before != per_step:
             logger.warning("resuming a run of %d processes with %d: the global batch changes from %d to %d examples",
-                           state["world_size"], world, t.batch_size * state["world_size"] * t.gradient_accumulation,
-                           per_step)
+                           state.get("world_size", world), world, before, per_step)
         if main:
             print(f"resuming from {ckpt} (step {step})")
 
@@ -529,7 +529,7 @@ def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Pat
             torch.save(optim_states[name], tmp / files.optimizer(name))
             torch.save(schedulers[name].state_dict(), tmp / files.scheduler(name))
         state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes,
-                 "fsdp": sharded}
+                 "global_batch": t.batch_size * accelerator.num_processes * t.gradient_accumulation, "fsdp": sharded}
         (tmp / STATE_NAME).write_text(json.dumps(state))
         for f in tmp.iterdir():
             if f.is_file():

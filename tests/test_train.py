@@ -276,6 +276,19 @@ def test_fsdp_resume_equals_an_uninterrupted_sharded_run(tmp_path, tiny_model_di
     a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # one process can resume it too (the optimizer states are stored by name, in full)
+    (tmp_path / "c").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "c" / "checkpoint-2")
+    single = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "c", batch_size=4, max_steps=4, save_steps=2)
+    r = run_cli_train(single, "--resume")
+    assert "resuming from" in r.stdout and "global batch changes" not in r.stderr  # 1 x 4 = 2 x 2
+    c = adapter(tmp_path / "c")
+    assert all(torch.allclose(a[k], c[k], atol=1e-3) for k in a)  # same global batch; router losses per process
+    (tmp_path / "d").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "d" / "checkpoint-2")
+    smaller = write_config(tmp_path / "d.yaml", tiny_model_dir, tmp_path / "d", batch_size=2, max_steps=3, save_steps=2)
+    assert "resuming a run of 2 processes with 1: the global batch changes from 4 to 2" in run_cli_train(
+        smaller, "--resume").stderr
 
 
 def test_deepspeed_is_refused_with_what_works(tmp_path, tiny_model_dir, monkeypatch):
