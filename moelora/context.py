@@ -40,7 +40,8 @@ class RouterRecord:
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass (where gradient checkpointing recomputes layers)."""
-    return torch._C._current_graph_task_id() != -1
+    task = getattr(torch._C, "_current_graph_task_id", None)  # private; absent: assume not
+    return task is not None and task() != -1
 
 
 _ACTIVE = object()  # ``forward_name`` unset: the forward uses ``active``

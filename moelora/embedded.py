@@ -51,9 +51,6 @@ EMBEDDED = {
     )
 }
 DEFAULT = "smollm2-135m-instruct"
-# the default's names, kept for callers of the single-model API
-DIST, GGUF = EMBEDDED[DEFAULT].chunks[0]
-NAME = EMBEDDED[DEFAULT].directory
 
 
 def cache_dir() -> Path:

@@ -39,6 +39,25 @@ def weights_key(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+def weights_cache(owner: nn.Module, attr: str, key, epoch: int, build):
+    """A few recent values derived from adapter weights, kept on ``owner`` (not as buffers: never
+    saved) under ``key``: ``build()`` returns ``(tensors, value)`` and runs again when one of those
+    tensors changed (in place or replaced) or adapters were attached or removed since (``epoch``).
+    While compiling, a cached value is trusted: storage pointers cannot be traced, and the eager
+    prefill before a compiled decoding step built or checked it."""
+    cache = owner.__dict__.setdefault(attr, OrderedDict())
+    hit = cache.get(key)
+    if hit is not None and torch.compiler.is_compiling():
+        return hit[2]
+    if hit is None or hit[0] != epoch or hit[1] != weights_key(hit[3]):
+        tensors, value = build()
+        hit = cache[key] = (epoch, weights_key(tensors), value, tensors)
+        while len(cache) > 4:  # a decoding batch keeps its set until a request joins or leaves
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return hit[2]
+
+
 def base_linear(module: nn.Module) -> nn.Linear:
     """The frozen ``nn.Linear`` under any number of ``AdaptedLinear`` wrappers."""
     while isinstance(module, AdaptedLinear):
@@ -301,30 +320,21 @@ class AdaptedLinear(nn.Module):
 
     def _pack(self, names: tuple[str, ...], epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """The LoRAs of ``names`` (this batch's adapters) stacked, one slot each: ``A (P, r, in)`` and
-        ``B`` transposed, ``(P, r, out)``. A few recent sets are kept (a decoding batch keeps its set
-        until a request joins or leaves); a set is rebuilt when one of its weights changes (in place
-        or replaced) or when adapters were attached or removed since (``epoch``). Only the batch's
-        adapters cost work in the packed op."""
-        packs = self.__dict__.setdefault("_packs", OrderedDict())  # not buffers: never saved
-        cached = packs.get(names)
-        if cached is not None and torch.compiler.is_compiling():
-            return cached[1:4]  # storage pointers cannot be traced: the eager prefill built or checked it
-        if cached is None or cached[5] != epoch or cached[0] != weights_key(cached[4]):
+        ``B`` transposed, ``(P, r, out)`` (``weights_cache``: a few recent sets kept). Only the
+        batch's adapters cost work in the packed op."""
+
+        def build():
             entries = [self.adapters[n].lora for n in names]
-            tensors = [t for w in entries for t in (w.lora_A, w.lora_B)]
             r = max(w.r for w in entries)
-            first = entries[0]
-            A = first.lora_A.new_zeros(len(entries), r, first.lora_A.shape[2])
-            B = first.lora_B.new_zeros(len(entries), r, first.lora_B.shape[1])
+            A = entries[0].lora_A.new_zeros(len(entries), r, entries[0].lora_A.shape[2])
+            B = entries[0].lora_B.new_zeros(len(entries), r, entries[0].lora_B.shape[1])
             for p, w in enumerate(entries):
                 A[p, : w.r] = w.lora_A[0].detach()
                 B[p, : w.r] = w.lora_B[0].detach().t()
-            slots = {n: p for p, n in enumerate(names)}
-            cached = packs[names] = (weights_key(tensors), A, B, slots, tensors, epoch)
-            while len(packs) > 4:
-                packs.popitem(last=False)
-        packs.move_to_end(names)
-        return cached[1:4]
+            tensors = [t for w in entries for t in (w.lora_A, w.lora_B)]
+            return tensors, (A, B, {n: p for p, n in enumerate(names)})
+
+        return weights_cache(self, "_packs", names, epoch, build)
 
     def _packed_delta(self, x: torch.Tensor, plan: _MixedPlan) -> torch.Tensor:
         """Each row's own adapter delta, ``(B, T, out)`` float32, for a batch of several adapters.

@@ -23,7 +23,6 @@ the naive form draws one per expert (as the official code). Both are off in ``ev
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -32,7 +31,7 @@ from transformers.activations import ACT2FN
 
 from ..config import MixLoraConfig
 from ..context import AdapterContext, RouterRecord
-from ..lora import LinearAdapter, LoraWeights, base_linear, weights_key
+from ..lora import LinearAdapter, LoraWeights, base_linear, weights_cache
 from ..routing import float32_linear, mixlora_aux_loss, top_k_routing, top_p_routing
 
 PREFIX = "mixlora.layers"
@@ -188,23 +187,16 @@ class MixLoraFFN(nn.Module):
         )
 
     def _pooled(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """Routers and experts of ``names`` stacked (a few recent sets cached, rebuilt when a weight
-        changes, in place or replaced, or when adapters were attached or removed since)."""
-        pools = self.__dict__.setdefault("_pools", OrderedDict())  # not buffers: never saved
-        cached = pools.get(names)
-        epoch = self._ctx.adapter_epoch
-        if cached is None or cached[6] != epoch or cached[0] != weights_key(cached[5]):
+        """Routers and experts of ``names`` stacked (``weights_cache``: a few recent sets kept)."""
+
+        def build():
             moes = [self.adapters[n] for n in names]
-            tensors = [p for m in moes for p in m.parameters()]
             sizes = torch.tensor([m.moe_gate.shape[0] for m in moes])
             router = torch.cat([m.moe_gate.detach().float() for m in moes])  # (sum E, d)
             experts = {proj: _PooledLora([m.experts[proj] for m in moes]) for proj in moes[0].experts}
-            cached = pools[names] = (weights_key(tensors), router, sizes.cumsum(0) - sizes, sizes, experts, tensors,
-                                     epoch)
-            while len(pools) > 4:
-                pools.popitem(last=False)
-        pools.move_to_end(names)
-        return cached[1:5]
+            return [p for m in moes for p in m.parameters()], (router, sizes.cumsum(0) - sizes, sizes, experts)
+
+        return weights_cache(self, "_pools", names, self._ctx.adapter_epoch, build)
 
     def _pooled_mixture(self, x: torch.Tensor, gate_up: torch.Tensor, mix: list[tuple[str, torch.Tensor]]):
         """Every MixLoRA row of a mixed batch at once: each token routed by its own adapter's router
