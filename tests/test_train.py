@@ -325,6 +325,7 @@ def test_hf_trainer_trains_a_moelora_model_with_the_router_loss(tmp_path, tiny_m
     lm = model.eval()(**dict(batch)).loss
     torch.testing.assert_close(out.loss, lm + out.router_loss)  # ... which is reported on its own too
     trainer.train()
+    assert model.model.layers[0].gradient_checkpointing is checkpointing  # Trainer switched it on (or not)
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("moe_gate" in n for n in changed) and any("lora_B" in n for n in changed)
 
