@@ -1,7 +1,8 @@
 """An lm-evaluation-harness model type, ``moelora``: any base model plus a moelora / PEFT / MoE-PEFT adapter.
 
-    moelora-lm-eval --model moelora --model_args pretrained=DIR,adapter=ADAPTER_DIR \\
+    lm_eval --model moelora --model_args pretrained=DIR,adapter=ADAPTER_DIR \\
         --tasks my_task --include_path my_tasks/ --device cpu
+    moelora-lm-eval ...                         # the same command line
     python -m moelora.lm_eval_model ...         # the same command line
 
 or from Python (importing this module registers the name ``moelora`` with lm_eval)::
@@ -13,9 +14,10 @@ or from Python (importing this module registers the name ``moelora`` with lm_eva
 ``max_length``, ...) with the adapter loaded by ``moelora.load_adapter`` after the base model.
 ``pretrained`` defaults to the embedded SmolLM2-135M-Instruct.
 
-lm_eval 0.4.x has no plugin mechanism for external model types (``--include_path`` is for task
-files only, and no entry points are read): plain ``lm_eval --model moelora`` cannot find this class,
-so ``moelora-lm-eval`` / ``python -m moelora.lm_eval_model`` import it and then run lm_eval's own CLI.
+Plain ``lm_eval --model moelora`` finds this class too: through the ``lm_eval.models`` entry point on
+lm-eval releases that read one, and through ``moelora_lm_eval_plugin`` (a ``.pth`` start-up hook) on
+0.4.x, which reads none (docs/lm_eval.md). ``moelora-lm-eval`` / ``python -m moelora.lm_eval_model``
+import it and then run lm_eval's own CLI.
 
 MiLoRA routes on the prompt only. For loglikelihood requests HFLM scores context + continuation
 in one forward, so this class tells the model how many tokens of each row are the context

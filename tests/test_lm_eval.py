@@ -21,7 +21,10 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import moelora  # noqa: E402
+import moelora_lm_eval_plugin  # noqa: E402
 from moelora.lm_eval_model import MoeLoraLM  # noqa: E402  (registers "moelora")
+
+PLUGIN_OFF = moelora_lm_eval_plugin.DISABLE_ENV
 
 TASK = "moelora_toy_choice"
 DOCS = [
@@ -191,11 +194,20 @@ def test_generate_until(tiny_model_dir, adapters):
         assert text == want
 
 
-@pytest.mark.slow  # ~25 s on 2 CPU cores: the lm_eval CLI always indexes its own ~10k task files (~12 s)
-def test_cli(tiny_model_dir, adapters, task_dir, tmp_path):
-    """`python -m moelora.lm_eval_model` is lm_eval's command line with `--model moelora` known."""
+def _plugin_pth_installed() -> bool:
+    files = metadata.distribution("moelora").files or []
+    return any(f.name == "moelora-lm-eval.pth" for f in files)
+
+
+@pytest.mark.slow  # ~25 s each on 2 CPU cores: the lm_eval CLI always indexes its own ~10k task files (~12 s)
+@pytest.mark.parametrize("program", ["lm_eval", "moelora.lm_eval_model"])
+def test_cli(program, tiny_model_dir, adapters, task_dir, tmp_path):
+    """Plain `lm_eval --model moelora` (the installed .pth plugin) and `python -m moelora.lm_eval_model`."""
+    if program == "lm_eval" and not _plugin_pth_installed():
+        pytest.skip("moelora's installation predates moelora-lm-eval.pth (pip install -e .)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "moelora.lm_eval_model", "--model", "moelora",
+    env.pop(PLUGIN_OFF, None)
+    cmd = [sys.executable, "-m", program, "--model", "moelora",
            "--model_args", f"pretrained={tiny_model_dir},adapter={adapters['mixlora']}",
            "--tasks", TASK, "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "4",
            "--output_path", str(tmp_path / "out")]
@@ -205,6 +217,54 @@ def test_cli(tiny_model_dir, adapters, task_dir, tmp_path):
     [result_file] = Path(tmp_path / "out").rglob("results_*.json")
     acc = json.loads(result_file.read_text())["results"][TASK]["acc,none"]
     assert acc == _evaluate(tiny_model_dir, adapters["mixlora"], task_dir)["results"][TASK]["acc,none"]
+
+
+def _run_python(code: str, **env_extra: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != PLUGIN_OFF}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, **env_extra})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_plugin_registers_lazily_at_lm_eval_import():
+    """The .pth plugin: nothing of moelora/torch loads at start-up; lm_eval's registry gets a lazy
+    placeholder that resolves to MoeLoraLM; the switch turns it off."""
+    if not _plugin_pth_installed():
+        pytest.skip("moelora's installation predates moelora-lm-eval.pth (pip install -e .)")
+    assert _run_python("import sys; print('moelora' in sys.modules, 'torch' in sys.modules)") == "False False"
+    code = ("import sys, lm_eval.api.registry as r; print(r.model_registry._objs.get('moelora'), "
+            "'moelora.lm_eval_model' in sys.modules)")
+    assert _run_python(code) == "moelora.lm_eval_model:MoeLoraLM False"
+    assert _run_python(code, **{PLUGIN_OFF: "1"}) == "None False"
+    resolved = _run_python("import lm_eval.api.registry as r; c = r.get_model('moelora'); print(c.__module__, c.__name__)")
+    assert resolved == "moelora.lm_eval_model MoeLoraLM"
+
+
+def test_plugin_register_unit():
+    """register(): the placeholder, then the decorator upgrades it; releases with entry-point discovery
+    and names already taken are left alone; a broken registry never raises."""
+    import types
+
+    from lm_eval.api.registry import Registry
+
+    fake = types.SimpleNamespace(model_registry=Registry("model"))
+    assert moelora_lm_eval_plugin.register(fake)
+    assert fake.model_registry._objs["moelora"] == "moelora.lm_eval_model:MoeLoraLM"
+    fake.model_registry.register("moelora")(MoeLoraLM)  # what importing moelora.lm_eval_model does
+    assert fake.model_registry.get("moelora") is MoeLoraLM
+    assert not moelora_lm_eval_plugin.register(fake)  # already there
+    newer = types.SimpleNamespace(model_registry=Registry("model"), load_plugins=lambda *a: [])
+    assert not moelora_lm_eval_plugin.register(newer) and "moelora" not in newer.model_registry
+    assert not moelora_lm_eval_plugin.register(types.SimpleNamespace(model_registry=object()))
+
+
+def test_lm_eval_models_entry_point():
+    """lm-eval releases with plugin discovery read the `lm_eval.models` entry-point group."""
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="lm_eval.models")}
+    if "moelora" not in eps:
+        pytest.skip("moelora's installed metadata predates the lm_eval.models entry point (pip install -e .)")
+    assert eps["moelora"] == "moelora.lm_eval_model:MoeLoraLM"
 
 
 def test_console_script_entry_point():
