@@ -62,6 +62,11 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the frozen base and the adapters over the processes (FSDP2, one unit per decoder
     layer) instead of replicating them (DDP); no effect in a single process."""
+    deepspeed: str | dict[str, Any] | None = None
+    """DeepSpeed ZeRO (``pip install 'moelora[deepspeed]'``): ``zero1``, ``zero2``, ``zero3``, the path of a
+    DeepSpeed JSON config, or the config inline. Its batch size, accumulation and clipping come from
+    this block (``"auto"``); moelora's AdamW and schedule are used. ``accelerate launch`` with a
+    DeepSpeed config turns it on too. One adapter per run."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward instead of keeping its activations
     (transformers' non-reentrant activation checkpointing): less memory, about one more forward."""

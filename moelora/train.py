@@ -7,7 +7,8 @@ the sum of token losses divided by the number of response tokens in the whole gl
 (counted across processes), so N processes compute the same gradient as one process with the
 same global batch; the router loss (MixLoRA's aux loss, MiLoRA's load-balance loss) is computed on
 each process's own rows and averaged by DDP. With ``train.fsdp`` the model is sharded (FSDP2,
-``shard_model``) instead of replicated; gradients are averaged the same way.
+``shard_model``) instead of replicated; under ``train.deepspeed`` a DeepSpeed ZeRO engine holds it
+(``sharding.deepspeed_config``). Gradients are averaged the same way in both.
 
 Checkpoints (``output_dir/checkpoint-{step}``, every ``save_steps``) hold the adapter (the
 ``save_adapter`` format), the optimizer and scheduler states, every process's RNG states and
@@ -39,12 +40,14 @@ from . import checkpoint
 from .data import TrainData, collate, end_token_ids
 from .inject import adapter_of, attach, get_context
 from .runconfig import RunConfig
+from .sharding import accelerate_fsdp, deepspeed_config, deepspeed_source, shard_model
 from .stats import count_parameters, expert_load, param_groups
 
-__all__ = ["train", "TrainingError", "load_model_and_tokenizer", "latest_checkpoint"]
+__all__ = ["train", "TrainingError", "load_model_and_tokenizer", "latest_checkpoint", "shard_model"]
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
+DEEPSPEED_DIR = "deepspeed"  # in a checkpoint of a DeepSpeed run: the engine's own files (optimizer partitions)
 
 
 class TrainingError(RuntimeError):
@@ -239,9 +242,13 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     multi = run.adapters is not None  # several adapters, each row of a batch repeated for each
     if not run.data:
         raise TrainingError("the config has no data: add at least one entry under `data:`")
-    fsdp = t.fsdp or _accelerate_sharding()
-    # Without a GPU, `cpu=True` lets accelerate run torchrun/`accelerate launch` processes as gloo DDP.
-    accelerator = Accelerator(mixed_precision=_precision(t.precision), cpu=not torch.cuda.is_available())
+    fsdp = t.fsdp or accelerate_fsdp()
+    ds_cfg = _deepspeed_config(run, fsdp)  # None without DeepSpeed; checked before anything is loaded
+    if ds_cfg is not None:
+        accelerator = _deepspeed_accelerator(ds_cfg, t)
+    else:  # without a GPU, `cpu=True` lets accelerate run torchrun/`accelerate launch` processes as gloo DDP
+        accelerator = Accelerator(mixed_precision=_precision(t.precision), cpu=not torch.cuda.is_available())
+    zero3 = ds_cfg is not None and ds_cfg["zero_optimization"]["stage"] == 3
     main = accelerator.is_main_process
     if main:
         _check_output_dir(out, resume, overwrite, names if multi else None)
@@ -253,7 +260,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     for name, cfg in configs.items():
         set_seed(t.seed)  # each adapter starts as it would alone, whatever was attached before it
         attach(model, cfg, name)
-    if run.quantization is None:  # a bitsandbytes model is placed at load time and cannot be moved
+    if run.quantization is None and not zero3:  # bitsandbytes places at load time; ZeRO-3 places shards itself
         model.to(accelerator.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -273,24 +280,42 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if state is not None and sharded and not full_optim:
         raise TrainingError(f"{ckpt} was written without FSDP sharding (optimizer states by parameter index): "
                             "resume it without train.fsdp")
+    ds_state = None if ds_cfg is None else {"zero_stage": ds_cfg["zero_optimization"]["stage"], "world_size": world}
+    if state is not None and state.get("deepspeed") != ds_state:
+        saved = state.get("deepspeed")
+        raise TrainingError(
+            f"{ckpt} was written without DeepSpeed: resume it without DeepSpeed" if saved is None else
+            f"{ckpt} was written by DeepSpeed ZeRO-{saved['zero_stage']} with {saved['world_size']} processes (its "
+            f"optimizer states are split per process): resume it with that stage and {saved['world_size']} processes")
     micro = t.batch_size * world  # global micro-batch
     per_step = micro * t.gradient_accumulation
     steps_per_epoch = max(1, len(data.epoch_order(0)) // per_step)
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
     if sharded:  # FSDP2: each process keeps 1/world of every parameter, frozen base included
         shard_model(model)
-    ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # transformers >= 4.50
     optimizers, schedulers = {}, {}  # one per adapter: each trains exactly as it would alone
-    for name in names:
+    if ds_cfg is not None:  # the engine takes the model and its one optimizer together; steps, clips, reduces
+        [name] = names
         opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
-        schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)
-        optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
+        schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)  # moves the lr of `opt`'s groups
+        ddp_model, optimizers[name] = accelerator.prepare(model, opt)
+    else:
+        ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
+        for name in names:
+            opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
+            schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)
+            optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
     counts = {name: count_parameters(model, name) for name in names}
 
     step, start_epoch, position = 0, 0, 0
     if ckpt is not None:
         for name in names:
+            if ds_cfg is not None:  # the engine's own files: adapter weights and this process's optimizer partition
+                ddp_model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag="state", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+                schedulers[name].load_state_dict(torch.load(ckpt / files.scheduler(name), weights_only=True))
+                continue
             saved = torch.load(ckpt / files.optimizer(name), weights_only=True)
             if full_optim:  # into a sharded model or not: the states are scattered to match
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -365,18 +390,23 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 if not torch.isfinite(loss):
                     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                     raise TrainingError(f"the loss is {loss.item()} at step {step + 1}: stopping ({where})")
-                accelerator.backward(loss)  # adapters share no parameter: each gets its own loss's gradient
+                if ds_cfg is not None:  # already divided by the accumulation; the engine steps at its boundary
+                    ddp_model.backward(loss, scale_wrt_gas=False)
+                    ddp_model.step()
+                else:
+                    accelerator.backward(loss)  # adapters share no parameter: each gets its own loss's gradient
                 for i, name in enumerate(names):
                     loss_sum[name] += lm[i].item() / world / t.gradient_accumulation
                     if name in routers:
                         router_sum[name] += routers[name].item() / t.gradient_accumulation
                 tokens_seen += int(batch["attention_mask"].sum()) * world
             for name in names:
-                if t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(_adapter_params(model, name), t.max_grad_norm)
-                optimizers[name].step()
+                if ds_cfg is None:  # DeepSpeed clipped and stepped in ddp_model.step()
+                    if t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(_adapter_params(model, name), t.max_grad_norm)
+                    optimizers[name].step()
+                    optimizers[name].zero_grad(set_to_none=True)
                 schedulers[name].step()
-                optimizers[name].zero_grad(set_to_none=True)
             step += 1
             sums = torch.tensor([loss_sum[n] for n in names], device=accelerator.device)
             global_loss = dict(zip(names, accelerator.reduce(sums, reduction="sum").tolist()))
@@ -400,19 +430,64 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 metrics.log(step, scalars, load)
             if t.save_steps and step % t.save_steps == 0 and step < total:
                 last_good = _save_checkpoint(accelerator, model, optimizers, schedulers, files, out, step, epoch,
-                                             position, t, sharded)
+                                             position, t, sharded, ddp_model if ds_cfg is not None else None, zero3)
             if _stop_after is not None and step >= _stop_after:
                 return out
     finally:
         bar.close()
         metrics.close()
-    tensors = _adapter_tensors(model, names, main, sharded)
+    tensors = _adapter_tensors(model, names, main, sharded, zero3)
     if main:
         for name in names:
             checkpoint.save_adapter(model, out / name if multi else out, name, tensors=tensors[name])
         _write_summary(out, names, total, time.time() - t_start, accelerator.device)
     accelerator.wait_for_everyone()
     return out
+
+
+def _deepspeed_config(run: RunConfig, fsdp: bool) -> dict[str, Any] | None:
+    """The run's DeepSpeed config (``train.deepspeed`` or accelerate's), or None; what DeepSpeed
+    cannot do here is refused before anything is loaded."""
+    t = run.train
+    source = deepspeed_source(t.deepspeed)
+    if source is None:
+        return None
+    if run.adapters is not None:
+        raise TrainingError("DeepSpeed trains one adapter per run (its engine owns one optimizer): train several "
+                            "adapters together with plain DDP or train.fsdp: true")
+    if fsdp:
+        raise TrainingError("train.fsdp and DeepSpeed both shard the model: choose one")
+    if run.quantization is not None:
+        raise TrainingError("DeepSpeed with a bitsandbytes-quantized base is not supported: use plain DDP")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise TrainingError("DeepSpeed is not installed: pip install 'moelora[deepspeed]'") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return deepspeed_config(source, batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation,
+                            max_grad_norm=t.max_grad_norm, world=world)
+
+
+def _deepspeed_accelerator(cfg: dict[str, Any], t):
+    """An ``Accelerator`` whose ``prepare`` builds a DeepSpeed engine from ``cfg``. A single process
+    started without a launcher gets the environment of a one-process group, as DeepSpeed needs one.
+    The base is loaded whole, then partitioned by the engine (no ``zero.Init`` at load)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    if "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    plugin = DeepSpeedPlugin(hf_ds_config=cfg, gradient_accumulation_steps=t.gradient_accumulation,
+                             gradient_clipping=t.max_grad_norm, zero3_init_flag=False)
+    # Without a GPU accelerate finds no backend and would take every process for process 0 of 1 while
+    # DeepSpeed groups them: naming gloo makes both see the same process group.
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(mixed_precision=_precision(t.precision), deepspeed_plugin=plugin, kwargs_handlers=handlers)
 
 
 def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
@@ -459,52 +534,31 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _accelerate_sharding() -> bool:
-    """True when ``accelerate launch`` was given an FSDP config: moelora then shards with its own
-    FSDP2 (``train.fsdp``), which saves and resumes adapters correctly, and accelerate is told
-    nothing (its FSDP plugin would wrap the model itself). DeepSpeed is refused before anything is
-    loaded, naming what works instead."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise TrainingError("DeepSpeed is not supported by moelora train: use train.fsdp: true (FSDP2 sharding "
-                            "of the base and the adapters) or plain DDP")
-    if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return False
-    logger.warning("accelerate's FSDP config: moelora shards with its own FSDP2 (train.fsdp: true, one unit per "
-                   "decoder layer); the config's other FSDP options (wrap policy, offloading, ...) are not applied")
-    return True
-
-
-def shard_model(model: torch.nn.Module) -> None:
-    """FSDP2 (``torch.distributed.fsdp.fully_shard``): one unit per decoder layer, then the rest.
-
-    Every parameter, the frozen base and the adapters alike, is split over the processes and
-    gathered one layer at a time in the forward and backward; gradients are reduce-scattered and
-    averaged, as DDP averages them. Works over gloo on CPUs and NCCL on GPUs."""
-    from torch.distributed.fsdp import fully_shard
-
-    from .inject import decoder_layers
-
-    try:
-        layers = list(decoder_layers(model))
-    except ValueError:  # an architecture without a layer table: one unit for the whole model
-        layers = []
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-
-
-def _adapter_tensors(model: torch.nn.Module, names: list[str], main: bool, sharded: bool) -> dict[str, dict | None]:
+def _adapter_tensors(model: torch.nn.Module, names: list[str], main: bool, sharded: bool,
+                     zero3: bool = False) -> dict[str, dict | None]:
     """Each adapter's full tensors for saving: gathered by every process when sharded (a collective),
-    else read by the main process only."""
+    else read by the main process only. Under ZeRO-3 every process gathers the partitioned
+    parameters (a collective too) and the main process copies them."""
+    if zero3:
+        import deepspeed
+
+        out = {}
+        for name in names:
+            params = [p for n, p in model.named_parameters() if adapter_of(n) == name]
+            with deepspeed.zero.GatheredParameters(params):
+                out[name] = checkpoint.adapter_tensors(model, name) if main else None  # copies (cpu clones)
+        return out
     return {name: checkpoint.adapter_tensors(model, name) if (main or sharded) else None for name in names}
 
 
 def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Path, step: int, epoch: int, position: int,
-                     t, sharded: bool = False) -> Path:
+                     t, sharded: bool = False, engine=None, zero3: bool = False) -> Path:
     """Write ``checkpoint-{step}`` atomically: every process writes its RNG state into a hidden
     directory, then the main process adds the rest and renames it into place. Sharded (FSDP), the
     adapters and optimizer states are first gathered in full by every process: a checkpoint is the
-    same files whatever the number of processes."""
+    same files whatever the number of processes. Under DeepSpeed (``engine``) every process writes
+    its optimizer partition with the engine's own ``save_checkpoint`` (frozen base excluded) into
+    ``deepspeed/``; the adapter is saved in full beside it as usual."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
@@ -512,9 +566,13 @@ def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Pat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    tensors = _adapter_tensors(model, list(optimizers), accelerator.is_main_process, sharded)
+    tensors = _adapter_tensors(model, list(optimizers), accelerator.is_main_process, sharded, zero3)
+    if engine is not None:
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
     optim_states = {}
     for name, opt in optimizers.items():
+        if engine is not None:
+            continue
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -526,12 +584,15 @@ def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Pat
     if accelerator.is_main_process:
         for name in optimizers:
             checkpoint.save_adapter(model, tmp / files.adapter(name), name, tensors=tensors[name])
-            torch.save(optim_states[name], tmp / files.optimizer(name))
+            if name in optim_states:
+                torch.save(optim_states[name], tmp / files.optimizer(name))
             torch.save(schedulers[name].state_dict(), tmp / files.scheduler(name))
         state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes,
                  "global_batch": t.batch_size * accelerator.num_processes * t.gradient_accumulation, "fsdp": sharded}
+        if engine is not None:
+            state["deepspeed"] = {"zero_stage": engine.zero_optimization_stage(), "world_size": accelerator.num_processes}
         (tmp / STATE_NAME).write_text(json.dumps(state))
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import moelora
 from moelora.cli import main as cli
 from moelora.config import ConfigError
 from moelora.runconfig import load_run_config
+from moelora.sharding import deepspeed_config, deepspeed_source
 from moelora.train import TrainingError, latest_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,11 +294,122 @@ def test_fsdp_resume_equals_an_uninterrupted_sharded_run(tmp_path, tiny_model_di
         smaller, "--resume").stderr
 
 
-def test_deepspeed_is_refused_with_what_works(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = load_run_config(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out"))
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(TrainingError, match="DeepSpeed is not supported by moelora train: use train.fsdp: true"):
-        train(cfg, progress=False)
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install 'moelora[deepspeed]')")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_matches_ddp(tmp_path, tiny_model_dir, stage):
+    """DeepSpeed ZeRO-2/3 on CPU (gloo), 2 processes with 2-step accumulation, warm-up and clipping:
+    the same MixLoRA adapter as plain DDP (router loss included: each process's own rows, averaged).
+    ZeRO-2 through train.deepspeed, ZeRO-3 through accelerate launch's DeepSpeed environment."""
+    kw = dict(batch_size=2, max_steps=3, gradient_accumulation=2, warmup_steps=1, max_grad_norm=0.05)
+    ddp = write_config(tmp_path / "ddp.yaml", tiny_model_dir, tmp_path / "ddp", save_steps=0, **kw)
+    if stage == 2:
+        ds, env = write_config(tmp_path / "ds.yaml", tiny_model_dir, tmp_path / "ds", save_steps=2, deepspeed="zero2",
+                               **kw), {}
+    else:
+        ds = write_config(tmp_path / "ds.yaml", tiny_model_dir, tmp_path / "ds", save_steps=2, **kw)
+        env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    run_cli_train(ddp, processes=2)
+    run_cli_train(ds, processes=2, env=env)
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "ds")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    ckpt = tmp_path / "ds" / "checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["deepspeed"] == {"zero_stage": stage, "world_size": 2}
+    assert (ckpt / "deepspeed" / "state").is_dir() and not (ckpt / "optimizer.pt").exists()
+    moelora.load_adapter(transformers_model(tiny_model_dir), ckpt / "adapter")  # the adapter in full
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, stage):
+    """A ZeRO checkpoint (the engine's optimizer partitions + moelora's files) resumes bitwise;
+    resuming it another way is refused by name."""
+    kw = dict(batch_size=2, max_steps=4, save_steps=2, deepspeed=f"zero{stage}", warmup_steps=2)
+    run_cli_train(write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", **kw), processes=2)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", **kw)
+    assert "resuming from" in run_cli_train(resumed, "--resume", processes=2).stdout
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    plain = load_run_config(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "b", batch_size=4,
+                                         max_steps=4, save_steps=2))
+    with pytest.raises(TrainingError, match=f"written by DeepSpeed ZeRO-{stage} with 2 processes .* resume it with that "
+                                            "stage and 2 processes"):
+        train(plain, resume=True, progress=False)
+
+
+@needs_deepspeed
+def test_deepspeed_single_process_without_a_launcher(tmp_path, tiny_model_dir):
+    """`moelora train` with train.deepspeed and no launcher: a one-process group; same adapter as
+    without DeepSpeed."""
+    run_cli_train(write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", max_steps=2, save_steps=0))
+    run_cli_train(write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", max_steps=2, save_steps=0,
+                               deepspeed={"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_deepspeed_config_errors_name_the_problem(tmp_path):
+    """What moelora owns (optimizer, schedule, batch, clipping) is refused or filled, by name."""
+    kw = dict(batch_size=2, gradient_accumulation=3, max_grad_norm=1.0, world=4)
+    cfg = deepspeed_config("zero3", **kw)
+    assert cfg["zero_optimization"] == {"stage": 3}
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
+            cfg["gradient_clipping"]) == (2, 3, 24, 1.0)
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                             "bf16": {"enabled": "auto"}}))
+    assert deepspeed_config(str(f), **kw)["bf16"] == {"enabled": "auto"}
+    cases = {
+        "zero4": "neither zero1/zero2/zero3 nor an existing DeepSpeed JSON config file",
+        '{"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}': "remove its 'optimizer' section",
+        '{"zero_optimization": {"stage": 2}, "scheduler": {}}': "remove its 'scheduler' section",
+        '{"zero_optimization": {"stage": 5}}': "needs zero_optimization.stage 0, 1, 2 or 3, got 5",
+        '{"train_batch_size": 16}': "needs zero_optimization.stage",
+        '{"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8}':
+            "train_micro_batch_size_per_gpu is 8 but train.batch_size is 2",
+        '{"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}': "gradient_clipping is 0.5 but train.max_grad_norm",
+        '{"zero_optimization": {"stage": 1},': "not a valid DeepSpeed JSON config",
+        "[1, 2]": "a DeepSpeed config is a JSON object, got list",
+    }
+    for text, message in cases.items():
+        source = text
+        if text.startswith(("{", "[")):
+            source = str(tmp_path / "bad.json")
+            Path(source).write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            deepspeed_config(source, **kw)
+
+
+def test_deepspeed_refusals_before_anything_is_loaded(tmp_path, tiny_model_dir, monkeypatch):
+    """Several adapters, FSDP + DeepSpeed: refused by name, output_dir untouched."""
+    path = write_config(tmp_path / "m.yaml", tiny_model_dir, tmp_path / "out", deepspeed="zero2")
+    cfg = json.loads(path.read_text())
+    cfg["adapters"] = {"a": {"type": "lora"}, "b": {"type": "lora"}}
+    del cfg["method"]
+    path.write_text(json.dumps(cfg))
+    multi = load_run_config(path)
+    with pytest.raises(TrainingError, match="DeepSpeed trains one adapter per run"):
+        train(multi, progress=False)
+    both = load_run_config(write_config(tmp_path / "f.yaml", tiny_model_dir, tmp_path / "out", fsdp=True,
+                                        deepspeed="zero2"))
+    with pytest.raises(TrainingError, match="train.fsdp and DeepSpeed both shard the model"):
+        train(both, progress=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch's DeepSpeed config
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert deepspeed_source(None) == {"zero_optimization": {"stage": 3}}
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "/x/ds.json")
+    assert deepspeed_source(None) == "/x/ds.json" and deepspeed_source("zero1") == "zero1"
     assert not (tmp_path / "out").exists()
 
 
@@ -356,9 +470,8 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
 
 
 def test_cli_export_merges_lora_into_a_plain_model_and_refuses_the_rest(tmp_path, tiny_model_dir, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from conftest import randomize_adapters
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = transformers_model(tiny_model_dir)
     randomize_adapters(moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8, use_dora=True)))
