@@ -118,9 +118,12 @@ def _checkpointed_layers(model: nn.Module, ctx: AdapterContext) -> frozenset[int
     graph outside the layer a second time (MiLoRA); both are refused with the fix named.
     LoRA and DoRA train under either kind."""
     try:
-        layers = decoder_layers(model)
-    except ValueError:  # plain LoRA on a model without a layer table (no routers there either)
-        return frozenset()
+        layers = list(decoder_layers(model))
+        table = True
+    except ValueError:  # plain LoRA on a model without a layer table (no routers there either):
+        # transformers' checkpointed modules still need the input-grads switch below
+        layers = [m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None]
+        table = False
     on = frozenset(i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False))
     if not on:
         return on
@@ -138,7 +141,7 @@ def _checkpointed_layers(model: nn.Module, ctx: AdapterContext) -> frozenset[int
             "no gradient. Enable it with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
             "{'use_reentrant': False}) (Trainer: gradient_checkpointing_kwargs={'use_reentrant': False})"
         )
-    return on
+    return on if table else frozenset()
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

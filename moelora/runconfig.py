@@ -180,6 +180,8 @@ def _build(cls: type, d: Any, where: str) -> Any:
         else:
             if isinstance(value, int) and not isinstance(value, bool) and tp is float:
                 value = float(value)
+            if isinstance(value, float) and value.is_integer() and not _type_ok(value, tp) and _type_ok(0, tp):
+                value = int(value)  # `max_steps: 1e3`: YAML 1.2 reads it as a float
             if not _type_ok(value, tp):
                 raise ConfigError(f"{sub} must be {getattr(tp, '__name__', tp)}, got {value!r}")
             kwargs[key] = value

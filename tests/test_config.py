@@ -218,6 +218,33 @@ def test_plain_lora_on_unknown_architecture_with_explicit_linear_target_works():
     assert model.lm_head.adapters["default"].lora.lora_B.grad is not None
 
 
+def test_plain_lora_on_a_table_less_model_trains_under_reentrant_checkpointing():
+    """GPT-NeoX has no decoder-layer table here; LoRA inside its checkpointed layers still gets its
+    gradients under reentrant checkpointing, equal to those without it. transformers 5 makes the
+    input embeddings require grads itself; on transformers 4 moelora does (this test fails there
+    without it)."""
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor | None]:
+        torch.manual_seed(0)
+        cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=64)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+        moelora.attach(model, LoraConfig(r=4, target_modules=["query_key_value", "dense_h_to_4h"]))
+        randomize_adapters(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 8
+    for n in plain:
+        assert checkpointed[n] is not None, n
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_attaching_the_same_adapter_name_twice_raises_and_keeps_the_first():
     model = tiny_model("llama")
     moelora.attach(model, LoraConfig(r=4), "a")

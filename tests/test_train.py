@@ -64,6 +64,10 @@ def test_config_errors_name_the_problem(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "nope.yaml")
     assert load_run_config(cfg, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.2 floats (PyYAML reads a string)
+    steps = load_run_config(cfg, ["train.max_steps=1e3"]).train.max_steps  # a whole float for an int key
+    assert steps == 1000 and type(steps) is int
+    with pytest.raises(ConfigError, match=r"train.max_steps must be int, got 2.5"):
+        load_run_config(cfg, ["train.max_steps=2.5"])
     run = load_run_config(cfg, ["train.max_steps=20", "method.top_k=1", "data.1.weight=3", f"output_dir={tmp_path}/x"])
     assert (run.train.max_steps, run.method["top_k"], run.data[1].weight, run.output_dir) == (20, 1, 3.0, f"{tmp_path}/x")
 
