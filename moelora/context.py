@@ -74,6 +74,10 @@ class AdapterContext:
     forward_name: object = _ACTIVE  # this forward's (or group's) adapter when it is not ``active``
     row_cache: dict = field(default_factory=dict)  # per forward: the mixed batch's plans (``AdaptedLinear._plan``)
     adapter_epoch: int = 0  # bumped when adapters are attached or removed: packed-weight caches rebuild
+    # bumped by every forward that is not a decoding step (and by generate()'s first forward, even
+    # when it continues a cache): weight caches checked since are trusted while decoding
+    # (``lora.weights_cache``)
+    weights_serial: int = 0
     generate_adapter_names: list[str | None] | None = None  # ``generate(adapter_names=...)``, expanded
     # ``generate(attention_mask=...)``: the 2-D padding mask of the prompt, for a prefill that gets a
     # 4-D mask instead (a static cache makes ``generate`` build one)

@@ -39,22 +39,32 @@ def weights_key(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def weights_cache(owner: nn.Module, attr: str, key, epoch: int, build):
+def weights_cache(owner: nn.Module, attr: str, key, ctx: AdapterContext, build):
     """A few recent values derived from adapter weights, kept on ``owner`` (not as buffers: never
     saved) under ``key``: ``build()`` returns ``(tensors, value)`` and runs again when one of those
-    tensors changed (in place or replaced) or adapters were attached or removed since (``epoch``).
-    While compiling, a cached value is trusted: storage pointers cannot be traced, and the eager
-    prefill before a compiled decoding step built or checked it."""
+    tensors changed (in place or replaced) or adapters were attached or removed since
+    (``ctx.adapter_epoch``).
+
+    Checking the tensors costs a Python pass over all of them (64 per projection for 32 tenants,
+    ~1.5 us each), so a decoding step trusts a value already checked since the last forward that was
+    not a decoding step (``ctx.weights_serial``: a prefill, a training or scoring forward): weights
+    edited while requests decode are seen from the next prefill. While compiling, a cached value is
+    trusted too: storage pointers cannot be traced, and the eager prefill built or checked it."""
     cache = owner.__dict__.setdefault(attr, OrderedDict())
     hit = cache.get(key)
     if hit is not None and torch.compiler.is_compiling():
         return hit[2]
+    epoch, serial = ctx.adapter_epoch, ctx.weights_serial
+    if hit is not None and ctx.decoding and hit[0] == epoch and hit[4] == serial:
+        cache.move_to_end(key)
+        return hit[2]
     if hit is None or hit[0] != epoch or hit[1] != weights_key(hit[3]):
         tensors, value = build()
-        hit = cache[key] = (epoch, weights_key(tensors), value, tensors)
-        while len(cache) > 4:  # a decoding batch keeps its set until a request joins or leaves
-            cache.popitem(last=False)
+        hit = (epoch, weights_key(tensors), value, tensors)
+    cache[key] = hit[:4] + (serial,)  # checked now
     cache.move_to_end(key)
+    while len(cache) > 4:  # a decoding batch keeps its set until a request joins or leaves
+        cache.popitem(last=False)
     return hit[2]
 
 
@@ -138,24 +148,29 @@ class DoraVariant(nn.Module):
         w = weight.to(lora.lora_A.dtype) + lora.merged_weight().detach()
         return torch.linalg.vector_norm(w, dim=1)  # (out,)
 
-    def _norm(self, base: nn.Linear, lora: LoraWeights) -> torch.Tensor:
+    def _norm(self, base: nn.Linear, lora: LoraWeights, ctx: AdapterContext | None = None) -> torch.Tensor:
         """``||W + s B A||`` per row (detached), recomputed only when ``W``, ``A`` or ``B`` changed:
-        it costs a full ``(out, in)`` matrix, which would otherwise be rebuilt at every decoding step."""
+        it costs a full ``(out, in)`` matrix, which would otherwise be rebuilt at every decoding step.
+        Like ``weights_cache``, a decoding step trusts a norm checked since the last other forward."""
         cached = self.__dict__.get("_norm_cache")
         if torch.compiler.is_compiling():  # storage pointers cannot be traced: trust the eager calls'
             if cached is not None:  # check (a compiled decoding step follows an eager prefill)
                 return cached[1]
             with torch.no_grad():
                 return self._weight_norm(base.weight, lora)
+        serial = ctx.weights_serial if ctx is not None else None
+        if cached is not None and serial is not None and ctx.decoding and cached[2] == serial:
+            return cached[1]
         key = weights_key((base.weight, lora.lora_A, lora.lora_B))
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, self._weight_norm(base.weight, lora))
-            self.__dict__["_norm_cache"] = cached  # not a buffer: never saved
+        self.__dict__["_norm_cache"] = (*cached[:2], serial)  # not a buffer: never saved
         return cached[1]
 
-    def combine(self, base: nn.Linear, lora: LoraWeights, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        scale = self.magnitude / self._norm(base, lora)  # (out,)
+    def combine(self, base: nn.Linear, lora: LoraWeights, x: torch.Tensor, base_out: torch.Tensor,
+                ctx: AdapterContext | None = None) -> torch.Tensor:
+        scale = self.magnitude / self._norm(base, lora, ctx)  # (out,)
         if self.training and not isinstance(lora.dropout, nn.Identity):
             x_d = lora.dropout(x)
             w_xd = F.linear(x_d, base.weight)
@@ -181,7 +196,7 @@ class LinearAdapter(nn.Module):
 
     def forward(self, base: nn.Linear, x: torch.Tensor, base_out: torch.Tensor, ctx: AdapterContext, name: str) -> torch.Tensor:
         if self.variant is not None:
-            return self.variant.combine(base, self.lora, x, base_out)
+            return self.variant.combine(base, self.lora, x, base_out, ctx)
         lora = self.lora
         if self.gate is None and lora.num_experts == 1 and lora.backend is None and not (
             self.training and isinstance(lora.dropout, nn.Dropout)
@@ -297,7 +312,7 @@ class AdaptedLinear(nn.Module):
             mult = torch.ones(x.shape[0], 1, out.shape[-1], dtype=delta.dtype, device=out.device)
             for n, rows in plan.dora:
                 entry = self.adapters[n]
-                mult[rows] = (entry.variant.magnitude / entry.variant._norm(base, entry.lora)).to(mult.dtype)
+                mult[rows] = (entry.variant.magnitude / entry.variant._norm(base, entry.lora, ctx)).to(mult.dtype)
             w_x = out if base.bias is None else out - base.bias
             return out + ((mult - 1) * w_x.to(mult.dtype) + mult * delta).to(out.dtype)
         for name, rows in plan.groups:
@@ -318,7 +333,7 @@ class AdaptedLinear(nn.Module):
             plan = ctx.row_cache[key] = _MixedPlan(groups, entries, T)
         return plan
 
-    def _pack(self, names: tuple[str, ...], epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    def _pack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """The LoRAs of ``names`` (this batch's adapters) stacked, one slot each: ``A (P, r, in)`` and
         ``B`` transposed, ``(P, r, out)`` (``weights_cache``: a few recent sets kept). Only the
         batch's adapters cost work in the packed op."""
@@ -334,7 +349,7 @@ class AdaptedLinear(nn.Module):
             tensors = [t for w in entries for t in (w.lora_A, w.lora_B)]
             return tensors, (A, B, {n: p for p, n in enumerate(names)})
 
-        return weights_cache(self, "_packs", names, epoch, build)
+        return weights_cache(self, "_packs", names, self._ctx, build)
 
     def _packed_delta(self, x: torch.Tensor, plan: _MixedPlan) -> torch.Tensor:
         """Each row's own adapter delta, ``(B, T, out)`` float32, for a batch of several adapters.
@@ -344,7 +359,7 @@ class AdaptedLinear(nn.Module):
         Many tokens on a few adapters: the masked dense form (``packed_lora``), which would otherwise
         pad every slot to the largest. Either way no host sync: the sizes are the groups' lengths."""
         ctx, (Bsz, T) = self._ctx, x.shape[:2]
-        A, B, slots = self._pack(plan.names, ctx.adapter_epoch)
+        A, B, slots = self._pack(plan.names)
         where, weight = plan.tables(Bsz, x.device, A.dtype)
         if plan.gated:  # MiLoRA: the row's gate for this projection's expert
             weight = weight.clone()

@@ -102,6 +102,24 @@ def test_requests_join_between_steps_and_streams_add_up(adapter_dirs):
         assert texts[i] == "".join(f" {t}" for t in expected[i] if t != 2)
 
 
+def test_weights_edited_between_runs_are_served_from_the_next_prefill(adapter_dirs):
+    """Decoding steps reuse the packed/pooled weights checked at the last prefill; an in-place edit
+    made while nothing runs is picked up by the next requests' prefill (and the steps after it)."""
+    eng = engine("llama", adapter_dirs, max_batch=8)
+    ps = prompts(4, seed=5)
+    adapters = ["lora", "dora", "mixlora", "lora"]
+    sp = SamplingParams(max_tokens=6)
+    before = [r["token_ids"] for r in eng.generate(ps, adapters, sp)]
+    with torch.no_grad():
+        for n, p in eng.model.named_parameters():
+            if (".adapters.dora." in n and "lora_B" in n) or (".mixlora." in n and "experts" in n):
+                p.mul_(-4.0)
+    after = [r["token_ids"] for r in eng.generate(ps, adapters, sp)]
+    for p, a, got in zip(ps, adapters, after):
+        assert got == hf_alone(eng.model, p, a, 6), a
+    assert after[1] != before[1]
+
+
 def test_kv_store_grows_compacts_and_keeps_long_generations_exact(adapter_dirs):
     eng = engine("llama", adapter_dirs, max_batch=3)
     ps = [list(range(3, 40)), [5, 6], list(range(50, 60))]

@@ -111,6 +111,43 @@ def test_pooled_mixlora_tenants_follow_weight_updates_and_replacement():
     assert_mixed_equals_alone(model, names)
 
 
+def test_decoding_steps_reuse_the_packs_checked_at_prefill(monkeypatch):
+    """Checking the packed weights is a Python pass over every adapter tensor: generate() does it at
+    the prefill only, whatever the number of decoding steps. An in-place edit is seen from the next
+    generate's prefill: its output equals each row's adapter alone, with the new weights."""
+    import moelora.lora as lora_module
+
+    model = zoo(names=("lora", "dora", "mixlora"))
+    names = ["lora", "dora", "mixlora", "lora"]
+    ids, mask = batch(model, B=len(names), T=5)
+    checks = []
+    original = lora_module.weights_key
+    monkeypatch.setattr(lora_module, "weights_key", lambda t, _f=original: checks.append(1) or _f(t))
+
+    def generate(n: int) -> list[list[int]]:
+        checks.clear()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist(), len(checks)
+
+    _, short = generate(2)
+    first, long = generate(8)
+    assert short == long > 0  # not proportional to the steps
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters.dora." in n and "lora_B" in n:
+                p.mul_(-3.0)
+    edited, _ = generate(8)
+    for b, name in enumerate(names):
+        moelora.set_adapter(model, name)
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids[b:b + 1, mask[b].bool()], max_new_tokens=8, min_new_tokens=8,
+                                 do_sample=False, pad_token_id=0)[0, int(mask[b].sum()):].tolist()
+        assert edited[b] == ref, (b, name)
+    assert edited[1] != first[1]  # the edit changed the dora row
+
+
 def test_mixed_batch_differs_per_adapter_and_does_not_change_active():
     model = zoo()
     moelora.set_adapter(model, "lora")

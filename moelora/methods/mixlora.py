@@ -196,7 +196,7 @@ class MixLoraFFN(nn.Module):
             experts = {proj: _PooledLora([m.experts[proj] for m in moes]) for proj in moes[0].experts}
             return [p for m in moes for p in m.parameters()], (router, sizes.cumsum(0) - sizes, sizes, experts)
 
-        return weights_cache(self, "_pools", names, self._ctx.adapter_epoch, build)
+        return weights_cache(self, "_pools", names, self._ctx, build)
 
     def _pooled_mixture(self, x: torch.Tensor, gate_up: torch.Tensor, mix: list[tuple[str, torch.Tensor]]):
         """Every MixLoRA row of a mixed batch at once: each token routed by its own adapter's router
