@@ -487,8 +487,15 @@ def _deepspeed_accelerator(cfg: dict[str, Any], t):
     # Without a GPU accelerate finds no backend and would take every process for process 0 of 1 while
     # DeepSpeed groups them: naming gloo makes both see the same process group.
     handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(mixed_precision=_precision(t.precision), deepspeed_plugin=plugin, kwargs_handlers=handlers,
-                       gradient_accumulation_steps=t.gradient_accumulation)  # the engine's; the loop steps it
+    before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    try:
+        return Accelerator(mixed_precision=_precision(t.precision), deepspeed_plugin=plugin, kwargs_handlers=handlers,
+                           gradient_accumulation_steps=t.gradient_accumulation)  # the engine's; the loop steps it
+    finally:  # accelerate sets it for good: a later run in this process would take it for accelerate's config
+        if before is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = before
 
 
 def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:

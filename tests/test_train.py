@@ -45,6 +45,15 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
+def assert_same_trained_adapter(one: Path, two: Path, rtol: float) -> None:
+    """The two runs' final adapters agree, and training moved them (some lora_B is non-zero)."""
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-6, msg=k)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
 # ---------------------------------------------------------------------------------------------
 # The config
 
@@ -260,11 +269,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
     env = {"ACCELERATE_USE_FSDP": "true"} if sharding == "accelerate-fsdp-config" else {}
     run_cli_train(two, f"method={method}", processes=2, env=env)
     fsdp = sharding != "ddp"
-    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    assert_same_trained_adapter(tmp_path / "one", tmp_path / "two", rtol=1e-4)
     ckpt = tmp_path / "two" / "checkpoint-2"
     assert json.loads((ckpt / "trainer_state.json").read_text())["fsdp"] is fsdp
     moelora.load_adapter(transformers_model(tiny_model_dir), ckpt / "adapter")  # gathered in full when sharded
@@ -318,11 +323,7 @@ def test_deepspeed_matches_ddp(tmp_path, tiny_model_dir, stage):
         env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
     run_cli_train(ddp, processes=2)
     run_cli_train(ds, processes=2, env=env)
-    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "ds")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    assert_same_trained_adapter(tmp_path / "ddp", tmp_path / "ds", rtol=1e-5)
     ckpt = tmp_path / "ds" / "checkpoint-2"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["deepspeed"] == {"zero_stage": stage, "world_size": 2}
@@ -353,14 +354,18 @@ def test_deepspeed_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, 
 
 @needs_deepspeed
 def test_deepspeed_single_process_without_a_launcher(tmp_path, tiny_model_dir):
-    """`moelora train` with train.deepspeed and no launcher: a one-process group; same adapter as
-    without DeepSpeed."""
+    """train() with train.deepspeed and no launcher: a one-process group; same adapter as without
+    DeepSpeed; accelerate's DeepSpeed switch is not left in the environment for a later run."""
     run_cli_train(write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", max_steps=2, save_steps=0))
-    run_cli_train(write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", max_steps=2, save_steps=0,
-                               deepspeed={"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
-    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    ds = write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", max_steps=2, save_steps=0,
+                      deepspeed={"zero_optimization": {"stage": 1}, "train_batch_size": "auto"})
+    code = ("import os; from moelora.runconfig import load_run_config; from moelora.train import train; "
+            f"train(load_run_config({str(ds)!r}), progress=False); print(os.environ.get('ACCELERATE_USE_DEEPSPEED'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "None"
+    assert_same_trained_adapter(tmp_path / "a", tmp_path / "b", rtol=1e-5)
 
 
 def test_deepspeed_config_errors_name_the_problem(tmp_path):
