@@ -5,6 +5,7 @@
 It goes into regular wheels (build_py) and editable ones (``pip install -e``).
 """
 
+import inspect
 import os
 import shutil
 
@@ -30,9 +31,13 @@ try:  # setuptools >= 64: everything left in the unpacked editable wheel is inst
     from setuptools.command.editable_wheel import editable_wheel
 
     class EditableWheelWithPth(editable_wheel):
-        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
-            result = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
-            shutil.copyfile(PTH_SOURCE, os.path.join(unpacked_wheel, PTH))
+        # a private hook (setuptools 64-84): take its arguments by name, and add nothing if they change
+        def _run_build_commands(self, *args, **kwargs):
+            result = super()._run_build_commands(*args, **kwargs)
+            names = inspect.signature(super()._run_build_commands).parameters
+            unpacked = {**dict(zip(names, args)), **kwargs}.get("unpacked_wheel")
+            if unpacked is not None:
+                shutil.copyfile(PTH_SOURCE, os.path.join(unpacked, PTH))
             return result
 
     cmdclass["editable_wheel"] = EditableWheelWithPth
