@@ -84,6 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = load_run_config(args.config, args.overrides)
     out = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # every process is done with collectives: shut the
+        dist.destroy_process_group()  # group down cleanly (its threads left to exit could abort the process)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the other processes are done
         return 0
     print(f"adapter saved in {out}")
