@@ -46,7 +46,7 @@ def weights_cache(owner: nn.Module, attr: str, key, ctx: AdapterContext, build):
     (``ctx.adapter_epoch``).
 
     Checking the tensors costs a Python pass over all of them (64 per projection for 32 tenants,
-    ~1.5 us each), so a decoding step trusts a value already checked since the last forward that was
+    ~14 us per projection), so a decoding step trusts a value already checked since the last forward that was
     not a decoding step (``ctx.weights_serial``: a prefill, a training or scoring forward): weights
     edited while requests decode are seen from the next prefill. While compiling, a cached value is
     trusted too: storage pointers cannot be traced, and the eager prefill built or checked it."""

@@ -442,6 +442,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             checkpoint.save_adapter(model, out / name if multi else out, name, tensors=tensors[name])
         _write_summary(out, names, total, time.time() - t_start, accelerator.device)
     accelerator.wait_for_everyone()
+    if ds_cfg is not None:  # accelerate registered the config with transformers: a later from_pretrained in
+        from transformers.integrations import unset_hf_deepspeed_config  # this process (the evaluation after
+
+        unset_hf_deepspeed_config()  # training) would load the model partitioned (ZeRO-3's zero.Init)
     return out
 
 
@@ -471,7 +475,9 @@ def _deepspeed_config(run: RunConfig, fsdp: bool) -> dict[str, Any] | None:
 def _deepspeed_accelerator(cfg: dict[str, Any], t):
     """An ``Accelerator`` whose ``prepare`` builds a DeepSpeed engine from ``cfg``. A single process
     started without a launcher gets the environment of a one-process group, as DeepSpeed needs one.
-    The base is loaded whole, then partitioned by the engine (no ``zero.Init`` at load)."""
+    Creating it registers ``cfg`` with transformers, so under ZeRO-3 the base loads already
+    partitioned (``zero.Init`` in ``from_pretrained``); the adapters attached after it are
+    partitioned when the engine is built."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 

@@ -312,7 +312,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def test_deepspeed_matches_ddp(tmp_path, tiny_model_dir, stage):
     """DeepSpeed ZeRO-2/3 on CPU (gloo), 2 processes with 2-step accumulation, warm-up and clipping:
     the same MixLoRA adapter as plain DDP (router loss included: each process's own rows, averaged).
-    ZeRO-2 through train.deepspeed, ZeRO-3 through accelerate launch's DeepSpeed environment."""
+    ZeRO-2 through train.deepspeed, ZeRO-3 through accelerate launch's DeepSpeed environment; the
+    evaluation after training (rank 0, a fresh model) is not loaded partitioned by ZeRO-3."""
     kw = dict(batch_size=2, max_steps=3, gradient_accumulation=2, warmup_steps=1, max_grad_norm=0.05)
     ddp = write_config(tmp_path / "ddp.yaml", tiny_model_dir, tmp_path / "ddp", save_steps=0, **kw)
     if stage == 2:
@@ -321,9 +322,14 @@ def test_deepspeed_matches_ddp(tmp_path, tiny_model_dir, stage):
     else:
         ds = write_config(tmp_path / "ds.yaml", tiny_model_dir, tmp_path / "ds", save_steps=2, **kw)
         env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    cfg = json.loads(ds.read_text())
+    cfg["eval"] = {"data": [str(TOY / "addition" / "test.jsonl")], "protocol": "generate", "limit": 4,
+                   "max_new_tokens": 4, "batch_size": 4}
+    ds.write_text(json.dumps(cfg))
     run_cli_train(ddp, processes=2)
     run_cli_train(ds, processes=2, env=env)
     assert_same_trained_adapter(tmp_path / "ddp", tmp_path / "ds", rtol=1e-5)
+    assert json.loads((tmp_path / "ds" / "eval.json").read_text())  # evaluated on rank 0 after training
     ckpt = tmp_path / "ds" / "checkpoint-2"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["deepspeed"] == {"zero_stage": stage, "world_size": 2}
