@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -194,7 +195,8 @@ def weight_bytes_per_token(name: str, model) -> int:
 
 
 def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidth: float, base=None,
-                    compiled_decode: bool = False, checkpointing: bool = False) -> dict:
+                    compiled_decode: bool = False, checkpointing: bool = False, profile: str | None = None,
+                    skip_train: bool = False, train_only: bool = False, autocast: bool = False) -> dict:
     t_build = time.perf_counter()
     model = make_contender(name, shape, base)
     if checkpointing:  # every contender alike: transformers' non-reentrant activation checkpointing
@@ -202,7 +204,8 @@ def bench_contender(name: str, shape: Shape, warmup: int, repeats: int, bandwidt
     _sync(shape)
     print(f"    {name}: built in {time.perf_counter() - t_build:.1f} s", flush=True)
     try:
-        return _bench(name, model, shape, warmup, repeats, bandwidth, compiled_decode)
+        return _bench(name, model, shape, warmup, repeats, bandwidth, compiled_decode, profile, skip_train,
+                      train_only, autocast)
     finally:
         if checkpointing:
             (model.get_base_model() if hasattr(model, "get_base_model") else model).gradient_checkpointing_disable()
@@ -242,11 +245,37 @@ def compiled_decode_kwargs(shape: Shape) -> dict:
     return {"cache_implementation": "static", "compile_config": cfg}
 
 
+def profile_to(path: str | None, title: str, fn: Callable[[], object], shape: Shape) -> None:
+    """Append the profiler's table of one call of ``fn`` (top ops by device time, host total too)."""
+    if not path:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if shape.device == "cuda" else [])
+    _sync(shape)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(shape)
+    wall = time.perf_counter() - t0
+    key = "self_cuda_time_total" if shape.device == "cuda" else "self_cpu_time_total"
+    ev = prof.key_averages()
+    dev_total = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e3
+    with open(path, "a") as f:
+        f.write(f"\n===== {title}: wall {wall * 1e3:.1f} ms (profiled), device self time {dev_total:.1f} ms, "
+                f"{sum(e.count for e in ev)} op calls =====\n")
+        f.write(ev.table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth: float,
-           compiled_decode: bool = False) -> dict:
+           compiled_decode: bool = False, profile: str | None = None, skip_train: bool = False,
+           train_only: bool = False, autocast: bool = False) -> dict:
     dev = shape.device
     g = torch.Generator().manual_seed(11)
     res: dict = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    if skip_train:
+        return _decode(name, model, shape, warmup, repeats, bandwidth, compiled_decode, profile, res, g)
 
     # training step
     ids = torch.randint(3, shape.vocab, (shape.train_batch, shape.train_len), generator=g).to(dev)
@@ -256,7 +285,8 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
     model.train()
 
     def step():
-        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -267,9 +297,15 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
     t = timed(step, shape, warmup, repeats)
     res["train_step_ms"] = t * 1e3
     _phase(name, "training steps", t0)
+    if train_only:
+        res["train_tokens_per_s"] = shape.train_batch * shape.train_len / t
+        res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
+        profile_to(profile, f"{name} training step{' (autocast)' if autocast else ''}", step, shape)
+        return res
     res["train_tokens_per_s"] = shape.train_batch * shape.train_len / t
     res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
     res["activations_mb"] = kept_activation_bytes(model, step) / 2**20
+    profile_to(profile, f"{name} training step", step, shape)
     opt = None  # free the optimizer state before inference
     for p in params:
         p.grad = None
@@ -286,8 +322,11 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
     t0 = time.perf_counter()
     res["prefill_ms"] = timed(prefill, shape, warmup, repeats) * 1e3
     _phase(name, "prefill", t0)
+    return _decode(name, model, shape, warmup, repeats, bandwidth, compiled_decode, profile, res, g)
 
-    # decode
+
+def _decode(name, model, shape, warmup, repeats, bandwidth, compiled_decode, profile, res, g) -> dict:
+    dev = shape.device
     n_new = shape.decode_new_tokens
     decode_kwargs = compiled_decode_kwargs(shape) if compiled_decode else {}
     for bsz in shape.decode_batches:
@@ -302,6 +341,8 @@ def _bench(name: str, model, shape: Shape, warmup: int, repeats: int, bandwidth:
         t0 = time.perf_counter()
         res[f"decode_b{bsz}_ms_per_token"] = timed(gen, shape, min(1, warmup), max(1, min(repeats, 3))) * 1e3 / n_new
         _phase(name, f"decode b{bsz}", t0)
+        if bsz == shape.decode_batches[0] and compiled_decode:  # eager: ~0.5M op events, a minute to tabulate
+            profile_to(profile, f"{name} generate, batch 1, {n_new} new tokens", gen, shape)
         _free(shape)
     res["decode_b1_floor_ms_per_token"] = weight_bytes_per_token(name, model) / bandwidth * 1e3
     return res
@@ -316,6 +357,8 @@ def _ratio(a, b):
 
 
 def ratios(results: dict) -> dict:
+    if BASELINE not in results:
+        return {}
     base = results[BASELINE]
     keys = ["train_step_ms", "peak_memory_mb", "activations_mb", "prefill_ms", "decode_b1_ms_per_token", "decode_b32_ms_per_token"]
     return {name: {k: _ratio(r.get(k), base.get(k)) for k in keys} for name, r in results.items()}
@@ -361,7 +404,7 @@ def print_report(report: dict) -> None:
              ("dec b1", "decode_b1_ms_per_token"), ("dec b32", "decode_b32_ms_per_token")]
     print(f"\nratios vs {BASELINE} (lower is better)")
     print(f"{'contender':<20}" + "".join(f"{c:>12}" for c, _ in rcols))
-    for name in res:
+    for name in rat:
         print(f"{name:<20}" + "".join(f"{_fmt(rat[name][k], 3):>12}" for _, k in rcols))
     print("\nissue-4 targets (limits are the H100 targets; on CPU a regression check only)")
     for t in report["targets"]:
@@ -388,6 +431,14 @@ def main(argv: list[str] | None = None) -> int:
                          "warm-up call pays the compilation")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="train every contender with transformers' (non-reentrant) activation checkpointing")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="append the profiler's table of one training step and one batch-1 generate call per contender")
+    ap.add_argument("--decode-only", action="store_true", help="time decoding alone (no training step, no prefill)")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=None, help="decode batch sizes (default 1 32)")
+    ap.add_argument("--train-only", action="store_true", help="time the training step alone (no prefill, no decode)")
+    ap.add_argument("--autocast", action="store_true",
+                    help="train under torch.autocast(bfloat16), as `moelora train` (accelerate), HF Trainer and "
+                         "LLaMA-Factory do with bf16 on: the float32 adapters' products then run in bf16")
     args = ap.parse_args(argv)
 
     if args.mode == "gpu" and not torch.cuda.is_available():
@@ -396,11 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     shape = shape_for(args.mode, args.tiny)
+    if args.decode_batches:
+        shape.decode_batches = tuple(args.decode_batches)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2 if args.mode == "cpu" else 3)
     repeats = args.repeats if args.repeats is not None else (5 if args.mode == "cpu" else 10)
     names = args.contenders or CONTENDERS
-    if BASELINE not in names or "ours_lora_r16" not in names:
-        names = [BASELINE, "ours_lora_r16", *names]
+    if not args.decode_only:  # the ratios need them (decode-only runs: the decode targets need our LoRA)
+        names = [BASELINE, *names]
+    names = ["ours_lora_r16", *names]
     names = [n for n in CONTENDERS if n in names]
     from moelora.kernels import BACKENDS
 
@@ -413,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     meta = {
         "mode": args.mode, "tiny": args.tiny, "compiled_decode": args.compiled_decode,
-        "gradient_checkpointing": args.gradient_checkpointing, "threads": threads, "warmup": warmup, "repeats": repeats,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "autocast": args.autocast, "train_only": args.train_only, "decode_only": args.decode_only, "threads": threads, "warmup": warmup, "repeats": repeats,
         "shape": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(shape).items()},
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "device_name": torch.cuda.get_device_name() if shape.device == "cuda" else platform.processor() or platform.machine(),
@@ -449,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             results[name] = bench_contender(name, shape, warmup, repeats, bandwidth, base, args.compiled_decode,
-                                            args.gradient_checkpointing)
+                                            args.gradient_checkpointing, args.profile, args.decode_only,
+                                            args.train_only, args.autocast)
         except torch.OutOfMemoryError as e:  # e.g. PEFT DoRA's full-weight norms on a 7B shape
             print(f"  {name}: out of memory ({str(e).splitlines()[0]})", flush=True)
             results[name] = {"error": "out of memory"}
@@ -465,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"meta": meta, "gate": gate, "contenders": results}
     report["ratios_vs_" + BASELINE] = ratios(results)
-    report["targets"] = targets(results) if BASELINE in results else []
+    report["targets"] = targets(results)
     finish(report, print_report, t_start, args.output)
     return 0
 

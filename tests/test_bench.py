@@ -60,3 +60,28 @@ def test_bench_checkpointed_keeps_fewer_activations(tmp_path):
         kept[bool(flag)] = {n: c["activations_mb"] for n, c in report["contenders"].items()}
     for name in kept[False]:
         assert kept[True][name] < kept[False][name], name
+
+
+def test_bench_one_phase_options_and_profile(tmp_path):
+    """`--train-only --autocast --profile` times only the training step (profiler table written);
+    `--decode-only --decode-batches 1` only batch-1 decoding, our LoRA included for its ratios."""
+    pytest.importorskip("peft")
+    bench = _load()
+    out, prof = tmp_path / "train.json", tmp_path / "prof.txt"
+    common = ["--mode", "cpu", "--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--skip-gate", "--reuse-base"]
+    assert bench.main([*common, "--train-only", "--autocast", "--profile", str(prof), "--contenders", "ours_milora_r16",
+                       "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["autocast"] is True
+    assert set(report["contenders"]) == {"peft_lora_r16", "ours_lora_r16", "ours_milora_r16"}
+    for figures in report["contenders"].values():
+        assert figures["train_step_ms"] > 0 and "prefill_ms" not in figures and "decode_b1_ms_per_token" not in figures
+    assert prof.read_text().count("training step (autocast)") == 3
+    assert bench.main([*common, "--decode-only", "--decode-batches", "1", "--contenders", "ours_milora_r16",
+                       "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["contenders"]) == {"ours_lora_r16", "ours_milora_r16"}
+    for figures in report["contenders"].values():
+        assert figures["decode_b1_ms_per_token"] > 0 and "train_step_ms" not in figures and "decode_b32_ms_per_token" not in figures
+    milora_vs_lora = next(t for t in report["targets"] if t["target"] == "MiLoRA decode b1 / our LoRA r16")
+    assert milora_vs_lora["ratio"] > 0
