@@ -78,7 +78,7 @@ def top_p_routing(
     return weights, order, selected
 
 
-def mixlora_aux_loss(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+def mixlora_aux_loss(logits: torch.Tensor, selected: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Mixtral load-balance loss over all MixLoRA layers' non-padding tokens stacked together.
 
     ``L_aux = E * sum_e f_e * P_e`` with ``f_e`` the fraction of (token, slot) assignments to expert
@@ -88,13 +88,20 @@ def mixlora_aux_loss(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tens
     Args:
         logits: ``(N, E)`` stacked router logits.
         selected: ``(N, E)`` bool, the experts each token used.
+        keep: ``(N,)`` bool, the tokens that count (default all). A mask, not an index: the means
+            are taken over the kept rows without a data-dependent shape (no host sync per step).
     """
     if logits.shape[0] == 0:
         return logits.new_zeros(())
     E = logits.shape[-1]
     probs = logits.float().softmax(-1)  # (N, E)
-    f = selected.float().mean(0)  # (E,)
-    return E * (f * probs.mean(0)).sum()
+    if keep is None:
+        return E * (selected.float().mean(0) * probs.mean(0)).sum()
+    kept = keep.unsqueeze(1)
+    n = keep.sum().clamp(min=1).float()
+    f = (selected & kept).float().sum(0) / n  # (E,)
+    p = probs.masked_fill(~kept, 0.0).sum(0) / n
+    return E * (f * p).sum()
 
 
 def milora_lb_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -104,12 +111,12 @@ def milora_lb_loss(logits: torch.Tensor) -> torch.Tensor:
     ``p_e`` the mean router probability of ``e``.
 
     Args:
-        logits: ``(B, E)``.
+        logits: ``(B, E)``, or ``(L, B, E)`` for ``L`` layers at once (then one loss per layer, ``(L,)``).
     """
     E = logits.shape[-1]
-    probs = logits.float().softmax(-1)  # (B, E)
-    f = F.one_hot(probs.argmax(-1), E).float().mean(0)  # (E,)
-    return E * (f * probs.mean(0)).sum()
+    probs = logits.float().softmax(-1)  # (..., B, E)
+    f = F.one_hot(probs.argmax(-1), E).float().mean(-2)  # (..., E)
+    return E * (f * probs.mean(-2)).sum(-1)
 
 
 # Least-squares fit of GeLU (exact, erf) on [-5, 5] by P(x) / (1 + |Q(x)|), max error 0.0043 there.
@@ -133,13 +140,12 @@ class RationalActivation(nn.Module):
         self.denominator = nn.Parameter(torch.tensor(_GELU_DENOMINATOR, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the powers x^0..x^5 once, then both polynomials as products with the coefficients: a few
+        # ops per router (a Horner loop was ~40 small kernels a layer, forward and backward alike)
         x = x.float()
-        p = torch.zeros_like(x)
-        for a in self.numerator.flip(0):  # Horner: a_5 x^5 + ... + a_0
-            p = p * x + a
-        q = torch.zeros_like(x)
-        for b in self.denominator.flip(0):  # b_4 x^4 + ... + b_1 x
-            q = (q + b) * x
+        powers = x.unsqueeze(-1).pow(torch.arange(6, device=x.device, dtype=x.dtype))  # (..., 6)
+        p = powers @ self.numerator.float()  # a_0 + a_1 x + ... + a_5 x^5
+        q = powers[..., 1:5] @ self.denominator.float()  # b_1 x + ... + b_4 x^4
         return p / (1 + q.abs())
 
 
@@ -203,9 +209,7 @@ class PromptRouter(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: ``(B, T, d)``, mask: ``(B, T)`` prompt tokens. Returns logits and dense gates, ``(B, E)``."""
-        mask = mask.clone()
-        empty = ~mask.any(1)
-        mask[empty] = True  # a row without prompt tokens pools over all its positions
+        mask = mask | ~mask.any(1, keepdim=True)  # a row without prompt tokens pools over all its positions
         with torch.autocast(h.device.type, enabled=False):  # float32 throughout, also under bf16 autocast
             pooled = self.activation(self.pooler(h, mask))  # (B, d)
             logits = F.linear(pooled, self.weight.float())  # (B, E)

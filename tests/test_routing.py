@@ -47,6 +47,20 @@ def test_mixlora_aux_loss_matches_the_mixtral_formula():
     torch.testing.assert_close(mixlora_aux_loss(logits, sel), want)
 
 
+def test_mixlora_aux_loss_keep_mask_equals_dropping_the_rows():
+    """Padding is masked out (no data-dependent shape) and counts exactly as if its rows were gone,
+    even when a padding row's logits are not finite."""
+    torch.manual_seed(1)
+    logits = torch.randn(12, 4)
+    _, _, sel = top_k_routing(logits, 2)
+    keep = torch.tensor([True, False, True, True, False, True, True, True, False, True, True, False])
+    noisy = logits.clone()
+    noisy[~keep] = float("inf")
+    got = mixlora_aux_loss(noisy, sel, keep)
+    torch.testing.assert_close(got, mixlora_aux_loss(logits[keep], sel[keep]))
+    assert mixlora_aux_loss(logits, sel, torch.zeros(12, dtype=torch.bool)).item() == 0.0
+
+
 def test_uniform_routing_gives_aux_loss_k():
     logits = torch.zeros(8, 4)
     sel = torch.zeros(8, 4, dtype=torch.bool)
@@ -67,6 +81,32 @@ def test_rational_activation_starts_as_gelu():
     err = (RationalActivation()(x) - F.gelu(x)).abs().max()
     assert err < 0.01
     assert RationalActivation().numerator.shape == (6,) and RationalActivation().denominator.shape == (4,)
+
+
+def test_rational_activation_is_p_over_1_plus_abs_q_with_its_gradients():
+    """Against the polynomial written out term by term (float64), values and every gradient,
+    at x = 0 too (where x^0's derivative must not turn into NaN)."""
+    torch.manual_seed(0)
+    act = RationalActivation()
+    with torch.no_grad():
+        act.numerator.add_(torch.randn(6) * 0.1)
+        act.denominator.add_(torch.randn(4) * 0.1)
+    x = torch.cat([torch.randn(3, 7) * 2, torch.zeros(1, 7)]).requires_grad_(True)
+    y = act(x)
+    a = act.numerator.detach().double().requires_grad_(True)
+    b = act.denominator.detach().double().requires_grad_(True)
+    xd = x.detach().double().requires_grad_(True)
+    p = sum(a[i] * xd**i for i in range(6))
+    q = sum(b[j - 1] * xd**j for j in range(1, 5))
+    want = p / (1 + q.abs())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    (y.double() * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(act.numerator.grad.double(), a.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(act.denominator.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(x.grad).all()
 
 
 def test_poolers_by_hand():

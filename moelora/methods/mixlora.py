@@ -327,6 +327,10 @@ def checkpoint_entries(model: nn.Module, cfg: MixLoraConfig, name: str) -> list[
 
 def router_loss(cfg: MixLoraConfig, records: list[RouterRecord]) -> torch.Tensor | None:
     """``router_aux_loss_coef * L_aux`` over all layers' non-padding tokens stacked together."""
-    logits = torch.cat([r.logits for r in records])  # (N_total, E)
-    selected = torch.cat([r.selected for r in records])
-    return cfg.router_aux_loss_coef * mixlora_aux_loss(logits, selected)
+    logits = torch.cat([r.all_logits for r in records])  # (N_total, E)
+    selected = torch.cat([r.all_selected for r in records])
+    keep = None
+    if any(r.keep is not None for r in records):  # padding masked, not indexed away (no host sync)
+        keep = torch.cat([r.keep if r.keep is not None else r.all_selected.new_ones(r.all_selected.shape[0])
+                          for r in records])
+    return cfg.router_aux_loss_coef * mixlora_aux_loss(logits, selected, keep)
