@@ -29,7 +29,7 @@ from .kernels.dense import packed_lora, packed_lora_by_slot
 if TYPE_CHECKING:
     from .context import AdapterContext
 
-__all__ = ["LoraWeights", "LinearAdapter", "DoraVariant", "AdaptedLinear", "base_linear", "weights_key"]
+__all__ = ["LoraWeights", "LinearAdapter", "DoraVariant", "AdaptedLinear", "base_linear", "compute_dtype", "weights_key"]
 
 
 def weights_key(tensors) -> tuple:
@@ -66,6 +66,15 @@ def weights_cache(owner: nn.Module, attr: str, key, ctx: AdapterContext, build):
     while len(cache) > 4:  # a decoding batch keeps its set until a request joins or leaves
         cache.popitem(last=False)
     return hit[2]
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA products take their input in: the adapter weights' (float32 by default, as
+    PEFT), or under ``torch.autocast`` autocast's own, since the products run in it anyway: casting
+    a bf16 input up first would only add a float32 copy of it (``k`` copies of the FFN's hidden
+    activations for MixLoRA's down projection)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
 
 
 def base_linear(module: nn.Module) -> nn.Linear:
@@ -111,7 +120,7 @@ class LoraWeights(nn.Module):
         """``sum_j w_j * s * B[i_j] A[i_j] dropout(x_j)`` over ``x: (N, in)`` or ``(N, k, in)``."""
         xin = self.dropout(x) if dropout else x
         return weighted_lora(
-            xin.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling, indices, weights,
+            xin.to(compute_dtype(xin, self.lora_A)), self.lora_A, self.lora_B, self.scaling, indices, weights,
             combine=combine, backend=self.backend,
         )
 
@@ -202,7 +211,8 @@ class LinearAdapter(nn.Module):
             self.training and isinstance(lora.dropout, nn.Dropout)
         ):  # plain LoRA without dropout (decoding): the two products directly, fewest host-side steps
             A, B = lora.lora_A[0], lora.lora_B[0]
-            d = F.linear(F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A) * lora.scaling, B)
+            dt = compute_dtype(x, A)
+            d = F.linear(F.linear(x if x.dtype == dt else x.to(dt), A) * lora.scaling, B)
             return base_out + d.to(base_out.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -213,9 +223,7 @@ class LinearAdapter(nn.Module):
             # selection pattern a recompilation; the compiled step computes every module, gated)
             if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and ctx.milora_unused(name, layer, expert):
                 return base_out  # gate 0 for every row: MiLoRA's decoding costs only the selected modules
-            g = ctx.milora_gates(name, layer)[:, expert]  # (B,)
-            T = x2.shape[0] // g.shape[0]
-            weights = g.repeat_interleave(T).unsqueeze(1)  # (N, 1)
+            weights = ctx.milora_token_gates(name, layer, x2.shape[0])[:, expert : expert + 1]  # (N, 1)
         delta = self.lora.delta(x2, None, weights)  # (N, out)
         return base_out + delta.reshape(*lead, -1).to(base_out.dtype)
 

@@ -283,6 +283,36 @@ def test_trains_under_bf16_autocast_with_float32_router_logits(method, monkeypat
         assert seen and set(seen) == {torch.float32}
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "mixlora", "milora"])
+def test_lora_products_run_on_autocasts_dtype_without_a_float32_copy_of_the_input(method, monkeypatch):
+    """Under bf16 autocast the float32 adapters' products run in bf16 anyway: the input must reach
+    them in bf16, not upcast first (a float32 copy of every adapted input, k copies of the FFN's
+    hidden activations for MixLoRA). Without autocast they stay float32 (as PEFT)."""
+    model = tiny_model("llama")
+    moelora.attach(model, METHOD_CONFIGS[method]())
+    randomize_adapters(model)
+    ids, mask = batch(model)
+    seen = []
+    real = torch.nn.functional.linear
+    lora_A = {m.lora_A.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, moelora.lora.LoraWeights)}
+
+    def spy(x, w, *a, **k):
+        if w.untyped_storage().data_ptr() in lora_A:  # an adapter's A product (not a router's, nor the base)
+            seen.append(x.dtype)
+        return real(x, w, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    seen.clear()
+    out = model(ids, attention_mask=mask, labels=ids)
+    assert seen and set(seen) == {torch.float32}
+
+
 def _saved_bytes_and_grads(recompute: bool, arch: str = "llama"):
     torch.manual_seed(0)
     model = tiny_model(arch)
