@@ -158,6 +158,18 @@ class AdapterContext:
         used = self.gate_any.get(adapter, {}).get(layer)
         return used is not None and not used[expert]
 
+    def milora_token_gates(self, adapter: str, layer: int, tokens: int) -> torch.Tensor:
+        """``(tokens, E)``: each token's row gates (a row's ``T`` tokens consecutive), expanded once per
+        layer and forward and shared by the layer's modules (not once per module)."""
+        g = self.milora_gates(adapter, layer)  # (B, E)
+        if tokens == g.shape[0]:
+            return g
+        key = ("token_gates", adapter, layer, tokens)
+        hit = self.row_cache.get(key)
+        if hit is None or hit[0] is not g:  # new gates (a recomputed layer routes again): expand again
+            hit = self.row_cache[key] = (g, g.repeat_interleave(tokens // g.shape[0], 0))
+        return hit[1]
+
     def milora_gates(self, adapter: str, layer: int) -> torch.Tensor:
         try:
             return self.gates[adapter][layer]

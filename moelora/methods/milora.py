@@ -129,4 +129,7 @@ def checkpoint_entries(model: nn.Module, cfg: MiLoraConfig, name: str) -> list[t
 
 def router_loss(cfg: MiLoraConfig, records: list[RouterRecord]) -> torch.Tensor | None:
     """``lb_loss_coef`` times the per-layer load-balance loss averaged over layers."""
-    return cfg.lb_loss_coef * torch.stack([milora_lb_loss(r.logits) for r in records]).mean()
+    logits = [r.logits for r in records]
+    if len({t.shape for t in logits}) == 1:  # every layer at once (a few ops, not a few per layer)
+        return cfg.lb_loss_coef * milora_lb_loss(torch.stack(logits)).mean()
+    return cfg.lb_loss_coef * torch.stack([milora_lb_loss(t) for t in logits]).mean()
