@@ -525,9 +525,13 @@ class Engine:
             return
         for name, group in _by_adapter(reqs).items():  # the context's grouping: first appearance
             if name is not None and isinstance(ctx.configs.get(name), MiLoraConfig):
+                layers = list(ctx.gates[name])
+                # the host copy of which modules each request selected: one transfer for the group
+                # (one per request and layer was 32 host syncs per MiLoRA request at a 7B shape)
+                selected = (torch.stack([ctx.gates[name][li] for li in layers], 1) > 0).tolist()  # (B, L, E)
                 for j, r in enumerate(group):
-                    r.gates = {li: g[j] for li, g in ctx.gates[name].items()}
-                    r.gate_any = {li: (g > 0).tolist() for li, g in r.gates.items()}  # host copy, once
+                    r.gates = {li: ctx.gates[name][li][j] for li in layers}
+                    r.gate_any = dict(zip(layers, selected[j]))
 
     def _load_gates(self, reqs: list[_Request]) -> None:
         ctx = getattr(self.model, "_moelora_ctx", None)
