@@ -29,8 +29,8 @@ def test_bench_tiny_reports_every_contender_and_figure(tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["gate"]["passed"] is True
-    expected = {c for c in bench.CONTENDERS if not c.endswith("triton")}
-    assert set(report["contenders"]) == expected  # the Triton contender only on a GPU
+    expected = {c for c in bench.CONTENDERS if not c.endswith(("triton", "compiled"))}
+    assert set(report["contenders"]) == expected  # the Triton and compiled contenders: GPU (or asked for)
     for name, figures in report["contenders"].items():
         assert set(bench.FIGURES) <= set(figures), name
         for k in bench.FIGURES:
