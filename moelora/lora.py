@@ -118,7 +118,8 @@ class LoraWeights(nn.Module):
         dropout: bool = True,
     ) -> torch.Tensor:
         """``sum_j w_j * s * B[i_j] A[i_j] dropout(x_j)`` over ``x: (N, in)`` or ``(N, k, in)``."""
-        xin = self.dropout(x) if dropout else x
+        drop = self.dropout  # identity in eval: not called then (a module call per projection and step)
+        xin = drop(x) if dropout and drop.training and not isinstance(drop, nn.Identity) else x
         return weighted_lora(
             xin.to(compute_dtype(xin, self.lora_A)), self.lora_A, self.lora_B, self.scaling, indices, weights,
             combine=combine, backend=self.backend,
