@@ -133,6 +133,19 @@ def test_prompt_router_gates_are_renormalised_top_k():
     torch.testing.assert_close(gates.gather(1, top), p.gather(1, top) / p.gather(1, top).sum(1, keepdim=True))
 
 
+def test_prompt_router_row_without_prompt_tokens_pools_over_all_positions():
+    """A row whose mask is all False routes as if every position were prompt; the other rows and
+    the caller's mask are untouched."""
+    torch.manual_seed(0)
+    router = PromptRouter(8, 7, 3, "mean", "identity", 0.5)
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, True, False, False, False], [False] * 5])
+    logits, _ = router(h, mask)
+    torch.testing.assert_close(logits[0], h[0, :2].mean(0) @ router.weight.T)
+    torch.testing.assert_close(logits[1], h[1].mean(0) @ router.weight.T)
+    assert not mask[1].any()
+
+
 @pytest.mark.parametrize("kind", ["attention", "last", "mean", "max"])
 def test_padding_does_not_change_pooling(kind):
     torch.manual_seed(0)
