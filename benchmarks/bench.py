@@ -151,8 +151,9 @@ def _logits(model, ids) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
 
 
-def correctness_gate(shape: Shape) -> dict:
-    """float32; on GPU the benchmark's layer shapes with 2 layers (a float32 7B would not be cheap)."""
+def correctness_gate(shape: Shape, names: list[str] = ()) -> dict:
+    """float32; on GPU the benchmark's layer shapes with 2 layers (a float32 7B would not be cheap).
+    With the ``ours_mixlora_compiled`` experiment among ``names``, its logits are checked too."""
     layers = None if shape.device == "cpu" else 2
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, shape.vocab, (2, min(64, shape.train_len)), generator=g).to(shape.device)
@@ -163,6 +164,12 @@ def correctness_gate(shape: Shape) -> dict:
     moelora.set_backend(model, "reference")
     naive = _logits(model, ids)
     out["mixlora_fast_vs_naive_max_abs_diff"] = (fast - naive).abs().max().item()
+    if "ours_mixlora_compiled" in names:
+        from moelora.kernels import default_backend
+
+        moelora.set_backend(model, default_backend(torch.device(shape.device)))  # back to "fast"
+        compile_experts(model)
+        out["mixlora_compiled_vs_fast_max_abs_diff"] = (_logits(model, ids) - fast).abs().max().item()
     del model
 
     import peft
@@ -507,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_gate:
         gate = {"skipped": True}
     else:
-        gate = correctness_gate(shape)
+        gate = correctness_gate(shape, names)
         print(f"correctness gate: {gate}")
         if not gate["passed"]:
             print("error: correctness gate failed, not timing (see the diffs above)", file=sys.stderr)
