@@ -1,7 +1,7 @@
 """The ``moelora`` command line: train, eval, generate, chat, plot, serve, export.
 
     moelora train --config FILE [key.sub=value ...] [--resume | --overwrite]
-    moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|generate
+    moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|options|generate
     moelora generate --prompt TEXT [--model DIR] [--adapter DIR]
     moelora chat [--model DIR] [--adapter DIR]
     moelora plot routing --adapter DIR --data FILE [FILE ...] --out routing.png
@@ -278,11 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate on llm-adapters files (choice log-likelihood or generate+parse)")
+    p = sub.add_parser("eval", help="evaluate on llm-adapters files (choice or options log-likelihood, or generate+parse)")
     p.add_argument("--model", default=None)
     p.add_argument("--adapter", default=None)
     p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--protocol", choices=["choice", "generate"], default="choice")
+    p.add_argument("--protocol", choices=["choice", "options", "generate"], default="choice")
     p.add_argument("--limit", type=int, default=None, help="first N items of each file")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)

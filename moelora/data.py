@@ -6,6 +6,12 @@ Formats (``DataSource.format``):
   ``{"instruction", "input" (optional), "output", "answer" (optional)}``. The prompt is LLM-Adapters'
   Alpaca template (``PROMPT_TEMPLATES``, with or without the ``### Input:`` block); the response is
   ``output``; ``answer`` is kept on the example for evaluation.
+- ``llm-adapters-options``: the same files, with each multiple-choice item's answer given as its
+  option's **text** instead of its label (:func:`options_form`): the instruction keeps the question
+  and drops the option list ("Answer1: ... Answer2: ...") and the "Answer format:" line; the
+  response is ``"the correct answer is " + <text of the answer's option>``. Items without an
+  option list (BoolQ's ``true``/``false``) answer with their label. Needs the ``answer`` field. The
+  ``options`` evaluation protocol scores exactly this (``moelora.evaluate``).
 - ``messages``: ``{"messages": [{"role", "content"}, ...]}``. The loss is on the **last assistant
   message**; the prompt is the tokenizer's chat template applied to the messages before it with
   ``add_generation_prompt=True`` (earlier assistant turns are part of the prompt and masked;
@@ -54,6 +60,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -77,7 +84,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("llm-adapters", "alpaca", "messages", "text")
+FORMATS = ("llm-adapters", "alpaca", "llm-adapters-options", "messages", "text")
+ANSWER_PREFIX = "the correct answer is"  # the fixed start of every llm-adapters commonsense output
 IGNORE_INDEX = -100
 
 PROMPT_TEMPLATES: dict[str, str] = {
@@ -245,6 +253,46 @@ def _answer(path: Path, loc: str, item: dict) -> str | None:
     return None if value is None else str(value)
 
 
+_OPTION_RE = re.compile(r"(?<![^\s])(answer|solution|option|ending)(\d+):\s*", re.IGNORECASE)
+_ANSWER_FORMAT_RE = re.compile(r"\s*\bAnswer format:[^\n]*\s*$", re.IGNORECASE)
+
+
+def options_form(instruction: str) -> tuple[str, dict[str, str]]:
+    """An LLM-Adapters multiple-choice instruction split into its question and its options.
+
+    ``"Please choose ...: Q?\\n\\nAnswer1: red Answer2: blue\\n\\nAnswer format: answer1/answer2"``
+    -> ``("Please choose ...: Q?", {"answer1": "red", "answer2": "blue"})``. Option markers are
+    ``AnswerN:`` / ``SolutionN:`` / ``OptionN:`` / ``EndingN:`` (ARC and OBQA, PIQA, WinoGrande,
+    HellaSwag) at the start of the text or after whitespace; an option's text runs to the next
+    marker or the trailing "Answer format:" line, which is dropped too. Labels are lower-cased
+    (``answer1``), as in the items' ``answer`` field. An instruction with fewer than two markers has
+    no options (``{}``): the question is then the instruction without its "Answer format:" line."""
+    end = m.start() if (m := _ANSWER_FORMAT_RE.search(instruction)) else len(instruction)
+    marks = [m for m in _OPTION_RE.finditer(instruction) if m.start() < end]
+    if len(marks) < 2:
+        return instruction[:end].rstrip(), {}
+    options: dict[str, str] = {}
+    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
+        options.setdefault(f"{m.group(1).lower()}{m.group(2)}", instruction[m.end():nxt.start() if nxt else end].strip())
+    return instruction[:marks[0].start()].rstrip(), options
+
+
+def _options_example(path: Path, loc: str, instruction: str, answer: str | None) -> tuple[str, str]:
+    """(instruction, response) of an item in the ``llm-adapters-options`` format."""
+    if answer is None:
+        raise DataError(f"{path}, {loc}: format 'llm-adapters-options' needs the item's 'answer' field")
+    question, options = options_form(instruction)
+    if not options:
+        return question, f"{ANSWER_PREFIX} {answer}"
+    text = options.get(answer.strip().lower())
+    if text is None:
+        raise DataError(f"{path}, {loc}: answer {answer!r} is not one of the item's options "
+                        f"({', '.join(options)})")
+    if not text:
+        raise DataError(f"{path}, {loc}: the answer's option {answer!r} has no text")
+    return question, f"{ANSWER_PREFIX} {text}"
+
+
 def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -265,12 +313,15 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
     examples: list[Example] = []
     skipped = 0
     for loc, item in _load_items(path, fmt):
-        if fmt in ("llm-adapters", "alpaca"):
+        if fmt in ("llm-adapters", "alpaca", "llm-adapters-options"):
             item = _object(path, loc, item, "'instruction' and 'output'")
             instruction = _field(path, loc, item, "instruction", required=True)
-            output = _field(path, loc, item, "output", required=True)
             inp = _field(path, loc, item, "input", required=False)
             answer = _answer(path, loc, item)
+            if fmt == "llm-adapters-options":
+                instruction, output = _options_example(path, loc, instruction, answer)
+            else:
+                output = _field(path, loc, item, "output", required=True)
             if inp and inp.strip():
                 prompt = PROMPT_TEMPLATES["prompt_input"].format(instruction=instruction, input=inp)
             else:

@@ -20,6 +20,17 @@ the one it used:
     on the prompt only: it routes at the prompt forward (``prompt_lengths`` passed to moelora models)
     and reuses the gates for the candidates, as in generation.
 
+``options`` (log-likelihood of each option's text, lm-evaluation-harness' ARC / OpenBookQA style)
+    As ``choice``, but the candidates are the options' texts, not their labels, and the prompt does
+    not list them: the prompt is the alpaca template of the item's question
+    (:func:`moelora.data.options_form`: the instruction without its "Answer1: ..." list and its
+    "Answer format:" line) followed by ``"the correct answer is"``; each option is scored as the
+    continuation ``" " + text`` (``acc``; ``acc_norm``: per UTF-8 byte of the continuation). Items
+    without an option list (BoolQ) score their candidate labels, as ``choice`` does, after the
+    question without its "Answer format:" line. This is what adapters trained on the
+    ``llm-adapters-options`` data format answer; small models that cannot bind option symbols to
+    option texts (the labels ``answer1``...) score above chance here (docs/results.md).
+
 ``generate`` (generate and parse, LLM-Adapters)
     Greedy (or beam) generation from the left-padded prompt; only the new tokens are decoded, cut
     at the next ``### Instruction:`` / ``### Input:`` / ``### Response:`` header if the model starts a
@@ -44,10 +55,11 @@ from typing import Any
 import torch
 
 from .config import did_you_mean
-from .data import end_token_ids
+from .data import ANSWER_PREFIX, end_token_ids, options_form
 
-PROTOCOLS = ("choice", "generate")
-CHOICE_PREFIX = "the correct answer is"  # the fixed prefix of every llm-adapters commonsense output
+PROTOCOLS = ("choice", "options", "generate")
+SCORED = ("choice", "options")  # the log-likelihood protocols: acc and acc_norm, no generation
+CHOICE_PREFIX = ANSWER_PREFIX  # the fixed prefix of every llm-adapters commonsense output
 LABEL_FAMILIES = ("answer", "solution", "option", "ending")  # ARC/OBQA/SIQA, PIQA, WinoGrande, HellaSwag
 NUMBER_TOLERANCE = 1e-3  # LLM-Adapters' `miss`
 SAMPLES_KEPT = 20  # generate: outputs kept per task in the results (to see what a model answers)
@@ -66,7 +78,7 @@ class TaskResult:
     total: int
     accuracy: float
     unparsed: int
-    accuracy_norm: float | None = None  # choice: acc_norm (log-likelihood per byte)
+    accuracy_norm: float | None = None  # choice/options: acc_norm (log-likelihood per byte)
     correct_norm: int | None = None
     samples: list[dict] | None = None  # generate: the first outputs as generated, parsed and expected
 
@@ -521,6 +533,18 @@ def _loglikelihoods(
     return scores
 
 
+def _candidates(item: dict, labels: list[str], protocol: str) -> tuple[str, dict[str, str]]:
+    """(prompt, {label: continuation text}) of an item under ``protocol`` ("choice" or "options")."""
+    instruction, inp = item["instruction"], item.get("input", "") or ""
+    if protocol == "options":
+        question, options = options_form(instruction)
+        if options:
+            return llm_adapters_prompt(question, inp) + CHOICE_PREFIX, options
+        instruction = question
+    return (llm_adapters_prompt(instruction, inp) + CHOICE_PREFIX,
+            {lab: lab for lab in _item_candidates(item, labels)})
+
+
 def score_choices(
     model: Any,
     tokenizer: Any,
@@ -531,24 +555,34 @@ def score_choices(
     share_prompt: bool | None = None,
     progress: bool = False,
     desc: str = "choice",
+    protocol: str = "choice",
 ) -> list[dict[str, float]]:
-    """Per item, ``{label: log-likelihood of " " + label after the choice prompt}`` over the item's
-    candidates (see the module docstring). ``share_prompt``: see :func:`_loglikelihoods`."""
+    """Per item, ``{label: log-likelihood of " " + candidate after the prompt}`` over the item's
+    candidates: its labels (``protocol="choice"``) or its options' texts (``"options"``), see the
+    module docstring. ``share_prompt``: see :func:`_loglikelihoods`."""
+    return _score(model, tokenizer, items, labels=labels, batch_size=batch_size, share_prompt=share_prompt,
+                  progress=progress, desc=desc, protocol=protocol)[0]
+
+
+def _score(model, tokenizer, items, *, labels, batch_size, share_prompt, progress, desc, protocol):
+    """:func:`score_choices`, and each item's ``{label: continuation text}``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if protocol not in SCORED:
+        raise ValueError(f"protocol must be one of {', '.join(SCORED)}, got {protocol!r}")
     items = _validate_items(list(items), desc)
     labels = candidate_labels(items) if labels is None else labels
     if not labels:
         raise ValueError(
-            f"{desc}: the answers are open (numbers): the 'choice' protocol needs a closed label set; "
+            f"{desc}: the answers are open (numbers): the {protocol!r} protocol needs a closed label set; "
             "use the 'generate' protocol"
         )
-    cands = [_item_candidates(it, labels) for it in items]
-    prompts, conts = [], []
-    for it, cs in zip(items, cands, strict=True):
-        prompt = llm_adapters_prompt(it["instruction"], it.get("input", "") or "") + CHOICE_PREFIX
+    prompts, conts, cands = [], [], []
+    for it in items:
+        prompt, cs = _candidates(it, labels, protocol)
+        cands.append(cs)
         prompts += [prompt] * len(cs)
-        conts += [" " + lab for lab in cs]
+        conts += [" " + text for text in cs.values()]
     requests = iter(_encode_requests(tokenizer, prompts, conts))
     groups = []
     for cs in cands:
@@ -557,7 +591,7 @@ def score_choices(
     lls = _loglikelihoods(
         model, tokenizer, groups, batch_size=batch_size, share_prompt=share_prompt, desc=desc, progress=progress
     )
-    return [dict(zip(cs, sc, strict=True)) for cs, sc in zip(cands, lls, strict=True)]
+    return [dict(zip(cs, sc, strict=True)) for cs, sc in zip(cands, lls, strict=True)], cands
 
 
 def _argmax(scores: dict[str, float], key=lambda lab, s: s) -> str:
@@ -578,26 +612,27 @@ def evaluate_choice(
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    protocol: str = "choice",
 ) -> TaskResult:
-    """Rank each item's candidate labels by log-likelihood (``acc``) and per byte (``acc_norm``)."""
+    """Rank each item's candidates (labels for ``choice``, option texts for ``options``) by
+    log-likelihood (``acc``) and per byte of the continuation (``acc_norm``)."""
     items = _prepare(items, task, limit)
     labels = candidate_labels(items)
     if not labels:
         raise ValueError(
-            f"task {task!r} has open (numeric) answers: the 'choice' protocol needs a closed label set; "
+            f"task {task!r} has open (numeric) answers: the {protocol!r} protocol needs a closed label set; "
             "use the 'generate' protocol"
         )
-    scores = score_choices(
-        model, tokenizer, items, labels=labels, batch_size=batch_size, progress=progress, desc=f"{task} (choice)"
-    )
+    scores, cands = _score(model, tokenizer, items, labels=labels, batch_size=batch_size, share_prompt=None,
+                           progress=progress, desc=f"{task} ({protocol})", protocol=protocol)
     correct = correct_norm = 0
-    for it, sc in zip(items, scores, strict=True):
+    for it, sc, cs in zip(items, scores, cands, strict=True):
         gold = str(it["answer"]).strip().lower()
         correct += _argmax(sc).lower() == gold
-        correct_norm += _argmax(sc, lambda lab, s: s / len((" " + lab).encode("utf-8"))).lower() == gold
+        correct_norm += _argmax(sc, lambda lab, s: s / len((" " + cs[lab]).encode("utf-8"))).lower() == gold
     n = len(items)
     return TaskResult(
-        task=task, protocol="choice", correct=correct, total=n, accuracy=correct / n, unparsed=0,
+        task=task, protocol=protocol, correct=correct, total=n, accuracy=correct / n, unparsed=0,
         accuracy_norm=correct_norm / n, correct_norm=correct_norm,
     )
 
@@ -738,22 +773,23 @@ def evaluate_files(model: Any, tokenizer: Any, paths: Sequence[str | Path], prot
             names[k] = f"{name}#{seen[name]}"
         else:
             seen[name] = 1
-    if protocol == "choice":
+    if protocol in SCORED:
         for p, items in loaded:
             if not candidate_labels(items):
                 raise ValueError(
-                    f"{p}: open (numeric) answers: the 'choice' protocol needs a closed label set; "
+                    f"{p}: open (numeric) answers: the {protocol!r} protocol needs a closed label set; "
                     "use --protocol generate"
                 )
-    fn = evaluate_choice if protocol == "choice" else evaluate_generate
-    if protocol == "choice":  # generation options left at their defaults are ignored by "choice"
+        kw["protocol"] = protocol
+    fn = evaluate_choice if protocol in SCORED else evaluate_generate
+    if protocol in SCORED:  # generation options left at their defaults are ignored by "choice"/"options"
         if kw.get("num_beams") in (None, 1):
             kw.pop("num_beams", None)
         if kw.get("max_new_tokens") is None:
             kw.pop("max_new_tokens", None)
         extra = sorted({"num_beams", "max_new_tokens"} & set(kw))
         if extra:
-            raise ValueError(f"{', '.join(extra)}: generation options, not used by the 'choice' protocol")
+            raise ValueError(f"{', '.join(extra)}: generation options, not used by the {protocol!r} protocol")
     tasks = {}
     for (_p, items), name in zip(loaded, names, strict=True):
         tasks[name] = asdict(fn(model, tokenizer, items, task=name, **kw))
@@ -763,7 +799,7 @@ def evaluate_files(model: Any, tokenizer: Any, paths: Sequence[str | Path], prot
         "average": sum(t["accuracy"] for t in tasks.values()) / len(tasks),
         "files": {name: str(p) for (p, _), name in zip(loaded, names, strict=True)},
     }
-    if protocol == "choice":
+    if protocol in SCORED:
         result["average_norm"] = sum(t["accuracy_norm"] for t in tasks.values()) / len(tasks)
     return result
 

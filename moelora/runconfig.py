@@ -31,6 +31,7 @@ import yaml
 from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
 from .data import DataSource
 from .engine import ADAPTER_NAME
+from .evaluate import PROTOCOLS
 
 __all__ = ["TrainConfig", "EvalConfig", "RunConfig", "load_run_config", "apply_overrides"]
 
@@ -256,8 +257,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
     if run.quantization not in (None, "4bit", "8bit"):
         raise ConfigError(f"quantization must be 4bit, 8bit or null, got {run.quantization!r}")
-    if run.eval is not None and run.eval.protocol not in ("choice", "generate"):
-        raise ConfigError(f"eval.protocol must be choice or generate, got {run.eval.protocol!r}")
+    if run.eval is not None and run.eval.protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {run.eval.protocol!r}")
     for entry in run.data:
         entry.path = _resolve(entry.path, base_dir)
     if run.eval is not None:

@@ -24,6 +24,7 @@ from moelora.data import (
     TrainData,
     collate,
     encode_example,
+    options_form,
     read_examples,
 )
 
@@ -148,6 +149,53 @@ def test_alpaca_and_jsonl_read_the_same(tmp_path, tok):
     assert [(e.prompt, e.response, e.answer) for e in a] == [(e.prompt, e.response, e.answer) for e in b]
     assert [(e.prompt, e.response) for e in c] == [(e.prompt, e.response) for e in a]
     assert (a[0].task, b[0].task, c[0].task) == ("a", "b", "mine")
+
+
+ARC_ITEM = {
+    "instruction": "Please choose the correct answer to the question: Which is a gas?\n\n"
+                   "Answer1: ice Answer2: hot steam Answer3: a rock\n\nAnswer format: answer1/answer2/answer3",
+    "input": "", "output": "the correct answer is answer2", "answer": "answer2",
+}
+
+
+def test_options_form_splits_question_and_options():
+    q, opts = options_form(ARC_ITEM["instruction"])
+    assert q == "Please choose the correct answer to the question: Which is a gas?"
+    assert opts == {"answer1": "ice", "answer2": "hot steam", "answer3": "a rock"}
+    # PIQA / WinoGrande markers, no format line; a marker glued to a word is not a marker
+    q, opts = options_form("Goal: open a jar\n\nSolution1: twist the lid Solution2: hit it with noanswer1: x")
+    assert q == "Goal: open a jar" and opts == {"solution1": "twist the lid", "solution2": "hit it with noanswer1: x"}
+    # no option list (BoolQ): the question without its "Answer format:" line
+    assert options_form("Please answer with true or false, question: is ice cold?\n\nAnswer format: true/false") == (
+        "Please answer with true or false, question: is ice cold?", {})
+    assert options_form("One marker only. Answer1: x") == ("One marker only. Answer1: x", {})
+
+
+def test_llm_adapters_options_format(tmp_path, tok):
+    path = write_json(tmp_path / "arc" / "train.json", [ARC_ITEM, qa(0)])
+    exs = read_examples(DataSource(path, format="llm-adapters-options"))
+    assert exs[0].prompt == PROMPT_TEMPLATES["prompt_no_input"].format(
+        instruction="Please choose the correct answer to the question: Which is a gas?")
+    assert "Answer1" not in exs[0].prompt and "Answer format" not in exs[0].prompt
+    assert (exs[0].response, exs[0].answer) == ("the correct answer is hot steam", "answer2")
+    assert exs[1].response == "the correct answer is true" and exs[1].answer == "true"
+    assert "Answer format" not in exs[1].prompt
+    check_split(tok, exs[0], encode_example(exs[0], tok, cutoff_len=512))
+    # the label format of the same file is untouched
+    assert read_examples(DataSource(path))[0].response == "the correct answer is answer2"
+    # errors name the file, the item and the problem
+    bad = write_json(tmp_path / "bad.json", [ARC_ITEM, {**ARC_ITEM, "answer": "answer7"}])
+    with pytest.raises(DataError, match=r"bad.json, item 2: answer 'answer7' is not one of the item's options "
+                                        r"\(answer1, answer2, answer3\)"):
+        read_examples(DataSource(bad, format="llm-adapters-options"))
+    no_answer = write_json(tmp_path / "na.json", [{k: v for k, v in ARC_ITEM.items() if k != "answer"}])
+    with pytest.raises(DataError, match=r"na.json, item 1: format 'llm-adapters-options' needs the item's 'answer'"):
+        read_examples(DataSource(no_answer, format="llm-adapters-options"))
+    empty = write_json(tmp_path / "empty.json", [{**ARC_ITEM, "instruction": "Q?\n\nAnswer1: x Answer2:"}])
+    with pytest.raises(DataError, match=r"item 1: the answer's option 'answer2' has no text"):
+        read_examples(DataSource(empty, format="llm-adapters-options"))
+    with pytest.raises(DataError, match=r"unknown data format 'llm-adapters-option'.*llm-adapters-options"):
+        DataSource(path, format="llm-adapters-option")
 
 
 def test_task_name_defaults(tmp_path):

@@ -167,8 +167,8 @@ def test_candidate_labels():
 # choice
 
 
-def brute_force_ll(model, tok, item: dict, label: str) -> float:
-    prompt = llm_adapters_prompt(item["instruction"]) + CHOICE_PREFIX
+def brute_force_ll(model, tok, item: dict, label: str, prompt: str | None = None) -> float:
+    prompt = prompt or llm_adapters_prompt(item["instruction"]) + CHOICE_PREFIX
     ctx = tok(prompt)["input_ids"]
     whole = tok(prompt + " " + label)["input_ids"]
     assert whole[: len(ctx)] == ctx and len(whole) > len(ctx)
@@ -234,6 +234,59 @@ def test_choice_sliding_window_model(tok):
         got = score_choices(model, tok, BOOLQ, batch_size=2, share_prompt=share)
         for g, r in zip(got, ref, strict=True):
             assert all(abs(g[lab] - r[lab]) < 1e-4 for lab in r)
+
+
+def options_prompt(item: dict) -> str:
+    """The ``options`` protocol's prompt, written out: the question alone, no option list."""
+    question = item["instruction"].split("\n\n")[0]
+    return llm_adapters_prompt(question) + CHOICE_PREFIX
+
+
+def test_options_protocol_scores_the_option_texts(tok, tmp_path):
+    from moelora.data import DataSource, read_examples
+
+    model = tiny_model("llama")
+    texts = [["ice", "steam", "rock", "wood"], ["heat", "cold", "dark"], ["moon", "sun", "comet", "earth", "star"],
+             ["sand", "rock", "water", "wood"]]
+    ref = []
+    for it, opts in zip(ARC, texts, strict=True):
+        prompt = options_prompt(it)
+        assert "Answer1" not in prompt
+        ref.append({f"answer{i + 1}": brute_force_ll(model, tok, {"instruction": ""}, t, prompt=prompt)
+                    for i, t in enumerate(opts)})
+    for share, bs in [(None, 2), (False, 3)]:
+        got = score_choices(model, tok, ARC, batch_size=bs, share_prompt=share, protocol="options")
+        for g, r in zip(got, ref, strict=True):
+            assert g.keys() == r.keys() and all(abs(g[k] - r[k]) < 1e-4 for k in r), (share, bs)
+    res = evaluate_choice(model, tok, ARC, task="arc", batch_size=4, progress=False, protocol="options")
+    want = sum(max(r, key=r.get) == it["answer"] for r, it in zip(ref, ARC, strict=True))
+    norm = [{k: v / len((" " + t).encode()) for (k, v), t in zip(r.items(), opts, strict=True)}
+            for r, opts in zip(ref, texts, strict=True)]
+    want_norm = sum(max(r, key=r.get) == it["answer"] for r, it in zip(norm, ARC, strict=True))
+    assert (res.protocol, res.correct, res.correct_norm, res.total) == ("options", want, want_norm, 4)
+    # a model that favours the gold option's text gets everything right, the label means nothing to it
+    gold = {options_prompt(it): opts[int(it["answer"][-1]) - 1] for it, opts in zip(ARC, texts, strict=True)}
+    oracle = Wrapped(model, tok, gold)
+    assert evaluate_choice(oracle, tok, ARC, task="arc", progress=False, protocol="options").accuracy == 1.0
+    wrong = {options_prompt(it): opts[int(it["answer"][-1]) % len(opts)] for it, opts in zip(ARC, texts, strict=True)}
+    assert evaluate_choice(Wrapped(model, tok, wrong), tok, ARC, task="arc", progress=False,
+                           protocol="options").correct == 0
+    # BoolQ (no option list): its labels, after the question without the "Answer format:" line
+    bool_oracle = Wrapped(model, tok, {options_prompt(it): it["answer"] for it in BOOLQ})
+    assert evaluate_choice(bool_oracle, tok, BOOLQ, task="b", progress=False, protocol="options").accuracy == 1.0
+    # the prompt scored is the one the llm-adapters-options training format trains on
+    path = tmp_path / "arc.json"
+    path.write_text(json.dumps(ARC + BOOLQ))
+    exs = read_examples(DataSource(str(path), format="llm-adapters-options"))
+    assert [e.prompt + CHOICE_PREFIX for e in exs] == [options_prompt(it) for it in ARC + BOOLQ]
+    assert [e.response for e in exs[:4]] == [f"{CHOICE_PREFIX} {opts[int(it['answer'][-1]) - 1]}"
+                                             for it, opts in zip(ARC, texts, strict=True)]
+    # through evaluate_files, with acc_norm in the table
+    out = evaluate_files(model, tok, [str(path)], "options", batch_size=4, progress=False)
+    assert out["protocol"] == "options" and out["tasks"]["arc"]["protocol"] == "options"
+    assert "average_norm" in out and "acc_norm" in format_table(out)
+    with pytest.raises(ValueError, match="num_beams.*not used by the 'options' protocol"):
+        evaluate_files(model, tok, [str(path)], "options", num_beams=4)
 
 
 @pytest.mark.parametrize("items", [ARC, BOOLQ], ids=["arc", "boolq"])

@@ -72,6 +72,9 @@ def test_config_errors_name_the_problem(tmp_path, tiny_model_dir):
         load_run_config(cfg, ["method.top_k=9"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"eval.protocol must be one of choice, options, generate, got 'option'"):
+        load_run_config(cfg, ["eval={data: [t.json], protocol: option}"])
+    assert load_run_config(cfg, ["eval={data: [t.json], protocol: options}"]).eval.protocol == "options"
     assert load_run_config(cfg, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.2 floats (PyYAML reads a string)
     steps = load_run_config(cfg, ["train.max_steps=1e3"]).train.max_steps  # a whole float for an int key
     assert steps == 1000 and type(steps) is int

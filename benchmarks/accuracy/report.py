@@ -307,7 +307,7 @@ def params_table(runs: dict, dirs: dict, studies: list[dict], methods: list[str]
                      f"| {TITLES.get(m, m)} | {method_summary(block)} | {fmt_int(p.get('trainable'))} | {pct} | "
                      f"{fmt_int(p.get('activated'))} | {basis} | — |")
     note = (f"\nBase model: {base_n:,} parameters (frozen). " if base_n else "\n") + (
-        "\"train s/run\" is the wall time of `moelora train` including its `choice` evaluation, with the "
+        "\"train s/run\" is the wall time of `moelora train` including its evaluation with the first protocol, with the "
         "other runs sharing the machine (see Setup).\n")
     return "\n".join(lines) + "\n" + note
 
@@ -348,6 +348,10 @@ def setup(studies: list[dict], runs: dict, dirs: dict) -> str:
     lines.append("- **Data**: LLM-Adapters' ARC-Easy (2,251 train / 2,376 test), ARC-Challenge (1,119 / 1,172), "
                  "BoolQ (9,427 / 3,270; question only, no passage), OpenBookQA (4,957 / 500). Multi-task: the four "
                  "training sets mixed in proportion to their sizes (one adapter); single-task: one adapter per task.")
+    if cfg and any(d.get("format") == "llm-adapters-options" for d in cfg.get("data", [])):
+        lines.append("- **Answers**: trained as option **texts** (data format `llm-adapters-options`): the prompt "
+                     "holds the question without its option list, the response is `the correct answer is <text of "
+                     "the gold option>` (BoolQ: `true`/`false`).")
     if cfg:
         t = cfg.get("train", {})
         lines.append(f"- **Training** (the same for every method): {t.get('max_steps')} steps of {t.get('batch_size')} "
@@ -369,7 +373,7 @@ def setup(studies: list[dict], runs: dict, dirs: dict) -> str:
     if last:
         lim = last.get("eval_limit") or "all"
         glim = last.get("gen_limit") or "all"
-        lines.append(f"- **Evaluation**: test items per task: `choice` {lim}, `generate` {glim} (the first N of each "
+        lines.append(f"- **Evaluation**: test items per task: `choice`/`options` {lim}, `generate` {glim} (the first N of each "
                      f"file); batch {last.get('eval_batch_size')} / {last.get('gen_batch_size')}; `generate` greedy, "
                      f"{last.get('max_new_tokens')} new tokens.")
     for s in studies:
@@ -386,6 +390,11 @@ PROTOCOLS_TEXT = {
     "choice": "`choice`: each candidate label (`answer1`…, `true`/`false`) is scored by the summed "
               "log-probability of `\" \" + label` after the Alpaca prompt and the fixed prefix `the correct answer is` "
               "(lm-evaluation-harness style `acc`; `moelora eval --protocol choice`, see docs/cli.md).",
+    "options": "`options`: each option's *text* (`answer2` -> its text in the item, e.g. `steam`; BoolQ: "
+               "`true`/`false`) is scored by the summed log-probability of `\" \" + text` after the Alpaca prompt of "
+               "the question alone (no option list, no answer-format line) and the prefix `the correct answer is` "
+               "(lm-evaluation-harness' ARC/OpenBookQA formulation; `moelora eval --protocol options`, see docs/cli.md). "
+               "Adapters were trained to answer with that text (data format `llm-adapters-options`).",
     "generate": "`generate`: greedy generation, then the first label found in the output (LLM-Adapters' parsing; "
                 "the protocol of the DoRA and MiLoRA papers); an output with no label counts as wrong.",
 }
@@ -427,7 +436,7 @@ def main(argv=None) -> int:
         return 2
     methods = ordered_methods(runs)
     tasks = ordered_tasks(runs)
-    protocols = [p for p in ("choice", "generate") if any(p in r.get("eval", {}) for r in runs.values())]
+    protocols = [p for p in ("choice", "options", "generate") if any(p in r.get("eval", {}) for r in runs.values())]
     args.images.mkdir(parents=True, exist_ok=True)
     docs_dir = args.docs.parent
     docs_dir.mkdir(parents=True, exist_ok=True)
@@ -452,8 +461,9 @@ def main(argv=None) -> int:
             md.append(table(runs, setting, p, tasks, methods))
             if p == "generate":
                 md.append(unparsed_line(runs, setting, tasks, methods))
-            if p == "choice":
-                md.append(f"<details><summary>acc_norm (log-likelihood per byte of the label)</summary>\n\n"
+            if p in ("choice", "options"):
+                md.append(f"<details><summary>acc_norm (log-likelihood per byte of the "
+                          f"{'label' if p == 'choice' else 'option text'})</summary>\n\n"
                           f"{table(runs, setting, p, tasks, methods, key='accuracy_norm')}\n</details>\n")
     md.append("## Training curves\n")
     curves = args.images / "training_curves.png"

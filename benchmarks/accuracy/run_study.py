@@ -115,7 +115,8 @@ def run_config(args, run: Run, run_dir: Path) -> dict:
     """The method's YAML with this run's model, data, seed, steps, eval block and output_dir."""
     cfg = yaml.safe_load((CONFIGS / f"{run.method}.yaml").read_text())
     cfg["model"] = args.model
-    cfg["data"] = [{"path": train_file(args, t), "format": "llm-adapters", "weight": 1.0, "name": t} for t in run.tasks]
+    fmt = "llm-adapters-options" if args.answers == "text" else "llm-adapters"
+    cfg["data"] = [{"path": train_file(args, t), "format": fmt, "weight": 1.0, "name": t} for t in run.tasks]
     cfg["output_dir"] = str(run_dir)
     t = cfg.setdefault("train", {})
     t["seed"] = run.seed
@@ -504,7 +505,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, default=0, help="override train.max_steps (0: the configs' 300)")
     ap.add_argument("--warmup-ratio", type=float, default=0.1, help="with --max-steps: warmup_steps = ratio x steps")
     ap.add_argument("--train-batch-size", type=int, default=0, help="override train.batch_size (0: the configs' 16)")
-    ap.add_argument("--protocols", type=csv, default=["choice"], help="choice[,generate] (the first runs inside train)")
+    ap.add_argument("--protocols", type=csv, default=None,
+                    help="choice,options,generate: any of them, the first runs inside train (default: choice with "
+                         "--answers label, options with --answers text)")
+    ap.add_argument("--answers", choices=["label", "text"], default="label",
+                    help="training responses: 'the correct answer is answer2' (label, LLM-Adapters' format) or the "
+                         "option's text (text: data format llm-adapters-options, scored by protocol options)")
     ap.add_argument("--eval-limit", type=int, default=0, help="choice: first N items per test set (0: all)")
     ap.add_argument("--gen-limit", type=int, default=None, help="generate: first N items per test set (default: --eval-limit)")
     ap.add_argument("--eval-batch-size", type=int, default=64, help="choice: prompts per forward (default 64)")
@@ -522,9 +528,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.gen_limit is None:
         args.gen_limit = args.eval_limit
-    bad = [p for p in args.protocols if p not in ("choice", "generate")] or (not args.protocols and ["(none)"])
+    if args.protocols is None:
+        args.protocols = ["options" if args.answers == "text" else "choice"]
+    bad = [p for p in args.protocols if p not in ("choice", "options", "generate")] or (not args.protocols and ["(none)"])
     if bad:
-        ap.error(f"--protocols: choose from choice,generate, got {bad}")
+        ap.error(f"--protocols: choose from choice,options,generate, got {bad}")
     bad = [s for s in args.settings if s not in ("multi", "single")]
     if bad:
         ap.error(f"--settings: choose from multi,single, got {bad}")
