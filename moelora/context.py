@@ -151,6 +151,14 @@ class AdapterContext:
             mask = mask & (mask.long().cumsum(1) <= lengths)
         return mask
 
+    @staticmethod
+    def recording(training: bool) -> bool:
+        """Whether a router call records its :class:`RouterRecord`: not in a compiled inference step
+        (a compiled decoding step), which reports no router loss (``inject._post_forward``) and whose
+        records would only become extra graph outputs, kept alive in ``records`` until the next step
+        (with CUDA graphs, outputs of one replay still alive at the next)."""
+        return training or not torch.compiler.is_compiling()
+
     def record(self, adapter: str, rec: RouterRecord) -> None:
         if not torch.compiler.is_compiling() and in_backward():
             return  # gradient checkpointing recomputing a layer: the forward already recorded it

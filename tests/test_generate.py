@@ -163,6 +163,10 @@ def test_compiled_static_cache_decoding_is_one_graph_and_exact(method):
         compiled = model.generate(**args, cache_implementation="static", compile_config=cfg)
         assert torch.equal(compiled, eager), seed
     assert len(graphs) == 1
+    # the step returns the model's output only: no router records (kept in the context until the next
+    # step, with CUDA graphs they would be one replay's outputs still alive at the next)
+    outputs = next(n for n in graphs[0].graph.nodes if n.op == "output").args[0]
+    assert len(outputs) == 1
 
 
 def test_compiled_decoding_of_a_mixed_batch():

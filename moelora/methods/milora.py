@@ -68,7 +68,8 @@ def _route(layer: nn.Module, ctx: AdapterContext, name: str | None, h: torch.Ten
         used.pop(li, None)  # training: no skipping (and no host sync per layer)
     else:  # one host sync per layer at prefill; decoding then skips the modules no row selected
         used[li] = (gates > 0).any(0).tolist()
-    ctx.record(name, RouterRecord(li, logits, gates > 0))
+    if ctx.recording(layer.training):
+        ctx.record(name, RouterRecord(li, logits, gates > 0))
 
 
 def attach(model: nn.Module, cfg: MiLoraConfig, name: str, ctx: AdapterContext) -> None:

@@ -74,8 +74,9 @@ class MixLoraExperts(nn.Module):
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)  # (N, d)
         logits, weights, indices, selected = self.route(x2)
-        keep = ctx.token_mask(B, T, x.device).reshape(-1)  # (N,) non-padding tokens
-        ctx.record(name, RouterRecord(self.layer, logits, selected, keep))
+        if ctx.recording(self.training):
+            keep = ctx.token_mask(B, T, x.device).reshape(-1)  # (N,) non-padding tokens
+            ctx.record(name, RouterRecord(self.layer, logits, selected, keep))
         if self.naive and base_gate_up is None:
             return self._naive(mlp, x2, weights, indices, act).reshape(B, T, d)
         if base_gate_up is not None:
