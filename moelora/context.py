@@ -65,6 +65,9 @@ class AdapterContext:
     # At inference, which of a layer's MiLoRA modules any row selected (host-side, from prefill):
     # the others have gate 0 for every row and are skipped while decoding. adapter -> layer -> [bool]
     gate_any: dict[str, dict[int, list[bool]]] = field(default_factory=dict)
+    # generate(): the MiLoRA gates are copied at the end of prefill into buffers that keep their
+    # address from one call to the next (one per adapter, layer and shape; see ``pin_gates``)
+    gate_buffers: dict[tuple, torch.Tensor] = field(default_factory=dict)
     router_calls: int = 0  # MiLoRA router invocations (for tests and profiling)
     base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored when the last adapter goes
     # Mixed batches (``adapter_names=`` per row): the rows of each adapter, in order of first
@@ -180,6 +183,31 @@ class AdapterContext:
         if hit is None or hit[0] is not g:  # new gates (a recomputed layer routes again): expand again
             hit = self.row_cache[key] = (g, g.repeat_interleave(tokens // g.shape[0], 0))
         return hit[1]
+
+    def pin_gates(self) -> None:
+        """Move the inference gates of this prefill into stable buffers (``generate()`` calls it when
+        its prefill is done). A compiled decoding step reads ``gates`` as *static* inputs (dynamo
+        treats tensors reached from a module's attributes like parameters), and CUDA graph trees
+        record the step again whenever a static input's address changes: with a new tensor per
+        prefill, every ``generate`` call recorded a new graph and kept it (its memory, and one more
+        graph to check at every later step). With one buffer per adapter, layer and shape, a call
+        with a batch shape seen before replays the graph recorded for it. Gates that need a gradient
+        (training) stay as they are."""
+        if torch.compiler.is_compiling():
+            return
+        for name, layers in self.gates.items():
+            for li, g in layers.items():
+                if g.requires_grad:
+                    continue
+                key = (name, li, tuple(g.shape), g.dtype, g.device)
+                buf = self.gate_buffers.get(key)
+                if buf is None:
+                    if len(self.gate_buffers) >= 4096:  # many distinct shapes: start over (tiny tensors)
+                        self.gate_buffers.clear()
+                    buf = self.gate_buffers[key] = torch.empty_like(g)
+                if buf is not g:
+                    buf.copy_(g)
+                    layers[li] = buf
 
     def milora_gates(self, adapter: str, layer: int) -> torch.Tensor:
         try:

@@ -177,6 +177,7 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) ->
     ctx: AdapterContext = module._moelora_ctx
     if ctx.generate_phase == "prefill":
         ctx.generate_phase = "decode"
+        ctx.pin_gates()  # stable addresses for a compiled (CUDA-graphed) decoding step
     if torch.compiler.is_compiling() and not module.training:
         return outputs  # a compiled decoding step: no router loss to report (data-dependent shapes)
     from .methods import router_loss  # local: methods import this module
@@ -375,6 +376,7 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         ctx.adapter_epoch += 1
         del ctx.configs[name]
         ctx.gates.pop(name, None)
+        ctx.gate_buffers = {k: v for k, v in ctx.gate_buffers.items() if k[0] != name}
         ctx.gate_any.pop(name, None)
     if ctx.active not in ctx.configs:
         ctx.active = next(iter(ctx.configs), None)

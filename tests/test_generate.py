@@ -121,6 +121,37 @@ def test_beams_inherit_their_source_gates():
             torch.testing.assert_close(g[row], single[row // 3][layer][0], atol=1e-5, rtol=1e-5)
 
 
+def test_generate_keeps_milora_gates_at_stable_addresses():
+    """A compiled decoding step reads the gates as static inputs (dynamo treats tensors reached from a
+    module attribute like parameters); CUDA graph trees record again whenever such an input moves.
+    So ``generate`` copies each prefill's gates into one buffer per adapter, layer and shape: a later
+    call with the same batch shape finds its gates at the same addresses, holding its own routing."""
+    model = _model("milora")
+    ctx = moelora.get_context(model)
+    n_layers = model.config.num_hidden_layers
+
+    def run(seed, B=3):
+        ids, mask = batch(model, B=B, T=6, seed=seed, left_pad=True)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        gates = dict(ctx.gates["default"])  # the tensors (the forward below puts others in the dict)
+        with torch.no_grad():  # the same prompts' routing, from a plain forward
+            model(ids, attention_mask=mask)
+        for li in range(n_layers):
+            torch.testing.assert_close(gates[li], ctx.gates["default"][li])
+        return gates, {li: g.data_ptr() for li, g in gates.items()}
+
+    first, ptrs = run(0)
+    first = {li: g.clone() for li, g in first.items()}
+    second, again = run(1)
+    assert again == ptrs  # same buffers ...
+    assert any(not torch.equal(second[li], first[li]) for li in second)  # ... holding the new prompts' gates
+    _, other = run(2, B=2)  # another batch shape: buffers of its own, the first shape's stay
+    assert set(other.values()).isdisjoint(ptrs.values())
+    assert run(3)[1] == ptrs
+    moelora.detach(model)
+    assert not ctx.gate_buffers
+
+
 def test_decoding_without_prefill_routing_is_a_clear_error():
     model = _model("milora")
     ids, mask = batch(model, B=1, T=4)
