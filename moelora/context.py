@@ -74,6 +74,7 @@ class AdapterContext:
     # appearance; ``None`` names base-model rows. Set per forward; ``None`` = one adapter for all.
     groups: list[tuple[str | None, torch.Tensor]] | None = None
     rows: torch.Tensor | None = None  # the group being computed (row indices into the full batch)
+    group_rows: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # set_groups' device row tables
     forward_name: object = _ACTIVE  # this forward's (or group's) adapter when it is not ``active``
     row_cache: dict = field(default_factory=dict)  # per forward: the mixed batch's plans (``AdaptedLinear._plan``)
     adapter_epoch: int = 0  # bumped when adapters are attached or removed: packed-weight caches rebuild
@@ -114,9 +115,18 @@ class AdapterContext:
             self.forward_name = next(iter(order))
             return
         # one host-to-device copy for all groups (a copy from pageable memory waits for the stream:
-        # one per group was 32 per step for 32 tenants), each group's rows a slice of it
-        flat = torch.tensor([r for rows in order.values() for r in rows], dtype=torch.long).to(device)
-        self.groups = list(zip(order, flat.split([len(rows) for rows in order.values()])))
+        # one per group was 32 per step for 32 tenants), each group's rows a slice of it; kept for the
+        # next forward with the same rows (decoding steps): no copy then, and the same tensors, which
+        # a compiled step reads as static inputs (a new address would make CUDA graphs record again)
+        key = (tuple(tuple(rows) for rows in order.values()), device)
+        parts = self.group_rows.get(key)
+        if parts is None:
+            flat = torch.tensor([r for rows in order.values() for r in rows], dtype=torch.long).to(device)
+            parts = flat.split([len(rows) for rows in order.values()])
+            if len(self.group_rows) >= 64:
+                self.group_rows.clear()
+            self.group_rows[key] = parts
+        self.groups = list(zip(order, parts))
 
     @contextmanager
     def scope(self, rows: torch.Tensor, name: str | None) -> Iterator[None]:

@@ -200,6 +200,49 @@ def test_compiled_static_cache_decoding_is_one_graph_and_exact(method):
     assert len(outputs) == 1
 
 
+@pytest.mark.parametrize("method", [*sorted(CONFIGS), "mixed"])
+def test_compiled_decoding_static_inputs_keep_their_addresses(method):
+    """CUDA graph trees assume a compiled step's static inputs (parameters, and tensors dynamo reached
+    through a module attribute, such as the adapter context's) stay where they were recorded: one
+    that moves makes them record the step again. So every static input of the compiled decoding
+    step that the model holds (parameters or not) has the same address at every step of two
+    ``generate`` calls with different prompts of one shape. (Not the step's arguments: transformers
+    gives each call a new static KV cache, for any model.)"""
+    torch._dynamo.reset()
+    seen = []  # per call of the compiled step: the addresses of its static inputs
+
+    def backend(gm, example_inputs):
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        if not names:  # a mixed batch: its row tables' constants, a graph without inputs
+            return gm.forward
+        static = [i for i, t in enumerate(example_inputs)
+                  if torch.is_tensor(t) and getattr(t, "_dynamo_static_input_type", None) is not None
+                  and not names[i].startswith("l_kwargs_")]
+        assert static  # parameters at least
+
+        def run(*args):
+            seen.append([args[i].data_ptr() for i in static])
+            return gm.forward(*args)
+
+        return run
+
+    cfg = _compile_config(backend)
+    if method == "mixed":  # rows of every method in one batch
+        model = tiny_model("llama")
+        for name in CONFIGS:
+            moelora.attach(model, CONFIGS[name](), name)
+        randomize_adapters(model, scale=0.2)
+        model.eval()
+    else:
+        model = _model(method)
+    for seed in range(2):
+        ids, mask = batch(model, B=4, T=6, seed=seed, left_pad=True)
+        kw = {"adapter_names": ["lora", "milora", "mixlora", "dora"]} if method == "mixed" else {}
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       cache_implementation="static", compile_config=cfg, **kw)
+    assert len(seen) == 4 and all(ptrs == seen[0] for ptrs in seen)
+
+
 def test_compiled_decoding_of_a_mixed_batch():
     """Rows with different adapters (LoRA, MiLoRA, MixLoRA, none) in one compiled decoding step:
     fullgraph=True (no graph break: the packed op's slot table is built with tensor writes, its
