@@ -623,6 +623,12 @@ def evaluate_choice(
             f"task {task!r} has open (numeric) answers: the {protocol!r} protocol needs a closed label set; "
             "use the 'generate' protocol"
         )
+    if protocol == "options":  # an option list that lacks the answer is bad data: say so before scoring
+        for i, it in enumerate(items):
+            options = options_form(it["instruction"])[1]
+            if options and str(it["answer"]).strip().lower() not in options:
+                raise ValueError(f"task {task!r}, item {i + 1}: answer {it['answer']!r} is not one of its options "
+                                 f"({', '.join(options)})")
     scores, cands = _score(model, tokenizer, items, labels=labels, batch_size=batch_size, share_prompt=None,
                            progress=progress, desc=f"{task} ({protocol})", protocol=protocol)
     correct = correct_norm = 0

@@ -287,6 +287,10 @@ def test_options_protocol_scores_the_option_texts(tok, tmp_path):
     assert "average_norm" in out and "acc_norm" in format_table(out)
     with pytest.raises(ValueError, match="num_beams.*not used by the 'options' protocol"):
         evaluate_files(model, tok, [str(path)], "options", num_beams=4)
+    bad = {**ARC[0], "answer": "answer5"}
+    with pytest.raises(ValueError, match=r"task 't', item 2: answer 'answer5' is not one of its options "
+                                         r"\(answer1, answer2, answer3, answer4\)"):
+        evaluate_choice(model, tok, [ARC[1], bad], task="t", progress=False, protocol="options")
 
 
 @pytest.mark.parametrize("items", [ARC, BOOLQ], ids=["arc", "boolq"])
