@@ -560,38 +560,41 @@ def score_choices(
     """Per item, ``{label: log-likelihood of " " + candidate after the prompt}`` over the item's
     candidates: its labels (``protocol="choice"``) or its options' texts (``"options"``), see the
     module docstring. ``share_prompt``: see :func:`_loglikelihoods`."""
-    return _score(model, tokenizer, items, labels=labels, batch_size=batch_size, share_prompt=share_prompt,
-                  progress=progress, desc=desc, protocol=protocol)[0]
+    items = _validate_items(list(items), desc)
+    built = _build(items, candidate_labels(items) if labels is None else labels, protocol, desc)
+    return _score(model, tokenizer, built, batch_size=batch_size, share_prompt=share_prompt, progress=progress,
+                  desc=desc)
 
 
-def _score(model, tokenizer, items, *, labels, batch_size, share_prompt, progress, desc, protocol):
-    """:func:`score_choices`, and each item's ``{label: continuation text}``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+def _build(items: list[dict], labels: list[str], protocol: str, desc: str) -> list[tuple[str, dict[str, str]]]:
+    """Each item's ``(prompt, {label: continuation text})`` under ``protocol``."""
     if protocol not in SCORED:
         raise ValueError(f"protocol must be one of {', '.join(SCORED)}, got {protocol!r}")
-    items = _validate_items(list(items), desc)
-    labels = candidate_labels(items) if labels is None else labels
     if not labels:
         raise ValueError(
             f"{desc}: the answers are open (numbers): the {protocol!r} protocol needs a closed label set; "
             "use the 'generate' protocol"
         )
-    prompts, conts, cands = [], [], []
-    for it in items:
-        prompt, cs = _candidates(it, labels, protocol)
-        cands.append(cs)
+    return [_candidates(it, labels, protocol) for it in items]
+
+
+def _score(model, tokenizer, built: list[tuple[str, dict[str, str]]], *, batch_size, share_prompt, progress, desc):
+    """The log-likelihoods of :func:`_build`'s continuations, ``{label: score}`` per item."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts, conts = [], []
+    for prompt, cs in built:
         prompts += [prompt] * len(cs)
         conts += [" " + text for text in cs.values()]
     requests = iter(_encode_requests(tokenizer, prompts, conts))
     groups = []
-    for cs in cands:
+    for _, cs in built:
         pairs = [next(requests) for _ in cs]
         groups.append((pairs[0][0], [cont for _, cont in pairs]))
     lls = _loglikelihoods(
         model, tokenizer, groups, batch_size=batch_size, share_prompt=share_prompt, desc=desc, progress=progress
     )
-    return [dict(zip(cs, sc, strict=True)) for cs, sc in zip(cands, lls, strict=True)], cands
+    return [dict(zip(cs, sc, strict=True)) for (_, cs), sc in zip(built, lls, strict=True)]
 
 
 def _argmax(scores: dict[str, float], key=lambda lab, s: s) -> str:
@@ -623,16 +626,16 @@ def evaluate_choice(
             f"task {task!r} has open (numeric) answers: the {protocol!r} protocol needs a closed label set; "
             "use the 'generate' protocol"
         )
+    built = _build(items, labels, protocol, task)
     if protocol == "options":  # an option list that lacks the answer is bad data: say so before scoring
-        for i, it in enumerate(items):
-            options = options_form(it["instruction"])[1]
-            if options and str(it["answer"]).strip().lower() not in options:
+        for i, (it, (_, cs)) in enumerate(zip(items, built, strict=True)):
+            if str(it["answer"]).strip().lower() not in cs:
                 raise ValueError(f"task {task!r}, item {i + 1}: answer {it['answer']!r} is not one of its options "
-                                 f"({', '.join(options)})")
-    scores, cands = _score(model, tokenizer, items, labels=labels, batch_size=batch_size, share_prompt=None,
-                           progress=progress, desc=f"{task} ({protocol})", protocol=protocol)
+                                 f"({', '.join(cs)})")
+    scores = _score(model, tokenizer, built, batch_size=batch_size, share_prompt=None, progress=progress,
+                    desc=f"{task} ({protocol})")
     correct = correct_norm = 0
-    for it, sc, cs in zip(items, scores, cands, strict=True):
+    for it, sc, (_, cs) in zip(items, scores, built, strict=True):
         gold = str(it["answer"]).strip().lower()
         correct += _argmax(sc).lower() == gold
         correct_norm += _argmax(sc, lambda lab, s: s / len((" " + cs[lab]).encode("utf-8"))).lower() == gold

@@ -373,9 +373,15 @@ def setup(studies: list[dict], runs: dict, dirs: dict) -> str:
     if last:
         lim = last.get("eval_limit") or "all"
         glim = last.get("gen_limit") or "all"
-        lines.append(f"- **Evaluation**: test items per task: `choice`/`options` {lim}, `generate` {glim} (the first N of each "
-                     f"file); batch {last.get('eval_batch_size')} / {last.get('gen_batch_size')}; `generate` greedy, "
-                     f"{last.get('max_new_tokens')} new tokens.")
+        ran = [p for p in ("choice", "options", "generate") if any(p in r.get("eval", {}) for r in runs.values())]
+        scored = "/".join(f"`{p}`" for p in ran if p != "generate")
+        parts = ([f"{scored} {lim}"] if scored else []) + ([f"`generate` {glim}"] if "generate" in ran else [])
+        line = f"- **Evaluation**: test items per task: {', '.join(parts)} (the first N of each file)"
+        if scored:
+            line += f"; batch {last.get('eval_batch_size')}"
+        if "generate" in ran:
+            line += f"; `generate` batch {last.get('gen_batch_size')}, greedy, {last.get('max_new_tokens')} new tokens"
+        lines.append(line + ".")
     for s in studies:
         env = s.get("environment", {})
         line = (f"- **Machine** (`{s['out'].name}`): {env.get('gpu') or 'no GPU'}, {env.get('cpus')} CPU cores, "
