@@ -64,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(3, shape.vocab, (shape.train_batch, shape.train_len), device="cuda")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-        def step():
+        def step(model=model, ids=ids, opt=opt):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.autocast):
                 out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def gen():
+        def gen(model=model, ids=ids):
             model.generate(input_ids=ids[:2, :16], attention_mask=torch.ones_like(ids[:2, :16]), max_new_tokens=4,
                            min_new_tokens=4, do_sample=False, pad_token_id=0)
 
