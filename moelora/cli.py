@@ -1,7 +1,7 @@
 """The ``moelora`` command line: train, eval, generate, chat, plot, serve, export.
 
     moelora train --config FILE [key.sub=value ...] [--resume | --overwrite]
-    moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|options|generate
+    moelora eval --data FILE [FILE ...] [--model DIR] [--adapter DIR] --protocol choice|options|generate|generate-options
     moelora generate --prompt TEXT [--model DIR] [--adapter DIR]
     moelora chat [--model DIR] [--adapter DIR]
     moelora plot routing --adapter DIR --data FILE [FILE ...] --out routing.png
@@ -21,6 +21,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+# moelora.evaluate.PROTOCOLS, spelled out: importing evaluate here would load torch
+# for `moelora --help` (tests/test_cli.py checks the two agree)
+EVAL_PROTOCOLS = ["choice", "options", "generate", "generate-options"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -103,8 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name in names:  # several adapters: evaluated one after the other on the same model
             load_adapter(model, Path(out) / name if run.adapters is not None else out, adapter_name=name)
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        from .evaluate import GENERATED
+
         e = run.eval
-        kw = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens} if e.protocol == "generate" else {}
+        kw = {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens} if e.protocol in GENERATED else {}
         results = {}
         for i, name in enumerate(names):
             set_adapter(model, name)
@@ -116,8 +122,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import GENERATED
+
     model, tok = _load(args.model, args.adapter)
-    kw = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens} if args.protocol == "generate" else {}
+    kw = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens} if args.protocol in GENERATED else {}
     results = _evaluate_both(model, tok, args.data, args.protocol, args.limit, args.batch_size,
                              args.compare_base and args.adapter is not None, **kw)
     print(_table(results))
@@ -282,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--adapter", default=None)
     p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--protocol", choices=["choice", "options", "generate"], default="choice")
+    p.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="choice")
     p.add_argument("--limit", type=int, default=None, help="first N items of each file")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)

@@ -38,6 +38,12 @@ the one it used:
     :func:`parse_answer`: the first label found (case-insensitive, whole word) for choice tasks, the
     last number for math (``abs(pred - gold) <= 1e-3``, LLM-Adapters' tolerance), the letter for
     AQuA. Unparsable outputs count as wrong and are reported as ``unparsed``.
+
+``generate-options`` (generate and parse the option's text)
+    ``generate`` for adapters trained on the ``llm-adapters-options`` format: the prompt is the
+    question without its option list (as ``options``), and :func:`parse_option` maps the response
+    (``"the correct answer is steam"``) back to the option whose text it names. Items without an
+    option list (BoolQ) are parsed as ``generate`` parses them.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ import torch
 from .config import did_you_mean
 from .data import ANSWER_PREFIX, end_token_ids, options_form
 
-PROTOCOLS = ("choice", "options", "generate")
+PROTOCOLS = ("choice", "options", "generate", "generate-options")
+GENERATED = ("generate", "generate-options")  # the protocols that generate: num_beams, max_new_tokens
 SCORED = ("choice", "options")  # the log-likelihood protocols: acc and acc_norm, no generation
 CHOICE_PREFIX = ANSWER_PREFIX  # the fixed prefix of every llm-adapters commonsense output
 LABEL_FAMILIES = ("answer", "solution", "option", "ending")  # ARC/OBQA/SIQA, PIQA, WinoGrande, HellaSwag
@@ -204,6 +211,37 @@ def parse_answer(text: str, labels: Sequence[str]) -> str | None:
         return None
     found = m.group(1).lower()
     return next(lab for lab in labels if lab.lower() == found)
+
+
+def _norm_text(s: str) -> str:
+    """Lower case, runs of whitespace as one space, no surrounding whitespace or end punctuation."""
+    return " ".join(s.lower().split()).strip(" .,;:!?\"'")
+
+
+def parse_option(text: str, options: dict[str, str]) -> str | None:
+    """The label of the option whose text a generated response names, or ``None``.
+
+    ``text`` is compared with the options' texts lower-cased, with whitespace runs as one space and
+    end punctuation dropped, after removing a leading ``"the correct answer is"``: an option equal to
+    the whole response wins; else the option found earliest in the response (whole words), the
+    longest of those found at the same place (``"red"`` and ``"red and blue"``: the latter). Options
+    with no text are never found."""
+    body = _norm_text(text)
+    prefix = _norm_text(ANSWER_PREFIX)
+    if body.startswith(prefix):
+        body = body[len(prefix):].strip()
+    normed = {lab: _norm_text(t) for lab, t in options.items()}
+    for lab, t in normed.items():
+        if t and t == body:
+            return lab
+    best, best_key = None, None
+    for lab, t in normed.items():
+        if not t:
+            continue
+        m = re.search(rf"(?<![\w]){re.escape(t)}(?![\w])", body)
+        if m and (best_key is None or (m.start(), -len(t)) < best_key):
+            best, best_key = lab, (m.start(), -len(t))
+    return best
 
 
 def is_correct(pred: str | None, gold: str, labels: Sequence[str]) -> bool:
@@ -638,7 +676,7 @@ def evaluate_choice(
     for it, sc, (_, cs) in zip(items, scores, built, strict=True):
         gold = str(it["answer"]).strip().lower()
         correct += _argmax(sc).lower() == gold
-        correct_norm += _argmax(sc, lambda lab, s: s / len((" " + cs[lab]).encode("utf-8"))).lower() == gold
+        correct_norm += _argmax(sc, lambda lab, s, cs=cs: s / len((" " + cs[lab]).encode("utf-8"))).lower() == gold
     n = len(items)
     return TaskResult(
         task=task, protocol=protocol, correct=correct, total=n, accuracy=correct / n, unparsed=0,
@@ -727,31 +765,46 @@ def evaluate_generate(
     num_beams: int = 1,
     limit: int | None = None,
     progress: bool = True,
+    protocol: str = "generate",
 ) -> TaskResult:
     """Generate from each item's prompt, parse the answer, compare with ``item["answer"]``.
 
-    ``max_new_tokens`` defaults to 32 for label tasks and 256 for math (open answers)."""
+    ``protocol``: ``"generate"`` (the item's prompt, labels parsed) or ``"generate-options"`` (the
+    question without its option list, option texts parsed: :func:`parse_option`). ``max_new_tokens``
+    defaults to 32 for label tasks and 256 for math (open answers)."""
+    if protocol not in GENERATED:
+        raise ValueError(f"protocol must be one of {', '.join(GENERATED)}, got {protocol!r}")
     items = _prepare(items, task, limit)
     labels = candidate_labels(items)
     if max_new_tokens is None:
         max_new_tokens = 32 if labels else 256
-    prompts = [llm_adapters_prompt(it["instruction"], it.get("input", "") or "") for it in items]
+    forms = [options_form(it["instruction"]) if protocol == "generate-options" else (it["instruction"], {})
+             for it in items]
+    for i, (it, (_, options)) in enumerate(zip(items, forms, strict=True)):
+        if options and str(it["answer"]).strip().lower() not in options:
+            raise ValueError(f"task {task!r}, item {i + 1}: answer {it['answer']!r} is not one of its options "
+                             f"({', '.join(options)})")
+    prompts = [llm_adapters_prompt(q, it.get("input", "") or "") for it, (q, _) in zip(items, forms, strict=True)]
     texts = generate_responses(
         model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-        progress=progress, desc=f"{task} (generate)",
+        progress=progress, desc=f"{task} ({protocol})",
     )
     correct = unparsed = 0
     samples = []
-    for it, text in zip(items, texts, strict=True):
-        item_labels = _item_labels(it, labels)
-        pred = parse_answer(_cut_response(text), item_labels)
+    for it, text, (_, options) in zip(items, texts, forms, strict=True):
+        if options:
+            pred = parse_option(_cut_response(text), options)
+            correct += pred is not None and pred == str(it["answer"]).strip().lower()
+        else:
+            item_labels = _item_labels(it, labels)
+            pred = parse_answer(_cut_response(text), item_labels)
+            correct += is_correct(pred, it["answer"], item_labels)
         if pred is None:
             unparsed += 1
-        correct += is_correct(pred, it["answer"], item_labels)
         if len(samples) < SAMPLES_KEPT:
             samples.append({"output": text, "parsed": pred, "answer": str(it["answer"])})
     n = len(items)
-    return TaskResult(task=task, protocol="generate", correct=correct, total=n, accuracy=correct / n, unparsed=unparsed,
+    return TaskResult(task=task, protocol=protocol, correct=correct, total=n, accuracy=correct / n, unparsed=unparsed,
                       samples=samples)
 
 
@@ -789,7 +842,7 @@ def evaluate_files(model: Any, tokenizer: Any, paths: Sequence[str | Path], prot
                     f"{p}: open (numeric) answers: the {protocol!r} protocol needs a closed label set; "
                     "use --protocol generate"
                 )
-        kw["protocol"] = protocol
+    kw["protocol"] = protocol
     fn = evaluate_choice if protocol in SCORED else evaluate_generate
     if protocol in SCORED:  # generation options left at their defaults are ignored by "choice"/"options"
         if kw.get("num_beams") in (None, 1):

@@ -80,7 +80,7 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None
-    """``generate`` protocol: tokens to generate (default 32, or 256 for numeric answers)."""
+    """``generate`` / ``generate-options``: tokens to generate (default 32, or 256 for numeric answers)."""
     num_beams: int = 1
     compare_base: bool = True
     """Also evaluate the base model (adapter off) and print both."""

@@ -17,6 +17,7 @@ from conftest import randomize_adapters, tiny_model
 from torch import nn
 
 import moelora
+from moelora.data import options_form
 from moelora.evaluate import (
     CHOICE_PREFIX,
     TaskResult,
@@ -31,6 +32,7 @@ from moelora.evaluate import (
     llm_adapters_prompt,
     load_items,
     parse_answer,
+    parse_option,
     score_choices,
 )
 
@@ -369,7 +371,7 @@ class StubGenerator:
     """``generate`` answers each prompt with a fixed text (looked up by a substring of its instruction)."""
 
     def __init__(self, tok, answers: dict[str, str]):
-        self.tok, self.answers, self.calls = tok, answers, []
+        self.tok, self.answers, self.calls, self.prompts = tok, answers, [], []
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
         self.calls.append(dict(kwargs, max_new_tokens=max_new_tokens, batch=input_ids.shape[0]))
@@ -378,6 +380,7 @@ class StubGenerator:
             n_pad = int((attention_mask[r] == 0).sum())
             assert attention_mask[r, n_pad:].all() and (input_ids[r, :n_pad] == self.tok.pad_token_id).all()
             prompt = self.tok.decode(input_ids[r, n_pad:].tolist(), skip_special_tokens=True)
+            self.prompts.append(prompt)
             text = next(a for key, a in self.answers.items() if key in prompt)
             new.append(self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
         width = max(map(len, new))
@@ -416,6 +419,45 @@ def test_generate_with_a_stub_model(tok):
     assert stub.calls[0]["max_new_tokens"] == 256 and stub.calls[0]["num_beams"] == 2
     evaluate_generate(stub, tok, items, task="gsm8k", max_new_tokens=7, limit=2, progress=False)
     assert stub.calls[-1]["max_new_tokens"] == 7 and stub.calls[-1]["batch"] == 2
+
+
+def test_parse_option():
+    opts = {"answer1": "red", "answer2": "red and blue", "answer3": "Steam.", "answer4": "", "answer5": "ice"}
+    assert parse_option("the correct answer is steam", opts) == "answer3"  # case, end punctuation
+    assert parse_option("  The  correct answer is   RED AND BLUE. ", opts) == "answer2"  # whole-response match
+    assert parse_option("the correct answer is red", opts) == "answer1"
+    # found inside a longer response: the earliest, the longest at the same place
+    assert parse_option("the correct answer is red and blue, not ice", opts) == "answer2"
+    assert parse_option("I would say ice, or red", opts) == "answer5"
+    assert parse_option("reddish dice", opts) is None  # whole words only
+    assert parse_option("the correct answer is", opts) is None  # the empty option is never found
+    assert parse_option("", opts) is None
+
+
+def test_generate_options_with_a_stub_model(tok):
+    """``generate-options`` prompts with the question alone and maps the response to its option."""
+    stub = StubGenerator(tok, {
+        "Which is a gas": "the correct answer is steam",  # gold answer2: correct
+        "What melts ice": "the correct answer is Heat.",  # gold answer1: correct
+        "Which is a planet": "the correct answer is moon",  # gold answer4: wrong
+        "Which one is wet": "the correct answer is answer3",  # a label, not a text: unparsed
+        "is ice cold": "the correct answer is true",  # BoolQ: labels, as generate parses them
+        "is fire cold": "the correct answer is true",  # wrong
+        "is water wet": "yes",  # unparsed
+    })
+    res = evaluate_generate(stub, tok, ARC + BOOLQ, task="mix", batch_size=8, progress=False,
+                            protocol="generate-options")
+    assert (res.protocol, res.correct, res.total, res.unparsed) == ("generate-options", 3, 7, 2)
+    assert [x["parsed"] for x in res.samples] == ["answer2", "answer1", "answer1", None, "true", "true", None]
+    # the prompts are those the options protocol scores (and llm-adapters-options trains on): no option list
+    assert len(stub.prompts) == 7 and all("Answer1" not in p and "Answer format" not in p for p in stub.prompts)
+    question, _ = options_form(ARC[0]["instruction"])
+    assert llm_adapters_prompt(question) in stub.prompts
+    with pytest.raises(ValueError, match="protocol must be one of generate, generate-options"):
+        evaluate_generate(stub, tok, ARC, task="arc", progress=False, protocol="options")
+    bad = dict(ARC[0], answer="answer9")
+    with pytest.raises(ValueError, match="item 2: answer 'answer9' is not one of its options"):
+        evaluate_generate(stub, tok, [ARC[1], bad], task="t", progress=False, protocol="generate-options")
 
 
 def test_generation_stops_at_the_tokenizers_eos_too(tok):

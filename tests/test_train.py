@@ -72,7 +72,7 @@ def test_config_errors_name_the_problem(tmp_path, tiny_model_dir):
         load_run_config(cfg, ["method.top_k=9"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match=r"eval.protocol must be one of choice, options, generate, got 'option'"):
+    with pytest.raises(ConfigError, match=r"eval.protocol must be one of choice, options, generate, generate-options, got 'option'"):
         load_run_config(cfg, ["eval={data: [t.json], protocol: option}"])
     assert load_run_config(cfg, ["eval={data: [t.json], protocol: options}"]).eval.protocol == "options"
     assert load_run_config(cfg, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.2 floats (PyYAML reads a string)
@@ -477,6 +477,15 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
     assert "addition" in table and "successor" in table and "base" in table
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["mixlora"]["tasks"]["addition"]["total"] == 4 and res["base"]["protocol"] == "generate"
+    # generation options reach generate-options too (the scored protocols refuse them)
+    assert cli(["eval", "--model", str(tiny_model_dir), "--data", data[0], "--protocol", "generate-options",
+                "--max-new-tokens", "3", "--limit", "2", "--output", str(tmp_path / "eval_go.json")]) == 0
+    res = json.loads((tmp_path / "eval_go.json").read_text())["base"]
+    assert res["protocol"] == "generate-options" and res["tasks"]["addition"]["total"] == 2
+    from moelora.cli import EVAL_PROTOCOLS
+    from moelora.evaluate import PROTOCOLS
+
+    assert EVAL_PROTOCOLS == list(PROTOCOLS)  # the CLI's spelled-out list
     assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
                 "--max-new-tokens", "4"]) == 0
     assert cli(["plot", "loss", "--run", str(out), "--out", str(tmp_path / "loss.png")]) == 0

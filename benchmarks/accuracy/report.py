@@ -35,6 +35,9 @@ METHODS = ["lora", "dora", "mixlora", "milora"]
 TITLES = {"base": "base model (zero-shot)", "lora": "LoRA", "dora": "DoRA", "mixlora": "MixLoRA",
           "milora": "MiLoRA", "milora_r32": "MiLoRA r=32"}
 ROUTED = ("mixlora", "milora")
+# moelora.evaluate's, spelled out: report.py reads JSON only and does not need torch
+PROTOCOLS = ("choice", "options", "generate", "generate-options")
+GENERATED = ("generate", "generate-options")
 DPI = 80
 PUBLISHED = """\
 ### Published numbers, for context
@@ -147,20 +150,26 @@ def table(runs: dict, setting: str, protocol: str, tasks: list[str], methods: li
     return "\n".join(lines) + "\n"
 
 
-def unparsed_line(runs: dict, setting: str, tasks: list[str], methods: list[str]) -> str:
-    """``generate``: the share of outputs in which no label was found, per method."""
+def unparsed_line(runs: dict, setting: str, tasks: list[str], methods: list[str], protocol: str = "generate") -> str:
+    """``generate`` / ``generate-options``: the share of outputs in which no answer was found, per method."""
     parts = []
     for m in ["base", *methods]:
         bad = tot = 0
         for (s, mm, _), r in runs.items():
             if mm != m or (m == "base" and s != "zeroshot") or (m != "base" and s.split("/")[0] != setting):
                 continue
-            for t, v in r.get("eval", {}).get("generate", {}).get("tasks", {}).items():
+            for t, v in r.get("eval", {}).get(protocol, {}).get("tasks", {}).items():
                 if t in tasks:
                     bad, tot = bad + v.get("unparsed", 0), tot + v.get("total", 0)
         if tot:
             parts.append(f"{TITLES.get(m, m)} {100 * bad / tot:.1f}%")
-    return ("Outputs with no parsable label (counted wrong): " + ", ".join(parts) + ".\n") if parts else ""
+    what = "option text" if protocol == "generate-options" else "label"
+    return (f"Outputs with no parsable {what} (counted wrong): " + ", ".join(parts) + ".\n") if parts else ""
+
+
+def protocols_run(runs: dict) -> list[str]:
+    """The protocols some run was evaluated with, in :data:`PROTOCOLS` order."""
+    return [p for p in PROTOCOLS if any(p in r.get("eval", {}) for r in runs.values())]
 
 
 def items_line(runs: dict, protocol: str, tasks: list[str]) -> str:
@@ -207,6 +216,7 @@ def training_curves(runs: dict, dirs: dict, methods: list[str], tasks: list[str]
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    drawn = 0
     for ax, (setting, seed) in zip(axes[0], panels):
         for i, m in enumerate(methods):
             d = dirs.get((setting, m, seed))
@@ -215,7 +225,7 @@ def training_curves(runs: dict, dirs: dict, methods: list[str], tasks: list[str]
                 continue
             rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
             steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
-            color = f"C{i}"
+            color, drawn = f"C{i}", drawn + 1
             if len(steps) < SMOOTH_FROM:  # a short run: an average would lag far behind the raw curve
                 ax.plot(steps, loss, color=color, linewidth=1.5, label=TITLES.get(m, m))
                 continue
@@ -225,6 +235,9 @@ def training_curves(runs: dict, dirs: dict, methods: list[str], tasks: list[str]
         ax.set_title(f"{title} (seed {seed})", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    if not drawn:  # no run kept its metrics.jsonl: no empty figure
+        plt.close(fig)
+        return False
     axes[0][0].set_ylabel("LM loss (response tokens)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -373,14 +386,15 @@ def setup(studies: list[dict], runs: dict, dirs: dict) -> str:
     if last:
         lim = last.get("eval_limit") or "all"
         glim = last.get("gen_limit") or "all"
-        ran = [p for p in ("choice", "options", "generate") if any(p in r.get("eval", {}) for r in runs.values())]
-        scored = "/".join(f"`{p}`" for p in ran if p != "generate")
-        parts = ([f"{scored} {lim}"] if scored else []) + ([f"`generate` {glim}"] if "generate" in ran else [])
+        ran = protocols_run(runs)
+        scored = "/".join(f"`{p}`" for p in ran if p not in GENERATED)
+        generated = "/".join(f"`{p}`" for p in ran if p in GENERATED)
+        parts = ([f"{scored} {lim}"] if scored else []) + ([f"{generated} {glim}"] if generated else [])
         line = f"- **Evaluation**: test items per task: {', '.join(parts)} (the first N of each file)"
         if scored:
             line += f"; batch {last.get('eval_batch_size')}"
-        if "generate" in ran:
-            line += f"; `generate` batch {last.get('gen_batch_size')}, greedy, {last.get('max_new_tokens')} new tokens"
+        if generated:
+            line += f"; {generated} batch {last.get('gen_batch_size')}, greedy, {last.get('max_new_tokens')} new tokens"
         lines.append(line + ".")
     for s in studies:
         env = s.get("environment", {})
@@ -403,6 +417,10 @@ PROTOCOLS_TEXT = {
                "Adapters were trained to answer with that text (data format `llm-adapters-options`).",
     "generate": "`generate`: greedy generation, then the first label found in the output (LLM-Adapters' parsing; "
                 "the protocol of the DoRA and MiLoRA papers); an output with no label counts as wrong.",
+    "generate-options": "`generate-options`: greedy generation after the prompt of the question alone (as "
+                        "`options`), then the option whose text the output names (`moelora eval --protocol "
+                        "generate-options`; BoolQ: the first `true`/`false`, as `generate`); an output that names "
+                        "no option counts as wrong.",
 }
 
 
@@ -442,7 +460,7 @@ def main(argv=None) -> int:
         return 2
     methods = ordered_methods(runs)
     tasks = ordered_tasks(runs)
-    protocols = [p for p in ("choice", "options", "generate") if any(p in r.get("eval", {}) for r in runs.values())]
+    protocols = protocols_run(runs)
     args.images.mkdir(parents=True, exist_ok=True)
     docs_dir = args.docs.parent
     docs_dir.mkdir(parents=True, exist_ok=True)
@@ -465,8 +483,8 @@ def main(argv=None) -> int:
                 continue
             md.append(f"### {title}, `{p}`, accuracy %\n")
             md.append(table(runs, setting, p, tasks, methods))
-            if p == "generate":
-                md.append(unparsed_line(runs, setting, tasks, methods))
+            if p in GENERATED:
+                md.append(unparsed_line(runs, setting, tasks, methods, p))
             if p in ("choice", "options"):
                 md.append(f"<details><summary>acc_norm (log-likelihood per byte of the "
                           f"{'label' if p == 'choice' else 'option text'})</summary>\n\n"

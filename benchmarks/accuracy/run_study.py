@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # `import moelora` (parameter counts) from a checkout without `pip install -e .`
     sys.path.insert(1, str(REPO))
+from moelora.evaluate import GENERATED, PROTOCOLS  # noqa: E402 (after the path)
+
 CONFIGS = HERE / "configs"
 TASKS = ["arc_easy", "arc_challenge", "boolq", "openbookqa"]
 METHODS = ["lora", "dora", "mixlora", "milora"]
@@ -103,7 +105,7 @@ def test_file(args, task: str) -> str:
 
 
 def limit_for(args, protocol: str) -> int | None:
-    n = args.gen_limit if protocol == "generate" else args.eval_limit
+    n = args.gen_limit if protocol in GENERATED else args.eval_limit
     return n if n and n > 0 else None
 
 
@@ -128,13 +130,13 @@ def run_config(args, run: Run, run_dir: Path) -> dict:
     protocol = args.protocols[0]
     cfg["eval"] = {"data": [test_file(args, x) for x in run.tasks], "protocol": protocol,
                    "limit": limit_for(args, protocol), "batch_size": eval_batch(args, protocol), "compare_base": False}
-    if protocol == "generate":
+    if protocol in GENERATED:
         cfg["eval"]["max_new_tokens"] = args.max_new_tokens
     return cfg
 
 
 def eval_batch(args, protocol: str) -> int:
-    return args.gen_batch_size if protocol == "generate" else args.eval_batch_size
+    return args.gen_batch_size if protocol in GENERATED else args.eval_batch_size
 
 
 def eval_cmd(args, run: Run, run_dir: Path, protocol: str, adapter: bool) -> list[str]:
@@ -148,7 +150,7 @@ def eval_cmd(args, run: Run, run_dir: Path, protocol: str, adapter: bool) -> lis
     lim = limit_for(args, protocol)
     if lim:
         cmd += ["--limit", str(lim)]
-    if protocol == "generate":
+    if protocol in GENERATED:
         cmd += ["--max-new-tokens", str(args.max_new_tokens)]
     return cmd
 
@@ -387,7 +389,6 @@ def parameter_counts(args) -> dict:
 
     import moelora
     from moelora.config import config_from_dict
-
     from moelora.embedded import resolve_model
 
     path = resolve_model(args.model)
@@ -506,16 +507,17 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-ratio", type=float, default=0.1, help="with --max-steps: warmup_steps = ratio x steps")
     ap.add_argument("--train-batch-size", type=int, default=0, help="override train.batch_size (0: the configs' 16)")
     ap.add_argument("--protocols", type=csv, default=None,
-                    help="choice,options,generate: any of them, the first runs inside train (default: choice with "
-                         "--answers label, options with --answers text)")
+                    help=f"{','.join(PROTOCOLS)}: any of them, the first runs inside train (default: choice with "
+                         "--answers label, options with --answers text; generate-options generates and parses the "
+                         "option texts that --answers text trains)")
     ap.add_argument("--answers", choices=["label", "text"], default="label",
                     help="training responses: 'the correct answer is answer2' (label, LLM-Adapters' format) or the "
                          "option's text (text: data format llm-adapters-options, scored by protocol options)")
-    ap.add_argument("--eval-limit", type=int, default=0, help="choice: first N items per test set (0: all)")
-    ap.add_argument("--gen-limit", type=int, default=None, help="generate: first N items per test set (default: --eval-limit)")
+    ap.add_argument("--eval-limit", type=int, default=0, help="choice/options: first N items per test set (0: all)")
+    ap.add_argument("--gen-limit", type=int, default=None, help="generate(-options): first N items per test set (default: --eval-limit)")
     ap.add_argument("--eval-batch-size", type=int, default=64, help="choice: prompts per forward (default 64)")
-    ap.add_argument("--gen-batch-size", type=int, default=64, help="generate: prompts per batch (default 64)")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="generate: new tokens (LLM-Adapters: 32)")
+    ap.add_argument("--gen-batch-size", type=int, default=64, help="generate(-options): prompts per batch (default 64)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="generate(-options): new tokens (LLM-Adapters: 32)")
     ap.add_argument("--no-routing", dest="routing", action="store_false", help="skip the routing heatmaps")
     ap.add_argument("--routing-limit", type=int, default=256, help="prompts per task for the routing heatmaps")
     ap.add_argument("--workers", type=int, default=1, help="runs in parallel (GPU: 8-12 for a 135M model)")
@@ -530,9 +532,9 @@ def parse_args(argv=None):
         args.gen_limit = args.eval_limit
     if args.protocols is None:
         args.protocols = ["options" if args.answers == "text" else "choice"]
-    bad = [p for p in args.protocols if p not in ("choice", "options", "generate")] or (not args.protocols and ["(none)"])
+    bad = [p for p in args.protocols if p not in PROTOCOLS] or (not args.protocols and ["(none)"])
     if bad:
-        ap.error(f"--protocols: choose from choice,options,generate, got {bad}")
+        ap.error(f"--protocols: choose from {','.join(PROTOCOLS)}, got {bad}")
     bad = [s for s in args.settings if s not in ("multi", "single")]
     if bad:
         ap.error(f"--settings: choose from multi,single, got {bad}")
