@@ -43,7 +43,9 @@ the one it used:
     ``generate`` for adapters trained on the ``llm-adapters-options`` format: the prompt is the
     question without its option list (as ``options``), and :func:`parse_option` maps the response
     (``"the correct answer is steam"``) back to the option whose text it names. Items without an
-    option list (BoolQ) are parsed as ``generate`` parses them.
+    option list (BoolQ) are parsed as ``generate`` parses them. The model never sees the options: it
+    must produce an option's text by itself (closed-book), far harder than ranking the given texts
+    (``options``); a base model that was not trained to answer in that form names almost none.
 """
 
 from __future__ import annotations

@@ -420,7 +420,8 @@ PROTOCOLS_TEXT = {
     "generate-options": "`generate-options`: greedy generation after the prompt of the question alone (as "
                         "`options`), then the option whose text the output names (`moelora eval --protocol "
                         "generate-options`; BoolQ: the first `true`/`false`, as `generate`); an output that names "
-                        "no option counts as wrong.",
+                        "no option counts as wrong. The model never sees the options (closed-book): much harder than "
+                        "ranking them.",
 }
 
 
