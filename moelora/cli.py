@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 # moelora.evaluate.PROTOCOLS, spelled out: importing evaluate here would load torch
-# for `moelora --help` (tests/test_cli.py checks the two agree)
+# for `moelora --help` (tests/test_train.py checks the two agree)
 EVAL_PROTOCOLS = ["choice", "options", "generate", "generate-options"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -637,6 +637,14 @@ def _score(model, tokenizer, built: list[tuple[str, dict[str, str]]], *, batch_s
     return [dict(zip(cs, sc, strict=True)) for (_, cs), sc in zip(built, lls, strict=True)]
 
 
+def _check_answers(items: list[dict], options: list[dict[str, str]], task: str) -> None:
+    """An item whose option list (non-empty) lacks its answer is bad data: say so before any model runs."""
+    for i, (it, opts) in enumerate(zip(items, options, strict=True)):
+        if opts and str(it["answer"]).strip().lower() not in opts:
+            raise ValueError(f"task {task!r}, item {i + 1}: answer {it['answer']!r} is not one of its options "
+                             f"({', '.join(opts)})")
+
+
 def _argmax(scores: dict[str, float], key=lambda lab, s: s) -> str:
     best, best_v = None, -math.inf
     for lab, s in scores.items():  # the first label wins ties
@@ -667,11 +675,8 @@ def evaluate_choice(
             "use the 'generate' protocol"
         )
     built = _build(items, labels, protocol, task)
-    if protocol == "options":  # an option list that lacks the answer is bad data: say so before scoring
-        for i, (it, (_, cs)) in enumerate(zip(items, built, strict=True)):
-            if str(it["answer"]).strip().lower() not in cs:
-                raise ValueError(f"task {task!r}, item {i + 1}: answer {it['answer']!r} is not one of its options "
-                                 f"({', '.join(cs)})")
+    if protocol == "options":
+        _check_answers(items, [cs for _, cs in built], task)
     scores = _score(model, tokenizer, built, batch_size=batch_size, share_prompt=None, progress=progress,
                     desc=f"{task} ({protocol})")
     correct = correct_norm = 0
@@ -782,10 +787,7 @@ def evaluate_generate(
         max_new_tokens = 32 if labels else 256
     forms = [options_form(it["instruction"]) if protocol == "generate-options" else (it["instruction"], {})
              for it in items]
-    for i, (it, (_, options)) in enumerate(zip(items, forms, strict=True)):
-        if options and str(it["answer"]).strip().lower() not in options:
-            raise ValueError(f"task {task!r}, item {i + 1}: answer {it['answer']!r} is not one of its options "
-                             f"({', '.join(options)})")
+    _check_answers(items, [options for _, options in forms], task)
     prompts = [llm_adapters_prompt(q, it.get("input", "") or "") for it, (q, _) in zip(items, forms, strict=True)]
     texts = generate_responses(
         model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,

@@ -113,6 +113,13 @@ def _result(setting, method, seed, tasks, scores, unparsed=0):
     return r
 
 
+def test_report_knows_every_protocol(report):
+    from moelora.evaluate import GENERATED, PROTOCOLS
+
+    assert (report.PROTOCOLS, report.GENERATED) == (PROTOCOLS, GENERATED)  # report.py spells them out
+    assert set(report.PROTOCOLS_TEXT) == set(PROTOCOLS)  # and describes each one
+
+
 def test_report_tables_from_result_files(report, tmp_path):
     out = tmp_path / "study"
     rows = [

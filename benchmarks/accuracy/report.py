@@ -36,6 +36,7 @@ TITLES = {"base": "base model (zero-shot)", "lora": "LoRA", "dora": "DoRA", "mix
           "milora": "MiLoRA", "milora_r32": "MiLoRA r=32"}
 ROUTED = ("mixlora", "milora")
 # moelora.evaluate's, spelled out: report.py reads JSON only and does not need torch
+# (tests/test_accuracy_study.py checks the two agree)
 PROTOCOLS = ("choice", "options", "generate", "generate-options")
 GENERATED = ("generate", "generate-options")
 DPI = 80

@@ -515,7 +515,7 @@ def parse_args(argv=None):
                          "option's text (text: data format llm-adapters-options, scored by protocol options)")
     ap.add_argument("--eval-limit", type=int, default=0, help="choice/options: first N items per test set (0: all)")
     ap.add_argument("--gen-limit", type=int, default=None, help="generate(-options): first N items per test set (default: --eval-limit)")
-    ap.add_argument("--eval-batch-size", type=int, default=64, help="choice: prompts per forward (default 64)")
+    ap.add_argument("--eval-batch-size", type=int, default=64, help="choice/options: prompts per forward (default 64)")
     ap.add_argument("--gen-batch-size", type=int, default=64, help="generate(-options): prompts per batch (default 64)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="generate(-options): new tokens (LLM-Adapters: 32)")
     ap.add_argument("--no-routing", dest="routing", action="store_false", help="skip the routing heatmaps")
