@@ -141,6 +141,39 @@ def test_our_merge_of_a_peft_adapter_equals_peft_merge_and_unload(peft, tmp_path
         torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("arch,use_dora", [("llama", False), ("llama", True), ("phi3", True)])
+def test_training_steps_equal_peft_training_steps(peft, tmp_path, arch, use_dora):
+    """The same adapter trained a few AdamW steps on the same batch by us and by PEFT ends with the
+    same weights (magnitudes included): our gradients, and the DoRA norm we cache between steps,
+    follow PEFT's, not only our forward."""
+    from safetensors.torch import load_file
+
+    targets = targets_of(arch)
+    model = tiny_model(arch)
+    moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, use_dora=use_dora))
+    randomize_adapters(model)
+    moelora.save_adapter(model, tmp_path / "init")
+    theirs_model = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "init"), is_trainable=True)
+    ids, mask = batch(model)
+    labels = ids.masked_fill(mask == 0, -100)
+    for m in (model, theirs_model):
+        m.train()
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        for _ in range(3):
+            m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    moelora.save_adapter(model, tmp_path / "ours")
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    theirs = peft.get_peft_model_state_dict(theirs_model)
+    init = load_file(str(tmp_path / "init" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and any("magnitude" in k for k in ours) == use_dora
+    for k in ours:
+        assert not torch.equal(ours[k], init[k]), k  # every tensor trained, or the comparison is vacuous
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Official mixlora 0.2.3 / MoE-PEFT layout
 
