@@ -247,6 +247,52 @@ def test_official_mixlora_loads_our_export_expert_lora(official, tmp_path, arch)
     assert_same_logits(forward_logits(theirs_model, ids, mask), ours, mask)
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_mixlora_gradients_equal_the_official_packages(official, tmp_path, arch):
+    """One backward pass of the language-model loss gives the official package's gradients for
+    every router, attention LoRA and expert LoRA: our grouped, recomputing FFN trains what theirs
+    trains, not only computes the same forward. (Dropout off on both sides; their forward returns
+    no router loss, so the coefficient is 0 here; the aux loss is checked in test_methods.)"""
+    from moelora.checkpoint import adapter_tensors
+
+    model = tiny_model(arch)
+    ids, mask = batch(model)
+    labels = ids.masked_fill(mask == 0, -100)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.05,
+                                                router_aux_loss_coef=0))
+    randomize_adapters(model, scale=0.2)
+    moelora.export_mixlora(model, tmp_path / "ad")
+    before = {k: v.detach().clone() for k, v in adapter_tensors(model, "default").items()}
+    model.eval()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    with torch.no_grad():  # one SGD step of lr 1: the change of each exported tensor is its gradient
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(p.grad)
+    ours = {k: before[k] - v for k, v in adapter_tensors(model, "default").items()}
+
+    theirs_model, _ = official_model(official, arch, tmp_path / "ad")
+    moes = [layer.mlp.mixlora_moes["default"] for layer in theirs_model.model.layers]
+    for moe in moes:
+        moe.gate_.requires_grad_(True)
+    theirs_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs = {}
+    for li, (layer, moe) in enumerate(zip(theirs_model.model.layers, moes)):
+        theirs[f"mixlora.layers.{li}.mlp.moe_gate.weight"] = moe.gate_.grad
+        for name, lora in moe.experts_.items():  # "experts.{e}.{proj}"
+            _, e, proj = name.split(".")
+            for ab in ("lora_A", "lora_B"):
+                theirs[f"mixlora.layers.{li}.mlp.{proj}.experts.{e}.{ab}.weight"] = getattr(lora, ab).weight.grad
+        for proj in ATTENTION:
+            if hasattr(layer.self_attn, proj):
+                for ab in ("lora_A", "lora_B"):
+                    theirs[f"mixlora.layers.{li}.self_attn.{proj}.{ab}.weight"] = getattr(getattr(layer.self_attn, proj), ab).weight.grad
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert theirs[k] is not None and theirs[k].abs().max() > 0, k  # every tensor gets a gradient
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def moe_peft_checkpoint(
     model, path, targets, *, num_experts=4, r=4, lora_alpha=8, routing="mixlora", top_k=2, top_p=0.8,
     temperature=0.0, expert_lora=None, targets_as_dict=False, seed=5,
