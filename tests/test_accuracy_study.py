@@ -88,12 +88,16 @@ def test_resumption_reruns_what_is_missing(study, data_root, tmp_path):
     run = study.build_grid(args)[1]  # multi/lora/seed0
     d = out / run.setting / run.method / f"seed{run.seed}"
     d.mkdir(parents=True)
+    every = {t: {} for t in TASKS}
     result = {"setting": "multi", "method": "lora", "seed": 0, "status": "ok", "train": {"steps": 40},
-              "eval": {"options": {"limit": 100}, "generate-options": {"limit": 100}}}
+              "eval": {"options": {"limit": 100, "tasks": every}, "generate-options": {"limit": 100, "tasks": every}}}
     (d / "result.json").write_text(json.dumps(result))
     assert study.is_done(args, run)
-    for change in ({"eval": {"options": {"limit": 100}}},  # a protocol missing
-                   {"eval": {"options": {"limit": 50}, "generate-options": {"limit": 100}}},  # another limit
+    for change in ({"eval": {"options": {"limit": 100, "tasks": every}}},  # a protocol missing
+                   {"eval": {"options": {"limit": 50, "tasks": every},  # another limit
+                             "generate-options": {"limit": 100, "tasks": every}}},
+                   {"eval": {"options": {"limit": 100, "tasks": every},  # a task missing
+                             "generate-options": {"limit": 100, "tasks": {"arc_easy": {}}}}},
                    {"train": {"steps": 20}},  # another step count
                    {"status": "partial"}):
         (d / "result.json").write_text(json.dumps({**result, **change}))

@@ -236,7 +236,7 @@ class Runner:
                   "train": old.get("train"), "routing_png": old.get("routing_png")}
         t0 = time.time()
         adapter = (run_dir / "adapter_config.json").is_file() and any(run_dir.glob("adapter_model.*"))
-        todo = [p for p in args.protocols if not eval_done(result, p, limit_for(args, p))]
+        todo = [p for p in args.protocols if not eval_done(result, p, limit_for(args, p), run.tasks)]
         if run.method == "base":
             result["params"] = {"trainable": 0, "activated": 0}
             for p in todo:
@@ -308,9 +308,11 @@ class Runner:
         return result
 
 
-def eval_done(result: dict, protocol: str, limit: int | None) -> bool:
+def eval_done(result: dict, protocol: str, limit: int | None, tasks: list[str]) -> bool:
+    """Scored with ``protocol`` at ``limit`` on every one of ``tasks`` (a base model scored on fewer
+    tasks by an earlier call is scored again)."""
     e = result.get("eval", {}).get(protocol)
-    return bool(e) and e.get("limit") == limit
+    return bool(e) and e.get("limit") == limit and set(tasks) <= set(e.get("tasks", {}))
 
 
 def eval_summary(path: Path, limit: int | None, seconds: float | None) -> dict:
@@ -371,7 +373,7 @@ def is_done(args, run: Run) -> bool:
         return False
     if run.method != "base" and (r.get("train") or {}).get("steps") != expected_steps(args, run):
         return False
-    if not all(eval_done(r, p, limit_for(args, p)) for p in args.protocols):
+    if not all(eval_done(r, p, limit_for(args, p), run.tasks) for p in args.protocols):
         return False
     if wants_routing(args, run) and not (run_dir / "routing.png").is_file():
         return not (run_dir / "adapter_config.json").is_file() or not any(run_dir.glob("adapter_model.*"))
