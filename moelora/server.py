@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hmac
 import json
 import logging
@@ -51,6 +52,7 @@ ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_STOP = 16  # stop sequences per request (OpenAI allows 4; vLLM has no limit)
 MAX_STOP_LEN = 256
 MAX_BODY = 8 * 1024 * 1024  # request body bytes
+MAX_CHOICES = 64  # prompts x n of one request: each choice is one engine request
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -80,14 +82,16 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 # ----------------------------------------------------------------------------------------- engine thread
 @dataclass
 class _Stream:
-    """Where one request's outputs go: an asyncio queue living on ``loop``."""
+    """Where one engine request's outputs go: ``(index, output)`` into an asyncio queue living on ``loop``.
+    The choices of one HTTP request (batched prompts, ``n`` > 1) share the queue, each with its index."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    index: int = 0
 
     def put(self, item: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -300,8 +304,13 @@ class _Req:
     max_tokens: int | None  # None: up to the context (chat default)
     stream: bool
     include_usage: bool
-    prompt: str | list[int] | None = None
+    n: int = 1  # choices per prompt
+    prompts: list[str | list[int]] | None = None  # completions: one or more prompts (a batch)
     messages: list[dict] | None = None
+
+    @property
+    def num_choices(self) -> int:
+        return self.n * (len(self.prompts) if self.prompts is not None else 1)
 
 
 def _parse_common(body: dict, chat: bool) -> _Req:
@@ -310,9 +319,7 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         raise _bad("you must provide a model parameter", param="model", code="missing_required_parameter")
     if not isinstance(model, str) or not model or len(model) > 256:
         raise _bad("'model' must be a non-empty string", param="model", code="invalid_type")
-    n = _opt_int(body, "n")
-    if n is not None and n != 1:
-        raise _bad("only n=1 is supported", param="n", code="unsupported_parameter")
+    n = _opt_int(body, "n", lo=1, hi=MAX_CHOICES) or 1
     _unsupported(body, chat)
     if chat and body.get("max_completion_tokens") is not None:
         max_tokens = _opt_int(body, "max_completion_tokens", lo=1)
@@ -345,29 +352,36 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         include_usage = _opt_bool(so, "include_usage")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
                             stop=list(stop))
-    return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage)
+    return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 
-def _parse_completion(body: dict) -> _Req:
-    req = _parse_common(body, chat=False)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def _check_prompt(prompt: Any) -> str | list[int]:
+    """One prompt: a non-empty string or a non-empty list of token ids >= 0."""
     if isinstance(prompt, str):
         if not prompt:
             raise _bad("'prompt' must not be empty", param="prompt", code="invalid_value")
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         if any(t < 0 for t in prompt):
             raise _bad("token ids in 'prompt' must be >= 0", param="prompt", code="invalid_value")
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise _bad("batched prompts are not supported: send one prompt per request", param="prompt",
-                   code="unsupported_parameter")
-    elif prompt is None:
-        raise _bad("you must provide a prompt parameter", param="prompt", code="missing_required_parameter")
     else:
-        raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids", param="prompt",
-                   code="invalid_type")
-    req.prompt = prompt
+        raise _bad("'prompt' must be a non-empty string, a non-empty list of token ids, or a list of those",
+                   param="prompt", code="invalid_type")
+    return prompt
+
+
+def _parse_completion(body: dict) -> _Req:
+    req = _parse_common(body, chat=False)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("you must provide a prompt parameter", param="prompt", code="missing_required_parameter")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        req.prompts = [_check_prompt(p) for p in prompt]  # a batch: one choice per prompt (times n)
+    else:
+        req.prompts = [_check_prompt(prompt)]
+    if req.num_choices > MAX_CHOICES:
+        raise _bad(f"a request may ask for at most {MAX_CHOICES} completions (prompts x n), got "
+                   f"{len(req.prompts)} x {req.n}", param="n" if len(req.prompts) == 1 else "prompt",
+                   code="invalid_value")
     return req
 
 
@@ -420,13 +434,24 @@ def _resolve_adapter(engine: Any, model: str) -> str | None:
     return model
 
 
-def _submit(engine: Any, worker: EngineWorker, rid: str, req: _Req, stream: _Stream) -> int:
-    """Runs on the engine thread: tokenize, check the context, add the request, route its outputs. -> prompt length."""
-    adapter = _resolve_adapter(engine, req.model)
+def _choice_ids(rid: str, req: _Req) -> list[str]:
+    """The engine request id of each choice: the response id itself when there is one choice."""
+    k = req.num_choices
+    return [rid] if k == 1 else [f"{rid}-{i}" for i in range(k)]
+
+
+def _choice_seed(seed: int | None, j: int) -> int | None:
+    """Copy ``j`` of a prompt samples with ``seed + j`` (wrapped into the 64-bit range), so ``n`` copies differ."""
+    if seed is None or j == 0:
+        return seed
+    s = seed + j
+    return s - 2**64 if s > 2**64 - 1 else s
+
+
+def _prompt_ids(engine: Any, req: _Req, prompt: str | list[int] | None) -> tuple[list[int], str]:
+    """Runs on the engine thread: one prompt (or the chat messages) -> token ids, checked against the vocabulary."""
     tok = engine.tokenizer
-    param = "prompt"
     if req.messages is not None:
-        param = "messages"
         if not getattr(tok, "chat_template", None):
             raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions", param="messages",
                        code="no_chat_template")
@@ -434,41 +459,66 @@ def _submit(engine: Any, worker: EngineWorker, rid: str, req: _Req, stream: _Str
             text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # template errors (roles must alternate, ...) are the caller's
             raise _bad(f"the chat template rejected the messages: {e}", param="messages", code="invalid_value") from e
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    elif isinstance(req.prompt, str):
-        ids = list(tok(req.prompt)["input_ids"])
+        ids, param = list(tok(text, add_special_tokens=False)["input_ids"]), "messages"
+    elif isinstance(prompt, str):
+        ids, param = list(tok(prompt)["input_ids"]), "prompt"
     else:
-        ids = list(req.prompt)
+        ids, param = list(prompt), "prompt"
         vocab = len(tok) if tok is not None else None
         if vocab is not None and any(t >= vocab for t in ids):
             raise _bad(f"token ids in 'prompt' must be < {vocab}", param="prompt", code="invalid_value")
     if not ids:
         raise _bad("the prompt is empty after tokenization", param=param, code="invalid_value")
+    return ids, param
+
+
+def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, streams: list[_Stream]) -> list[int]:
+    """Runs on the engine thread: tokenize and check every prompt, then add one engine request per choice and
+    route its outputs. All or nothing: if any prompt is refused, or the engine refuses any choice, none stays
+    queued. -> the prompt length of each choice."""
+    adapter = _resolve_adapter(engine, req.model)
     limit = int(engine.max_model_len)
-    max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
-    if max_tokens < 1 or len(ids) + max_tokens > limit:
-        raise _bad(f"This model's maximum context length is {limit} tokens. However, you requested "
-                   f"{len(ids) + max(max_tokens, 0)} tokens ({len(ids)} in the {param}, {max(max_tokens, 0)} in the "
-                   f"completion). Please reduce the length of the {param} or completion.",
-                   param=param, code="context_length_exceeded")
-    req.params.max_tokens = max_tokens
+    jobs = []  # (ids, params) per choice, in choice order: prompt by prompt, n copies each
+    for prompt in (req.prompts if req.prompts is not None else [None]):
+        ids, param = _prompt_ids(engine, req, prompt)
+        max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
+        if max_tokens < 1 or len(ids) + max_tokens > limit:
+            raise _bad(f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{len(ids) + max(max_tokens, 0)} tokens ({len(ids)} in the {param}, {max(max_tokens, 0)} in "
+                       f"the completion). Please reduce the length of the {param} or completion.",
+                       param=param, code="context_length_exceeded")
+        for j in range(req.n):
+            jobs.append((ids, dataclasses.replace(req.params, max_tokens=max_tokens, stop=list(req.params.stop),
+                                                  seed=_choice_seed(req.params.seed, j)), param))
+    added = []
     try:
-        engine.add_request(rid, ids, adapter, req.params)
-    except KeyError as e:
-        raise APIError(404, f"The model `{req.model}` does not exist.", param="model",
-                       code="model_not_found") from e
-    except QueueFull as e:
-        raise APIError(429, "the server is overloaded: too many requests waiting, retry later",
-                       type="rate_limit_error", code="queue_full") from e
-    except ValueError as e:
-        raise _bad(str(e) or "invalid request", param=param, code="invalid_value") from e
-    except Exception as e:
-        if type(e).__name__ == "QueueFull":
-            raise APIError(429, "the server is overloaded: too many requests waiting, retry later",
-                           type="rate_limit_error", code="queue_full") from e
+        for rid, (ids, params, param) in zip(rids, jobs):
+            try:
+                engine.add_request(rid, ids, adapter, params)
+            except KeyError as e:
+                raise APIError(404, f"The model `{req.model}` does not exist.", param="model",
+                               code="model_not_found") from e
+            except QueueFull as e:
+                raise APIError(429, "the server is overloaded: too many requests waiting, retry later",
+                               type="rate_limit_error", code="queue_full") from e
+            except ValueError as e:
+                raise _bad(str(e) or "invalid request", param=param, code="invalid_value") from e
+            except Exception as e:
+                if type(e).__name__ == "QueueFull":
+                    raise APIError(429, "the server is overloaded: too many requests waiting, retry later",
+                                   type="rate_limit_error", code="queue_full") from e
+                raise
+            added.append(rid)
+    except BaseException:
+        for rid in added:  # all or nothing
+            try:
+                engine.abort(rid)
+            except Exception:
+                pass
         raise
-    worker.register(rid, stream)
-    return len(ids)
+    for rid, stream in zip(rids, streams):
+        worker.register(rid, stream)
+    return [len(ids) for ids, _, _ in jobs]
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -503,59 +553,72 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _prompt_tokens(plens: list[int], n: int) -> int:
+    """Usage counts each prompt once, however many choices (``n``) it has."""
+    return sum(plens[::n])
+
+
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     worker = request.app[WORKER]
     body = await _json_body(request)
     req = _parse_chat(body) if chat else _parse_completion(body)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-    state = {"done": False}  # True once the engine is finished with the request (or never had it)
+    rids = _choice_ids(rid, req)
+    q: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    streams = [_Stream(loop, q, i) for i in range(len(rids))]
+    done: set[int] = set()  # the choices the engine is finished with (or never had)
     try:
         try:
-            prompt_tokens = await worker.run(_submit, worker, rid, req, stream)
+            plens = await worker.run(_submit, worker, rids, req, streams)
         except APIError:
-            state["done"] = True
+            done.update(range(len(rids)))
             raise
         if req.stream:
-            return await _stream_response(request, req, rid, created, prompt_tokens, stream.queue, chat, state)
-        text, reason, completion_tokens = [], None, 0
-        while True:
-            item = await stream.queue.get()
+            return await _stream_response(request, req, rid, created, plens, q, chat, done)
+        texts: list[list[str]] = [[] for _ in rids]
+        reasons: list[str | None] = [None] * len(rids)
+        completion_tokens = [0] * len(rids)
+        while len(done) < len(rids):
+            i, item = await q.get()
             item = _as_error(item)
             if isinstance(item, BaseException):
-                state["done"] = True
+                done.add(i)
                 raise item
-            text.append(item.text)
-            completion_tokens = item.completion_tokens
+            texts[i].append(item.text)
+            completion_tokens[i] = item.completion_tokens
             if item.finished:
-                state["done"], reason = True, item.finish_reason
-                prompt_tokens = item.prompt_tokens or prompt_tokens
-                break
-        usage = _usage(prompt_tokens, completion_tokens)
-        content = "".join(text)
+                done.add(i)
+                reasons[i] = item.finish_reason
+                plens[i] = item.prompt_tokens or plens[i]
+        usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens))
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                      "finish_reason": reason}
+            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
+                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+            choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, reasons))]
             obj = "text_completion"
         return web.json_response({"id": rid, "object": obj, "created": created, "model": req.model,
-                                  "system_fingerprint": None, "choices": [choice], "usage": usage})
+                                  "system_fingerprint": None, "choices": choices, "usage": usage})
     finally:
-        if not state["done"]:  # the client went away / the handler was cancelled: free the engine slot
-            worker.abort(rid)
+        for i, r in enumerate(rids):  # the client went away / the handler was cancelled / a choice failed:
+            if i not in done:  # free the engine slots of the others
+                worker.abort(r)
 
 
-async def _stream_response(request, req: _Req, rid: str, created: int, prompt_tokens: int, q: asyncio.Queue,
-                           chat: bool, state: dict) -> web.StreamResponse:
-    """Server-sent events: ``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``."""
+async def _stream_response(request, req: _Req, rid: str, created: int, plens: list[int], q: asyncio.Queue,
+                           chat: bool, done: set[int]) -> web.StreamResponse:
+    """Server-sent events: ``data: {chunk}\n\n`` ... ``data: [DONE]\n\n``; with several choices, each chunk
+    carries one choice, named by its ``index``, in the order the engine produced them."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     obj = "chat.completion.chunk" if chat else "text_completion"
     base = {"id": rid, "object": obj, "created": created, "model": req.model, "system_fingerprint": None}
+    k = len(plens)
 
     def chunk(choices: list) -> bytes:
         d = {**base, "choices": choices}
@@ -563,35 +626,42 @@ async def _stream_response(request, req: _Req, rid: str, created: int, prompt_to
             d["usage"] = None
         return _sse(d)
 
-    def choice(text: str | None, reason: str | None, role: bool = False) -> dict:
+    def choice(i: int, text: str | None, reason: str | None, role: bool = False) -> dict:
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
 
     if chat:
-        await resp.write(chunk([choice(None, None, role=True)]))
+        await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
+    completion_tokens = [0] * k
     while True:
-        item = _as_error(await q.get())
+        i, item = await q.get()
+        item = _as_error(item)
         if isinstance(item, BaseException):  # headers are sent: the error goes into the stream
-            state["done"] = True
+            done.add(i)
             err = item if isinstance(item, APIError) else APIError(500, str(item), type="server_error")
             await _write_quietly(resp, _sse(err.body()), b"data: [DONE]\n\n")
             return resp
+        completion_tokens[i] = item.completion_tokens
         if not item.finished:
             if item.text:
-                await resp.write(chunk([choice(item.text, None)]))
+                await resp.write(chunk([choice(i, item.text, None)]))
             continue
-        state["done"] = True  # the engine is done with it: a disconnect from now on needs no abort
+        done.add(i)  # the engine is done with it: a disconnect from now on needs no abort
+        plens[i] = item.prompt_tokens or plens[i]
         parts = []
         if chat:
             if item.text:
-                parts.append(chunk([choice(item.text, None)]))
-            parts.append(chunk([choice(None, item.finish_reason)]))
+                parts.append(chunk([choice(i, item.text, None)]))
+            parts.append(chunk([choice(i, None, item.finish_reason)]))
         else:
-            parts.append(chunk([choice(item.text, item.finish_reason)]))
+            parts.append(chunk([choice(i, item.text, item.finish_reason)]))
+        if len(done) < k:
+            await resp.write(b"".join(parts))
+            continue
         if req.include_usage:
-            usage = _usage(item.prompt_tokens or prompt_tokens, item.completion_tokens)
+            usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens))
             parts.append(_sse({**base, "choices": [], "usage": usage}))
         parts.append(b"data: [DONE]\n\n")
         await _write_quietly(resp, *parts)

@@ -205,6 +205,69 @@ def test_concurrent_streams_for_different_adapters_get_their_own_outputs(start):
     assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads  # one engine thread
 
 
+def test_batched_prompts_and_n_choices(server):
+    """A list of prompts and ``n`` > 1 (as OpenAI and vLLM): one choice per prompt and copy, indexed prompt by
+    prompt; usage counts each prompt once and every choice's tokens."""
+    url, _ = server
+    prompts = ["hello", [104, 105], "abc"]
+    d = post(url, "/v1/completions", {"model": "alpha", "prompt": prompts, "max_tokens": 7, "temperature": 0}).json()
+    want = [expected("alpha", p if isinstance(p, str) else bytes(p), 7) for p in prompts]
+    assert [c["index"] for c in d["choices"]] == [0, 1, 2]
+    assert [(c["text"], c["finish_reason"]) for c in d["choices"]] == [(t, r) for t, r, _ in want]
+    assert d["usage"] == {"prompt_tokens": 5 + 2 + 3, "completion_tokens": sum(n for *_, n in want),
+                          "total_tokens": 10 + sum(n for *_, n in want)}
+    d = post(url, "/v1/completions", {"model": "beta", "prompt": ["xy", "z"], "n": 2, "max_tokens": 32}).json()
+    assert [(c["index"], c["text"]) for c in d["choices"]] == [(0, "beta:yx"), (1, "beta:yx"), (2, "beta:z"),
+                                                               (3, "beta:z")]
+    assert d["usage"]["prompt_tokens"] == 3 and d["usage"]["completion_tokens"] == 2 * 7 + 2 * 6
+    c = post(url, "/v1/chat/completions", {**CHAT, "n": 3, "max_tokens": 100}).json()
+    text = expected("alpha", "<user>hi\n<assistant>", 100)[0]
+    assert [(ch["index"], ch["message"]["content"]) for ch in c["choices"]] == [(i, text) for i in range(3)]
+    assert c["usage"]["prompt_tokens"] == len("<user>hi\n<assistant>")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_several_choices_reassembles_per_index(server, chat):
+    url, _ = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "gamma-1", "max_tokens": 40, "temperature": 0, "n": 2}
+    body.update({"messages": [{"role": "user", "content": "two of them"}]} if chat else {"prompt": ["first one", "2nd"]})
+    full = post(url, path, body).json()
+    events = stream(url, path, {**body, "stream_options": {"include_usage": True}})
+    *chunks, usage_chunk = events
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert all(len(e["choices"]) == 1 for e in chunks) and len({e["id"] for e in events}) == 1
+    k = len(full["choices"])
+    assert k == (2 if chat else 4)
+    for i in range(k):
+        mine = [e["choices"][0] for e in chunks if e["choices"][0]["index"] == i]
+        assert [c["finish_reason"] for c in mine[:-1]] == [None] * (len(mine) - 1)
+        assert mine[-1]["finish_reason"] == full["choices"][i]["finish_reason"]
+        if chat:
+            assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+            assert "".join(c["delta"].get("content", "") for c in mine) == full["choices"][i]["message"]["content"]
+        else:
+            assert "".join(c["text"] for c in mine) == full["choices"][i]["text"]
+    assert len({e["choices"][0]["index"] for e in chunks[: len(chunks) // 2]}) > 1  # the choices interleave
+
+
+def test_batch_is_all_or_nothing_when_the_queue_fills(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=1, max_queue=2))
+    r = post(url, "/v1/completions", {**GOOD, "prompt": ["a", "b", "c", "d"]})
+    assert_error(r, 429, code="queue_full")
+    assert len(engine.aborted) == 2 and not engine.running and not engine.waiting  # the first two were undone
+    assert post(url, "/v1/completions", {**GOOD, "prompt": ["a", "b"]}).status_code == 200
+
+
+def test_batched_stream_disconnect_aborts_every_choice(start):
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=4, max_queue=16, step_delay=0.01))
+    body = {"model": "alpha", "prompt": ["y" * 300, "z" * 300], "n": 2, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        rid = json.loads(next(r.iter_lines())[len("data: "):])["id"]
+    assert _wait_for(lambda: sorted(engine.aborted) == [f"{rid}-{i}" for i in range(4)]), engine.aborted
+    assert _wait_for(lambda: not engine.running and not engine.waiting)
+
+
 def test_models_and_health(server):
     url, engine = server
     d = httpx.get(url + "/v1/models").json()
@@ -232,7 +295,9 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "model": 7}, 400, "invalid_type", "model"),
     ("/v1/completions", {**GOOD, "model": "nope"}, 404, "model_not_found", "model"),
     ("/v1/completions", {**GOOD, "model": "../../etc/passwd"}, 404, "model_not_found", "model"),
-    ("/v1/completions", {**GOOD, "n": 2}, 400, "unsupported_parameter", "n"),
+    ("/v1/completions", {**GOOD, "n": 0}, 400, "invalid_value", "n"),
+    ("/v1/completions", {**GOOD, "n": 65}, 400, "invalid_value", "n"),
+    ("/v1/completions", {**GOOD, "n": "2"}, 400, "invalid_type", "n"),
     ("/v1/completions", {**GOOD, "max_tokens": -1}, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {**GOOD, "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
@@ -253,7 +318,14 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "prompt": {}}, 400, "invalid_type", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": []}, 400, "invalid_type", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": ""}, 400, "invalid_value", "prompt"),
-    ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, "unsupported_parameter", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", ""]}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", [-1]]}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", [999]]}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", ["b"]]}, 400, "invalid_type", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", []]}, 400, "invalid_type", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a"] * 65}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "b"], "n": 33}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "x" * 600]}, 400, "context_length_exceeded", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": [1, "a"]}, 400, "invalid_type", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": [-1]}, 400, "invalid_value", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": [999]}, 400, "invalid_value", "prompt"),
@@ -267,7 +339,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type",
      "messages[0].content"),
     ("/v1/chat/completions", {**CHAT, "messages": ["hi"]}, 400, "invalid_type", "messages[0]"),
-    ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "unsupported_parameter", "n"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "invalid_value", "n"),
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 600}]}, 400,
      "context_length_exceeded", "messages"),
@@ -496,8 +568,11 @@ def test_openai_client(start):
     assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == r.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
+    c = client.completions.create(model="alpha", prompt=["ab", "cd"], n=2, max_tokens=32, temperature=0)
+    assert [(ch.index, ch.text) for ch in c.choices] == [(0, "alpha:ba"), (1, "alpha:ba"), (2, "alpha:dc"),
+                                                        (3, "alpha:dc")]
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="alpha", prompt="x", n=2)
+        client.completions.create(model="alpha", prompt="x", n=0)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
 
@@ -607,3 +682,20 @@ def test_real_engine_admin_load_and_unload(real_server, real_adapters):
     assert_error(post(url, "/v1/admin/adapters", {"name": "bad.name", "path": real_adapters["lora-a"]}), 400)
     assert httpx.delete(url + "/v1/admin/adapters/copy-of-a").status_code == 200
     assert_error(post(url, "/v1/completions", {**body, "model": "copy-of-a"}), 404)
+
+
+@pytest.mark.slow
+def test_real_engine_batched_prompts_and_seeded_n_equal_single_requests(real_server):
+    """A batch of prompts gives each prompt's own greedy completion; ``n`` seeded copies sample with
+    ``seed``, ``seed + 1``, ..., each equal to a single request with that seed."""
+    url, _ = real_server
+    prompts = ["Below is an instruction", "Write a response", "hi"]
+    body = {"model": "lora-a", "max_tokens": 6, "temperature": 0}
+    alone = [post(url, "/v1/completions", {**body, "prompt": p}).json()["choices"][0]["text"] for p in prompts]
+    d = post(url, "/v1/completions", {**body, "prompt": prompts}).json()
+    assert [c["text"] for c in d["choices"]] == alone
+    sample = {"model": "lora-b", "prompt": "Below is an instruction", "max_tokens": 8, "temperature": 1.5}
+    d = post(url, "/v1/completions", {**sample, "n": 3, "seed": 7}).json()
+    seeded = [post(url, "/v1/completions", {**sample, "seed": 7 + j}).json()["choices"][0]["text"] for j in range(3)]
+    assert [c["text"] for c in d["choices"]] == seeded
+    assert len(set(seeded)) > 1  # the copies really sample differently
