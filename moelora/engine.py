@@ -36,9 +36,10 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .config import MiLoraConfig
 
-__all__ = ["SamplingParams", "StepOutput", "QueueFull", "Engine", "AdapterPool", "KVStore", "ADAPTER_NAME"]
+__all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore", "ADAPTER_NAME"]
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no dots, slashes: never a path
+MAX_LOGPROBS = 20  # top alternatives per output token (vLLM's default limit)
 
 
 class QueueFull(Exception):
@@ -52,6 +53,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: each output token's log-probability and the top k
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -64,6 +66,23 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+
+@dataclass
+class TokenLogprob:
+    """One output token: its text in the output (the characters it adds to the decoded text; a token
+    that ends inside a UTF-8 character adds none, the one completing it adds the character), its offset
+    in the output text, its log-probability under the model (raw logits: before temperature and top-p),
+    and the ``k`` most likely tokens at that position as ``(token id, token text alone, log-probability)``."""
+
+    token_id: int
+    token: str
+    offset: int
+    logprob: float
+    top: list[tuple[int, str, float]]
 
 
 @dataclass
@@ -75,6 +94,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     prompt_tokens: int
     completion_tokens: int  # so far
+    logprobs: list[TokenLogprob] | None = None  # with params.logprobs: the tokens whose text is released here
 
 
 @dataclass
@@ -88,6 +108,9 @@ class _Request:
     output: list[int] = field(default_factory=list)
     text: str = ""  # decoded output, stop sequence cut
     sent: int = 0  # characters of ``text`` already streamed
+    ends: list[int] = field(default_factory=list)  # decoded length after each output token (uncut)
+    lps: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # with logprobs: per token
+    lp_sent: int = 0  # output tokens whose logprobs were already emitted
     gates: dict[int, torch.Tensor] | None = None  # MiLoRA: layer -> (E,) gates from prefill
     gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
@@ -584,8 +607,40 @@ class Engine:
                     drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
                     scores = scores.index_fill(0, order[drop], float("-inf"))
                 token = int(torch.multinomial(scores.softmax(-1), 1, generator=r.generator))
+            if p.logprobs is not None:
+                lsm = logits[i].log_softmax(-1)
+                top = lsm.topk(p.logprobs) if p.logprobs else None
+                r.lps.append((float(lsm[token]), [] if top is None else
+                              list(zip(top.indices.tolist(), top.values.tolist()))))
             outputs.append(self._emit(r, token))
         return outputs
+
+    def _release_logprobs(self, r: _Request, upto: int, eos: bool, cut: bool) -> list[TokenLogprob] | None:
+        """The logprobs of the output tokens whose text is released: while decoding, those whose text lies
+        within the first ``upto`` characters streamed; once finished, every token (an EOS never has an
+        entry; the last one also takes an incomplete UTF-8 character left at the end), except after a stop
+        sequence's cut, where a token counts if its text starts before the cut (its text is cut there)."""
+        if r.params.logprobs is None:
+            return None
+        n = len(r.output) - (1 if eos else 0)
+        done = r.finish_reason is not None
+        out = []
+        while r.lp_sent < n:
+            k = r.lp_sent
+            start, end = (r.ends[k - 1] if k else 0), r.ends[k]
+            if done and cut:
+                if start >= len(r.text):
+                    break
+                end = min(end, len(r.text))
+            elif done:
+                end = len(r.text) if k == n - 1 else end
+            elif end > upto:
+                break
+            lp, top = r.lps[k]
+            out.append(TokenLogprob(r.output[k], r.text[start:end], start, lp,
+                                    [(t, self.tokenizer.decode([t]), v) for t, v in top]))
+            r.lp_sent += 1
+        return out
 
     def _emit(self, r: _Request, token: int) -> StepOutput:
         r.output.append(token)
@@ -596,6 +651,8 @@ class Engine:
         else:
             ids = r.output
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if r.params.logprobs is not None:
+            r.ends.append(len(text.rstrip("\ufffd")))  # an incomplete UTF-8 character belongs to the next token
         cut = _first_stop(text, r.params.stop)
         if cut is not None:
             text, finished = text[:cut], "stop"
@@ -611,25 +668,32 @@ class Engine:
         if finished is not None:
             r.finish_reason = finished
             self.ids.discard(r.id)
-        return StepOutput(r.id, [token], delta, finished is not None, finished, len(r.prompt), len(r.output))
+        lps = self._release_logprobs(r, r.sent, eos=token in self.eos, cut=cut is not None)
+        return StepOutput(r.id, [token], delta, finished is not None, finished, len(r.prompt), len(r.output), lps)
 
     # -- convenience -----------------------------------------------------------------------
 
     def generate(
         self, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams | list[SamplingParams]
     ) -> list[dict]:
-        """Run requests to completion: ``[{"token_ids", "text", "finish_reason"}]`` in input order."""
+        """Run requests to completion: ``[{"token_ids", "text", "finish_reason"}]`` in input order (and
+        ``"logprobs"``, a list of :class:`TokenLogprob`, for requests that ask for them)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{self.steps}-{i}" for i in range(len(prompts))]
         for rid, prompt, adapter, p in zip(ids, prompts, adapters, plist):
             self.add_request(rid, prompt, adapter, p)
         results = {rid: {"token_ids": [], "text": "", "finish_reason": None} for rid in ids}
+        for rid, p in zip(ids, plist):
+            if p.logprobs is not None:
+                results[rid]["logprobs"] = []
         while any(results[rid]["finish_reason"] is None for rid in ids):
             for o in self.step():
                 if o.request_id in results:
                     res = results[o.request_id]
                     res["token_ids"] += o.token_ids
                     res["text"] += o.text
+                    if o.logprobs is not None:
+                        res["logprobs"] += o.logprobs
                     if o.finished:
                         res["finish_reason"] = o.finish_reason
         return [results[rid] for rid in ids]

@@ -40,7 +40,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("moelora serve needs aiohttp: pip install 'moelora[serve]'") from e
 
-from .engine import QueueFull, SamplingParams
+from .engine import MAX_LOGPROBS, QueueFull, SamplingParams
 
 __all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
            "SamplingParams", "QueueFull"]
@@ -285,9 +285,9 @@ def _opt_bool(body: dict, key: str) -> bool:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
-    neutral = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-               "tools": (None, []), "functions": (None, []), "top_logprobs": (None, 0)}
+               "tools": (None, []), "functions": (None, [])}
     for key, ok in neutral.items():
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
             raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
@@ -340,6 +340,19 @@ def _parse_common(body: dict, chat: bool) -> _Req:
     if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in stop):
         raise _bad(f"'stop' takes at most {MAX_STOP} non-empty strings of up to {MAX_STOP_LEN} characters",
                    param="stop", code="invalid_value")
+    if chat:  # chat: logprobs true/false and top_logprobs k; completions: logprobs k
+        logprobs = _opt_int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS)
+        if _opt_bool(body, "logprobs"):
+            logprobs = logprobs or 0
+        elif logprobs:
+            raise _bad("'top_logprobs' needs logprobs=true", param="top_logprobs", code="invalid_value")
+        else:
+            logprobs = None
+    else:
+        if isinstance(body.get("logprobs"), bool) and not body["logprobs"]:
+            logprobs = None  # false: off (some clients send it)
+        else:
+            logprobs = _opt_int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
     stream = _opt_bool(body, "stream")
     so = body.get("stream_options")
     include_usage = False
@@ -351,7 +364,7 @@ def _parse_common(body: dict, chat: bool) -> _Req:
                        code="invalid_value")
         include_usage = _opt_bool(so, "include_usage")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
-                            stop=list(stop))
+                            stop=list(stop), logprobs=logprobs)
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 
@@ -553,6 +566,25 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _lp(x: float) -> float:
+    return max(x, -9999.0)  # -inf is not JSON (vLLM clamps the same way)
+
+
+def _logprobs(entries: list | None, chat: bool, k: int | None) -> dict | None:
+    """Engine ``TokenLogprob``s -> OpenAI's ``logprobs`` object: chat ``{"content": [...]}``, completions
+    ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (offsets within the completion text)."""
+    if k is None:
+        return None
+    entries = entries or []
+    if chat:
+        return {"content": [{"token": e.token, "logprob": _lp(e.logprob), "bytes": list(e.token.encode()),
+                             "top_logprobs": [{"token": t, "logprob": _lp(v), "bytes": list(t.encode())}
+                                              for _, t, v in e.top]} for e in entries], "refusal": None}
+    return {"tokens": [e.token for e in entries], "token_logprobs": [_lp(e.logprob) for e in entries],
+            "top_logprobs": [{t: _lp(v) for _, t, v in e.top} for e in entries] if k else None,
+            "text_offset": [e.offset for e in entries]}
+
+
 def _prompt_tokens(plens: list[int], n: int) -> int:
     """Usage counts each prompt once, however many choices (``n``) it has."""
     return sum(plens[::n])
@@ -578,6 +610,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         if req.stream:
             return await _stream_response(request, req, rid, created, plens, q, chat, done)
         texts: list[list[str]] = [[] for _ in rids]
+        lps: list[list] = [[] for _ in rids]
         reasons: list[str | None] = [None] * len(rids)
         completion_tokens = [0] * len(rids)
         while len(done) < len(rids):
@@ -587,19 +620,22 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                 done.add(i)
                 raise item
             texts[i].append(item.text)
+            lps[i] += getattr(item, "logprobs", None) or []
             completion_tokens[i] = item.completion_tokens
             if item.finished:
                 done.add(i)
                 reasons[i] = item.finish_reason
                 plens[i] = item.prompt_tokens or plens[i]
         usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens))
+        k = req.params.logprobs
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
+                        "logprobs": _logprobs(lp, chat, k), "finish_reason": r}
+                       for i, (t, lp, r) in enumerate(zip(texts, lps, reasons))]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "text": "".join(t), "logprobs": _logprobs(lp, chat, k), "finish_reason": r}
+                       for i, (t, lp, r) in enumerate(zip(texts, lps, reasons))]
             obj = "text_completion"
         return web.json_response({"id": rid, "object": obj, "created": created, "model": req.model,
                                   "system_fingerprint": None, "choices": choices, "usage": usage})
@@ -626,11 +662,17 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             d["usage"] = None
         return _sse(d)
 
+    k_lp = req.params.logprobs
+    pending: list[list] = [[] for _ in range(k)]  # logprobs released with no text yet: sent with the next chunk
+
     def choice(i: int, text: str | None, reason: str | None, role: bool = False) -> dict:
+        lp = None
+        if k_lp is not None and not role:
+            lp, pending[i] = _logprobs(pending[i], chat, k_lp), []
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
 
     if chat:
         await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
@@ -644,6 +686,7 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             await _write_quietly(resp, _sse(err.body()), b"data: [DONE]\n\n")
             return resp
         completion_tokens[i] = item.completion_tokens
+        pending[i] += getattr(item, "logprobs", None) or []
         if not item.finished:
             if item.text:
                 await resp.write(chunk([choice(i, item.text, None)]))

@@ -272,3 +272,97 @@ def test_an_adapter_that_cannot_be_reloaded_fails_its_requests_only(adapter_dirs
     res = eng.generate(ps, ["gone", "lora"], SamplingParams(max_tokens=3))
     assert res[0]["finish_reason"] == "error" and "gone" in res[0]["text"]
     assert res[1]["token_ids"] == hf_alone(eng.model, ps[1], "lora", 3)
+
+
+def hf_logits(model, prompt, adapter, max_new):
+    """The raw logits of each step of the model's own greedy ``generate`` with ``adapter`` active."""
+    moelora.set_adapter(model, adapter)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                         eos_token_id=2, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), [x[0].float() for x in out.logits]
+
+
+@pytest.mark.parametrize("method", [*METHODS, None])
+def test_logprobs_are_the_models_raw_log_probabilities(method, adapter_dirs):
+    """Each output token's logprob and top-k equal log_softmax of the model's own logits at that step
+    (greedy ``generate`` as the oracle, MiLoRA's prefill routing included), whatever the batch, and
+    do not depend on the temperature; the token texts concatenate to the output text."""
+    eng = engine("llama", adapter_dirs, max_batch=4)
+    ps = prompts(3, seed=11)
+    others = ["lora", "mixlora", "milora"]
+    params = [SamplingParams(max_tokens=6, logprobs=3), SamplingParams(max_tokens=5), SamplingParams(max_tokens=4)]
+    res = eng.generate(ps, [method, *others[:2]], params)[0]
+    assert "logprobs" not in eng.generate([ps[1]], [others[0]], params[1])[0]  # only when asked
+    tokens, logits = hf_logits(eng.model, ps[0], method, 6)
+    assert res["token_ids"] == tokens
+    lps = res["logprobs"]
+    n = len(tokens) - (1 if res["finish_reason"] == "stop" else 0)  # an EOS token has no entry
+    assert [e.token_id for e in lps] == tokens[:n] and n > 0
+    assert "".join(e.token for e in lps) == res["text"]
+    assert [e.offset for e in lps] == [len("".join(e.token for e in lps[:i])) for i in range(n)]
+    for e, step in zip(lps, logits):
+        ref = step.log_softmax(-1)
+        assert e.logprob == pytest.approx(float(ref[e.token_id]), abs=1e-4)
+        top = ref.topk(3)
+        assert [t for t, _, _ in e.top] == top.indices.tolist()
+        assert [v for _, _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [s for _, s, _ in e.top] == [f" {t}" for t in top.indices.tolist()]
+    hot = eng.generate([ps[0]], [method], SamplingParams(max_tokens=1, temperature=1.7, seed=3, logprobs=3))[0]
+    first = hot["logprobs"][0]  # (seeded: not EOS) raw logits: the logprob and top-k ignore the temperature
+    assert first.logprob == pytest.approx(float(logits[0].log_softmax(-1)[first.token_id]), abs=1e-4)
+    assert [t for t, _, _ in first.top] == [t for t, _, _ in lps[0].top]
+    assert [v for _, _, v in first.top] == pytest.approx([v for _, _, v in lps[0].top], abs=1e-5)
+
+
+def test_logprobs_follow_stop_sequence_cuts_and_streaming(adapter_dirs):
+    eng = engine("llama", adapter_dirs)
+    p = prompts(1, seed=7)[0]
+    full = eng.generate([p], ["lora"], SamplingParams(max_tokens=12, logprobs=0))[0]
+    tokens = full["token_ids"]
+    assert all(e.top == [] for e in full["logprobs"])
+    stop = f"{tokens[3]} {tokens[4]}"  # starts inside token 3's text " {t3}": the cut keeps its leading space
+    eng.add_request("s", p, "lora", SamplingParams(max_tokens=12, stop=[stop], logprobs=2))
+    streamed, released = "", []
+    while eng.has_work():
+        for o in eng.step():
+            streamed += o.text
+            released += o.logprobs
+            # a token's logprob is released with the last of its text (never before any of it)
+            assert streamed.startswith("".join(e.token for e in released))
+    assert streamed == full["text"][: full["text"].find(stop)] == "".join(e.token for e in released)
+    assert [e.token_id for e in released] == tokens[:4] and released[3].token == " "
+    assert [e.logprob for e in released] == [e.logprob for e in full["logprobs"][:4]]
+    with pytest.raises(ValueError, match="logprobs"):
+        eng.add_request("bad", p, "lora", SamplingParams(logprobs=21))
+
+
+class ByteTokenizer:
+    """Token ids as UTF-8 bytes: a multi-byte character spans several tokens."""
+
+    eos_token_id, pad_token_id = 2, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("max_tokens", [2, 4])
+def test_logprob_tokens_split_multibyte_characters_like_the_text(max_tokens):
+    """A token ending inside a UTF-8 character gets no text; the one completing it gets the character; a
+    request that finishes inside one gives the replacement character to its last token, as the text has it."""
+    from moelora.engine import _Request
+
+    eng = Engine(tiny_model("llama"), ByteTokenizer())
+    r = _Request("x", [65], None, SamplingParams(max_tokens=max_tokens, logprobs=0), None, 0.0)
+    eng.ids.add("x")
+    outs = []
+    for i, tok in enumerate([0x41, 0xC3, 0xA9, 0x42][:max_tokens]):
+        r.lps.append((-float(i), []))
+        outs.append(eng._emit(r, tok))
+    entries = [e for o in outs for e in o.logprobs]
+    text = "".join(o.text for o in outs)
+    assert "".join(e.token for e in entries) == text
+    if max_tokens == 2:
+        assert text == "A\ufffd" and [e.token for e in entries] == ["A", "\ufffd"]
+    else:
+        assert text == "A\u00e9B" and [e.token for e in entries] == ["A", "", "\u00e9", "B"]
+        assert [e.offset for e in entries] == [0, 1, 1, 2] and [e.logprob for e in entries] == [0, -1, -2, -3]

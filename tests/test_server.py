@@ -312,7 +312,10 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "invalid_type", "stream"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400, "invalid_value",
      "stream_options"),
-    ("/v1/completions", {**GOOD, "logprobs": 5}, 400, "unsupported_parameter", "logprobs"),
+    ("/v1/completions", {**GOOD, "logprobs": 21}, 400, "invalid_value", "logprobs"),
+    ("/v1/completions", {**GOOD, "logprobs": -1}, 400, "invalid_value", "logprobs"),
+    ("/v1/completions", {**GOOD, "logprobs": True}, 400, "invalid_type", "logprobs"),
+    ("/v1/completions", {**GOOD, "logprobs": "2"}, 400, "invalid_type", "logprobs"),
     ("/v1/completions", {**GOOD, "echo": True}, 400, "unsupported_parameter", "echo"),
     ("/v1/completions", {"model": "alpha"}, 400, "missing_required_parameter", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": {}}, 400, "invalid_type", "prompt"),
@@ -340,6 +343,9 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
      "messages[0].content"),
     ("/v1/chat/completions", {**CHAT, "messages": ["hi"]}, 400, "invalid_type", "messages[0]"),
     ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "invalid_value", "n"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": 2}, 400, "invalid_type", "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "invalid_value", "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 600}]}, 400,
      "context_length_exceeded", "messages"),
@@ -699,3 +705,43 @@ def test_real_engine_batched_prompts_and_seeded_n_equal_single_requests(real_ser
     seeded = [post(url, "/v1/completions", {**sample, "seed": 7 + j}).json()["choices"][0]["text"] for j in range(3)]
     assert [c["text"] for c in d["choices"]] == seeded
     assert len(set(seeded)) > 1  # the copies really sample differently
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chat", [False, True])
+def test_real_engine_logprobs_in_openai_shape_streamed_or_not(real_server, chat):
+    url, _ = real_server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "lora-a", "max_tokens": 8, "temperature": 0}
+    if chat:
+        body.update(messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2)
+    else:
+        body.update(prompt="Below is an instruction", logprobs=2)
+    d = post(url, path, body).json()
+    lp = d["choices"][0]["logprobs"]
+    events = stream(url, path, body)
+    if chat:
+        text = d["choices"][0]["message"]["content"]
+        entries = lp["content"]
+        assert set(lp) == {"content", "refusal"} and entries
+        assert "".join(e["token"] for e in entries) == text
+        for e in entries:  # greedy: the chosen token is the most likely one
+            assert e["bytes"] == list(e["token"].encode()) and len(e["top_logprobs"]) == 2
+            assert e["logprob"] == pytest.approx(max(t["logprob"] for t in e["top_logprobs"]), abs=1e-5)
+            assert all(t["logprob"] <= 0 and t["bytes"] == list(t["token"].encode()) for t in e["top_logprobs"])
+        streamed = [x for ev in events for c in ev["choices"] if c["logprobs"] for x in c["logprobs"]["content"]]
+        assert events[0]["choices"][0]["logprobs"] is None  # the role chunk
+    else:
+        text = d["choices"][0]["text"]
+        assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"} and lp["tokens"]
+        assert "".join(lp["tokens"]) == text
+        assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+        for v, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+            # greedy: the chosen token is the most likely (two tokens with the same text share one key)
+            assert v <= 0 and 1 <= len(top) <= 2 and v >= max(top.values()) - 1e-5
+        streamed = [c["logprobs"] for ev in events for c in ev["choices"]]
+        streamed = [dict(zip(("token", "logprob"), x)) for s in streamed for x in zip(s["tokens"], s["token_logprobs"])]
+        entries = [{"token": t, "logprob": v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
+    assert [(e["token"], e["logprob"]) for e in streamed] == [(e["token"], e["logprob"]) for e in entries]
+    plain = post(url, path, {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}).json()
+    assert plain["choices"][0]["logprobs"] is None
