@@ -54,6 +54,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: each output token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (with the first step's output)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -66,9 +67,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for key in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, key)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{key} must be None or an integer in [0, {MAX_LOGPROBS}], got {k!r}")
 
 
 @dataclass
@@ -76,12 +78,14 @@ class TokenLogprob:
     """One output token: its text in the output (the characters it adds to the decoded text; a token
     that ends inside a UTF-8 character adds none, the one completing it adds the character), its offset
     in the output text, its log-probability under the model (raw logits: before temperature and top-p),
-    and the ``k`` most likely tokens at that position as ``(token id, token text alone, log-probability)``."""
+    and the ``k`` most likely tokens at that position as ``(token id, token text alone, log-probability)``.
+    Prompt tokens (``prompt_logprobs``) are the same within the prompt's text; the first one has no
+    log-probability (``None``) and no alternatives."""
 
     token_id: int
     token: str
     offset: int
-    logprob: float
+    logprob: float | None
     top: list[tuple[int, str, float]]
 
 
@@ -95,6 +99,7 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int  # so far
     logprobs: list[TokenLogprob] | None = None  # with params.logprobs: the tokens whose text is released here
+    prompt_logprobs: list[TokenLogprob] | None = None  # with params.prompt_logprobs: on the first output
 
 
 @dataclass
@@ -527,11 +532,14 @@ class Engine:
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if any(r.params.prompt_logprobs is not None for r in reqs) else 1,  # 0: all
             **self._adapter_kwargs(reqs),
         )
         self._save_gates(reqs)
         outputs = self._sample(reqs, out.logits[:, -1])
+        for i, r in enumerate(reqs):
+            if r.params.prompt_logprobs is not None:
+                outputs[i].prompt_logprobs = self._prompt_logprobs(r, out.logits[i, width - len(r.prompt):])
         alive = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if alive:
             if len(alive) < len(reqs):
@@ -615,6 +623,26 @@ class Engine:
             outputs.append(self._emit(r, token))
         return outputs
 
+    def _prompt_logprobs(self, r: _Request, logits: torch.Tensor) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (the first has none), its text
+        decoded in context (the difference of two short windows' decodings), offsets within the prompt."""
+        lsm = logits[:-1].float().cpu().log_softmax(-1)
+        k = r.params.prompt_logprobs
+        chosen = lsm.gather(1, torch.tensor(r.prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
+        tops = lsm.topk(k) if k else None
+        out, offset = [], 0
+        for j, t in enumerate(r.prompt):
+            a = max(0, j - 6)
+            before = self.tokenizer.decode(r.prompt[a:j], skip_special_tokens=True) if j else ""
+            after = self.tokenizer.decode(r.prompt[a:j + 1], skip_special_tokens=True)
+            text = after[len(before):] if after.startswith(before) else self.tokenizer.decode([t])
+            top = [] if j == 0 or tops is None else [
+                (i, self.tokenizer.decode([i]), v)
+                for i, v in zip(tops.indices[j - 1].tolist(), tops.values[j - 1].tolist())]
+            out.append(TokenLogprob(t, text, offset, None if j == 0 else chosen[j - 1], top))
+            offset += len(text)
+        return out
+
     def _release_logprobs(self, r: _Request, upto: int, eos: bool, cut: bool) -> list[TokenLogprob] | None:
         """The logprobs of the output tokens whose text is released: while decoding, those whose text lies
         within the first ``upto`` characters streamed; once finished, every token (an EOS never has an
@@ -677,7 +705,7 @@ class Engine:
         self, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams | list[SamplingParams]
     ) -> list[dict]:
         """Run requests to completion: ``[{"token_ids", "text", "finish_reason"}]`` in input order (and
-        ``"logprobs"``, a list of :class:`TokenLogprob`, for requests that ask for them)."""
+        ``"logprobs"`` and ``"prompt_logprobs"``, lists of :class:`TokenLogprob`, for requests that ask)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{self.steps}-{i}" for i in range(len(prompts))]
         for rid, prompt, adapter, p in zip(ids, prompts, adapters, plist):
@@ -686,6 +714,8 @@ class Engine:
         for rid, p in zip(ids, plist):
             if p.logprobs is not None:
                 results[rid]["logprobs"] = []
+            if p.prompt_logprobs is not None:
+                results[rid]["prompt_logprobs"] = None
         while any(results[rid]["finish_reason"] is None for rid in ids):
             for o in self.step():
                 if o.request_id in results:
@@ -694,6 +724,8 @@ class Engine:
                     res["text"] += o.text
                     if o.logprobs is not None:
                         res["logprobs"] += o.logprobs
+                    if o.prompt_logprobs is not None:
+                        res["prompt_logprobs"] = o.prompt_logprobs
                     if o.finished:
                         res["finish_reason"] = o.finish_reason
         return [results[rid] for rid in ids]

@@ -289,6 +289,8 @@ def _unsupported(body: dict, chat: bool) -> None:
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
                "tools": (None, []), "functions": (None, [])}
     for key, ok in neutral.items():
+        if key == "echo" and not chat:  # completions implement it
+            continue
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
             raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     rf = body.get("response_format")
@@ -305,6 +307,8 @@ class _Req:
     stream: bool
     include_usage: bool
     n: int = 1  # choices per prompt
+    echo: bool = False  # completions: the prompt's text (and with logprobs its tokens') before the completion
+    echo_texts: list[str] | None = None  # per choice, set by _submit
     prompts: list[str | list[int]] | None = None  # completions: one or more prompts (a batch)
     messages: list[dict] | None = None
 
@@ -391,6 +395,9 @@ def _parse_completion(body: dict) -> _Req:
         req.prompts = [_check_prompt(p) for p in prompt]  # a batch: one choice per prompt (times n)
     else:
         req.prompts = [_check_prompt(prompt)]
+    req.echo = _opt_bool(body, "echo")
+    if req.echo:
+        req.params.prompt_logprobs = req.params.logprobs
     if req.num_choices > MAX_CHOICES:
         raise _bad(f"a request may ask for at most {MAX_CHOICES} completions (prompts x n), got "
                    f"{len(req.prompts)} x {req.n}", param="n" if len(req.prompts) == 1 else "prompt",
@@ -492,8 +499,12 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
     adapter = _resolve_adapter(engine, req.model)
     limit = int(engine.max_model_len)
     jobs = []  # (ids, params) per choice, in choice order: prompt by prompt, n copies each
+    req.echo_texts = []
     for prompt in (req.prompts if req.prompts is not None else [None]):
         ids, param = _prompt_ids(engine, req, prompt)
+        if req.echo:  # a text prompt is echoed as sent; token ids as the tokenizer decodes them
+            text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
+            req.echo_texts += [text] * req.n
         max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
         if max_tokens < 1 or len(ids) + max_tokens > limit:
             raise _bad(f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -570,19 +581,32 @@ def _lp(x: float) -> float:
     return max(x, -9999.0)  # -inf is not JSON (vLLM clamps the same way)
 
 
-def _logprobs(entries: list | None, chat: bool, k: int | None) -> dict | None:
+def _logprobs(entries: list | None, chat: bool, k: int | None, prompt: list | None = None,
+              shift: int = 0) -> dict | None:
     """Engine ``TokenLogprob``s -> OpenAI's ``logprobs`` object: chat ``{"content": [...]}``, completions
-    ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (offsets within the completion text)."""
+    ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (offsets within the returned text). With
+    ``echo``, ``prompt`` holds the prompt's entries (the first without a log-probability: null) and the
+    completion's offsets move by ``shift``, the echoed prompt's length."""
     if k is None:
         return None
     entries = entries or []
+    if not chat and prompt:
+        head = _logprobs(prompt, chat, k)
+        tail = _logprobs(entries, chat, k, shift=shift)
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            head[key] += tail[key]
+        if k:
+            head["top_logprobs"] = [None if e.logprob is None else t for e, t in zip(prompt, head["top_logprobs"])]
+            head["top_logprobs"] += tail["top_logprobs"]
+        return head
     if chat:
         return {"content": [{"token": e.token, "logprob": _lp(e.logprob), "bytes": list(e.token.encode()),
                              "top_logprobs": [{"token": t, "logprob": _lp(v), "bytes": list(t.encode())}
                                               for _, t, v in e.top]} for e in entries], "refusal": None}
-    return {"tokens": [e.token for e in entries], "token_logprobs": [_lp(e.logprob) for e in entries],
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [None if e.logprob is None else _lp(e.logprob) for e in entries],
             "top_logprobs": [{t: _lp(v) for _, t, v in e.top} for e in entries] if k else None,
-            "text_offset": [e.offset for e in entries]}
+            "text_offset": [e.offset + shift for e in entries]}
 
 
 def _prompt_tokens(plens: list[int], n: int) -> int:
@@ -609,8 +633,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             raise
         if req.stream:
             return await _stream_response(request, req, rid, created, plens, q, chat, done)
-        texts: list[list[str]] = [[] for _ in rids]
+        texts: list[list[str]] = [[t] for t in req.echo_texts] if req.echo else [[] for _ in rids]
         lps: list[list] = [[] for _ in rids]
+        plps: list[list] = [[] for _ in rids]  # echo: the prompt's entries
         reasons: list[str | None] = [None] * len(rids)
         completion_tokens = [0] * len(rids)
         while len(done) < len(rids):
@@ -621,6 +646,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                 raise item
             texts[i].append(item.text)
             lps[i] += getattr(item, "logprobs", None) or []
+            plps[i] = getattr(item, "prompt_logprobs", None) or plps[i]
             completion_tokens[i] = item.completion_tokens
             if item.finished:
                 done.add(i)
@@ -634,8 +660,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                        for i, (t, lp, r) in enumerate(zip(texts, lps, reasons))]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": "".join(t), "logprobs": _logprobs(lp, chat, k), "finish_reason": r}
-                       for i, (t, lp, r) in enumerate(zip(texts, lps, reasons))]
+            shifts = [len(t) for t in req.echo_texts] if req.echo else [0] * len(rids)
+            choices = [{"index": i, "text": "".join(t), "logprobs": _logprobs(lp, chat, k, plp, sh), "finish_reason": r}
+                       for i, (t, lp, plp, sh, r) in enumerate(zip(texts, lps, plps, shifts, reasons))]
             obj = "text_completion"
         return web.json_response({"id": rid, "object": obj, "created": created, "model": req.model,
                                   "system_fingerprint": None, "choices": choices, "usage": usage})
@@ -664,11 +691,15 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
 
     k_lp = req.params.logprobs
     pending: list[list] = [[] for _ in range(k)]  # logprobs released with no text yet: sent with the next chunk
+    echo: dict[int, str] = dict(enumerate(req.echo_texts)) if req.echo else {}  # not sent yet
+    pending_prompt: list[list] = [[] for _ in range(k)]
+    shifts = [len(t) for t in req.echo_texts] if req.echo else [0] * k
 
     def choice(i: int, text: str | None, reason: str | None, role: bool = False) -> dict:
         lp = None
         if k_lp is not None and not role:
-            lp, pending[i] = _logprobs(pending[i], chat, k_lp), []
+            lp = _logprobs(pending[i], chat, k_lp, pending_prompt[i], shifts[i])
+            pending[i], pending_prompt[i] = [], []
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
@@ -687,19 +718,23 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             return resp
         completion_tokens[i] = item.completion_tokens
         pending[i] += getattr(item, "logprobs", None) or []
+        text = item.text
+        if i in echo:  # the first output of an echoed choice: the prompt (and its logprobs) first
+            text = echo.pop(i) + text
+            pending_prompt[i] = getattr(item, "prompt_logprobs", None) or []
         if not item.finished:
-            if item.text:
-                await resp.write(chunk([choice(i, item.text, None)]))
+            if text:
+                await resp.write(chunk([choice(i, text, None)]))
             continue
         done.add(i)  # the engine is done with it: a disconnect from now on needs no abort
         plens[i] = item.prompt_tokens or plens[i]
         parts = []
         if chat:
-            if item.text:
-                parts.append(chunk([choice(i, item.text, None)]))
+            if text:
+                parts.append(chunk([choice(i, text, None)]))
             parts.append(chunk([choice(i, None, item.finish_reason)]))
         else:
-            parts.append(chunk([choice(i, item.text, item.finish_reason)]))
+            parts.append(chunk([choice(i, text, item.finish_reason)]))
         if len(done) < k:
             await resp.write(b"".join(parts))
             continue

@@ -366,3 +366,29 @@ def test_logprob_tokens_split_multibyte_characters_like_the_text(max_tokens):
     else:
         assert text == "A\u00e9B" and [e.token for e in entries] == ["A", "", "\u00e9", "B"]
         assert [e.offset for e in entries] == [0, 1, 1, 2] and [e.logprob for e in entries] == [0, -1, -2, -3]
+
+
+@pytest.mark.parametrize("method", [*METHODS, None])
+def test_prompt_logprobs_equal_a_forward_on_the_prompt(method, adapter_dirs):
+    """``prompt_logprobs``: each prompt token's log-probability given the ones before it is log_softmax of
+    the model's own forward on the prompt with that adapter (MiLoRA routes on the prompt, as at prefill),
+    in a mixed batch where the other rows do not ask (left padding included)."""
+    eng = engine("llama", adapter_dirs, max_batch=4)
+    ps = prompts(3, seed=5)
+    ps[0] = ps[0][:3]  # the shortest row: left-padded in the batch
+    params = [SamplingParams(max_tokens=2, prompt_logprobs=2), SamplingParams(max_tokens=2),
+              SamplingParams(max_tokens=2, logprobs=1)]
+    res = eng.generate(ps, [method, "mixlora", "milora"], params)
+    assert "prompt_logprobs" not in res[1] and "prompt_logprobs" not in res[2]
+    plp = res[0]["prompt_logprobs"]
+    moelora.set_adapter(eng.model, method)
+    with torch.no_grad():
+        ref = eng.model(torch.tensor([ps[0]])).logits[0].float().log_softmax(-1)
+    assert [e.token_id for e in plp] == ps[0]
+    assert plp[0].logprob is None and plp[0].top == []
+    for j, e in enumerate(plp[1:], 1):
+        assert e.logprob == pytest.approx(float(ref[j - 1, ps[0][j]]), abs=1e-4)
+        assert [t for t, _, _ in e.top] == ref[j - 1].topk(2).indices.tolist()
+    assert "".join(e.token for e in plp) == ToyTokenizer().decode(ps[0])
+    assert [e.offset for e in plp] == [len("".join(e.token for e in plp[:i])) for i in range(len(plp))]
+    assert res[0]["token_ids"] == eng.generate([ps[0]], [method], SamplingParams(max_tokens=2))[0]["token_ids"]

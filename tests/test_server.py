@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("aiohttp")
 httpx = pytest.importorskip("httpx")
@@ -251,6 +252,20 @@ def test_streaming_several_choices_reassembles_per_index(server, chat):
     assert len({e["choices"][0]["index"] for e in chunks[: len(chunks) // 2]}) > 1  # the choices interleave
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_echo_puts_the_prompt_before_the_completion(server, streaming):
+    url, _ = server
+    body = {"model": "alpha", "prompt": ["hello", [104, 105]], "max_tokens": 32, "temperature": 0, "echo": True}
+    if streaming:
+        events = stream(url, "/v1/completions", body)
+        texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(2)]
+    else:
+        texts = [c["text"] for c in post(url, "/v1/completions", body).json()["choices"]]
+    assert texts == ["hello" + expected("alpha", "hello", 32)[0], "hi" + expected("alpha", "hi", 32)[0]]
+    assert_error(post(url, "/v1/chat/completions", {**CHAT, "echo": True}), 400, code="unsupported_parameter",
+                 param="echo")
+
+
 def test_batch_is_all_or_nothing_when_the_queue_fills(start):
     url, engine = start(FakeEngine(ADAPTERS, max_batch=1, max_queue=2))
     r = post(url, "/v1/completions", {**GOOD, "prompt": ["a", "b", "c", "d"]})
@@ -316,7 +331,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "logprobs": -1}, 400, "invalid_value", "logprobs"),
     ("/v1/completions", {**GOOD, "logprobs": True}, 400, "invalid_type", "logprobs"),
     ("/v1/completions", {**GOOD, "logprobs": "2"}, 400, "invalid_type", "logprobs"),
-    ("/v1/completions", {**GOOD, "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("/v1/completions", {**GOOD, "echo": 1}, 400, "invalid_type", "echo"),
     ("/v1/completions", {"model": "alpha"}, 400, "missing_required_parameter", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": {}}, 400, "invalid_type", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": []}, 400, "invalid_type", "prompt"),
@@ -745,3 +760,77 @@ def test_real_engine_logprobs_in_openai_shape_streamed_or_not(real_server, chat)
     assert [(e["token"], e["logprob"]) for e in streamed] == [(e["token"], e["logprob"]) for e in entries]
     plain = post(url, path, {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}).json()
     assert plain["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True])
+def test_real_engine_echo_logprobs_score_the_prompt_like_a_forward(real_server, real_adapters, tiny_model_dir,
+                                                                   streaming):
+    """lm-evaluation-harness' ``local-completions`` scoring request (token ids, ``echo``, ``logprobs=1``,
+    ``max_tokens=1``, a batch): each prompt token's logprob equals log_softmax of the adapted model's own
+    forward, the first token has none, and the text is the prompt's followed by the completion's."""
+    import transformers
+
+    import moelora
+
+    url, engine = real_server
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tok("Below is an instruction")["input_ids"], tok("Write a short response")["input_ids"]]
+    body = {"model": "lora-b", "prompt": prompts, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    if streaming:
+        events = stream(url, "/v1/completions", body)
+        choices = []
+        for i in range(2):
+            mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+            lps = [c["logprobs"] for c in mine]
+            choices.append({"text": "".join(c["text"] for c in mine),
+                            "logprobs": {k: [x for lp in lps for x in lp[k]] for k in lps[0]}})
+    else:
+        choices = post(url, "/v1/completions", body).json()["choices"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moelora.load_adapter(model, real_adapters["lora-b"])
+    for ids, c in zip(prompts, choices):
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        want = [float(ref[j - 1, ids[j]]) for j in range(1, len(ids))]
+        assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+        greedy = [int(ref[j - 1].argmax()) == ids[j] for j in range(1, len(ids))]  # lm-eval's is_greedy
+        assert [v >= max(t.values()) - 1e-6 for v, t in zip(lp["token_logprobs"][1:len(ids)],
+                                                             lp["top_logprobs"][1:len(ids)])] == greedy
+        prompt_text = tok.decode(ids, skip_special_tokens=True)
+        assert c["text"].startswith(prompt_text)
+        assert "".join(lp["tokens"]) == c["text"]
+        assert lp["text_offset"][len(ids)] == len(prompt_text)
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_a_served_adapter(real_server, real_adapters, tiny_model_dir):
+    """lm-evaluation-harness' own ``local-completions`` client against the server: its loglikelihoods of
+    (context, continuation) pairs equal the adapted model's own, its greedy flags too."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval's API clients need it (the lm-eval extra installs it)
+    import transformers
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    import moelora
+
+    url, _ = real_server
+    lm = LocalCompletionsAPI(base_url=url + "/v1/completions", model="lora-a", tokenizer_backend="huggingface",
+                             tokenizer=str(tiny_model_dir), batch_size=3, max_retries=1, num_concurrent=1)
+    pairs = [("Below is an instruction", " that describes a task"), ("Write a", " response"), ("hi", " there")]
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    got = lm.loglikelihood(reqs)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moelora.load_adapter(model, real_adapters["lora-a"])
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        c, w = lm.tok_encode(ctx), lm.tok_encode(cont)  # lm-eval's own split of the tokens
+        ids = c + w
+        with torch.no_grad():
+            lsm = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        want = sum(float(lsm[j - 1, ids[j]]) for j in range(len(c), len(ids)))
+        assert ll == pytest.approx(want, abs=1e-3)
+        assert greedy == all(int(lsm[j - 1].argmax()) == ids[j] for j in range(len(c), len(ids)))
