@@ -14,8 +14,9 @@ decoding, MixLoRA rows route per token.
 - **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
   use, kept resident up to a byte budget, and the least recently used one that no running request
   needs is evicted.
-- **Sampling.** Greedy (``temperature = 0``) or temperature / top-p sampling with one seeded
-  generator per request, so a request's output does not depend on what it is batched with; stop
+- **Sampling.** Greedy (``temperature = 0``) or temperature / top-k / top-p sampling with one seeded
+  generator per request, so a request's output does not depend on what it is batched with; OpenAI's
+  presence and frequency penalties (on the output's tokens); stop
   sequences are cut from the text; streaming text never splits a UTF-8 character or shows the
   start of a stop sequence that may still complete.
 
@@ -53,6 +54,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    top_k: int = 0  # 0: off; k: sample among the k most likely tokens
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: times the number of times the token is in the output
     logprobs: int | None = None  # None: none; k: each output token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (with the first step's output)
 
@@ -67,6 +71,12 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2 <= v <= 2:
+                raise ValueError(f"{key} must be a number in [-2, 2], got {v!r}")
         for key in ("logprobs", "prompt_logprobs"):
             k = getattr(self, key)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
@@ -605,10 +615,16 @@ class Engine:
         outputs = []
         for i, r in enumerate(reqs):
             p = r.params
+            scores = logits[i]
+            if (p.presence_penalty or p.frequency_penalty) and r.output:  # OpenAI's penalties, on the output
+                seen, counts = torch.tensor(r.output).unique(return_counts=True)
+                scores = scores.index_put((seen,), scores[seen] - (p.frequency_penalty * counts + p.presence_penalty))
             if p.temperature == 0:
-                token = int(logits[i].argmax())
+                token = int(scores.argmax())
             else:
-                scores = logits[i] / p.temperature
+                scores = scores / p.temperature
+                if 0 < p.top_k < scores.numel():
+                    scores = scores.masked_fill(scores < scores.topk(p.top_k).values[-1], float("-inf"))
                 if p.top_p < 1:
                     sorted_scores, order = scores.sort(descending=True)
                     cum = sorted_scores.softmax(-1).cumsum(-1)

@@ -285,8 +285,7 @@ def _opt_bool(body: dict, key: str) -> bool:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
-    neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                "tools": (None, []), "functions": (None, [])}
     for key, ok in neutral.items():
         if key == "echo" and not chat:  # completions implement it
@@ -333,6 +332,9 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         max_tokens = 16  # the OpenAI completions default
     temperature = _opt_num(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI default; 0 = greedy
     top_p = _opt_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _opt_int(body, "top_k", lo=-1)  # vLLM's extension: -1 or 0 = off
+    presence = _opt_num(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _opt_num(body, "frequency_penalty", 0.0, -2.0, 2.0)
     seed = _opt_int(body, "seed", lo=-(2**63), hi=2**64 - 1)
     stop = body.get("stop")
     if stop is None:
@@ -368,7 +370,8 @@ def _parse_common(body: dict, chat: bool) -> _Req:
                        code="invalid_value")
         include_usage = _opt_bool(so, "include_usage")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
-                            stop=list(stop), logprobs=logprobs)
+                            stop=list(stop), logprobs=logprobs, top_k=max(top_k or 0, 0),
+                            presence_penalty=presence, frequency_penalty=frequency)
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 

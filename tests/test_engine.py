@@ -392,3 +392,34 @@ def test_prompt_logprobs_equal_a_forward_on_the_prompt(method, adapter_dirs):
     assert "".join(e.token for e in plp) == ToyTokenizer().decode(ps[0])
     assert [e.offset for e in plp] == [len("".join(e.token for e in plp[:i])) for i in range(len(plp))]
     assert res[0]["token_ids"] == eng.generate([ps[0]], [method], SamplingParams(max_tokens=2))[0]["token_ids"]
+
+
+def test_penalties_and_top_k_follow_their_definitions(adapter_dirs):
+    """Greedy with OpenAI's penalties equals a reference loop over the model's own logits minus
+    ``frequency * count + presence * (count > 0)`` of each token in the output so far; top_k=1 sampling
+    is greedy whatever the temperature."""
+    eng = engine("llama", adapter_dirs, max_batch=4)
+    ps = prompts(3, seed=7)
+    pen = SamplingParams(max_tokens=10, presence_penalty=-1.5, frequency_penalty=0.6)
+    res = eng.generate(ps, ["lora", "mixlora", None], [pen, SamplingParams(max_tokens=10), pen])
+    moelora.set_adapter(eng.model, "lora")
+    out = []
+    with torch.no_grad():
+        for _ in range(10):
+            logits = eng.model(torch.tensor([ps[0] + out])).logits[0, -1].float()
+            for t in set(out):
+                logits[t] -= 0.6 * out.count(t) - 1.5
+            out.append(int(logits.argmax()))
+            if out[-1] == 2:
+                break
+    assert res[0]["token_ids"] == out
+    assert max(out.count(t) for t in out) >= 2  # a token repeats: the frequency term mattered
+    plain = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10))[0]["token_ids"]
+    assert plain != out  # the penalty changed the output (the tiny model repeats itself)
+    assert res[1]["token_ids"] == eng.generate([ps[1]], ["mixlora"], SamplingParams(max_tokens=10))[0]["token_ids"]
+    hot = SamplingParams(max_tokens=8, temperature=1.9, top_k=1, seed=4)
+    assert eng.generate([ps[2]], [None], hot)[0]["token_ids"] == eng.generate(
+        [ps[2]], [None], SamplingParams(max_tokens=8))[0]["token_ids"]
+    for bad in (SamplingParams(top_k=-1), SamplingParams(presence_penalty=2.5), SamplingParams(frequency_penalty="1")):
+        with pytest.raises(ValueError):
+            eng.add_request("bad", ps[0], None, bad)

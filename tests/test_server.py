@@ -321,6 +321,10 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ("/v1/completions", {**GOOD, "temperature": 3}, 400, "invalid_value", "temperature"),
     ("/v1/completions", {**GOOD, "top_p": 0}, 400, "invalid_value", "top_p"),
+    ("/v1/completions", {**GOOD, "top_k": -2}, 400, "invalid_value", "top_k"),
+    ("/v1/completions", {**GOOD, "top_k": 1.5}, 400, "invalid_type", "top_k"),
+    ("/v1/completions", {**GOOD, "presence_penalty": 2.5}, 400, "invalid_value", "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": "x"}, 400, "invalid_type", "frequency_penalty"),
     ("/v1/completions", {**GOOD, "seed": "x"}, 400, "invalid_type", "seed"),
     ("/v1/completions", {**GOOD, "stop": 5}, 400, "invalid_type", "stop"),
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "invalid_value", "stop"),
@@ -823,7 +827,6 @@ def test_lm_eval_local_completions_scores_a_served_adapter(real_server, real_ada
     pairs = [("Below is an instruction", " that describes a task"), ("Write a", " response"), ("hi", " there")]
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
     got = lm.loglikelihood(reqs)
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     moelora.load_adapter(model, real_adapters["lora-a"])
     for (ctx, cont), (ll, greedy) in zip(pairs, got):
@@ -834,3 +837,18 @@ def test_lm_eval_local_completions_scores_a_served_adapter(real_server, real_ada
         want = sum(float(lsm[j - 1, ids[j]]) for j in range(len(c), len(ids)))
         assert ll == pytest.approx(want, abs=1e-3)
         assert greedy == all(int(lsm[j - 1].argmax()) == ids[j] for j in range(len(c), len(ids)))
+
+
+@pytest.mark.slow
+def test_real_engine_penalties_and_top_k_reach_the_engine(real_server):
+    """``presence_penalty``/``frequency_penalty`` change a greedy completion as the engine's own (tested in
+    test_engine); ``top_k`` 1 makes hot sampling greedy; ``top_k`` -1 is off, as in vLLM."""
+    url, _ = real_server
+    body = {"model": "lora-a", "prompt": "Below is an instruction", "max_tokens": 12, "temperature": 0}
+    plain = post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    pen = post(url, "/v1/completions", {**body, "presence_penalty": 2, "frequency_penalty": 2}).json()
+    assert pen["choices"][0]["text"] != plain
+    hot = {**body, "temperature": 2, "seed": 3}
+    assert post(url, "/v1/completions", {**hot, "top_k": 1}).json()["choices"][0]["text"] == plain
+    assert post(url, "/v1/completions", {**hot, "top_k": -1}).json()["choices"][0]["text"] == post(
+        url, "/v1/completions", hot).json()["choices"][0]["text"]
