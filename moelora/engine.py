@@ -57,6 +57,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off; k: sample among the k most likely tokens
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already in the output
     frequency_penalty: float = 0.0  # OpenAI's: times the number of times the token is in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
     logprobs: int | None = None  # None: none; k: each output token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (with the first step's output)
 
@@ -77,6 +78,10 @@ class SamplingParams:
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2 <= v <= 2:
                 raise ValueError(f"{key} must be a number in [-2, 2], got {v!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(v, (int, float))
+                and not isinstance(v, bool) and -100 <= v <= 100 for t, v in self.logit_bias.items()):
+            raise ValueError("logit_bias must map token ids >= 0 to numbers in [-100, 100]")
         for key in ("logprobs", "prompt_logprobs"):
             k = getattr(self, key)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
@@ -456,6 +461,8 @@ class Engine:
             raise KeyError(f"unknown adapter {adapter!r} (loaded: {self.adapter_names()})")
         params.validate()
         vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be < {vocab}")
         if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"the prompt must be a non-empty list of token ids in [0, {vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -616,6 +623,9 @@ class Engine:
         for i, r in enumerate(reqs):
             p = r.params
             scores = logits[i]
+            if p.logit_bias:
+                scores = scores.index_put((torch.tensor(list(p.logit_bias)),),
+                                          torch.tensor(list(p.logit_bias.values()), dtype=scores.dtype), accumulate=True)
             if (p.presence_penalty or p.frequency_penalty) and r.output:  # OpenAI's penalties, on the output
                 seen, counts = torch.tensor(r.output).unique(return_counts=True)
                 scores = scores.index_put((seen,), scores[seen] - (p.frequency_penalty * counts + p.presence_penalty))

@@ -53,6 +53,7 @@ MAX_STOP = 16  # stop sequences per request (OpenAI allows 4; vLLM has no limit)
 MAX_STOP_LEN = 256
 MAX_BODY = 8 * 1024 * 1024  # request body bytes
 MAX_CHOICES = 64  # prompts x n of one request: each choice is one engine request
+MAX_LOGIT_BIAS = 1024  # token ids in logit_bias (OpenAI allows 300)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -285,7 +286,7 @@ def _opt_bool(body: dict, key: str) -> bool:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
-    neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+    neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                "tools": (None, []), "functions": (None, [])}
     for key, ok in neutral.items():
         if key == "echo" and not chat:  # completions implement it
@@ -335,6 +336,16 @@ def _parse_common(body: dict, chat: bool) -> _Req:
     top_k = _opt_int(body, "top_k", lo=-1)  # vLLM's extension: -1 or 0 = off
     presence = _opt_num(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _opt_num(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise _bad(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids", param="logit_bias",
+                   code="invalid_type")
+    logit_bias = {}
+    for key, v in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and key.isascii()) or not _is_num(v) or not -100 <= v <= 100:
+            raise _bad("'logit_bias' maps token ids (as strings) to numbers in [-100, 100]", param="logit_bias",
+                       code="invalid_value")
+        logit_bias[int(key)] = float(v)
     seed = _opt_int(body, "seed", lo=-(2**63), hi=2**64 - 1)
     stop = body.get("stop")
     if stop is None:
@@ -371,7 +382,7 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         include_usage = _opt_bool(so, "include_usage")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
                             stop=list(stop), logprobs=logprobs, top_k=max(top_k or 0, 0),
-                            presence_penalty=presence, frequency_penalty=frequency)
+                            presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias)
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 
@@ -501,6 +512,9 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
     queued. -> the prompt length of each choice."""
     adapter = _resolve_adapter(engine, req.model)
     limit = int(engine.max_model_len)
+    vocab = len(engine.tokenizer) if engine.tokenizer is not None else None
+    if vocab is not None and any(t >= vocab for t in req.params.logit_bias):
+        raise _bad(f"token ids in 'logit_bias' must be < {vocab}", param="logit_bias", code="invalid_value")
     jobs = []  # (ids, params) per choice, in choice order: prompt by prompt, n copies each
     req.echo_texts = []
     for prompt in (req.prompts if req.prompts is not None else [None]):

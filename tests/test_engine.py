@@ -420,6 +420,20 @@ def test_penalties_and_top_k_follow_their_definitions(adapter_dirs):
     hot = SamplingParams(max_tokens=8, temperature=1.9, top_k=1, seed=4)
     assert eng.generate([ps[2]], [None], hot)[0]["token_ids"] == eng.generate(
         [ps[2]], [None], SamplingParams(max_tokens=8))[0]["token_ids"]
-    for bad in (SamplingParams(top_k=-1), SamplingParams(presence_penalty=2.5), SamplingParams(frequency_penalty="1")):
+    first = plain[0]
+    biased = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=4, logit_bias={first: -100, 77: 5.5}, logprobs=1))[0]
+    moelora.set_adapter(eng.model, "lora")
+    with torch.no_grad():
+        ref = eng.model(torch.tensor([ps[0]])).logits[0, -1].float()
+    ref[first] -= 100
+    ref[77] += 5.5
+    assert biased["token_ids"][0] == int(ref.argmax()) != first
+    e = biased["logprobs"][0]  # logprobs stay the raw model's: its top token is still the unbiased argmax
+    assert e.top[0][0] == first and e.logprob < e.top[0][2] - 1e-3
+    forced = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=4, logit_bias={77: 100}))[0]
+    assert forced["token_ids"] == [77] * 4
+    for bad in (SamplingParams(top_k=-1), SamplingParams(presence_penalty=2.5), SamplingParams(frequency_penalty="1"),
+                SamplingParams(logit_bias={5: 101}), SamplingParams(logit_bias={"5": 1}),
+                SamplingParams(logit_bias={10**6: 1})):
         with pytest.raises(ValueError):
             eng.add_request("bad", ps[0], None, bad)

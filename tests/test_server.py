@@ -322,6 +322,11 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "temperature": 3}, 400, "invalid_value", "temperature"),
     ("/v1/completions", {**GOOD, "top_p": 0}, 400, "invalid_value", "top_p"),
     ("/v1/completions", {**GOOD, "top_k": -2}, 400, "invalid_value", "top_k"),
+    ("/v1/completions", {**GOOD, "logit_bias": [1]}, 400, "invalid_type", "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"x": 1}}, 400, "invalid_value", "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"-1": 1}}, 400, "invalid_value", "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"5": 101}}, 400, "invalid_value", "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"999": 1}}, 400, "invalid_value", "logit_bias"),
     ("/v1/completions", {**GOOD, "top_k": 1.5}, 400, "invalid_type", "top_k"),
     ("/v1/completions", {**GOOD, "presence_penalty": 2.5}, 400, "invalid_value", "presence_penalty"),
     ("/v1/chat/completions", {**CHAT, "frequency_penalty": "x"}, 400, "invalid_type", "frequency_penalty"),
@@ -848,6 +853,9 @@ def test_real_engine_penalties_and_top_k_reach_the_engine(real_server):
     plain = post(url, "/v1/completions", body).json()["choices"][0]["text"]
     pen = post(url, "/v1/completions", {**body, "presence_penalty": 2, "frequency_penalty": 2}).json()
     assert pen["choices"][0]["text"] != plain
+    forced = post(url, "/v1/completions", {**body, "max_tokens": 5, "logprobs": 0, "logit_bias": {"65": 100}}).json()
+    lp = forced["choices"][0]["logprobs"]
+    assert forced["usage"]["completion_tokens"] == 5 and set(lp["tokens"]) == {lp["tokens"][0]}  # token 65 x 5
     hot = {**body, "temperature": 2, "seed": 3}
     assert post(url, "/v1/completions", {**hot, "top_k": 1}).json()["choices"][0]["text"] == plain
     assert post(url, "/v1/completions", {**hot, "top_k": -1}).json()["choices"][0]["text"] == post(
