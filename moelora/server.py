@@ -6,7 +6,7 @@
     stop()
 
 Endpoints (OpenAI / vLLM shapes): ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health`` and, only with ``admin=True``
+``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus) and, only with ``admin=True``
 (``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}``.
 See docs/serve.md.
 
@@ -112,6 +112,11 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self.step_errors = 0
+        # counters for /metrics (written on the engine thread only)
+        self.steps = 0
+        self.prompt_tokens = 0  # of finished requests
+        self.generation_tokens = 0
+        self.finished: dict[str, int] = {}  # finish_reason -> requests
 
     # -- called from any thread
     def start(self) -> None:
@@ -211,7 +216,13 @@ class EngineWorker:
             self._fail_all(f"internal engine error: {type(e).__name__}")
             time.sleep(0.01)  # no hot loop if the engine keeps failing
             return
+        self.steps += 1
         for out in outputs:
+            self.generation_tokens += len(getattr(out, "token_ids", ()) or ())
+            if getattr(out, "finished", False):
+                reason = str(out.finish_reason)
+                self.finished[reason] = self.finished.get(reason, 0) + 1
+                self.prompt_tokens += int(getattr(out, "prompt_tokens", 0) or 0)
             rid = getattr(out, "request_id", None)
             stream = self._streams.get(rid) if isinstance(rid, str) else None
             if stream is None:  # aborted, already finished or foreign: dropped, never delivered elsewhere
@@ -806,6 +817,37 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "step_errors": worker.step_errors})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (as vLLM's ``/metrics``): queue gauges, token and request counters."""
+    worker = request.app[WORKER]
+    if not worker.alive():
+        return web.Response(text="moelora_up 0\n", content_type="text/plain")
+    running, waiting, adapters = await worker.run(
+        lambda e: (len(e.running), len(e.waiting), len(list(e.adapter_names()))))
+    lines = [
+        "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
+        "# HELP moelora_requests_running Requests decoding in the current batch.",
+        "# TYPE moelora_requests_running gauge", f"moelora_requests_running {running}",
+        "# HELP moelora_requests_waiting Requests queued for admission.",
+        "# TYPE moelora_requests_waiting gauge", f"moelora_requests_waiting {waiting}",
+        "# HELP moelora_adapters_loaded Adapters registered with the engine.",
+        "# TYPE moelora_adapters_loaded gauge", f"moelora_adapters_loaded {adapters}",
+        "# HELP moelora_engine_steps_total Engine steps (one forward each).",
+        "# TYPE moelora_engine_steps_total counter", f"moelora_engine_steps_total {worker.steps}",
+        "# HELP moelora_engine_step_errors_total Engine steps that raised.",
+        "# TYPE moelora_engine_step_errors_total counter", f"moelora_engine_step_errors_total {worker.step_errors}",
+        "# HELP moelora_prompt_tokens_total Prompt tokens of finished requests.",
+        "# TYPE moelora_prompt_tokens_total counter", f"moelora_prompt_tokens_total {worker.prompt_tokens}",
+        "# HELP moelora_generation_tokens_total Tokens generated.",
+        "# TYPE moelora_generation_tokens_total counter", f"moelora_generation_tokens_total {worker.generation_tokens}",
+        "# HELP moelora_requests_finished_total Finished engine requests (one per choice), by finish reason.",
+        "# TYPE moelora_requests_finished_total counter",
+        *(f'moelora_requests_finished_total{{finish_reason="{r}"}} {n}' for r, n in sorted(worker.finished.items())),
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
 def _check_name(name: Any, param: str = "name") -> str:
     if not isinstance(name, str):
         raise _bad(f"'{param}' must be a string", param=param, code="invalid_type")
@@ -924,6 +966,7 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False) -> 
     app.router.add_post("/v1/admin/adapters", load_adapter)
     app.router.add_delete("/v1/admin/adapters/{name}", unload_adapter)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -266,6 +266,25 @@ def test_echo_puts_the_prompt_before_the_completion(server, streaming):
                  param="echo")
 
 
+def test_metrics_count_tokens_and_finished_requests(start):
+    url, engine = start(api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    d = post(url, "/v1/completions", {**GOOD, "prompt": ["hello", "abc"], "max_tokens": 32, "temperature": 0},
+             headers=auth).json()
+    cut = post(url, "/v1/completions", {**GOOD, "prompt": "hello", "max_tokens": 3}, headers=auth).json()
+    r = httpx.get(url + "/metrics")  # open, like /health
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines()
+         if line and not line.startswith("#")}
+    assert m["moelora_up"] == 1 and m["moelora_requests_running"] == 0 and m["moelora_requests_waiting"] == 0
+    assert m["moelora_adapters_loaded"] == len(ADAPTERS)
+    assert m["moelora_generation_tokens_total"] == d["usage"]["completion_tokens"] + cut["usage"]["completion_tokens"]
+    assert m["moelora_prompt_tokens_total"] == d["usage"]["prompt_tokens"] + cut["usage"]["prompt_tokens"]
+    assert m['moelora_requests_finished_total{finish_reason="stop"}'] == 2
+    assert m['moelora_requests_finished_total{finish_reason="length"}'] == 1
+    assert m["moelora_engine_steps_total"] >= 1 and m["moelora_engine_step_errors_total"] == 0
+
+
 def test_batch_is_all_or_nothing_when_the_queue_fills(start):
     url, engine = start(FakeEngine(ADAPTERS, max_batch=1, max_queue=2))
     r = post(url, "/v1/completions", {**GOOD, "prompt": ["a", "b", "c", "d"]})
