@@ -654,7 +654,7 @@ class Engine:
         decoded in context (the difference of two short windows' decodings), offsets within the prompt."""
         lsm = logits[:-1].float().cpu().log_softmax(-1)
         k = r.params.prompt_logprobs
-        chosen = lsm.gather(1, torch.tensor(r.prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
+        chosen = lsm.gather(1, torch.tensor(r.prompt[1:], dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
         tops = lsm.topk(k) if k else None
         out, offset = [], 0
         for j, t in enumerate(r.prompt):

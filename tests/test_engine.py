@@ -392,6 +392,8 @@ def test_prompt_logprobs_equal_a_forward_on_the_prompt(method, adapter_dirs):
     assert "".join(e.token for e in plp) == ToyTokenizer().decode(ps[0])
     assert [e.offset for e in plp] == [len("".join(e.token for e in plp[:i])) for i in range(len(plp))]
     assert res[0]["token_ids"] == eng.generate([ps[0]], [method], SamplingParams(max_tokens=2))[0]["token_ids"]
+    one = eng.generate([[5]], [method], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]["prompt_logprobs"]
+    assert [(e.token_id, e.logprob, e.top) for e in one] == [(5, None, [])]  # a one-token prompt
 
 
 def test_penalties_and_top_k_follow_their_definitions(adapter_dirs):
