@@ -92,7 +92,8 @@ class SamplingParams:
 class TokenLogprob:
     """One output token: its text in the output (the characters it adds to the decoded text; a token
     that ends inside a UTF-8 character adds none, the one completing it adds the character), its offset
-    in the output text, its log-probability under the model (raw logits: before temperature and top-p),
+    in the output text, its log-probability under the model (raw logits: before logit_bias, penalties,
+    temperature, top-k and top-p),
     and the ``k`` most likely tokens at that position as ``(token id, token text alone, log-probability)``.
     Prompt tokens (``prompt_logprobs``) are the same within the prompt's text; the first one has no
     log-probability (``None``) and no alternatives."""
