@@ -75,10 +75,15 @@ def test_bad_arguments_name_the_problem(study, data_root, tmp_path, capsys):
     for extra, msg in ((["--protocols", "choice,generat"], "choose from choice,options,generate,generate-options"),
                        (["--settings", "mult"], "choose from multi,single"),
                        (["--methods", "lorra"], "no config ['lorra']"),
-                       (["--data-root", str(tmp_path)], "--data-root: missing")):
+                       (["--data-root", str(tmp_path)], "--data-root: missing"),
+                       (["--model", str(tmp_path / "nope")], "neither a model directory nor an embedded model")):
         with pytest.raises(SystemExit):
             study.parse_args(base + extra)
         assert msg in capsys.readouterr().err
+    # an embedded model's name is accepted as it is (resolved, and converted once, by `moelora train`)
+    assert study.parse_args(base + ["--model", "gemma-3-270m"]).model == "gemma-3-270m"
+    assert study.run_config(study.parse_args(base + ["--model", "Gemma-3-270M"]),
+                            study.build_grid(study.parse_args(base))[1], tmp_path / "r")["model"] == "Gemma-3-270M"
 
 
 def test_resumption_reruns_what_is_missing(study, data_root, tmp_path):

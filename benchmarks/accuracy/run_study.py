@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # `import moelora` (parameter counts) from a checkout without `pip install -e .`
     sys.path.insert(1, str(REPO))
+from moelora.embedded import EMBEDDED  # noqa: E402 (after the path)
 from moelora.evaluate import GENERATED, PROTOCOLS  # noqa: E402 (after the path)
 
 CONFIGS = HERE / "configs"
@@ -496,7 +497,7 @@ def fmt_result(r: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    ap.add_argument("--model", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="base model directory, or an embedded model's name (gemma-3-270m); default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "commonsense"),
                     help="folder with <task>/{train,test}.json (default: ../shared/data/commonsense)")
     ap.add_argument("--out", default=str(REPO / "runs" / "accuracy"), help="output folder (default: runs/accuracy)")
@@ -546,8 +547,8 @@ def parse_args(argv=None):
     missing = [f for t in args.tasks for f in (train_file(args, t), test_file(args, t)) if not Path(f).is_file()]
     if missing:
         ap.error(f"--data-root: missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    if args.model is not None and not Path(args.model).is_dir():
-        ap.error(f"--model: {args.model} is not a model directory")
+    if args.model is not None and args.model.lower() not in EMBEDDED and not Path(args.model).is_dir():
+        ap.error(f"--model: {args.model} is neither a model directory nor an embedded model ({', '.join(sorted(EMBEDDED))})")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     return args
