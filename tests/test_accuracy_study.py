@@ -169,6 +169,19 @@ def test_report_tables_from_result_files(report, tmp_path):
     assert report.main([str(out), "--docs", str(docs), "--images", str(tmp_path / "docs" / "img")]) == 0
     assert "![training curves](img/training_curves.png)" in docs.read_text()
     assert (tmp_path / "docs" / "img" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert md.startswith("# Accuracy study: LoRA, DoRA, MixLoRA, MiLoRA on SmolLM2-135M-Instruct\n")
+    # the base model named by the study's invocation; the cutoff line read from the runs' data summaries
+    (out / "study.json").write_text(json.dumps({"invocations": [{"argv": ["run_study.py", "--model", "gemma-3-270m"], "args": {"model": "gemma-3-270m"}}]}))
+    summary = "data: 9 examples; cutoff_len=256: {} examples truncated, 0 prompt tokens dropped\n"
+    (out / "multi" / "lora" / "seed0" / "train.err").write_text(summary.format(0))
+    (out / "multi" / "lora" / "seed0" / "config.yaml").write_text("train: {max_steps: 5, cutoff_len: 256}\n")
+    assert report.main([str(out), "--docs", str(docs), "--images", str(tmp_path / "docs" / "img")]) == 0
+    md = docs.read_text()
+    assert md.startswith("# Accuracy study: LoRA, DoRA, MixLoRA, MiLoRA on Gemma-3-270M\n")
+    assert "Gemma Terms of Use" in md and "nothing truncated: the data summary of each of the 1 training runs" in md
+    (out / "multi" / "lora" / "seed1" / "train.err").write_text(summary.format(3))
+    assert report.main([str(out), "--docs", str(docs), "--images", str(tmp_path / "docs" / "img")]) == 0
+    assert "cutoff 256 tokens (3 examples truncated in the worst of 2 runs)" in docs.read_text()
     # missing results are an error, not an empty page
     assert report.main([str(tmp_path / "nothing"), "--docs", str(tmp_path / "x.md"),
                         "--images", str(tmp_path / "img2")]) == 2
