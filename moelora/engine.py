@@ -14,11 +14,13 @@ decoding, MixLoRA rows route per token.
 - **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
   use, kept resident up to a byte budget, and the least recently used one that no running request
   needs is evicted.
-- **Sampling.** Greedy (``temperature = 0``) or temperature / top-k / top-p sampling with one seeded
-  generator per request, so a request's output does not depend on what it is batched with; OpenAI's
-  presence and frequency penalties (on the output's tokens); stop
-  sequences are cut from the text; streaming text never splits a UTF-8 character or shows the
-  start of a stop sequence that may still complete.
+- **Sampling.** Greedy (``temperature = 0``) or temperature / min-p / top-k / top-p sampling with
+  one seeded generator per request, so a request's output does not depend on what it is batched
+  with; OpenAI's presence and frequency penalties (on the output's tokens) and logit bias; the
+  repetition penalty of ``transformers`` and vLLM (on the prompt's and the output's tokens); vLLM's
+  ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``. Stop sequences are cut from the text;
+  streaming text never splits a UTF-8 character or shows the start of a stop sequence that may
+  still complete.
 
 The engine is single-threaded: the HTTP server (``moelora.server``) drives it from one thread.
 """
@@ -60,6 +62,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
     logprobs: int | None = None  # None: none; k: each output token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (with the first step's output)
+    repetition_penalty: float = 1.0  # transformers'/vLLM's: a logit of a prompt or output token: > 0 -> /p, < 0 -> *p
+    min_p: float = 0.0  # sampling: drop tokens less likely than min_p x the most likely one (after temperature)
+    min_tokens: int = 0  # no EOS, stop token or stop sequence ends the output before this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # end the output like EOS (their text is not in it)
+    ignore_eos: bool = False  # keep generating after EOS (up to max_tokens; stop_token_ids still stop)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -86,6 +93,19 @@ class SamplingParams:
             k = getattr(self, key)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
                 raise ValueError(f"{key} must be None or an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+        rp = self.repetition_penalty
+        if not isinstance(rp, (int, float)) or isinstance(rp, bool) or not 0 < rp <= 10:
+            raise ValueError(f"repetition_penalty must be a number in (0, 10] (1: off), got {rp!r}")
+        if not isinstance(self.min_p, (int, float)) or isinstance(self.min_p, bool) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        m = self.min_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {m!r}")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
 
 @dataclass
@@ -135,6 +155,7 @@ class _Request:
     gates: dict[int, torch.Tensor] | None = None  # MiLoRA: layer -> (E,) gates from prefill
     gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
+    stop_from: int = 0  # stop sequences count only where they end after this offset of ``text`` (min_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +485,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be < {vocab}")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < {vocab}")
         if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"the prompt must be a non-empty list of token ids in [0, {vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -627,6 +650,14 @@ class Engine:
             if p.logit_bias:
                 scores = scores.index_put((torch.tensor(list(p.logit_bias)),),
                                           torch.tensor(list(p.logit_bias.values()), dtype=scores.dtype), accumulate=True)
+            if len(r.output) < p.min_tokens:  # nothing that would end the output may come yet
+                ends = [*p.stop_token_ids, *(() if p.ignore_eos else self.eos)]
+                if ends:
+                    scores = scores.index_fill(0, torch.tensor(ends), float("-inf"))
+            if p.repetition_penalty != 1:  # transformers' and vLLM's: on every token of the prompt and output
+                seen = torch.tensor(r.prompt + r.output).unique()
+                v = scores[seen]
+                scores = scores.index_put((seen,), torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty))
             if (p.presence_penalty or p.frequency_penalty) and r.output:  # OpenAI's penalties, on the output
                 seen, counts = torch.tensor(r.output).unique(return_counts=True)
                 scores = scores.index_put((seen,), scores[seen] - (p.frequency_penalty * counts + p.presence_penalty))
@@ -634,6 +665,9 @@ class Engine:
                 token = int(scores.argmax())
             else:
                 scores = scores / p.temperature
+                if p.min_p > 0:
+                    probs = scores.softmax(-1)
+                    scores = scores.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
                 if 0 < p.top_k < scores.numel():
                     scores = scores.masked_fill(scores < scores.topk(p.top_k).values[-1], float("-inf"))
                 if p.top_p < 1:
@@ -697,10 +731,15 @@ class Engine:
             r.lp_sent += 1
         return out
 
+    def _ends(self, r: _Request, token: int) -> bool:
+        """Whether ``token`` ends ``r``'s output as EOS does (its text is not part of the output)."""
+        return (token in self.eos and not r.params.ignore_eos) or token in r.params.stop_token_ids
+
     def _emit(self, r: _Request, token: int) -> StepOutput:
         r.output.append(token)
         finished = None
-        if token in self.eos:
+        ends = self._ends(r, token)
+        if ends:
             finished = "stop"
             ids = r.output[:-1]
         else:
@@ -708,7 +747,10 @@ class Engine:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if r.params.logprobs is not None:
             r.ends.append(len(text.rstrip("\ufffd")))  # an incomplete UTF-8 character belongs to the next token
-        cut = _first_stop(text, r.params.stop)
+        if len(r.output) < r.params.min_tokens:  # stop sequences do not count yet, nor those ending here
+            cut, r.stop_from = None, len(text)
+        else:
+            cut = _first_stop(text, r.params.stop, r.stop_from)
         if cut is not None:
             text, finished = text[:cut], "stop"
         elif finished is None and len(r.output) >= r.params.max_tokens:
@@ -723,7 +765,7 @@ class Engine:
         if finished is not None:
             r.finish_reason = finished
             self.ids.discard(r.id)
-        lps = self._release_logprobs(r, r.sent, eos=token in self.eos, cut=cut is not None)
+        lps = self._release_logprobs(r, r.sent, eos=ends, cut=cut is not None)
         return StepOutput(r.id, [token], delta, finished is not None, finished, len(r.prompt), len(r.output), lps)
 
     # -- convenience -----------------------------------------------------------------------
@@ -766,8 +808,9 @@ def _by_adapter(reqs: list[_Request]) -> dict[str | None, list[_Request]]:
     return groups
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: list[str], after: int = 0) -> int | None:
+    """Where the first stop sequence ending after offset ``after`` of ``text`` starts (None: none)."""
+    hits = [i for i in (text.find(s, max(0, after - len(s) + 1)) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 

@@ -6,7 +6,8 @@
     stop()
 
 Endpoints (OpenAI / vLLM shapes): ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus) and, only with ``admin=True``
+``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus), vLLM's
+``POST /tokenize`` and ``POST /detokenize`` and, only with ``admin=True``
 (``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}``.
 See docs/serve.md.
 
@@ -54,6 +55,7 @@ MAX_STOP_LEN = 256
 MAX_BODY = 8 * 1024 * 1024  # request body bytes
 MAX_CHOICES = 64  # prompts x n of one request: each choice is one engine request
 MAX_LOGIT_BIAS = 1024  # token ids in logit_bias (OpenAI allows 300)
+MAX_STOP_TOKEN_IDS = 256  # vLLM's stop_token_ids per request
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -391,9 +393,26 @@ def _parse_common(body: dict, chat: bool) -> _Req:
             raise _bad("'stream_options' is only allowed with stream=true", param="stream_options",
                        code="invalid_value")
         include_usage = _opt_bool(so, "include_usage")
+    # vLLM's extra sampling parameters
+    repetition = _opt_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+    min_p = _opt_num(body, "min_p", 0.0, 0.0, 1.0)
+    min_tokens = _opt_int(body, "min_tokens", lo=0) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _bad(f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens",
+                   code="invalid_value")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is None:
+        stop_ids = []
+    if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_TOKEN_IDS or not all(
+            _is_int(t) and t >= 0 for t in stop_ids):
+        raise _bad(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0",
+                   param="stop_token_ids", code="invalid_value")
+    ignore_eos = _opt_bool(body, "ignore_eos")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
                             stop=list(stop), logprobs=logprobs, top_k=max(top_k or 0, 0),
-                            presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias)
+                            presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias,
+                            repetition_penalty=repetition, min_p=min_p, min_tokens=min_tokens,
+                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos)
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 
@@ -435,7 +454,12 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 def _parse_chat(body: dict) -> _Req:
     req = _parse_common(body, chat=True)
-    messages = body.get("messages")
+    req.messages = _check_messages(body.get("messages"))
+    return req
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    """Chat messages -> ``[{"role", "content"(, "name")}]`` for the chat template (text content only)."""
     if messages is None:
         raise _bad("you must provide a messages parameter", param="messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
@@ -466,8 +490,7 @@ def _parse_chat(body: dict) -> _Req:
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
         out.append(msg)
-    req.messages = out
-    return req
+    return out
 
 
 # ------------------------------------------------------------------------- engine-thread request setup
@@ -493,18 +516,25 @@ def _choice_seed(seed: int | None, j: int) -> int | None:
     return s - 2**64 if s > 2**64 - 1 else s
 
 
+def _chat_ids(engine: Any, messages: list[dict], add_generation_prompt: bool = True,
+              add_special_tokens: bool = False) -> list[int]:
+    """Runs on the engine thread: chat messages through the tokenizer's chat template -> token ids."""
+    tok = engine.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions", param="messages",
+                   code="no_chat_template")
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as e:  # template errors (roles must alternate, ...) are the caller's
+        raise _bad(f"the chat template rejected the messages: {e}", param="messages", code="invalid_value") from e
+    return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
 def _prompt_ids(engine: Any, req: _Req, prompt: str | list[int] | None) -> tuple[list[int], str]:
     """Runs on the engine thread: one prompt (or the chat messages) -> token ids, checked against the vocabulary."""
     tok = engine.tokenizer
     if req.messages is not None:
-        if not getattr(tok, "chat_template", None):
-            raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions", param="messages",
-                       code="no_chat_template")
-        try:
-            text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # template errors (roles must alternate, ...) are the caller's
-            raise _bad(f"the chat template rejected the messages: {e}", param="messages", code="invalid_value") from e
-        ids, param = list(tok(text, add_special_tokens=False)["input_ids"]), "messages"
+        ids, param = _chat_ids(engine, req.messages), "messages"
     elif isinstance(prompt, str):
         ids, param = list(tok(prompt)["input_ids"]), "prompt"
     else:
@@ -526,6 +556,8 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
     vocab = len(engine.tokenizer) if engine.tokenizer is not None else None
     if vocab is not None and any(t >= vocab for t in req.params.logit_bias):
         raise _bad(f"token ids in 'logit_bias' must be < {vocab}", param="logit_bias", code="invalid_value")
+    if vocab is not None and any(t >= vocab for t in req.params.stop_token_ids):
+        raise _bad(f"token ids in 'stop_token_ids' must be < {vocab}", param="stop_token_ids", code="invalid_value")
     jobs = []  # (ids, params) per choice, in choice order: prompt by prompt, n copies each
     req.echo_texts = []
     for prompt in (req.prompts if req.prompts is not None else [None]):
@@ -539,8 +571,12 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
                        f"{len(ids) + max(max_tokens, 0)} tokens ({len(ids)} in the {param}, {max(max_tokens, 0)} in "
                        f"the completion). Please reduce the length of the {param} or completion.",
                        param=param, code="context_length_exceeded")
+        if req.params.min_tokens > max_tokens:  # chat without max_tokens: the room left in the context
+            raise _bad(f"'min_tokens' ({req.params.min_tokens}) exceeds the {max_tokens} tokens left in the "
+                       f"model's context after the {param}", param="min_tokens", code="invalid_value")
         for j in range(req.n):
             jobs.append((ids, dataclasses.replace(req.params, max_tokens=max_tokens, stop=list(req.params.stop),
+                                                  stop_token_ids=list(req.params.stop_token_ids),
                                                   seed=_choice_seed(req.params.seed, j)), param))
     added = []
     try:
@@ -810,6 +846,68 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(_model_card(name, base, request.app[CONFIG]["created"]))
 
 
+def _tokenizer_model(body: dict) -> str | None:
+    """The optional ``model`` of /tokenize and /detokenize (all adapters share the base's tokenizer)."""
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model or len(model) > 256):
+        raise _bad("'model' must be a non-empty string", param="model", code="invalid_type")
+    return model
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: ``{"prompt": str}`` or ``{"messages": [...]}`` -> ``{"count", "max_model_len",
+    "tokens", "token_strs"}``. ``add_special_tokens`` (default: true for a prompt, false for messages, as the chat
+    path adds none), ``add_generation_prompt`` (messages; default true), ``return_token_strs`` (default false)."""
+    body = await _json_body(request)
+    model = _tokenizer_model(body)
+    if ("prompt" in body) == ("messages" in body):
+        raise _bad("give exactly one of 'prompt' (a string) and 'messages'", param="prompt",
+                   code="missing_required_parameter")
+    messages = _check_messages(body["messages"]) if "messages" in body else None
+    prompt = body.get("prompt")
+    if messages is None and not isinstance(prompt, str):
+        raise _bad("'prompt' must be a string", param="prompt", code="invalid_type")
+    special = _opt_bool(body, "add_special_tokens") if body.get("add_special_tokens") is not None else messages is None
+    gen_prompt = _opt_bool(body, "add_generation_prompt") if body.get("add_generation_prompt") is not None else True
+    strs = _opt_bool(body, "return_token_strs")
+
+    def _tokenize(engine):
+        if model is not None:
+            _resolve_adapter(engine, model)
+        tok = engine.tokenizer
+        if messages is not None:
+            ids = _chat_ids(engine, messages, gen_prompt, special)
+        else:
+            ids = list(tok(prompt, add_special_tokens=special)["input_ids"])
+        to_strs = getattr(tok, "convert_ids_to_tokens", None)
+        if strs and to_strs is None:
+            raise _bad("this tokenizer cannot return token strings", param="return_token_strs",
+                       code="unsupported_parameter")
+        return ids, to_strs(ids) if strs else None, int(engine.max_model_len)
+
+    ids, token_strs, limit = await request.app[WORKER].run(_tokenize)
+    return web.json_response({"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": token_strs})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /detokenize``: ``{"tokens": [ids]}`` -> ``{"prompt": text}`` (special tokens kept)."""
+    body = await _json_body(request)
+    model = _tokenizer_model(body)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise _bad("'tokens' must be a list of token ids >= 0", param="tokens", code="invalid_type")
+
+    def _detokenize(engine):
+        if model is not None:
+            _resolve_adapter(engine, model)
+        tok = engine.tokenizer
+        if any(t >= len(tok) for t in tokens):
+            raise _bad(f"token ids in 'tokens' must be < {len(tok)}", param="tokens", code="invalid_value")
+        return tok.decode(tokens)
+
+    return web.json_response({"prompt": await request.app[WORKER].run(_detokenize)})
+
+
 async def health(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
@@ -966,6 +1064,8 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False) -> 
     app.router.add_post("/v1/admin/adapters", load_adapter)
     app.router.add_delete("/v1/admin/adapters/{name}", unload_adapter)
     app.router.add_get("/health", health)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/metrics", metrics)
     return app
 

@@ -439,3 +439,84 @@ def test_penalties_and_top_k_follow_their_definitions(adapter_dirs):
                 SamplingParams(logit_bias={10**6: 1})):
         with pytest.raises(ValueError):
             eng.add_request("bad", ps[0], None, bad)
+
+
+def test_vllm_sampling_extras_follow_their_definitions(adapter_dirs):
+    """repetition_penalty equals transformers' own (``generate(repetition_penalty=)``, greedy, over the
+    prompt's and the output's tokens); min_tokens keeps EOS, stop tokens and stop sequences from ending
+    the output early; stop_token_ids end it like EOS; ignore_eos runs to max_tokens; min_p keeps only
+    tokens at least min_p x as likely as the most likely one."""
+    eng = engine("llama", adapter_dirs, max_batch=4)
+    ps = prompts(3, seed=11)
+    # repetition penalty: the model's own generate is the oracle, per adapter, in one mixed batch
+    plain = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10))[0]["token_ids"]
+    echo = ps[0] + plain[:2]  # a prompt holding the tokens the model goes on with: the prompt's part matters
+    rep = SamplingParams(max_tokens=10, repetition_penalty=1.7)
+    res = eng.generate([*ps, echo], ["lora", "mixlora", None, "lora"], rep)
+    for prompt, adapter, r in zip([*ps, echo], ["lora", "mixlora", None, "lora"], res, strict=True):
+        moelora.set_adapter(eng.model, adapter)
+        out = eng.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                 eos_token_id=2, repetition_penalty=1.7)
+        assert r["token_ids"] == out[0, len(prompt):].tolist()
+    assert res[0]["token_ids"] != plain  # the penalty mattered
+    # EOS forced by a logit bias: min_tokens holds it back, then it ends the output
+    eos_now = SamplingParams(max_tokens=6, logit_bias={2: 100})
+    assert eng.generate([ps[0]], ["lora"], eos_now)[0]["token_ids"] == [2]
+    held = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=6, logit_bias={2: 100}, min_tokens=3))[0]
+    moelora.set_adapter(eng.model, "lora")
+    ref = []
+    with torch.no_grad():
+        for _ in range(3):
+            logits = eng.model(torch.tensor([ps[0] + ref])).logits[0, -1].float()
+            logits[2] = float("-inf")
+            ref.append(int(logits.argmax()))
+    assert held["token_ids"] == ref + [2] and held["finish_reason"] == "stop"
+    assert held["text"] == "".join(f" {t}" for t in ref)  # EOS's text is not in the output
+    # ignore_eos: EOS after EOS up to max_tokens
+    ign = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=4, logit_bias={2: 100}, ignore_eos=True))[0]
+    assert ign["token_ids"] == [2] * 4 and ign["finish_reason"] == "length"
+    # stop_token_ids: the output ends at the first one, its text left out; min_tokens defers it
+    stop_at = plain[2]
+    first = plain.index(stop_at)
+    st = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop_token_ids=[stop_at]))[0]
+    assert st["token_ids"] == plain[:first + 1] and st["finish_reason"] == "stop"
+    assert st["text"] == "".join(f" {t}" for t in plain[:first])
+    late = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop_token_ids=[stop_at],
+                                                          min_tokens=first + 2))[0]
+    assert len(late["token_ids"]) >= first + 2 and late["token_ids"][:first + 1] != plain[:first + 1]
+    # a stop sequence ending within the first min_tokens - 1 tokens does not count, a later one does
+    def deferred(seq, m):  # vLLM's rule on the greedy output: (tokens, text) where the output ends
+        for k in range(max(m, 1), 11):
+            text, before = "".join(f" {t}" for t in plain[:k]), len("".join(f" {t}" for t in plain[:m - 1]))
+            i = text.find(seq, max(0, before - len(seq) + 1))
+            if i >= 0:
+                return k, text[:i]
+        return 10, text
+
+    seq = f" {plain[0]}"
+    assert eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop=[seq]))[0]["text"] == ""
+    for m in (2, 3):
+        r = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop=[seq], min_tokens=m))[0]
+        assert (len(r["token_ids"]), r["text"]) == deferred(seq, m)
+    assert deferred(seq, 3)[0] > 3  # the case where an earlier occurrence must not end the output at once
+    # min_p: every sampled token is at least min_p x as likely as the best one (temperature applied);
+    # min_p = 1 keeps the best token only (greedy)
+    def min_ratio(out):  # of each sampled token's probability to the best one's, over the output
+        moelora.set_adapter(eng.model, None)
+        with torch.no_grad():
+            logits = eng.model(torch.tensor([ps[1] + out[:-1]])).logits[0, len(ps[1]) - 1:].float()
+        probs = (logits / 1.5).softmax(-1)
+        return float((probs.gather(1, torch.tensor(out).unsqueeze(1)).squeeze(1) / probs.max(-1).values).min())
+
+    out = eng.generate([ps[1]], [None], SamplingParams(max_tokens=12, temperature=1.5, min_p=0.6, seed=3))[0]
+    assert min_ratio(out["token_ids"]) >= 0.6 - 1e-5
+    free = eng.generate([ps[1]], [None], SamplingParams(max_tokens=12, temperature=1.5, seed=3))[0]["token_ids"]
+    assert min_ratio(free) < 0.6  # without min_p the same seed samples tokens that min_p excludes
+    greedy = eng.generate([ps[1]], [None], SamplingParams(max_tokens=12))[0]["token_ids"]
+    assert eng.generate([ps[1]], [None], SamplingParams(max_tokens=12, temperature=1.5, min_p=1.0, seed=3))[0][
+        "token_ids"] == greedy
+    for bad in (SamplingParams(repetition_penalty=0), SamplingParams(min_p=1.5), SamplingParams(min_tokens=5, max_tokens=4),
+                SamplingParams(stop_token_ids=[-1]), SamplingParams(stop_token_ids=[10**6]),
+                SamplingParams(ignore_eos=1)):
+        with pytest.raises(ValueError):
+            eng.add_request("bad", ps[0], None, bad)

@@ -392,6 +392,32 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 600}]}, 400,
      "context_length_exceeded", "messages"),
+    # vLLM's extra sampling parameters
+    ("/v1/completions", {**GOOD, "repetition_penalty": 0}, 400, "invalid_value", "repetition_penalty"),
+    ("/v1/completions", {**GOOD, "repetition_penalty": "2"}, 400, "invalid_type", "repetition_penalty"),
+    ("/v1/completions", {**GOOD, "min_p": 1.5}, 400, "invalid_value", "min_p"),
+    ("/v1/completions", {**GOOD, "min_tokens": -1}, 400, "invalid_value", "min_tokens"),
+    ("/v1/completions", {**GOOD, "min_tokens": 5}, 400, "invalid_value", "min_tokens"),  # > max_tokens 4
+    ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "min_tokens": 600},
+     400, "invalid_value", "min_tokens"),  # more than the context leaves
+    ("/v1/completions", {**GOOD, "stop_token_ids": [-1]}, 400, "invalid_value", "stop_token_ids"),
+    ("/v1/completions", {**GOOD, "stop_token_ids": "3"}, 400, "invalid_value", "stop_token_ids"),
+    ("/v1/completions", {**GOOD, "stop_token_ids": [999]}, 400, "invalid_value", "stop_token_ids"),
+    ("/v1/completions", {**GOOD, "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
+    # vLLM's tokenizer endpoints
+    ("/tokenize", b"{", 400, "invalid_json", None),
+    ("/tokenize", {}, 400, "missing_required_parameter", "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400,
+     "missing_required_parameter", "prompt"),
+    ("/tokenize", {"prompt": 5}, 400, "invalid_type", "prompt"),
+    ("/tokenize", {"messages": "hi"}, 400, "invalid_type", "messages"),
+    ("/tokenize", {"prompt": "a", "model": "nope"}, 404, "model_not_found", "model"),
+    ("/tokenize", {"prompt": "a", "model": 7}, 400, "invalid_type", "model"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "no"}, 400, "invalid_type", "add_special_tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "invalid_type", "tokens"),
+    ("/detokenize", {"tokens": [1, -2]}, 400, "invalid_type", "tokens"),
+    ("/detokenize", {"tokens": [999]}, 400, "invalid_value", "tokens"),
+    ("/detokenize", {"tokens": [1], "model": "../x"}, 404, "model_not_found", "model"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, code, param):
     url, engine = server
@@ -879,3 +905,48 @@ def test_real_engine_penalties_and_top_k_reach_the_engine(real_server):
     assert post(url, "/v1/completions", {**hot, "top_k": 1}).json()["choices"][0]["text"] == plain
     assert post(url, "/v1/completions", {**hot, "top_k": -1}).json()["choices"][0]["text"] == post(
         url, "/v1/completions", hot).json()["choices"][0]["text"]
+
+
+def test_tokenize_and_detokenize_fake(server):
+    """vLLM's /tokenize and /detokenize over the fake engine's byte tokenizer; the base or any adapter may be named."""
+    url, _ = server
+    d = post(url, "/tokenize", {"prompt": "héllo", "model": "beta"}).json()
+    assert d == {"count": 6, "max_model_len": 512, "tokens": list("héllo".encode()), "token_strs": None}
+    chat = post(url, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert bytes(chat["tokens"]).decode() == "<user>hi\n<assistant>"
+    bare = post(url, "/tokenize", {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": False})
+    assert bytes(bare.json()["tokens"]).decode() == "<user>hi\n"
+    assert post(url, "/detokenize", {"tokens": list(b"abc"), "model": "fake-base"}).json() == {"prompt": "abc"}
+    assert_error(post(url, "/tokenize", {"prompt": "a", "return_token_strs": True}), 400, "unsupported_parameter",
+                 "return_token_strs")  # the fake tokenizer has no token strings
+
+
+@pytest.mark.slow
+def test_real_engine_vllm_extras_reach_the_engine(real_server):
+    """ignore_eos, min_tokens, stop_token_ids, repetition_penalty and min_p act as in the engine (whose
+    definitions test_engine checks); /tokenize counts the prompt tokens a completion's usage reports."""
+    url, engine = real_server
+    eos = min(engine.eos)
+    body = {"model": "lora-a", "prompt": "Below is an instruction", "max_tokens": 6, "temperature": 0}
+    forced = {**body, "logit_bias": {str(eos): 100}}
+    d = post(url, "/v1/completions", forced).json()
+    assert (d["usage"]["completion_tokens"], d["choices"][0]["finish_reason"]) == (1, "stop")
+    d = post(url, "/v1/completions", {**forced, "ignore_eos": True}).json()
+    assert (d["usage"]["completion_tokens"], d["choices"][0]["finish_reason"]) == (6, "length")
+    d = post(url, "/v1/completions", {**forced, "min_tokens": 3}).json()
+    assert (d["usage"]["completion_tokens"], d["choices"][0]["finish_reason"]) == (4, "stop")
+    d = post(url, "/v1/completions", {**body, "stop_token_ids": [65], "logit_bias": {"65": 100}}).json()
+    assert (d["usage"]["completion_tokens"], d["choices"][0]["text"], d["choices"][0]["finish_reason"]) == (1, "", "stop")
+    plain = post(url, "/v1/completions", {**body, "max_tokens": 12}).json()["choices"][0]["text"]
+    rep = post(url, "/v1/completions", {**body, "max_tokens": 12, "repetition_penalty": 5.0}).json()["choices"][0]
+    assert rep["text"] != plain
+    hot = {**body, "max_tokens": 12, "temperature": 2, "seed": 5}
+    assert post(url, "/v1/completions", {**hot, "min_p": 1.0}).json()["choices"][0]["text"] == plain
+    # the tokenizer endpoints agree with what completions count and decode
+    tok = post(url, "/tokenize", {"prompt": body["prompt"], "model": "lora-b", "return_token_strs": True}).json()
+    assert tok["count"] == post(url, "/v1/completions", body).json()["usage"]["prompt_tokens"] == len(tok["tokens"])
+    assert tok["max_model_len"] == engine.max_model_len and len(tok["token_strs"]) == tok["count"]
+    assert post(url, "/detokenize", {"tokens": tok["tokens"]}).json()["prompt"].endswith(body["prompt"])
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = post(url, "/v1/chat/completions", {"model": "lora-a", "messages": msgs, "max_tokens": 2}).json()
+    assert post(url, "/tokenize", {"messages": msgs}).json()["count"] == chat["usage"]["prompt_tokens"]
