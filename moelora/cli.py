@@ -143,10 +143,13 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> 
     else:
         text = prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
-    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+              repetition_penalty=args.repetition_penalty)
     if args.temperature > 0:
         torch.manual_seed(args.seed)
         kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        if args.top_k is not None:
+            kw["top_k"] = args.top_k
     else:
         kw.update(do_sample=False, num_beams=args.num_beams)
     with torch.no_grad():
@@ -270,6 +273,10 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (or beam search with --num-beams)")
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=None, help="sampling: the k most likely tokens (0: all; default: "
+                   "the model's generation config)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' (1: off; > 1 discourages "
+                   "tokens of the prompt and output)")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
 

@@ -488,6 +488,27 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
     assert EVAL_PROTOCOLS == list(PROTOCOLS)  # the CLI's spelled-out list
     assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    # --repetition-penalty and --top-k reach model.generate: the same text as calling it directly
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = moelora.load_adapter(transformers_model(tiny_model_dir), out).eval()
+    enc = tok("is 3 even?", return_tensors="pt")
+    texts = {}
+    for extra, kw in (([], {}), (["--repetition-penalty", "4"], {"repetition_penalty": 4.0})):
+        assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
+                    "--max-new-tokens", "8", *extra]) == 0
+        texts[tuple(extra)] = capsys.readouterr().out.rstrip("\n")
+        with torch.no_grad():
+            ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, **kw)
+        assert texts[tuple(extra)] == tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert texts[()] != texts[("--repetition-penalty", "4")]
+    hot = ["--temperature", "1.5", "--seed", "3", "--max-new-tokens", "8"]
+    assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "is 3 even?", *hot, "--top-k", "1"]) == 0
+    top1 = capsys.readouterr().out
+    assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "is 3 even?", "--max-new-tokens", "8"]) == 0
+    assert top1 == capsys.readouterr().out  # top-k 1 sampling is greedy
     assert cli(["plot", "loss", "--run", str(out), "--out", str(tmp_path / "loss.png")]) == 0
     assert cli(["plot", "routing", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", *data,
                 "--limit", "4", "--out", str(tmp_path / "routing.png")]) == 0
