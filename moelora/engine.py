@@ -67,6 +67,7 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS, stop token or stop sequence ends the output before this many tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end the output like EOS (their text is not in it)
     ignore_eos: bool = False  # keep generating after EOS (up to max_tokens; stop_token_ids still stop)
+    include_stop_str_in_output: bool = False  # keep the stop sequence that ended the output in its text
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -104,8 +105,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for key in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -752,7 +754,7 @@ class Engine:
         else:
             cut = _first_stop(text, r.params.stop, r.stop_from)
         if cut is not None:
-            text, finished = text[:cut], "stop"
+            text, finished = text[:cut[1] if r.params.include_stop_str_in_output else cut[0]], "stop"
         elif finished is None and len(r.output) >= r.params.max_tokens:
             finished = "length"
         r.text = text
@@ -808,9 +810,9 @@ def _by_adapter(reqs: list[_Request]) -> dict[str | None, list[_Request]]:
     return groups
 
 
-def _first_stop(text: str, stops: list[str], after: int = 0) -> int | None:
-    """Where the first stop sequence ending after offset ``after`` of ``text`` starts (None: none)."""
-    hits = [i for i in (text.find(s, max(0, after - len(s) + 1)) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: list[str], after: int = 0) -> tuple[int, int] | None:
+    """(start, end) in ``text`` of the first stop sequence that ends after offset ``after`` (None: none)."""
+    hits = [(i, i + len(s)) for s, i in ((s, text.find(s, max(0, after - len(s) + 1))) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 

@@ -408,11 +408,13 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         raise _bad(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0",
                    param="stop_token_ids", code="invalid_value")
     ignore_eos = _opt_bool(body, "ignore_eos")
+    include_stop = _opt_bool(body, "include_stop_str_in_output")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
                             stop=list(stop), logprobs=logprobs, top_k=max(top_k or 0, 0),
                             presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias,
                             repetition_penalty=repetition, min_p=min_p, min_tokens=min_tokens,
-                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos)
+                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
+                            include_stop_str_in_output=include_stop)
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 
@@ -827,23 +829,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=True)
 
 
-def _model_card(name: str, base: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "moelora", "root": base,
+def _model_card(name: str, base: str, created: int, max_model_len: int | None = None) -> dict:
+    card = {"id": name, "object": "model", "created": created, "owned_by": "moelora", "root": base,
             "parent": None if name == base else base}
+    if max_model_len is not None:  # vLLM's field
+        card["max_model_len"] = max_model_len
+    return card
 
 
 async def list_models(request: web.Request) -> web.Response:
-    base, names = await request.app[WORKER].run(lambda e: (e.base_name, list(e.adapter_names())))
+    base, names, limit = await request.app[WORKER].run(
+        lambda e: (e.base_name, list(e.adapter_names()), int(e.max_model_len)))
     created = request.app[CONFIG]["created"]
-    return web.json_response({"object": "list", "data": [_model_card(n, base, created) for n in [base, *names]]})
+    return web.json_response({"object": "list",
+                              "data": [_model_card(n, base, created, limit) for n in [base, *names]]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    base, names = await request.app[WORKER].run(lambda e: (e.base_name, list(e.adapter_names())))
+    base, names, limit = await request.app[WORKER].run(
+        lambda e: (e.base_name, list(e.adapter_names()), int(e.max_model_len)))
     if name != base and name not in names:
         raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-    return web.json_response(_model_card(name, base, request.app[CONFIG]["created"]))
+    return web.json_response(_model_card(name, base, request.app[CONFIG]["created"], limit))
 
 
 def _tokenizer_model(body: dict) -> str | None:
@@ -908,6 +916,13 @@ async def detokenize(request: web.Request) -> web.Response:
     return web.json_response({"prompt": await request.app[WORKER].run(_detokenize)})
 
 
+async def version(request: web.Request) -> web.Response:
+    """vLLM's ``GET /version``: the moelora package version."""
+    from . import __version__
+
+    return web.json_response({"version": __version__})
+
+
 async def health(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
@@ -961,48 +976,75 @@ def _require_admin(request: web.Request) -> None:
                        code="admin_disabled")
 
 
-async def load_adapter(request: web.Request) -> web.Response:
-    _require_admin(request)
-    body = await _json_body(request)
-    name = _check_name(body.get("name"))
-    path = body.get("path")
+async def _load(request: web.Request, name: Any, path: Any, name_param: str, path_param: str) -> str:
+    """Load adapter ``name`` from directory ``path`` on the engine thread -> the base model's name."""
+    name = _check_name(name, name_param)
     if not isinstance(path, str) or not path:
-        raise _bad("'path' must be a non-empty string (an adapter directory)", param="path", code="invalid_type")
+        raise _bad(f"'{path_param}' must be a non-empty string (an adapter directory)", param=path_param,
+                   code="invalid_type")
     if "\x00" in path or not os.path.isdir(path):
-        raise _bad(f"'path' is not a directory: {path[:200]}", param="path", code="invalid_value")
+        raise _bad(f"'{path_param}' is not a directory: {path[:200]}", param=path_param, code="invalid_value")
 
-    def _load(engine):
+    def _load_on_engine(engine):
         if name == engine.base_name or name in engine.adapter_names():
-            raise APIError(409, f"the model `{name}` already exists: unload it first", param="name",
+            raise APIError(409, f"the model `{name}` already exists: unload it first", param=name_param,
                            code="adapter_exists")
         try:
             engine.load_adapter(name, path)
-        except FileNotFoundError as e:
-            raise _bad(f"cannot load the adapter: {e}", param="path", code="invalid_value") from e
-        except (ValueError, KeyError, OSError) as e:
-            raise _bad(f"cannot load the adapter: {e}", param="path", code="invalid_value") from e
+        except (ValueError, KeyError, OSError) as e:  # FileNotFoundError included
+            raise _bad(f"cannot load the adapter: {e}", param=path_param, code="invalid_value") from e
         return engine.base_name
 
-    base = await request.app[WORKER].run(_load)
+    return await request.app[WORKER].run(_load_on_engine)
+
+
+async def _unload(request: web.Request, name: Any, name_param: str) -> str:
+    name = _check_name(name, name_param)
+
+    def _unload_on_engine(engine):
+        if name == engine.base_name:
+            raise _bad("the base model cannot be unloaded", param=name_param, code="invalid_value")
+        try:
+            engine.unload_adapter(name)
+        except KeyError as e:
+            raise APIError(404, f"The model `{name}` does not exist.", param=name_param,
+                           code="model_not_found") from e
+        except ValueError as e:  # in use by running/waiting requests
+            raise APIError(409, str(e), param=name_param, code="adapter_in_use") from e
+
+    await request.app[WORKER].run(_unload_on_engine)
+    return name
+
+
+async def load_adapter(request: web.Request) -> web.Response:
+    _require_admin(request)
+    body = await _json_body(request)
+    name = body.get("name")
+    base = await _load(request, name, body.get("path"), "name", "path")
     return web.json_response(_model_card(name, base, int(time.time())))
 
 
 async def unload_adapter(request: web.Request) -> web.Response:
     _require_admin(request)
-    name = _check_name(request.match_info["name"])
-
-    def _unload(engine):
-        if name == engine.base_name:
-            raise _bad("the base model cannot be unloaded", param="name", code="invalid_value")
-        try:
-            engine.unload_adapter(name)
-        except KeyError as e:
-            raise APIError(404, f"The model `{name}` does not exist.", param="name", code="model_not_found") from e
-        except ValueError as e:  # in use by running/waiting requests
-            raise APIError(409, str(e), param="name", code="adapter_in_use") from e
-
-    await request.app[WORKER].run(_unload)
+    name = await _unload(request, request.match_info["name"], "name")
     return web.json_response({"id": name, "object": "model", "deleted": True})
+
+
+async def vllm_load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` (with ``--admin``): any method's adapter."""
+    _require_admin(request)
+    body = await _json_body(request)
+    name = body.get("lora_name")
+    await _load(request, name, body.get("lora_path"), "lora_name", "lora_path")
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def vllm_unload_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's ``POST /v1/unload_lora_adapter`` ``{"lora_name"}`` (with ``--admin``)."""
+    _require_admin(request)
+    body = await _json_body(request)
+    name = await _unload(request, body.get("lora_name"), "lora_name")
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def _auth_ok(request: web.Request, api_key: str) -> bool:
@@ -1063,7 +1105,10 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False) -> 
     app.router.add_get("/v1/models/{name}", get_model)
     app.router.add_post("/v1/admin/adapters", load_adapter)
     app.router.add_delete("/v1/admin/adapters/{name}", unload_adapter)
+    app.router.add_post("/v1/load_lora_adapter", vllm_load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", vllm_unload_lora_adapter)
     app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/metrics", metrics)

@@ -495,6 +495,9 @@ def test_vllm_sampling_extras_follow_their_definitions(adapter_dirs):
 
     seq = f" {plain[0]}"
     assert eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop=[seq]))[0]["text"] == ""
+    kept = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop=[seq, seq + "9"],
+                                                          include_stop_str_in_output=True))[0]
+    assert (kept["text"], kept["finish_reason"], len(kept["token_ids"])) == (seq, "stop", 1)
     for m in (2, 3):
         r = eng.generate([ps[0]], ["lora"], SamplingParams(max_tokens=10, stop=[seq], min_tokens=m))[0]
         assert (len(r["token_ids"]), r["text"]) == deferred(seq, m)
@@ -517,6 +520,6 @@ def test_vllm_sampling_extras_follow_their_definitions(adapter_dirs):
         "token_ids"] == greedy
     for bad in (SamplingParams(repetition_penalty=0), SamplingParams(min_p=1.5), SamplingParams(min_tokens=5, max_tokens=4),
                 SamplingParams(stop_token_ids=[-1]), SamplingParams(stop_token_ids=[10**6]),
-                SamplingParams(ignore_eos=1)):
+                SamplingParams(ignore_eos=1), SamplingParams(include_stop_str_in_output="yes")):
         with pytest.raises(ValueError):
             eng.add_request("bad", ps[0], None, bad)

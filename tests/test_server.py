@@ -309,10 +309,15 @@ def test_models_and_health(server):
     assert [m["id"] for m in d["data"]] == [engine.base_name, *ADAPTERS]
     for m in d["data"]:
         assert m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"] == "moelora"
+        assert m["max_model_len"] == engine.max_model_len == 512  # vLLM's field
     assert httpx.get(url + "/v1/models/alpha").json()["id"] == "alpha"
+    assert httpx.get(url + "/v1/models/alpha").json()["max_model_len"] == 512
     assert_error(httpx.get(url + "/v1/models/nope"), 404, code="model_not_found")
     h = httpx.get(url + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    import moelora
+
+    assert httpx.get(url + "/version").json() == {"version": moelora.__version__}
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -404,6 +409,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "stop_token_ids": "3"}, 400, "invalid_value", "stop_token_ids"),
     ("/v1/completions", {**GOOD, "stop_token_ids": [999]}, 400, "invalid_value", "stop_token_ids"),
     ("/v1/completions", {**GOOD, "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
+    ("/v1/completions", {**GOOD, "include_stop_str_in_output": 1}, 400, "invalid_type", "include_stop_str_in_output"),
     # vLLM's tokenizer endpoints
     ("/tokenize", b"{", 400, "invalid_json", None),
     ("/tokenize", {}, 400, "missing_required_parameter", "prompt"),
@@ -469,7 +475,33 @@ def test_admin_disabled_by_default(server, tmp_path):
     url, engine = server
     assert_error(post(url, "/v1/admin/adapters", {"name": "new", "path": str(tmp_path)}), 403, code="admin_disabled")
     assert_error(httpx.delete(url + "/v1/admin/adapters/alpha"), 403, code="admin_disabled")
+    assert_error(post(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(tmp_path)}), 403,
+                 code="admin_disabled")
+    assert_error(post(url, "/v1/unload_lora_adapter", {"lora_name": "alpha"}), 403, code="admin_disabled")
     assert "alpha" in engine.adapters and "new" not in engine.adapters
+
+
+def test_vllm_lora_adapter_endpoints(start, tmp_path):
+    """vLLM's runtime adapter endpoints (its names and shapes), behind --admin and the API key like ours."""
+    url, engine = start(api_key="k", admin=True)
+    h = {"Authorization": "Bearer k"}
+    body = {"lora_name": "new", "lora_path": str(tmp_path)}
+    assert_error(post(url, "/v1/load_lora_adapter", body), 401)
+    r = post(url, "/v1/load_lora_adapter", body, headers=h)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'new' added successfully."
+    assert engine.adapters["new"] == str(tmp_path)
+    assert post(url, "/v1/completions", {**GOOD, "model": "new"}, headers=h).json()["choices"][0]["text"] == "new:"
+    assert_error(post(url, "/v1/load_lora_adapter", body, headers=h), 409, code="adapter_exists", param="lora_name")
+    for bad, param in (({"lora_name": "../x", "lora_path": str(tmp_path)}, "lora_name"),
+                       ({"lora_name": "ok", "lora_path": str(tmp_path / "missing")}, "lora_path"),
+                       ({"lora_name": "ok"}, "lora_path")):
+        assert_error(post(url, "/v1/load_lora_adapter", bad, headers=h), 400, param=param)
+    r = post(url, "/v1/unload_lora_adapter", {"lora_name": "new"}, headers=h)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'new' removed successfully."
+    assert "new" not in engine.adapters
+    assert_error(post(url, "/v1/unload_lora_adapter", {"lora_name": "new"}, headers=h), 404, code="model_not_found")
+    assert_error(post(url, "/v1/unload_lora_adapter", {"lora_name": engine.base_name}, headers=h), 400)
+    assert_error(post(url, "/v1/unload_lora_adapter", {}, headers=h), 400, param="lora_name")
 
 
 def test_admin_load_unload(start, tmp_path):
@@ -938,6 +970,12 @@ def test_real_engine_vllm_extras_reach_the_engine(real_server):
     d = post(url, "/v1/completions", {**body, "stop_token_ids": [65], "logit_bias": {"65": 100}}).json()
     assert (d["usage"]["completion_tokens"], d["choices"][0]["text"], d["choices"][0]["finish_reason"]) == (1, "", "stop")
     plain = post(url, "/v1/completions", {**body, "max_tokens": 12}).json()["choices"][0]["text"]
+    stop = plain.strip()[:3]
+    for include in (False, True):
+        c = post(url, "/v1/completions", {**body, "max_tokens": 12, "stop": [stop],
+                                          "include_stop_str_in_output": include}).json()["choices"][0]
+        cut = plain.index(stop)
+        assert (c["text"], c["finish_reason"]) == (plain[:cut + len(stop) * include], "stop")
     rep = post(url, "/v1/completions", {**body, "max_tokens": 12, "repetition_penalty": 5.0}).json()["choices"][0]
     assert rep["text"] != plain
     hot = {**body, "max_tokens": 12, "temperature": 2, "seed": 5}
