@@ -324,6 +324,7 @@ class _Req:
     echo_texts: list[str] | None = None  # per choice, set by _submit
     prompts: list[str | list[int]] | None = None  # completions: one or more prompts (a batch)
     messages: list[dict] | None = None
+    template: dict | None = None  # chat: the chat template's options (_chat_options)
 
     @property
     def num_choices(self) -> int:
@@ -457,7 +458,32 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 def _parse_chat(body: dict) -> _Req:
     req = _parse_common(body, chat=True)
     req.messages = _check_messages(body.get("messages"))
+    req.template = _chat_options(body)
     return req
+
+
+_TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                      "tools", "documents", "chat_template", "return_tensors", "return_dict", "tokenizer_kwargs"}
+
+
+def _chat_options(body: dict) -> dict:
+    """vLLM's chat-template fields: ``add_generation_prompt`` (default true), ``continue_final_message``
+    (default false: true continues the last, assistant, message instead of opening a new one) and
+    ``chat_template_kwargs`` (extra variables for the template, e.g. Qwen3's ``enable_thinking``)."""
+    gen = _opt_bool(body, "add_generation_prompt") if body.get("add_generation_prompt") is not None else True
+    cont = _opt_bool(body, "continue_final_message")
+    if gen and cont:
+        raise _bad("'continue_final_message' needs add_generation_prompt=false", param="continue_final_message",
+                   code="invalid_value")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict) or any(not isinstance(k, str) for k in kwargs):
+        raise _bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs", code="invalid_type")
+    bad = sorted(set(kwargs) & _TEMPLATE_RESERVED)
+    if bad:
+        raise _bad(f"'chat_template_kwargs' may not set {bad}", param="chat_template_kwargs", code="invalid_value")
+    return {"add_generation_prompt": gen, "continue_final_message": cont, "kwargs": kwargs}
 
 
 def _check_messages(messages: Any) -> list[dict]:
@@ -518,15 +544,18 @@ def _choice_seed(seed: int | None, j: int) -> int | None:
     return s - 2**64 if s > 2**64 - 1 else s
 
 
-def _chat_ids(engine: Any, messages: list[dict], add_generation_prompt: bool = True,
+def _chat_ids(engine: Any, messages: list[dict], template: dict | None = None,
               add_special_tokens: bool = False) -> list[int]:
     """Runs on the engine thread: chat messages through the tokenizer's chat template -> token ids."""
     tok = engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions", param="messages",
                    code="no_chat_template")
+    t = template or {"add_generation_prompt": True, "continue_final_message": False, "kwargs": {}}
+    opts = {"continue_final_message": True} if t["continue_final_message"] else {}  # (only when asked)
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = tok.apply_chat_template(messages, add_generation_prompt=t["add_generation_prompt"], tokenize=False,
+                                       **opts, **t["kwargs"])
     except Exception as e:  # template errors (roles must alternate, ...) are the caller's
         raise _bad(f"the chat template rejected the messages: {e}", param="messages", code="invalid_value") from e
     return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -536,7 +565,7 @@ def _prompt_ids(engine: Any, req: _Req, prompt: str | list[int] | None) -> tuple
     """Runs on the engine thread: one prompt (or the chat messages) -> token ids, checked against the vocabulary."""
     tok = engine.tokenizer
     if req.messages is not None:
-        ids, param = _chat_ids(engine, req.messages), "messages"
+        ids, param = _chat_ids(engine, req.messages, req.template), "messages"
     elif isinstance(prompt, str):
         ids, param = list(tok(prompt)["input_ids"]), "prompt"
     else:
@@ -876,7 +905,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if messages is None and not isinstance(prompt, str):
         raise _bad("'prompt' must be a string", param="prompt", code="invalid_type")
     special = _opt_bool(body, "add_special_tokens") if body.get("add_special_tokens") is not None else messages is None
-    gen_prompt = _opt_bool(body, "add_generation_prompt") if body.get("add_generation_prompt") is not None else True
+    template = _chat_options(body) if messages is not None else None
     strs = _opt_bool(body, "return_token_strs")
 
     def _tokenize(engine):
@@ -884,7 +913,7 @@ async def tokenize(request: web.Request) -> web.Response:
             _resolve_adapter(engine, model)
         tok = engine.tokenizer
         if messages is not None:
-            ids = _chat_ids(engine, messages, gen_prompt, special)
+            ids = _chat_ids(engine, messages, template, special)
         else:
             ids = list(tok(prompt, add_special_tokens=special)["input_ids"])
         to_strs = getattr(tok, "convert_ids_to_tokens", None)

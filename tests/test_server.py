@@ -410,6 +410,12 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_
     ("/v1/completions", {**GOOD, "stop_token_ids": [999]}, 400, "invalid_value", "stop_token_ids"),
     ("/v1/completions", {**GOOD, "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
     ("/v1/completions", {**GOOD, "include_stop_str_in_output": 1}, 400, "invalid_type", "include_stop_str_in_output"),
+    ("/v1/chat/completions", {**CHAT, "continue_final_message": True}, 400, "invalid_value",
+     "continue_final_message"),  # needs add_generation_prompt false
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": [1]}, 400, "invalid_type", "chat_template_kwargs"),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"tokenize": True}}, 400, "invalid_value",
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {**CHAT, "add_generation_prompt": "no"}, 400, "invalid_type", "add_generation_prompt"),
     # vLLM's tokenizer endpoints
     ("/tokenize", b"{", 400, "invalid_json", None),
     ("/tokenize", {}, 400, "missing_required_parameter", "prompt"),
@@ -988,3 +994,33 @@ def test_real_engine_vllm_extras_reach_the_engine(real_server):
     msgs = [{"role": "user", "content": "hi"}]
     chat = post(url, "/v1/chat/completions", {"model": "lora-a", "messages": msgs, "max_tokens": 2}).json()
     assert post(url, "/tokenize", {"messages": msgs}).json()["count"] == chat["usage"]["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_real_engine_chat_template_options(real_server):
+    """add_generation_prompt, continue_final_message and chat_template_kwargs reach the tokenizer's chat
+    template, in chat completions and /tokenize alike."""
+    url, engine = real_server
+    tok = engine.tokenizer
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "The answer is"}]
+
+    def count(**kw):
+        return post(url, "/v1/chat/completions", {"model": "lora-a", "messages": msgs, "max_tokens": 1, **kw}
+                    ).json()["usage"]["prompt_tokens"]
+
+    def ids(**kw):
+        return post(url, "/tokenize", {"messages": msgs, **kw}).json()["tokens"]
+
+    for kw, ref in (({}, dict(add_generation_prompt=True)),
+                    ({"add_generation_prompt": False}, dict(add_generation_prompt=False)),
+                    ({"add_generation_prompt": False, "continue_final_message": True},
+                     dict(add_generation_prompt=False, continue_final_message=True))):
+        expect = tok(tok.apply_chat_template(msgs, tokenize=False, **ref), add_special_tokens=False)["input_ids"]
+        assert ids(**kw) == expect and count(**kw) == len(expect)
+    cont = post(url, "/detokenize", {"tokens": ids(add_generation_prompt=False, continue_final_message=True)})
+    assert cont.json()["prompt"].endswith("The answer is")  # the assistant's turn is left open
+    tok.chat_template = "{% for m in messages %}{{ m.content }}|{% endfor %}{% if shout %}!!{% endif %}"
+    plain = post(url, "/detokenize", {"tokens": ids()}).json()["prompt"]
+    loud = post(url, "/detokenize", {"tokens": ids(chat_template_kwargs={"shout": True})}).json()["prompt"]
+    assert (plain, loud) == ("What is 2+2?|The answer is|", "What is 2+2?|The answer is|!!")
+    assert count(chat_template_kwargs={"shout": True}) == count() + len(tok("!!", add_special_tokens=False)["input_ids"])
