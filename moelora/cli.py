@@ -261,8 +261,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.adapter_budget_mb is not None and args.adapter_budget_mb <= 0:
         raise ValueError(f"--adapter-budget-mb must be positive, got {args.adapter_budget_mb}")
     budget = None if args.adapter_budget_mb is None else int(args.adapter_budget_mb * 2**20)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if args.served_model_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}",
+                                                                args.served_model_name):
+        raise ValueError(f"--served-model-name {args.served_model_name!r}: use 1-128 letters, digits, '_', '-', "
+                         "'.', ':', '/'")
+    if args.served_model_name in adapters:
+        raise ValueError(f"--served-model-name {args.served_model_name!r} is also an --adapter name")
     engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_batch,
-                                    max_queue=args.max_queue, device=device, adapter_budget_bytes=budget)
+                                    max_queue=args.max_queue, device=device, adapter_budget_bytes=budget,
+                                    dtype=args.dtype, max_model_len=args.max_model_len,
+                                    base_name=args.served_model_name)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin)
     return 0
 
@@ -338,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="base model weights (auto: bfloat16 on a GPU that has it, else float32)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit for prompt + completion (default and maximum: the model's)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in the API (default: its directory's name)")
     p.add_argument("--adapter-budget-mb", type=float, default=None,
                    help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
                         "evicted and reloaded from their directory on demand (default: no limit)")

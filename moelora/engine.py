@@ -406,7 +406,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(max_model_len or limit, limit)
+        if max_model_len is not None and not 2 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len must be between 2 and the model's {limit} positions, got {max_model_len}")
+        self.max_model_len = max_model_len or limit
         self.base_name = base_name or Path(str(getattr(model.config, "_name_or_path", "") or "base")).name or "base"
         self.pool = AdapterPool(model, adapter_budget_bytes)
         self.device = next(model.parameters()).device

@@ -710,6 +710,28 @@ def test_cli_serve_rejects_bad_adapter_specs(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     assert main(["serve", "--adapter-budget-mb", "0"]) == 2
     assert "--adapter-budget-mb must be positive" in capsys.readouterr().err
+    assert main(["serve", "--served-model-name", "a b"]) == 2
+    assert main(["serve", "--adapter", f"a={tmp_path}", "--served-model-name", "a"]) == 2
+    assert "also an --adapter name" in capsys.readouterr().err
+
+
+def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monkeypatch, capsys):
+    """--dtype, --max-model-len and --served-model-name (vLLM's flags) configure the engine it serves."""
+    import moelora.server
+    from moelora.cli import main
+
+    served = []
+    monkeypatch.setattr(moelora.server, "run_server", lambda engine, **kw: served.append((engine, kw)))
+    assert main(["serve", "--model", str(tiny_model_dir), "--adapter", f"a={real_adapters['lora-a']}",
+                 "--device", "cpu", "--dtype", "bfloat16", "--max-model-len", "100",
+                 "--served-model-name", "org/tiny-llama", "--port", "0"]) == 0
+    engine, kw = served[0]
+    assert (engine.max_model_len, engine.base_name, engine.adapter_names()) == (100, "org/tiny-llama", ["a"])
+    assert next(engine.model.parameters()).dtype == torch.bfloat16 and kw["port"] == 0
+    limit = engine.model.config.max_position_embeddings
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--max-model-len", str(limit + 1)]) == 2
+    assert f"between 2 and the model's {limit} positions" in capsys.readouterr().err
+    assert len(served) == 1
 
 
 # ------------------------------------------------------------------------------------------- real engine
