@@ -1102,6 +1102,20 @@ def test_fuzzed_requests_get_an_answer_or_an_openai_error(server):
         assert _wait_for(lambda: not engine.running and not engine.waiting)
         assert client.post(url + "/v1/completions", json=GOOD).status_code == 200
     assert statuses.get(200, 0) >= 40 and statuses.get(400, 0) >= 100  # both paths were exercised
+    import random
+
+    rnd, answered = random.Random(2), set()
+    keys = ["prompt", "messages", "model", "tokens", "add_special_tokens", "add_generation_prompt",
+            "return_token_strs", "continue_final_message", "chat_template_kwargs"]
+    client = httpx.Client(timeout=30)
+    for i in range(200):
+        body = {k: rnd.choice(FUZZ_VALUES) for k in rnd.sample(keys, rnd.randint(1, 4))}
+        r = client.post(url + ("/tokenize" if i % 2 else "/detokenize"), content=json.dumps(body))
+        assert r.status_code in (200, 400, 404), (r.status_code, body, r.text[:300])
+        assert r.status_code == 200 or set(r.json()["error"]) == ERROR_KEYS
+        answered.add((i % 2, r.status_code))
+    client.close()
+    assert {(0, 200), (1, 200), (0, 400), (1, 400)} <= answered
 
 
 @pytest.mark.slow
