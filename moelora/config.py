@@ -56,7 +56,7 @@ class AdapterConfig:
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.target_modules is not None:
-            if isinstance(self.target_modules, str) or not all(
+            if not isinstance(self.target_modules, (list, tuple)) or not all(
                 isinstance(t, str) and t for t in self.target_modules
             ):
                 raise ConfigError(f"target_modules must be a list of module names, got {self.target_modules!r}")
@@ -242,12 +242,14 @@ METHOD_CONFIGS: dict[str, type[AdapterConfig]] = {c.method: c for c in (LoraConf
 
 def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     """Build a config from a ``{"type": method, **fields}`` dict (the CLI's ``method:`` block)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"the method block must be a mapping like {{type: lora, r: 8}}, got {type(d).__name__}")
     d = dict(d)
     kind = d.pop("type", None)
     if kind == "dora":
         d["use_dora"] = True
         kind = "lora"
-    if kind not in METHOD_CONFIGS:
+    if not isinstance(kind, str) or kind not in METHOD_CONFIGS:  # (a list or mapping is not hashable)
         names = [*METHOD_CONFIGS, "dora"]
         raise ConfigError(f"unknown method type {kind!r}{did_you_mean(str(kind), names)}; choose from {names}")
     return METHOD_CONFIGS[kind].from_dict(d)

@@ -152,9 +152,12 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:
-        return isinstance(value, list)
+        (item,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and (item is Any or all(_type_ok(v, item) for v in value))
     if origin is dict:
-        return isinstance(value, dict)
+        key, item = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all((key is Any or _type_ok(k, key)) and (item is Any or _type_ok(v, item))
+                                               for k, v in value.items())
     return isinstance(value, tp)
 
 
@@ -209,11 +212,16 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"override {item!r}: no list item {part!r} in {'.'.join(parts[:i])}")
                 node = node[int(part)]
-            else:
+            elif isinstance(node, dict):
                 if node.get(part) is None:
                     node[part] = {}
                 node = node[part]
+            else:
+                break
         last = parts[-1]
+        if not isinstance(node, (dict, list)):
+            where = ".".join(parts[:-1])
+            raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping or a list with keys to set")
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ConfigError(f"override {item!r}: no list item {last!r}")

@@ -582,3 +582,80 @@ def test_loading_warns_when_the_tokenizers_eos_is_not_a_generation_end_token(tin
     gen.save_pretrained(bad)
     with pytest.warns(UserWarning, match="is not among the generation config's end tokens"):
         load_model_and_tokenizer(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# fuzzed run configs
+
+FUZZ_CONFIG_VALUES = [None, True, 0, 1, -1, 2, 0.5, -0.5, 1e30, "", "x", "lora", "mixlora", "milora", "dora", "auto",
+                      "choice", [], [1], ["q_proj"], ["x"], {}, {"a": 1}, {"type": "lora"}, {"path": 3},
+                      [{"path": "nope.json"}], [{"format": "text"}], "q_proj", "4bit", {"lora": {"type": "lora"}},
+                      {"lora": "x"}, {"../x": {"type": "lora"}}]
+FUZZ_CONFIG_KEYS = ["model", "method", "method.type", "method.r", "method.top_k", "method.num_experts",
+                    "method.lora_alpha", "method.target_modules", "method.routing", "method.pooler", "method.bogus",
+                    "data", "data.0", "data.0.path", "data.0.format", "data.0.weight", "data.0.name", "train",
+                    "train.max_steps", "train.lr", "train.batch_size", "train.cutoff_len", "train.precision",
+                    "train.lr_scheduler", "train.seed", "train.nope", "eval", "eval.data", "eval.protocol",
+                    "eval.limit", "output_dir", "quantization", "adapters", "whatever"]
+
+
+def test_config_shapes_the_fuzzer_found_are_config_errors(tmp_path):
+    """Each of these once escaped as a TypeError (a traceback instead of one line)."""
+    from moelora.config import config_from_dict
+
+    for bad, msg in (({"type": {}}, "unknown method type"), ({"type": ["lora"]}, "unknown method type"),
+                     ({"type": "lora", "target_modules": True}, "target_modules must be a list")):
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(bad)
+    with pytest.raises(ConfigError, match="method block must be a mapping"):
+        config_from_dict("lora")
+    with pytest.raises(ConfigError, match="override 'method.r=4': method is 'x', not a mapping"):
+        load_run_config(None, ["method=x", "method.r=4"])
+    with pytest.raises(ConfigError, match="eval.data must be list"):
+        load_run_config(None, ["eval.data=[{path: a.json}]"])
+    with pytest.raises(ConfigError, match="adapters must be"):
+        load_run_config(None, ["adapters={3: {type: lora}}"])
+
+
+def test_fuzzed_run_configs_load_or_name_the_problem(tmp_path):
+    """600 random mutations of a valid config, as YAML files and as overrides: each one loads or raises one of
+    the errors the CLI reports in one line (ConfigError, DataError: ValueErrors), never another exception."""
+    import random
+
+    import yaml
+
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    good = {"method": {"type": "mixlora", "num_experts": 4, "top_k": 2, "r": 8},
+            "data": [{"path": str(tmp_path / "d.jsonl"), "format": "llm-adapters"}],
+            "train": {"max_steps": 2, "batch_size": 2}, "output_dir": str(tmp_path / "out"),
+            "eval": {"data": [str(tmp_path / "d.jsonl")], "protocol": "generate"}}
+    assert load_run_config(None, [f"{k}={json.dumps(v)}" for k, v in good.items()]).adapter_config().method == "mixlora"
+    rnd = random.Random(0)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(600):
+        d = json.loads(json.dumps(good))
+        overrides = []
+        for key in rnd.sample(FUZZ_CONFIG_KEYS, rnd.randint(1, 3)):
+            value = rnd.choice(FUZZ_CONFIG_VALUES)
+            if i % 2:  # as a command-line override
+                overrides.append(f"{key}={json.dumps(value)}")
+                continue
+            node, parts = d, key.split(".")
+            try:
+                for part in parts[:-1]:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                if isinstance(node, list):
+                    node[int(parts[-1])] = value
+                else:
+                    node[parts[-1]] = value
+            except (KeyError, IndexError, TypeError, ValueError):
+                pass  # an earlier mutation replaced the parent: nothing to set
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(d))
+        try:
+            load_run_config(path, overrides)
+            outcomes["ok"] += 1
+        except ValueError as e:  # ConfigError and DataError
+            assert str(e).strip() and "Traceback" not in str(e), (d, overrides)
+            outcomes["error"] += 1
+    assert outcomes["ok"] >= 10 and outcomes["error"] >= 300, outcomes
