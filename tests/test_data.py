@@ -523,3 +523,46 @@ def test_embedded_smollm2_chat_template(tmp_path):
     full = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
                                    tokenize=False)
     assert full.startswith(tok.decode(enc["input_ids"]))
+
+
+FUZZ_ITEM_VALUES = [None, True, 0, 1.5, "", " ", "x", "answer2", "true", "Answer1: a Answer2: b", [], ["x"], {},
+                    {"role": "user"}, [{"role": "assistant", "content": "hi"}], [{"role": "user", "content": 3}],
+                    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "\u00e9\ud800"[:1],
+                    "x" * 3000]
+FUZZ_ITEM_KEYS = ["instruction", "input", "output", "answer", "text", "messages", "role", "extra"]
+
+
+@pytest.mark.parametrize("fmt", ["llm-adapters", "llm-adapters-options", "messages", "text"])
+def test_fuzzed_data_files_read_or_name_the_problem(tmp_path, tok, fmt):
+    """300 files of random items (wrong types, missing fields, junk lines) per format: each one reads and
+    encodes, or raises a DataError naming the file; never another exception."""
+    import random
+
+    rnd = random.Random(fmt)
+    good = {"llm-adapters": {"instruction": "q", "output": "the correct answer is true", "answer": "true"},
+            "llm-adapters-options": {"instruction": "q Answer1: a Answer2: b", "output": "x", "answer": "answer2"},
+            "messages": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "text": {"text": "hello world"}}[fmt]
+    outcomes = Counter()
+    for i in range(300):
+        items = []
+        for _ in range(rnd.randint(1, 3)):
+            item = json.loads(json.dumps(good))
+            for key in rnd.sample(FUZZ_ITEM_KEYS, rnd.randint(0, 2)):
+                item[key] = rnd.choice(FUZZ_ITEM_VALUES)
+            items.append(item if rnd.random() > 0.05 else rnd.choice(FUZZ_ITEM_VALUES))
+        path = tmp_path / f"f{i}.{'jsonl' if i % 2 else 'json'}"
+        if i % 2:
+            lines = [json.dumps(x) for x in items] + (["{broken"] if rnd.random() < 0.1 else [])
+            path.write_text("\n".join(lines) + "\n")
+        else:
+            path.write_text(json.dumps(items) if rnd.random() > 0.05 else "[{")
+        try:
+            examples = read_examples(DataSource(str(path), format=fmt), tok)
+            for ex in examples:
+                encode_example(ex, tok, cutoff_len=64)
+            outcomes["ok"] += 1
+        except DataError as e:
+            assert str(path) in str(e), str(e)
+            outcomes["error"] += 1
+    assert outcomes["ok"] >= 20 and outcomes["error"] >= 20, outcomes
