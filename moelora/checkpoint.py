@@ -112,7 +112,7 @@ def config_from_checkpoint(d: dict[str, Any], where: str) -> AdapterConfig:
 
         fields = dict(ours["config"])
         method = fields.pop("moelora_method", ours.get("method"))
-        if method not in METHOD_CONFIGS:
+        if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise CheckpointError(f"{where}: unknown moelora method {method!r}")
         try:
             return METHOD_CONFIGS[method].from_dict(fields)
@@ -126,7 +126,7 @@ def config_from_checkpoint(d: dict[str, Any], where: str) -> AdapterConfig:
             return _moe_peft_config(d, where)
         if peft_type == "MILORA":
             raise CheckpointError(f"{where}: a MILORA config without its 'moelora' block cannot be rebuilt")
-    except ConfigError as e:
+    except (ConfigError, TypeError) as e:  # TypeError: a field of the wrong JSON type
         raise CheckpointError(f"{where}: invalid adapter config: {e}") from e
     raise CheckpointError(f"{where}: unsupported peft_type {peft_type!r} (moelora loads LORA, MIXLORA and MILORA)")
 
@@ -137,10 +137,16 @@ def _require(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
+def _check_names(targets: Any, where: str) -> None:
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise CheckpointError(f"{where}: target_modules must be a list of module names, got {targets!r}")
+
+
 def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
     targets = _require(d, "target_modules", where)
-    if not isinstance(targets, list):
+    if isinstance(targets, str):
         raise CheckpointError(f"{where}: target_modules as a regex ({targets!r}) is not supported; list the names")
+    _check_names(targets, where)
     unsupported = {
         "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
         "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
@@ -162,9 +168,12 @@ def _moe_peft_config(d: dict[str, Any], where: str) -> MixLoraConfig:
     if d.get("use_dora"):
         raise CheckpointError(f"{where}: MixLoRA with use_dora is not supported (MoE-PEFT does not save the magnitudes)")
     expert = d.get("expert_lora") or {}
+    if not isinstance(expert, dict):
+        raise CheckpointError(f"{where}: expert_lora must be an object, got {type(expert).__name__}")
     targets = _require(d, "target_modules", where)
     if isinstance(targets, dict):
         targets = [k for k, v in targets.items() if v]
+    _check_names(targets, where)
     return MixLoraConfig(
         r=_require(d, "r", where), lora_alpha=_require(d, "lora_alpha", where), lora_dropout=d.get("lora_dropout", 0.0),
         target_modules=list(targets), use_rslora=bool(d.get("use_rslora", False)),

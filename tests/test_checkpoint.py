@@ -895,3 +895,71 @@ def test_model_names_resolve_to_embedded_models(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown embedded model 'nope'"):
         emb.embedded_model_dir("nope")
+
+
+def test_config_shapes_the_fuzzer_found_are_checkpoint_errors():
+    """Each of these once escaped as a TypeError or AttributeError."""
+    from moelora.checkpoint import config_from_checkpoint
+
+    peft = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    moe = {"peft_type": "MIXLORA", "routing_strategy": "mixlora", "r": 4, "lora_alpha": 8, "num_experts": 4,
+           "target_modules": ["gate_proj"]}
+    for d, msg in (({"moelora": {"config": {"moelora_method": ["lora"]}}}, "unknown moelora method"),
+                   ({**peft, "target_modules": [1, "q_proj"]}, "target_modules must be a list of module names"),
+                   ({**peft, "r": "4"}, "invalid adapter config"),
+                   ({**moe, "expert_lora": [4]}, "expert_lora must be an object"),
+                   ({**moe, "target_modules": 7}, "target_modules must be a list of module names")):
+        with pytest.raises(CheckpointError, match=msg):
+            config_from_checkpoint(d, "adapter_config.json")
+    assert config_from_checkpoint(peft, "x").r == 4 and config_from_checkpoint(moe, "x").num_experts == 4
+
+
+FUZZ_JSON_VALUES = [None, True, 0, -1, 3, 2.5, 1e30, "", "x", "lora", "mixlora", "milora", "LORA", "IA3", [], [1],
+                    ["q_proj"], {}, {"a": 1}, {"type": "lora"}, "0" * 80]
+
+
+def _json_paths(node, prefix=()):
+    """Every key path of a JSON object (dicts only)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield (*prefix, k)
+            yield from _json_paths(v, (*prefix, k))
+
+
+@pytest.mark.parametrize("cfg", [SOURCE_CFG, LoraConfig(r=4, use_dora=True), MiLoraConfig(r=4)],
+                         ids=["mixlora", "dora", "milora"])
+def test_fuzzed_adapter_configs_load_or_raise_checkpoint_errors(tmp_path, cfg):
+    """150 random mutations of a saved adapter_config.json (values replaced, keys dropped or added): each
+    loads or raises a CheckpointError, never another exception, and a refused load leaves the model as it was."""
+    src = trained("llama", cfg, seed=2)
+    moelora.save_adapter(src, tmp_path / "src")
+    original = json.loads((tmp_path / "src" / CONFIG).read_text())
+    paths = list(_json_paths(original))
+    rnd = random.Random(repr(cfg))
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(150):
+        d = json.loads(json.dumps(original))
+        for path in rnd.sample(paths, rnd.randint(1, 3)):
+            node = d
+            for k in path[:-1]:
+                node = node.get(k) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                continue
+            if rnd.random() < 0.2:
+                node.pop(path[-1], None)
+            else:
+                node[path[-1] if rnd.random() < 0.9 else "bogus_key"] = rnd.choice(FUZZ_JSON_VALUES)
+        target = tmp_path / f"c{i}"
+        shutil.copytree(tmp_path / "src", target)
+        (target / CONFIG).write_text(json.dumps(d))
+        model = tiny_model("llama")
+        before = model_state(model)
+        try:
+            moelora.load_adapter(model, target)
+            outcomes["ok"] += 1
+        except CheckpointError as e:
+            assert str(e).strip()
+            assert_model_unchanged(model, before)
+            outcomes["error"] += 1
+        shutil.rmtree(target)
+    assert outcomes["ok"] >= 5 and outcomes["error"] >= 20, outcomes
