@@ -15,7 +15,16 @@ Formats (``DataSource.format``):
 - ``messages``: ``{"messages": [{"role", "content"}, ...]}``. The loss is on the **last assistant
   message**; the prompt is the tokenizer's chat template applied to the messages before it with
   ``add_generation_prompt=True`` (earlier assistant turns are part of the prompt and masked;
-  messages after the last assistant message are ignored).
+  messages after the last assistant message are ignored). With ``turns: all`` (``DataSource.turns``)
+  the loss is on **every assistant message** and on the token that ends it in the template (e.g.
+  ``<|im_end|>``), as LLaMA-Factory trains conversations: the whole conversation is rendered once,
+  each assistant message is located in it by rendering the template turn by turn (a template that
+  rewrites earlier turns, such as Qwen3's thinking removal, is refused with the item named), and the
+  labels come from the tokenizer's character offsets (a fast tokenizer is needed).
+  ``prompt_length`` (MiLoRA's routing prompt) is then the part before the first assistant message.
+- ``sharegpt``: ``{"conversations": [{"from", "value"}, ...], "system": optional}`` (LLaMA-Factory's
+  and FastChat's layout; ``from``: ``human``/``user``, ``gpt``/``assistant``, ``system``), read as
+  ``messages`` (``turns`` applies the same way).
 - ``text``: ``{"text": ...}`` objects in JSON/JSONL, or any other file (``.txt``) read as one
   example per non-empty line. The prompt is empty: the loss is on every token.
 
@@ -84,7 +93,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("llm-adapters", "alpaca", "llm-adapters-options", "messages", "text")
+FORMATS = ("llm-adapters", "alpaca", "llm-adapters-options", "messages", "sharegpt", "text")
+CHAT_FORMATS = ("messages", "sharegpt")
+TURNS = ("last", "all")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ANSWER_PREFIX = "the correct answer is"  # the fixed start of every llm-adapters commonsense output
 IGNORE_INDEX = -100
 
@@ -125,6 +137,8 @@ class DataSource:
     name: str | None = None
     """Task name; default: the parent directory's name for ``train.json``/``test.json`` (any split
     stem: train, test, dev, valid, validation; any suffix), else the file's stem."""
+    turns: str = "last"
+    """``messages``/``sharegpt``: the loss on the ``last`` assistant message, or on ``all`` of them."""
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -139,6 +153,11 @@ class DataSource:
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise DataError(f"{self.path}: weight must be a finite number > 0, got {w!r}")
+        if self.turns not in TURNS:
+            raise DataError(f"{self.path}: turns must be 'last' or 'all', got {self.turns!r}")
+        if self.turns != "last" and self.format not in CHAT_FORMATS:
+            raise DataError(f"{self.path}: turns={self.turns!r} applies to the chat formats "
+                            f"({', '.join(CHAT_FORMATS)}), not {self.format!r}")
         if self.name is None:
             p = Path(self.path)
             self.name = p.parent.name if p.stem in _SPLIT_STEMS and p.parent.name else p.stem
@@ -169,6 +188,10 @@ class Example:
     task: str
     answer: str | None = None
     """The llm-adapters ``answer`` label, for evaluation."""
+    spans: list[tuple[int, int]] | None = None
+    """``turns: all``: the whole conversation is ``prompt`` (``response`` is its last assistant
+    message, for reference) and the loss is on these character spans of it (each assistant message)
+    plus the token after each (the template's end of turn)."""
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -301,12 +324,12 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
     """The usable examples of ``source`` and the number of items skipped (empty response)."""
     path = Path(source.path)
     fmt, task = source.format, source.name
-    if fmt == "messages":
+    if fmt in CHAT_FORMATS:
         if tokenizer is None:
-            raise DataError(f"{path}: format 'messages' needs a tokenizer (for its chat template)")
+            raise DataError(f"{path}: format {fmt!r} needs a tokenizer (for its chat template)")
         if not _has_chat_template(tokenizer):
             raise DataError(
-                f"{path}: format 'messages' needs a tokenizer with a chat template, and "
+                f"{path}: format {fmt!r} needs a tokenizer with a chat template, and "
                 f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'unnamed'}) has none; "
                 "use format 'llm-adapters' or 'text', or set tokenizer.chat_template"
             )
@@ -330,26 +353,16 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
         elif fmt == "text":
             item = _object(path, loc, item, "'text'")
             ex = Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
-        else:  # messages
-            item = _object(path, loc, item, "'messages'")
-            messages = _field(path, loc, item, "messages", required=True, types=(list,), what="a list")
-            for j, m in enumerate(messages, 1):
-                if not isinstance(m, dict):
-                    raise DataError(f"{path}, {loc}: message {j} must be an object with 'role' and "
-                                    f"'content', got {_json_type(m)}")
-                for key in ("role", "content"):
-                    _field(path, f"{loc}, message {j}", m, key, required=True)
+        else:  # messages, sharegpt
+            messages = _messages(path, loc, item) if fmt == "messages" else _sharegpt(path, loc, item)
             last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last is None:
                 raise DataError(f"{path}, {loc}: no message with role 'assistant' (the loss is on the last one)")
-            context = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-            try:
-                prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # jinja errors, e.g. a template that requires alternating roles
-                raise DataError(f"{path}, {loc}: the chat template failed: {type(e).__name__}: {e}") from None
-            if not isinstance(prompt, str):
-                raise DataError(f"{path}, {loc}: the chat template returned {type(prompt).__name__}, not text")
-            ex = Example(prompt=prompt, response=messages[last]["content"], task=task)
+            if source.turns == "all":
+                ex = _conversation(path, loc, messages[: last + 1], tokenizer, task)
+            else:
+                prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True)
+                ex = Example(prompt=prompt, response=messages[last]["content"], task=task)
         if not ex.response.strip():
             skipped += 1
             continue
@@ -358,6 +371,66 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
         why = f" ({skipped} item(s) with an empty response skipped)" if skipped else " (the file has no items)"
         raise DataError(f"{path}: no usable examples{why}")
     return examples, skipped
+
+
+def _messages(path: Path, loc: str, item: Any) -> list[dict]:
+    item = _object(path, loc, item, "'messages'")
+    messages = _field(path, loc, item, "messages", required=True, types=(list,), what="a list")
+    for j, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise DataError(f"{path}, {loc}: message {j} must be an object with 'role' and "
+                            f"'content', got {_json_type(m)}")
+        for key in ("role", "content"):
+            _field(path, f"{loc}, message {j}", m, key, required=True)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _sharegpt(path: Path, loc: str, item: Any) -> list[dict]:
+    item = _object(path, loc, item, "'conversations'")
+    turns = _field(path, loc, item, "conversations", required=True, types=(list,), what="a list")
+    system = _field(path, loc, item, "system", required=False)
+    out = [{"role": "system", "content": system}] if system else []
+    for j, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            raise DataError(f"{path}, {loc}: turn {j} must be an object with 'from' and 'value', got {_json_type(t)}")
+        who = _field(path, f"{loc}, turn {j}", t, "from", required=True)
+        if who not in _SHAREGPT_ROLES:
+            raise DataError(f"{path}, {loc}, turn {j}: 'from' must be one of {sorted(_SHAREGPT_ROLES)}, got {who!r}"
+                            " (tool calls are not supported)")
+        out.append({"role": _SHAREGPT_ROLES[who], "content": _field(path, f"{loc}, turn {j}", t, "value", required=True)})
+    return out
+
+
+def _render(path: Path, loc: str, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja errors, e.g. a template that requires alternating roles
+        raise DataError(f"{path}, {loc}: the chat template failed: {type(e).__name__}: {e}") from None
+    if not isinstance(text, str):
+        raise DataError(f"{path}, {loc}: the chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def _conversation(path: Path, loc: str, messages: list[dict], tokenizer, task: str) -> Example:
+    """``turns: all``: the conversation up to its last assistant message, with that message and every
+    earlier one located as character spans of the rendered text."""
+    full = _render(path, loc, tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant" or not m["content"].strip():
+            continue
+        before = _render(path, loc, tokenizer, messages[:k], add_generation_prompt=True)
+        through = _render(path, loc, tokenizer, messages[: k + 1], add_generation_prompt=False)
+        if not (full.startswith(through) and through.startswith(before)):
+            raise DataError(f"{path}, {loc}: the chat template is not incremental (it renders earlier turns "
+                            "differently once later ones follow): train it with turns: last")
+        content = m["content"].strip()
+        at = through.find(content, len(before))
+        if at < 0:
+            raise DataError(f"{path}, {loc}: the chat template changes assistant message {k + 1}'s text, so its "
+                            "tokens cannot be located: train it with turns: last")
+        spans.append((at, at + len(content)))
+    return Example(prompt=full, response=messages[-1]["content"], task=task, spans=spans)
 
 
 def read_examples(source: DataSource, tokenizer=None) -> list[Example]:
@@ -434,9 +507,54 @@ def _assemble(prompt_raw: list[int], resp_ids: list[int], prefix: list[int], eos
     }
 
 
+def _encode_conversation(ex: Example, tokenizer, prefix: list[int], cutoff_len: int) -> dict:
+    """``turns: all``: one tokenization of the conversation; labels on the tokens that overlap an
+    assistant span and on the token right after each span (the end of the turn). Truncation drops
+    tokens from the left (after the leading special tokens) but never the last turn's labels; only if
+    that turn alone is too long is its end cut, as for single responses."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("turns: all needs a fast tokenizer (character offsets); this one is "
+                        f"{type(tokenizer).__name__}")
+    enc = tokenizer(ex.prompt, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    labeled = [False] * len(ids)
+    for a, b in ex.spans:
+        inside = [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
+        for i in inside:
+            labeled[i] = True
+        if inside and inside[-1] + 1 < len(ids):
+            labeled[inside[-1] + 1] = True  # the template's end of turn (e.g. <|im_end|>)
+    h = len(prefix)
+    if h and ids[:h] == prefix:  # the template wrote the leading special tokens itself
+        ids, labeled = ids[h:], labeled[h:]
+    last_start = max((i for i in range(len(ids)) if labeled[i] and (i == 0 or not labeled[i - 1])), default=0)
+    excess = h + len(ids) - cutoff_len
+    drop_left = min(max(excess, 0), last_start)
+    dropped_labels = sum(labeled[:drop_left])
+    ids, labeled = ids[drop_left:], labeled[drop_left:]
+    cut_end = max(h + len(ids) - cutoff_len, 0)
+    if cut_end:
+        dropped_labels += sum(labeled[len(ids) - cut_end:])
+        ids, labeled = ids[: len(ids) - cut_end], labeled[: len(ids) - cut_end]
+    labels = [IGNORE_INDEX] * h + [t if keep else IGNORE_INDEX for t, keep in zip(ids, labeled, strict=True)]
+    first = next((i for i, keep in enumerate(labeled) if keep), len(ids))
+    return {
+        "input_ids": prefix + ids,
+        "labels": labels,
+        "prompt_length": h + first,
+        "truncated": drop_left + cut_end,
+        "_dropped_prompt": drop_left + cut_end - dropped_labels,
+        "_dropped_response": dropped_labels,
+    }
+
+
 def _encode_many(examples: list[Example], tokenizer, cutoff_len: int) -> list[dict]:
     prefix = _special_prefix(tokenizer)
     _check_cutoff(cutoff_len, len(prefix))
+    if any(ex.spans is not None for ex in examples):
+        if not all(ex.spans is not None for ex in examples):
+            raise DataError("examples with and without turn spans cannot be encoded together")
+        return [_encode_conversation(ex, tokenizer, prefix, cutoff_len) for ex in examples]
     eos = _eos_id(tokenizer)
     prompts = _ids(tokenizer, [ex.prompt for ex in examples])
     # The response tokens are those after the prompt's in the joint tokenization (what the model sees
@@ -520,7 +638,7 @@ class TrainData:
             for ex, enc in zip(examples, encoded, strict=True):
                 st["examples"] += 1
                 st["tokens"] += len(enc["input_ids"])
-                st["response_tokens"] += len(enc["input_ids"]) - enc["prompt_length"]
+                st["response_tokens"] += sum(label != IGNORE_INDEX for label in enc["labels"])
                 st["truncated_examples"] += enc["truncated"] > 0
                 st["dropped_tokens"] += enc["truncated"]
                 st["dropped_prompt_tokens"] += enc.pop("_dropped_prompt")

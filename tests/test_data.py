@@ -224,6 +224,74 @@ def test_messages_last_assistant_turn(tmp_path, tok):
         assert enc["input_ids"][:2].count(tok.bos_token_id) == 1
 
 
+def test_messages_all_turns_labels_every_assistant_message_and_its_end(tmp_path, tok):
+    """turns: all: one rendering of the conversation; the labels are each assistant message's tokens and
+    the template's end-of-turn token after it, nothing else; the routing prompt ends before the first."""
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hello world"}, {"role": "user", "content": "and the fox?"},
+            {"role": "assistant", "content": "The quick brown fox"}, {"role": "user", "content": "ignored"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
+    (ex,) = read_examples(DataSource(path, format="messages", turns="all"), tok)
+    assert ex.prompt == tok.apply_chat_template(conv[:5], tokenize=False)  # up to the last assistant message
+    enc = encode_example(ex, tok, cutoff_len=512)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert ids == tok(ex.prompt, add_special_tokens=False)["input_ids"]  # BOS once, from the template
+    runs, cur = [], []  # the labeled stretches, decoded
+    for t, lab in zip(ids, labels, strict=True):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    runs.append(tok.decode(cur)) if cur else None
+    assert runs == ["hello world</s>", "The quick brown fox</s>"]
+    assert tok.decode(ids[:enc["prompt_length"]]) == "<s><|system|>Be brief.</s><|user|>hello</s><|assistant|>"
+    # the last turn alone equals turns: last on the same item
+    (last,) = read_examples(DataSource(path, format="messages"), tok)
+    last_enc = encode_example(last, tok, cutoff_len=512)
+    assert last_enc["input_ids"] == ids and [x for x in last_enc["labels"] if x != -100] == \
+        tok("The quick brown fox", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # truncation drops from the left but keeps BOS and the last turn's labels
+    n_last = len(tok("The quick brown fox", add_special_tokens=False)["input_ids"]) + 1
+    cut = encode_example(ex, tok, cutoff_len=n_last + 3)
+    assert len(cut["input_ids"]) == n_last + 3 and cut["input_ids"][0] == tok.bos_token_id
+    assert [x for x in cut["labels"] if x != -100] == [x for x in labels if x != -100][-n_last:]
+    assert cut["truncated"] == len(ids) - n_last - 3
+    # the data summary counts label tokens, not everything after the prompt
+    data = TrainData([DataSource(path, format="messages", turns="all")], tok, cutoff_len=512, seed=0)
+    assert data.stats["chat"]["response_tokens"] == sum(x != -100 for x in labels)
+
+
+def test_sharegpt_reads_as_messages_and_bad_chat_data_is_named(tmp_path, tok):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hello world"}]
+    share = {"system": "Be brief.", "conversations": [{"from": "human", "value": "hello"},
+                                                      {"from": "gpt", "value": "hello world"}]}
+    a = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}])
+    b = write_jsonl(tmp_path / "s.jsonl", [share])
+    for turns in ("last", "all"):
+        (x,) = read_examples(DataSource(a, format="messages", turns=turns), tok)
+        (y,) = read_examples(DataSource(b, format="sharegpt", turns=turns), tok)
+        assert (x.prompt, x.response, x.spans) == (y.prompt, y.response, y.spans)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "function_call", "value": "f()"}]}])
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 1, turn 1: 'from' must be one of"):
+        read_examples(DataSource(bad, format="sharegpt"), tok)
+    with pytest.raises(DataError, match="turns='all' applies to the chat formats"):
+        DataSource(a, format="text", turns="all")
+    with pytest.raises(DataError, match="turns must be 'last' or 'all'"):
+        DataSource(a, format="messages", turns="every")
+    # templates whose turns cannot be located are refused, naming the item
+    upper = make_tokenizer(chat_template="{% for m in messages %}{{ m['content'] | upper }}</s>{% endfor %}")
+    with pytest.raises(DataError, match=r"m\.jsonl, line 1: the chat template changes assistant message 3"):
+        read_examples(DataSource(a, format="messages", turns="all"), upper)
+    rewrites = make_tokenizer(chat_template="{% for m in messages %}{% if loop.last %}LAST {% endif %}"
+                                            "{{ m['content'] }}</s>{% endfor %}")
+    with pytest.raises(DataError, match="not incremental"):
+        read_examples(DataSource(a, format="messages", turns="all"), rewrites)
+    assert read_examples(DataSource(a, format="messages"), rewrites)  # turns: last still works there
+
+
 def test_text_format_txt_and_jsonl(tmp_path, tok, tok_nobos):
     txt = tmp_path / "corpus.txt"
     txt.write_text("hello world\n\n   \nThe quick brown fox\n")

@@ -659,3 +659,33 @@ def test_fuzzed_run_configs_load_or_name_the_problem(tmp_path):
             assert str(e).strip() and "Traceback" not in str(e), (d, overrides)
             outcomes["error"] += 1
     assert outcomes["ok"] >= 10 and outcomes["error"] >= 300, outcomes
+
+
+def test_train_on_every_turn_of_sharegpt_conversations(tmp_path, tiny_model_dir, caplog):
+    """`moelora train` on a sharegpt file with turns: all (a YAML data entry), end to end on the tiny model:
+    the loss covers every assistant turn (the data summary counts their tokens) and the adapter is saved."""
+    import logging
+
+    items = []
+    for line in (TOY / "addition" / "train.jsonl").read_text().splitlines()[:12:2]:
+        a, b = json.loads(line), json.loads(line)
+        items.append({"conversations": [{"from": "human", "value": a["instruction"]}, {"from": "gpt", "value": a["output"]},
+                                        {"from": "human", "value": b["instruction"]}, {"from": "gpt", "value": b["output"]}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in items))
+    cfg = json.loads(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=2,
+                                  save_steps=0).read_text())
+    cfg["data"] = [{"path": str(data), "format": "sharegpt", "turns": "all"}]
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.INFO, logger="moelora"):
+        assert cli(["train", "--config", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    from transformers import AutoTokenizer
+
+    from moelora.data import DataSource, TrainData
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    both = TrainData([DataSource(str(data), format="sharegpt", turns="all")], tok, cutoff_len=128, seed=0)
+    last = TrainData([DataSource(str(data), format="sharegpt")], tok, cutoff_len=128, seed=0)
+    assert both.stats["chat"]["response_tokens"] > last.stats["chat"]["response_tokens"] > 0
+    assert f"{both.stats['chat']['tokens']} tokens" in caplog.text
