@@ -524,6 +524,9 @@ def _encode_conversation(ex: Example, tokenizer, prefix: list[int], cutoff_len: 
             labeled[i] = True
         if inside and inside[-1] + 1 < len(ids):
             labeled[inside[-1] + 1] = True  # the template's end of turn (e.g. <|im_end|>)
+        elif inside:  # the template ends the text with the message: end it with EOS, as single responses
+            ids.append(_eos_id(tokenizer))
+            labeled.append(True)
     h = len(prefix)
     if h and ids[:h] == prefix:  # the template wrote the leading special tokens itself
         ids, labeled = ids[h:], labeled[h:]

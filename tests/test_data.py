@@ -290,6 +290,12 @@ def test_sharegpt_reads_as_messages_and_bad_chat_data_is_named(tmp_path, tok):
     with pytest.raises(DataError, match="not incremental"):
         read_examples(DataSource(a, format="messages", turns="all"), rewrites)
     assert read_examples(DataSource(a, format="messages"), rewrites)  # turns: last still works there
+    # a template that ends the text with the last message: EOS is appended and learned, as for single turns
+    bare = make_tokenizer(chat_template="{% for m in messages %}|{{ m['content'] }}{% endfor %}")
+    (x,) = read_examples(DataSource(a, format="messages", turns="all"), bare)
+    enc = encode_example(x, bare, cutoff_len=64)
+    assert enc["input_ids"][-1] == enc["labels"][-1] == bare.eos_token_id
+    assert bare.decode([t for t in enc["labels"] if t != -100]) == "hello world</s>"
 
 
 def test_text_format_txt_and_jsonl(tmp_path, tok, tok_nobos):
