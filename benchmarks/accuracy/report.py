@@ -45,7 +45,7 @@ PUBLISHED = """\
 ### Published numbers, for context
 
 For scale only (LLaMA-2-7B, 2-3 epochs on the full training sets, other
-protocols and prompts: not comparable to a 135M model trained for a few hundred steps):
+protocols and prompts: not comparable to a model of a few hundred million parameters trained for a few hundred steps or fewer):
 
 | source | setting | LoRA | DoRA | MixLoRA | MiLoRA |
 |---|---|---|---|---|---|
