@@ -333,6 +333,9 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
                 f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'unnamed'}) has none; "
                 "use format 'llm-adapters' or 'text', or set tokenizer.chat_template"
             )
+        if source.turns == "all" and not getattr(tokenizer, "is_fast", False):
+            raise DataError(f"{path}: turns: all locates the turns by character offsets, which needs a fast "
+                            f"tokenizer; {type(tokenizer).__name__} is not one (use turns: last)")
     examples: list[Example] = []
     skipped = 0
     for loc, item in _load_items(path, fmt):

@@ -18,7 +18,8 @@ decoding, MixLoRA rows route per token.
   one seeded generator per request, so a request's output does not depend on what it is batched
   with; OpenAI's presence and frequency penalties (on the output's tokens) and logit bias; the
   repetition penalty of ``transformers`` and vLLM (on the prompt's and the output's tokens); vLLM's
-  ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``. Stop sequences are cut from the text;
+  ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and ``include_stop_str_in_output``. Stop
+  sequences are cut from the text (or kept, with the last option);
   streaming text never splits a UTF-8 character or shows the start of a stop sequence that may
   still complete.
 

@@ -7,8 +7,9 @@
 
 Endpoints (OpenAI / vLLM shapes): ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus), vLLM's
-``POST /tokenize`` and ``POST /detokenize`` and, only with ``admin=True``
-(``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}``.
+``POST /tokenize``, ``POST /detokenize`` and ``GET /version`` and, only with ``admin=True``
+(``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (and
+vLLM's names for them, ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``).
 See docs/serve.md.
 
 Threading: the engine is not thread-safe, so one engine thread (:class:`EngineWorker`) owns it and is

@@ -290,6 +290,12 @@ def test_sharegpt_reads_as_messages_and_bad_chat_data_is_named(tmp_path, tok):
     with pytest.raises(DataError, match="not incremental"):
         read_examples(DataSource(a, format="messages", turns="all"), rewrites)
     assert read_examples(DataSource(a, format="messages"), rewrites)  # turns: last still works there
+
+    class Slow:  # a tokenizer without character offsets
+        chat_template, is_fast = CHAT_TEMPLATE, False
+
+    with pytest.raises(DataError, match=r"m\.jsonl: turns: all .* needs a fast tokenizer; Slow is not one"):
+        read_examples(DataSource(a, format="messages", turns="all"), Slow())
     # a template that ends the text with the last message: EOS is appended and learned, as for single turns
     bare = make_tokenizer(chat_template="{% for m in messages %}|{{ m['content'] }}{% endfor %}")
     (x,) = read_examples(DataSource(a, format="messages", turns="all"), bare)
