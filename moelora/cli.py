@@ -269,10 +269,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "'.', ':', '/'")
     if args.served_model_name in adapters:
         raise ValueError(f"--served-model-name {args.served_model_name!r} is also an --adapter name")
+    if not args.prefix_cache_mb >= 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_batch,
                                     max_queue=args.max_queue, device=device, adapter_budget_bytes=budget,
                                     dtype=args.dtype, max_model_len=args.max_model_len,
-                                    base_name=args.served_model_name)
+                                    base_name=args.served_model_name,
+                                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin)
     return 0
 
@@ -357,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-budget-mb", type=float, default=None,
                    help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
                         "evicted and reloaded from their directory on demand (default: no limit)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
+                        "not MiLoRA), least recently used evicted first; 0: off (default: 256)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("export", help="merge a LoRA/DoRA adapter into the base and save a plain transformers model")

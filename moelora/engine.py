@@ -11,6 +11,11 @@ decoding, MixLoRA rows route per token.
 - **KV cache.** ``KVStore``: per layer one preallocated ``(rows, kv_heads, capacity, head_dim)``
   buffer that grows by doubling (rows and columns) and is compacted in place; rows are
   right-aligned (left padding), so a decoding step writes one column for all rows.
+- **Prefix caching.** ``PrefixCache`` (vLLM's automatic prefix caching, per adapter): the keys and
+  values of prompts' full 16-token blocks stay over a byte budget, and a prompt that starts with
+  blocks already seen under the same adapter weights (a shared system prompt, a chat's earlier
+  turns) prefills only the rest. Not for MiLoRA adapters, whose routing of every prompt token
+  depends on the whole prompt, nor for requests that ask for the prompt's log-probabilities.
 - **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
   use, kept resident up to a byte budget, and the least recently used one that no running request
   needs is evicted.
@@ -40,7 +45,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .config import MiLoraConfig
 
-__all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore", "ADAPTER_NAME"]
+__all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore",
+           "PrefixCache", "ADAPTER_NAME"]
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no dots, slashes: never a path
 MAX_LOGPROBS = 20  # top alternatives per output token (vLLM's default limit)
@@ -139,6 +145,7 @@ class StepOutput:
     completion_tokens: int  # so far
     logprobs: list[TokenLogprob] | None = None  # with params.logprobs: the tokens whose text is released here
     prompt_logprobs: list[TokenLogprob] | None = None  # with params.prompt_logprobs: on the first output
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (first output)
 
 
 @dataclass
@@ -300,6 +307,87 @@ class KVStore:
 
 
 # ---------------------------------------------------------------------------------------------
+# Prefix cache
+
+
+@dataclass
+class _Block:
+    id: int
+    scope: tuple  # (adapter name or "", its load serial, its weights' state)
+    keys: list[torch.Tensor]  # per layer (kv_heads, block, head_dim)
+    values: list[torch.Tensor]
+    nbytes: int
+
+
+class PrefixCache:
+    """The keys and values of full ``block``-token blocks of prompts, LRU over a byte budget.
+
+    A block is found by what determines its keys and values: the adapter (``scope``: its name, load
+    and the state of its weights) and every token up to the block's end, as a chain
+    ``(parent block's id, this block's tokens)`` whose root is the scope (exact keys, no hashes).
+    Chains are touched child first, so a parent is always more recent than its children and LRU
+    eviction shortens chains from their end rather than orphaning their tails.
+    """
+
+    def __init__(self, budget_bytes: int, block: int = 16) -> None:
+        if block < 1 or budget_bytes < 0:
+            raise ValueError(f"need block >= 1 and budget_bytes >= 0, got {block}, {budget_bytes}")
+        self.budget, self.block = budget_bytes, block
+        self.entries: OrderedDict[tuple, _Block] = OrderedDict()
+        self.bytes = 0
+        self._ids = 0
+        self.queries = self.hits = 0  # prompt tokens looked up / found (vLLM's prefix_cache_queries/hits)
+
+    def _key(self, scope: tuple, parent: _Block | None, tokens: list[int], j: int) -> tuple:
+        return (scope if parent is None else parent.id, tuple(tokens[j * self.block : (j + 1) * self.block]))
+
+    def lookup(self, scope: tuple, tokens: list[int], limit: int) -> list[_Block]:
+        """The cached blocks that start ``tokens``, covering at most its first ``limit`` tokens."""
+        chain: list[_Block] = []
+        for j in range(limit // self.block):
+            hit = self.entries.get(self._key(scope, chain[-1] if chain else None, tokens, j))
+            if hit is None:
+                break
+            chain.append(hit)
+        self._touch(scope, tokens, chain)
+        return chain
+
+    def add(self, scope: tuple, tokens: list[int], chain: list[_Block], keys: list[torch.Tensor],
+            values: list[torch.Tensor]) -> bool:
+        """Cache the block after ``chain`` (``keys``/``values`` per layer); False if it cannot fit."""
+        key = self._key(scope, chain[-1] if chain else None, tokens, len(chain))
+        if key in self.entries:
+            chain.append(self.entries[key])
+            return True
+        nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
+        if nbytes > self.budget:
+            return False
+        self._ids += 1
+        chain.append(_Block(self._ids, scope, keys, values, nbytes))
+        self.entries[key] = chain[-1]
+        self.bytes += nbytes
+        self._touch(scope, tokens, chain)
+        while self.bytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+        return all(self.entries.get(self._key(scope, chain[j - 1] if j else None, tokens, j)) is b
+                   for j, b in enumerate(chain))  # the chain survived its own eviction
+
+    def _touch(self, scope: tuple, tokens: list[int], chain: list[_Block]) -> None:
+        for j in range(len(chain) - 1, -1, -1):
+            self.entries.move_to_end(self._key(scope, chain[j - 1] if j else None, tokens, j))
+
+    def drop(self, name: str) -> None:
+        """Forget every block of adapter ``name`` (unloaded)."""
+        for key in [k for k, b in self.entries.items() if b.scope[0] == name]:
+            self.bytes -= self.entries.pop(key).nbytes
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Adapter pool
 
 
@@ -322,6 +410,8 @@ class AdapterPool:
         self.paths: dict[str, Path | None] = {}  # None: attached in memory by ``adopt``
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recent first
         self.loads = 0  # loads from disk (for tests and stats)
+        self.serial: dict[str, int] = {}  # name -> a number new at each load or adoption (prefix cache scope)
+        self._serials = 0
 
     @staticmethod
     def check_name(name: str) -> None:
@@ -352,6 +442,8 @@ class AdapterPool:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
         self.paths[name] = None
         self.resident[name] = adapter_bytes(self.model, name)
+        self._serials += 1
+        self.serial[name] = self._serials
 
     def unregister(self, name: str) -> None:
         if name not in self.paths:
@@ -368,6 +460,8 @@ class AdapterPool:
         else:
             load_adapter(self.model, self.paths[name], adapter_name=name)
             self.loads += 1
+            self._serials += 1
+            self.serial[name] = self._serials
             self.model.eval()
             self.resident[name] = adapter_bytes(self.model, name)
         if self.budget is not None:
@@ -402,6 +496,7 @@ class Engine:
         max_model_len: int | None = None,
         adapter_budget_bytes: int | None = None,
         base_name: str | None = None,
+        prefix_cache_bytes: int = 256 * 2**20,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -425,6 +520,8 @@ class Engine:
         self.store = KVStore(self.num_layers)
         self.pending: list[StepOutput] = []  # aborts to report at the next step
         self.steps = 0
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None  # 0: off
+        self._adapter_params: dict[str, tuple[int, list[torch.Tensor]]] = {}  # name -> (ctx epoch, params)
 
     @classmethod
     def from_pretrained(
@@ -476,6 +573,15 @@ class Engine:
         if users:
             raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
         self.pool.unregister(name)
+        self._adapter_params.pop(name, None)
+        if self.prefix is not None:
+            self.prefix.drop(name)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (needed after editing the *base* weights in place; edits of
+        adapter weights and adapter (re)loads are noticed without it)."""
+        if self.prefix is not None:
+            self.prefix.reset()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -563,7 +669,60 @@ class Engine:
             return {}
         return {"adapter_names": [r.adapter for r in reqs]}
 
+    def _prefix_scope(self, adapter: str | None) -> tuple | None:
+        """What a cached block's keys and values depend on besides its tokens, for requests on
+        ``adapter`` (None: not cacheable). The adapter's weights count by storage and in-place version,
+        so an edit or a reload is a new scope; the base weights are taken as frozen."""
+        if adapter is None:
+            return ("", 0)
+        ctx = self.model._moelora_ctx
+        if isinstance(ctx.configs.get(adapter), MiLoraConfig):
+            return None  # its routing of every prompt token depends on the whole prompt
+        known = self._adapter_params.get(adapter)
+        if known is None or known[0] != ctx.adapter_epoch:
+            from .inject import adapter_of
+
+            known = (ctx.adapter_epoch, [q for n, q in self.model.named_parameters() if adapter_of(n) == adapter])
+            self._adapter_params[adapter] = known
+        state = hash(tuple((q.data_ptr(), q._version) for q in known[1]))
+        return (adapter, self.pool.serial.get(adapter, 0), state)
+
     def _prefill(self, reqs: list[_Request]) -> list[StepOutput]:
+        """Prefill the admitted requests: those whose prompt starts with cached blocks in one forward
+        that continues from them, the others in one forward from scratch."""
+        if self.prefix is None:
+            return self._prefill_cold(reqs, [None] * len(reqs))
+        scopes = [self._prefix_scope(r.adapter) if r.params.prompt_logprobs is None else None for r in reqs]
+        chains = [self.prefix.lookup(sc, r.prompt, len(r.prompt) - 1) if sc is not None else []
+                  for r, sc in zip(reqs, scopes)]
+        for r, sc, c in zip(reqs, scopes, chains):
+            if sc is not None:
+                self.prefix.queries += len(r.prompt)
+                self.prefix.hits += len(c) * self.prefix.block
+        warm = [i for i, c in enumerate(chains) if c]
+        cold = [i for i, c in enumerate(chains) if not c]
+        outputs = []
+        if cold:
+            outputs += self._prefill_cold([reqs[i] for i in cold], [scopes[i] for i in cold])
+        if warm:
+            outputs += self._prefill_warm([reqs[i] for i in warm], [scopes[i] for i in warm], [chains[i] for i in warm])
+        return outputs
+
+    def _remember(self, r: _Request, scope: tuple | None, chain: list[_Block], cache: DynamicCache, row: int,
+                  col0: int) -> None:
+        """Cache the prompt's full blocks after ``chain`` from a prefill's ``cache`` (row ``row``, the
+        prompt's first token in column ``col0``)."""
+        if scope is None:
+            return
+        B, chain = self.prefix.block, list(chain)
+        for j in range(len(chain), len(r.prompt) // B):
+            cols = slice(col0 + j * B, col0 + (j + 1) * B)
+            keys = [layer.keys[row, :, cols].clone() for layer in cache.layers]
+            values = [layer.values[row, :, cols].clone() for layer in cache.layers]
+            if not self.prefix.add(scope, r.prompt, chain, keys, values):
+                break
+
+    def _prefill_cold(self, reqs: list[_Request], scopes: list[tuple | None]) -> list[StepOutput]:
         width = max(len(r.prompt) for r in reqs)
         ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(reqs), width, dtype=torch.long)
@@ -586,6 +745,64 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.params.prompt_logprobs is not None:
                 outputs[i].prompt_logprobs = self._prompt_logprobs(r, out.logits[i, width - len(r.prompt):])
+            self._remember(r, scopes[i], [], cache, i, width - len(r.prompt))
+        self._join(reqs, cache, mask)
+        return outputs
+
+    def _prefill_warm(self, reqs: list[_Request], scopes: list[tuple], chains: list[list[_Block]]) -> list[StepOutput]:
+        """Prefill the prompts' uncached rest on top of their cached blocks. Each row is contiguous,
+        ``[padding][cached prefix][rest][padding]`` (so sliding windows see true distances), and is
+        moved right-aligned into the store afterwards."""
+        B, n = self.prefix.block, len(reqs)
+        pre = [len(c) * B for c in chains]
+        rest = [len(r.prompt) - p for r, p in zip(reqs, pre)]
+        P, S = max(pre), max(rest)
+        ids = torch.full((n, S), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(n, P + S, dtype=torch.long)
+        pos = torch.zeros(n, S, dtype=torch.long)
+        for i, (r, p, s) in enumerate(zip(reqs, pre, rest)):
+            ids[i, :s] = torch.tensor(r.prompt[p:])
+            mask[i, P - p : P + s] = 1
+            pos[i] = (p + torch.arange(S)).clamp(max=p + s - 1)  # right padding: the last position again
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            proto = chains[0][0].keys[layer]
+            past = [torch.zeros((n, proto.shape[0], P, proto.shape[2]), dtype=proto.dtype, device=proto.device)
+                    for _ in range(2)]
+            for i, (c, p) in enumerate(zip(chains, pre)):
+                past[0][i, :, P - p :] = torch.cat([b.keys[layer] for b in c], 1)
+                past[1][i, :, P - p :] = torch.cat([b.values[layer] for b in c], 1)
+            cache.update(past[0], past[1], layer)
+        last = sorted({s - 1 for s in rest})
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            cache_position=torch.arange(P, P + S, device=self.device),
+            use_cache=True,
+            logits_to_keep=torch.tensor(last, device=self.device),
+            **self._adapter_kwargs(reqs),
+        )
+        logits = out.logits[torch.arange(n), [last.index(s - 1) for s in rest]]
+        outputs = self._sample(reqs, logits)
+        for i, (r, c, p) in enumerate(zip(reqs, chains, pre)):
+            outputs[i].cached_tokens = p
+            self._remember(r, scopes[i], c, cache, i, P - p)
+        if S > min(rest):  # right-align every row: column c takes column c - (S - rest) (mod the width)
+            W = P + S
+            shift = torch.tensor([S - s for s in rest], device=self.device)
+            idx = (torch.arange(W, device=self.device) - shift[:, None]) % W
+            for layer in cache.layers:
+                at = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
+            mask = mask.gather(1, idx)
+        self._join(reqs, cache, mask)
+        return outputs
+
+    def _join(self, reqs: list[_Request], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Move the prefilled rows still running into the store (right-aligned ``cache`` and ``mask``)."""
         alive = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if alive:
             if len(alive) < len(reqs):
@@ -593,7 +810,6 @@ class Engine:
                 mask = mask[alive]
             self.store.append(cache, mask)
             self.running.extend(reqs[i] for i in alive)
-        return outputs
 
     def _save_gates(self, reqs: list[_Request]) -> None:
         """Keep each MiLoRA request's prefill gates (its decoding steps reuse them)."""

@@ -668,9 +668,11 @@ def _as_error(item: Any) -> Any:
     return APIError(500, item.text or "the engine failed the request", type="server_error", code="engine_error")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached: list[int], n: int) -> dict:
+    """OpenAI's usage object; ``cached``: per choice, prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(cached[::n])}}
 
 
 def _lp(x: float) -> float:
@@ -733,7 +735,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         lps: list[list] = [[] for _ in rids]
         plps: list[list] = [[] for _ in rids]  # echo: the prompt's entries
         reasons: list[str | None] = [None] * len(rids)
-        completion_tokens = [0] * len(rids)
+        completion_tokens, cached = [0] * len(rids), [0] * len(rids)
         while len(done) < len(rids):
             i, item = await q.get()
             item = _as_error(item)
@@ -744,11 +746,12 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             lps[i] += getattr(item, "logprobs", None) or []
             plps[i] = getattr(item, "prompt_logprobs", None) or plps[i]
             completion_tokens[i] = item.completion_tokens
+            cached[i] = getattr(item, "cached_tokens", 0) or cached[i]
             if item.finished:
                 done.add(i)
                 reasons[i] = item.finish_reason
                 plens[i] = item.prompt_tokens or plens[i]
-        usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens))
+        usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens), cached, req.n)
         k = req.params.logprobs
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
@@ -803,7 +806,7 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
 
     if chat:
         await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
-    completion_tokens = [0] * k
+    completion_tokens, cached = [0] * k, [0] * k
     while True:
         i, item = await q.get()
         item = _as_error(item)
@@ -813,6 +816,7 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             await _write_quietly(resp, _sse(err.body()), b"data: [DONE]\n\n")
             return resp
         completion_tokens[i] = item.completion_tokens
+        cached[i] = getattr(item, "cached_tokens", 0) or cached[i]
         pending[i] += getattr(item, "logprobs", None) or []
         text = item.text
         if i in echo:  # the first output of an echoed choice: the prompt (and its logprobs) first
@@ -835,7 +839,7 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             await resp.write(b"".join(parts))
             continue
         if req.include_usage:
-            usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens))
+            usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens), cached, req.n)
             parts.append(_sse({**base, "choices": [], "usage": usage}))
         parts.append(b"data: [DONE]\n\n")
         await _write_quietly(resp, *parts)
@@ -965,8 +969,9 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
         return web.Response(text="moelora_up 0\n", content_type="text/plain")
-    running, waiting, adapters = await worker.run(
-        lambda e: (len(e.running), len(e.waiting), len(list(e.adapter_names()))))
+    running, waiting, adapters, prefix = await worker.run(
+        lambda e: (len(e.running), len(e.waiting), len(list(e.adapter_names())), getattr(e, "prefix", None)))
+    queries, hits, cache_bytes = (prefix.queries, prefix.hits, prefix.bytes) if prefix is not None else (0, 0, 0)
     lines = [
         "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
         "# HELP moelora_requests_running Requests decoding in the current batch.",
@@ -986,6 +991,12 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP moelora_requests_finished_total Finished engine requests (one per choice), by finish reason.",
         "# TYPE moelora_requests_finished_total counter",
         *(f'moelora_requests_finished_total{{finish_reason="{r}"}} {n}' for r, n in sorted(worker.finished.items())),
+        "# HELP moelora_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.",
+        "# TYPE moelora_prefix_cache_queries_total counter", f"moelora_prefix_cache_queries_total {queries}",
+        "# HELP moelora_prefix_cache_hits_total Prompt tokens found in the prefix cache (not computed again).",
+        "# TYPE moelora_prefix_cache_hits_total counter", f"moelora_prefix_cache_hits_total {hits}",
+        "# HELP moelora_prefix_cache_bytes Bytes of keys and values held by the prefix cache.",
+        "# TYPE moelora_prefix_cache_bytes gauge", f"moelora_prefix_cache_bytes {cache_bytes}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench.py: the tiny CPU mode runs, passes its gate, and reports everything."""
+"""Smoke tests of benchmarks/bench.py (the tiny CPU mode runs, passes its gate, and reports everything)
+and benchmarks/prefix_bench.py."""
 
 from __future__ import annotations
 
@@ -115,3 +116,16 @@ def test_compiled_decoding_reuses_one_static_cache():
         cache = kw["past_key_values"]
         ptrs.append((id(cache), cache.layers[0].keys.data_ptr()))
     assert ptrs[0] == ptrs[1] == ptrs[2]
+
+
+def test_prefix_bench_tiny_checks_outputs_and_reports_hits(tmp_path):
+    spec = importlib.util.spec_from_file_location("moelora_prefix_bench", BENCH.parent / "prefix_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "prefix.json"
+    assert mod.main(["--mode", "tiny", "--output", str(out)]) == 0
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {f"{m}/{k}" for m in ("lora", "mixlora", "milora") for k in ("batch", "single")}
+    assert figures["lora/single"]["hit_tokens"] > 0 and figures["mixlora/single"]["hit_tokens"] > 0
+    assert figures["milora/single"]["hit_tokens"] == 0  # its routing depends on the whole prompt
+    assert all(f["off_ms"] > 0 and f["on_ms"] > 0 for f in figures.values())

@@ -523,3 +523,130 @@ def test_vllm_sampling_extras_follow_their_definitions(adapter_dirs):
                 SamplingParams(ignore_eos=1), SamplingParams(include_stop_str_in_output="yes")):
         with pytest.raises(ValueError):
             eng.add_request("bad", ps[0], None, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix caching
+
+
+def shared_prefix_prompts(n: int, seed: int = 0, head: int = 40, step: int = 7):
+    """``n`` prompts that start with 40, 47, 54, ... tokens of one shared "system prompt"."""
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(3, 128, (head + step * n,), generator=g).tolist()
+    return [system[: head + step * i] + torch.randint(3, 128, (3 + 5 * i,), generator=g).tolist() for i in range(n)]
+
+
+def sharp_engine(arch, adapter_dirs, **kw):
+    """An engine whose base attends sharply (query/key weights x 8): a random tiny model's attention
+    is nearly uniform, so keys at wrong positions would hardly change its outputs."""
+    eng = engine(arch, adapter_dirs, **kw)
+    with torch.no_grad():
+        for n, q in eng.model.named_parameters():
+            if n.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")) and ".adapters." not in n:
+                q.mul_(8.0)
+    return eng
+
+
+def assert_alone(eng, prompt, adapter, res, max_new):
+    """``res`` (asked with logprobs=20) equals the model's own greedy generate: tokens and logprobs."""
+    tokens, logits = hf_logits(eng.model, prompt, adapter, max_new)
+    assert res["token_ids"] == tokens, adapter
+    for e, step in zip(res["logprobs"], logits):
+        ref = step.log_softmax(-1)
+        assert e.logprob == pytest.approx(float(ref[e.token_id]), abs=2e-4), adapter
+        assert [v for _, _, v in e.top] == pytest.approx(ref.topk(20).values.tolist(), abs=2e-4), adapter
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_prefix_cache_hits_give_each_request_alone(arch, adapter_dirs):
+    """Prompts sharing a prefix with earlier ones prefill only their rest, in batches that mix cached
+    and uncached rows with different cached and uncached lengths (gemma2: past its 64-token sliding
+    window), and every output equals the request run alone without a cache. MiLoRA never hits."""
+    eng = sharp_engine(arch, adapter_dirs, max_batch=8)
+    ps = shared_prefix_prompts(6)
+    adapters = ["lora", "mixlora", None, "dora", "milora", "lora"]
+    sp = SamplingParams(max_tokens=5, logprobs=20)
+    first = eng.generate(ps[:1] + ps[2:4], ["lora", None, "dora"], sp)  # fills the cache: 2, 4 and 4 blocks
+    for o, p, a in zip(first, ps[:1] + ps[2:4], ["lora", None, "dora"]):
+        assert_alone(eng, p, a, o, 5)
+    cached, got = {}, {i: {"token_ids": [], "logprobs": []} for i in range(len(ps))}
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        eng.add_request(str(i), p, a, sp)
+    while eng.has_work():
+        for o in eng.step():
+            res = got[int(o.request_id)]
+            if not res["token_ids"]:
+                cached[int(o.request_id)] = o.cached_tokens
+            res["token_ids"] += o.token_ids
+            res["logprobs"] += o.logprobs or []
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        assert_alone(eng, p, a, got[i], 5)
+    # lora: its own 2 blocks (ps[5] shares them too); base: 4; dora: the 4 full blocks of ps[3];
+    # mixlora and milora: nothing cached before
+    assert cached == {0: 32, 1: 0, 2: 64, 3: 64, 4: 0, 5: 32}
+    assert all(b.scope[0] != "milora" for b in eng.prefix.entries.values())
+    assert eng.prefix.hits == 32 + 64 + 64 + 32
+
+
+def test_prefix_cache_follows_adapter_edits_and_reloads(adapter_dirs, tmp_path):
+    """An adapter's weights edited in place, or another adapter loaded under the same name, is a new
+    scope: no stale keys/values are reused."""
+    eng = engine("llama", adapter_dirs)
+    p = shared_prefix_prompts(1)[0]
+    sp = SamplingParams(max_tokens=5)
+    eng.generate([p], ["lora"], sp)
+    assert eng.generate([p], ["lora"], sp)[0]["token_ids"] == hf_alone(eng.model, p, "lora", 5)
+    assert eng.prefix.hits == 32
+    with torch.no_grad():
+        for n, q in eng.model.named_parameters():
+            if ".adapters.lora." in n and "lora_B" in n:
+                q.mul_(-3.0)
+    edited = eng.generate([p], ["lora"], sp)[0]["token_ids"]
+    assert eng.prefix.hits == 32 and edited == hf_alone(eng.model, p, "lora", 5)
+    eng.unload_adapter("lora")
+    assert not any(b.scope[0] == "lora" for b in eng.prefix.entries.values())
+    eng.load_adapter("lora", str(adapter_dirs["llama", "dora"]))  # another adapter, the same name
+    assert eng.generate([p], ["lora"], sp)[0]["token_ids"] == hf_alone(eng.model, p, "lora", 5)
+    assert eng.prefix.hits == 32
+
+
+def test_prefix_cache_off_and_prompt_logprobs_compute_everything(adapter_dirs):
+    eng = engine("llama", adapter_dirs)
+    p = list(range(3, 51))  # 3 full blocks: the last token is computed again, so 2 blocks hit
+    first = eng.generate([p], [None], SamplingParams(max_tokens=4))[0]
+    again = eng.generate([p], [None], SamplingParams(max_tokens=4))[0]
+    assert eng.prefix.hits == 32 and again["token_ids"] == first["token_ids"] == hf_alone(eng.model, p, None, 4)
+    p = shared_prefix_prompts(1)[0]
+    off = engine("llama", adapter_dirs, prefix_cache_bytes=0)
+    assert off.prefix is None
+    a = off.generate([p, p], ["lora", "lora"], SamplingParams(max_tokens=4))
+    eng = engine("llama", adapter_dirs)
+    eng.generate([p], ["lora"], SamplingParams(max_tokens=4))
+    res = eng.generate([p], ["lora"], SamplingParams(max_tokens=4, prompt_logprobs=0))[0]
+    assert eng.prefix.hits == 0 and len(res["prompt_logprobs"]) == len(p)
+    assert res["token_ids"] == a[0]["token_ids"] == a[1]["token_ids"]
+
+
+def test_prefix_cache_evicts_least_recent_chains_from_their_end():
+    from moelora.engine import PrefixCache
+
+    def kv(n=1):
+        return [torch.zeros(1, 4, 2)], [torch.zeros(1, 4, 2)]  # 64 bytes per block
+
+    cache = PrefixCache(budget_bytes=5 * 64, block=4)
+    a, b = list(range(12)), list(range(100, 112))
+    chain: list = []
+    for _ in range(3):
+        assert cache.add(("", 0), a, chain, *kv())
+    other: list = []
+    for _ in range(2):
+        assert cache.add(("x", 1), b, other, *kv())
+    assert cache.bytes == 5 * 64 and len(cache.lookup(("", 0), a, 12)) == 3
+    assert cache.lookup(("", 0), b, 12) == []  # another scope: nothing
+    # a new block evicts the least recent chain's last block first, never leaving an unreachable tail
+    assert cache.add(("y", 1), list(range(4)), [], *kv())
+    assert len(cache.lookup(("x", 1), b, 12)) == 1 and len(cache.lookup(("", 0), a, 12)) == 3
+    assert cache.lookup(("", 0), a, 7) == cache.lookup(("", 0), a, 12)[:1]  # at most `limit` tokens
+    assert not cache.add(("z", 1), a, [], [torch.zeros(1, 40, 2)], [torch.zeros(1, 40, 2)])  # over the budget
+    cache.drop("x")
+    assert cache.lookup(("x", 1), b, 12) == [] and cache.bytes == 4 * 64

@@ -115,7 +115,8 @@ def test_completion_shape_and_text(server):
     assert d["id"].startswith("cmpl-") and d["object"] == "text_completion" and d["model"] == "alpha"
     assert isinstance(d["created"], int) and abs(d["created"] - time.time()) < 60
     assert d["choices"] == [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}]
-    assert d["usage"] == {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
+    assert d["usage"] == {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completion_length_token_ids_base_and_stop(server):
@@ -145,7 +146,8 @@ def test_chat_completion(server):
     assert d["id"].startswith("chatcmpl-") and d["object"] == "chat.completion" and d["model"] == "gamma-1"
     assert d["choices"] == [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": reason}]
-    assert d["usage"] == {"prompt_tokens": len(rendered), "completion_tokens": n, "total_tokens": len(rendered) + n}
+    assert d["usage"] == {"prompt_tokens": len(rendered), "completion_tokens": n, "total_tokens": len(rendered) + n,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     # no max_tokens in chat: up to the context
     d = post(url, "/v1/chat/completions", {"model": "alpha", "messages": msgs}).json()
     assert d["choices"][0]["message"]["content"] == expected("alpha", rendered, 10_000)[0]
@@ -216,7 +218,7 @@ def test_batched_prompts_and_n_choices(server):
     assert [c["index"] for c in d["choices"]] == [0, 1, 2]
     assert [(c["text"], c["finish_reason"]) for c in d["choices"]] == [(t, r) for t, r, _ in want]
     assert d["usage"] == {"prompt_tokens": 5 + 2 + 3, "completion_tokens": sum(n for *_, n in want),
-                          "total_tokens": 10 + sum(n for *_, n in want)}
+                          "total_tokens": 10 + sum(n for *_, n in want), "prompt_tokens_details": {"cached_tokens": 0}}
     d = post(url, "/v1/completions", {"model": "beta", "prompt": ["xy", "z"], "n": 2, "max_tokens": 32}).json()
     assert [(c["index"], c["text"]) for c in d["choices"]] == [(0, "beta:yx"), (1, "beta:yx"), (2, "beta:z"),
                                                                (3, "beta:z")]
@@ -728,10 +730,16 @@ def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monke
     engine, kw = served[0]
     assert (engine.max_model_len, engine.base_name, engine.adapter_names()) == (100, "org/tiny-llama", ["a"])
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and kw["port"] == 0
+    assert engine.prefix.budget == 256 * 2**20  # on by default, as vLLM's
     limit = engine.model.config.max_position_embeddings
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--max-model-len", str(limit + 1)]) == 2
     assert f"between 2 and the model's {limit} positions" in capsys.readouterr().err
     assert len(served) == 1
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "-1"]) == 2
+    assert "--prefix-cache-mb must be >= 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "0.5"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "0"]) == 0
+    assert served[1][0].prefix.budget == 2**19 and served[2][0].prefix is None
 
 
 # ------------------------------------------------------------------------------------------- real engine
@@ -787,6 +795,26 @@ def test_real_engine_completion_chat_and_stream(real_server):
     assert c.json()["choices"][0]["message"]["role"] == "assistant"
     assert_error(post(url, "/v1/completions", {**body, "model": "nope"}), 404)
     assert_error(post(url, "/v1/completions", {**body, "max_tokens": 10_000}), 400, code="context_length_exceeded")
+
+
+@pytest.mark.slow
+def test_real_engine_prefix_cache_reports_cached_tokens(real_server):
+    """A prompt sent again reuses its cached blocks (all but the last token's), says so in
+    ``usage.prompt_tokens_details.cached_tokens`` (streamed or not) and in /metrics, and answers the same."""
+    url, engine = real_server
+    prompt = "Below is an instruction that describes a task. Write a response that completes the request. " * 2
+    body = {"model": "lora-a", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    first = post(url, "/v1/completions", body).json()
+    n = first["usage"]["prompt_tokens"]
+    assert n > 32 and first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = post(url, "/v1/completions", body).json()
+    assert again["choices"] == first["choices"]
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    last = stream(url, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})[-1]
+    assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    metrics = httpx.get(url + "/metrics").text
+    assert f"moelora_prefix_cache_hits_total {2 * ((n - 1) // 16 * 16)}" in metrics
+    assert f"moelora_prefix_cache_queries_total {3 * n}" in metrics
 
 
 @pytest.mark.slow
