@@ -12,9 +12,9 @@ decoding, MixLoRA rows route per token.
   buffer that grows by doubling (rows and columns) and is compacted in place; rows are
   right-aligned (left padding), so a decoding step writes one column for all rows.
 - **Prefix caching.** ``PrefixCache`` (vLLM's automatic prefix caching, per adapter): the keys and
-  values of prompts' full 16-token blocks stay over a byte budget, and a prompt that starts with
-  blocks already seen under the same adapter weights (a shared system prompt, a chat's earlier
-  turns) prefills only the rest. Not for MiLoRA adapters, whose routing of every prompt token
+  values of prompts' full 16-token blocks (and of prompt + output when a request finishes) stay
+  over a byte budget, and a prompt that starts with blocks already seen under the same adapter
+  weights (a shared system prompt, a chat's earlier turns) prefills only the rest. Not for MiLoRA adapters, whose routing of every prompt token
   depends on the whole prompt, nor for requests that ask for the prompt's log-probabilities.
 - **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
   use, kept resident up to a byte budget, and the least recently used one that no running request
@@ -165,6 +165,7 @@ class _Request:
     gates: dict[int, torch.Tensor] | None = None  # MiLoRA: layer -> (E,) gates from prefill
     gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
+    scope: tuple | None = None  # prefix cache: its adapter's scope at prefill (None: not cached)
     stop_from: int = 0  # stop sequences count only where they end after this offset of ``text`` (min_tokens)
 
 
@@ -708,19 +709,31 @@ class Engine:
             outputs += self._prefill_warm([reqs[i] for i in warm], [scopes[i] for i in warm], [chains[i] for i in warm])
         return outputs
 
-    def _remember(self, r: _Request, scope: tuple | None, chain: list[_Block], cache: DynamicCache, row: int,
-                  col0: int) -> None:
-        """Cache the prompt's full blocks after ``chain`` from a prefill's ``cache`` (row ``row``, the
-        prompt's first token in column ``col0``)."""
+    def _remember(self, tokens: list[int], scope: tuple | None, chain: list[_Block], keys: list[torch.Tensor],
+                  values: list[torch.Tensor], row: int, col0: int) -> None:
+        """Cache the full blocks of ``tokens`` after ``chain`` from per-layer ``keys``/``values`` (row
+        ``row``, the first token in column ``col0``)."""
         if scope is None:
             return
         B, chain = self.prefix.block, list(chain)
-        for j in range(len(chain), len(r.prompt) // B):
+        for j in range(len(chain), len(tokens) // B):
             cols = slice(col0 + j * B, col0 + (j + 1) * B)
-            keys = [layer.keys[row, :, cols].clone() for layer in cache.layers]
-            values = [layer.values[row, :, cols].clone() for layer in cache.layers]
-            if not self.prefix.add(scope, r.prompt, chain, keys, values):
+            if not self.prefix.add(scope, tokens, chain, [k[row, :, cols].clone() for k in keys],
+                                   [v[row, :, cols].clone() for v in values]):
                 break
+
+    def _remember_finished(self, reqs: list[_Request]) -> None:
+        """Cache the blocks of finished rows' prompt + output (all but the last token, never fed), so a
+        chat's next turn, which repeats them, reuses them too."""
+        B, L = self.prefix.block, self.store.length
+        for i, r in enumerate(reqs):
+            tokens = r.prompt + r.output[:-1]
+            if r.finish_reason is None or r.scope is None or len(tokens) // B <= len(r.prompt) // B:
+                continue
+            if self._prefix_scope(r.adapter) != r.scope:  # its adapter changed while it decoded
+                continue
+            chain = self.prefix.lookup(r.scope, tokens, len(r.prompt) // B * B)
+            self._remember(tokens, r.scope, chain, self.store.keys, self.store.values, i, L - len(tokens))
 
     def _prefill_cold(self, reqs: list[_Request], scopes: list[tuple | None]) -> list[StepOutput]:
         width = max(len(r.prompt) for r in reqs)
@@ -745,7 +758,9 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.params.prompt_logprobs is not None:
                 outputs[i].prompt_logprobs = self._prompt_logprobs(r, out.logits[i, width - len(r.prompt):])
-            self._remember(r, scopes[i], [], cache, i, width - len(r.prompt))
+            r.scope = scopes[i]
+            self._remember(r.prompt, r.scope, [], [la.keys for la in cache.layers], [la.values for la in cache.layers],
+                           i, width - len(r.prompt))
         self._join(reqs, cache, mask)
         return outputs
 
@@ -789,7 +804,9 @@ class Engine:
         outputs = self._sample(reqs, logits)
         for i, (r, c, p) in enumerate(zip(reqs, chains, pre)):
             outputs[i].cached_tokens = p
-            self._remember(r, scopes[i], c, cache, i, P - p)
+            r.scope = scopes[i]
+            self._remember(r.prompt, r.scope, c, [la.keys for la in cache.layers], [la.values for la in cache.layers],
+                           i, P - p)
         if S > min(rest):  # right-align every row: column c takes column c - (S - rest) (mod the width)
             W = P + S
             shift = torch.tensor([S - s for s in rest], device=self.device)
@@ -856,6 +873,8 @@ class Engine:
         outputs = self._sample(reqs, out.logits[:, -1])
         keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if len(keep) < len(reqs):
+            if self.prefix is not None:
+                self._remember_finished(reqs)
             self.store.keep(keep)
             self.running = [reqs[i] for i in keep]
         return outputs

@@ -588,6 +588,35 @@ def test_prefix_cache_hits_give_each_request_alone(arch, adapter_dirs):
     assert eng.prefix.hits == 32 + 64 + 64 + 32
 
 
+@pytest.mark.parametrize("adapter", ["mixlora", None])
+def test_prefix_cache_keeps_the_reply_for_the_next_turn(adapter, adapter_dirs):
+    """A finished request's prompt and output are cached (but the last token, never fed): a next
+    turn that repeats them reuses them and still equals the request run alone. Aborted: not cached."""
+    eng = sharp_engine("llama", adapter_dirs)
+    turn1 = list(range(3, 23))  # 20 tokens: one full block
+    sp = SamplingParams(max_tokens=30, logprobs=20, ignore_eos=True)
+    first = eng.generate([turn1], [adapter], sp)[0]
+    assert_alone(eng, turn1, adapter, first, 30)
+    turn2 = turn1 + first["token_ids"] + [7, 8, 9]  # 53 tokens
+    eng.add_request("t2", turn2, adapter, SamplingParams(max_tokens=4, logprobs=20))
+    got = {"token_ids": [], "logprobs": []}
+    cached = []
+    while eng.has_work():
+        for o in eng.step():
+            cached.append(o.cached_tokens)
+            got["token_ids"] += o.token_ids
+            got["logprobs"] += o.logprobs or []
+    assert cached[0] == 48  # blocks 1-3 of 20 + 29 fed tokens
+    assert_alone(eng, turn2, adapter, got, 4)
+    before = len(eng.prefix.entries)
+    eng.add_request("a", list(range(30, 50)), adapter, SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(25):
+        eng.step()
+    eng.abort("a")
+    eng.step()
+    assert len(eng.prefix.entries) == before + 1  # the prompt's block only
+
+
 def test_prefix_cache_follows_adapter_edits_and_reloads(adapter_dirs, tmp_path):
     """An adapter's weights edited in place, or another adapter loaded under the same name, is a new
     scope: no stale keys/values are reused."""
