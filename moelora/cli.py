@@ -269,13 +269,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "'.', ':', '/'")
     if args.served_model_name in adapters:
         raise ValueError(f"--served-model-name {args.served_model_name!r} is also an --adapter name")
+    if args.max_num_batched_tokens < 1:
+        raise ValueError(f"--max-num-batched-tokens must be positive, got {args.max_num_batched_tokens}")
     if not args.prefix_cache_mb >= 0:
         raise ValueError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_batch,
                                     max_queue=args.max_queue, device=device, adapter_budget_bytes=budget,
                                     dtype=args.dtype, max_model_len=args.max_model_len,
                                     base_name=args.served_model_name,
-                                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                                    max_prefill_tokens=args.max_num_batched_tokens)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin)
     return 0
 
@@ -350,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", action="store_true", help="enable POST/DELETE /v1/admin/adapters (load/unload)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch (then 429)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="admit new requests while their prefill (rows x longest prompt) stays within this "
+                        "many tokens; one always goes in (default: 8192)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="base model weights (auto: bfloat16 on a GPU that has it, else float32)")

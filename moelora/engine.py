@@ -5,9 +5,11 @@ model's mixed-batch path, ``adapter_names=``): the frozen weights are read once 
 row gets its own adapter's deltas, MiLoRA rows route once at prefill and reuse their gates while
 decoding, MixLoRA rows route per token.
 
-- **Continuous batching.** ``step()`` first admits waiting requests (up to ``max_batch`` running):
-  they are prefilled together (left-padded, mixed adapters) and their caches join the running
-  batch; then every running request decodes one token. Finished requests leave at once.
+- **Continuous batching.** ``step()`` first admits waiting requests, in arrival order (up to
+  ``max_batch`` running, and as many as keep the prefill's padded size, rows x longest prompt,
+  within ``max_prefill_tokens``, vLLM's ``max_num_batched_tokens``; one request is always
+  admitted): they are prefilled together (left-padded, mixed adapters) and their caches join the
+  running batch; then every running request decodes one token. Finished requests leave at once.
 - **KV cache.** ``KVStore``: per layer one preallocated ``(rows, kv_heads, capacity, head_dim)``
   buffer that grows by doubling (rows and columns) and is compacted in place; rows are
   right-aligned (left padding), so a decoding step writes one column for all rows.
@@ -498,10 +500,14 @@ class Engine:
         adapter_budget_bytes: int | None = None,
         base_name: str | None = None,
         prefix_cache_bytes: int = 256 * 2**20,
+        max_prefill_tokens: int = 8192,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
+        self.max_prefill_tokens = max_prefill_tokens  # vLLM's max_num_batched_tokens, for admissions
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ValueError(f"max_model_len must be between 2 and the model's {limit} positions, got {max_model_len}")
@@ -651,8 +657,11 @@ class Engine:
     def _admit(self) -> list[_Request]:
         admitted: list[_Request] = []
         in_use = {r.adapter for r in self.running if r.adapter is not None}
+        width = 0  # the prefill's padded size is rows x the longest prompt: at most max_prefill_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
             req = self.waiting[0]
+            if admitted and (len(admitted) + 1) * max(width, len(req.prompt)) > self.max_prefill_tokens:
+                break  # the next step admits it (first come, first served: no overtaking)
             if req.adapter is not None:
                 try:
                     self.pool.ensure(req.adapter, pinned=in_use)
@@ -663,6 +672,7 @@ class Engine:
                     continue
                 in_use.add(req.adapter)
             admitted.append(self.waiting.popleft())
+            width = max(width, len(req.prompt))
         return admitted
 
     def _adapter_kwargs(self, reqs: list[_Request]) -> dict:

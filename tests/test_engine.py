@@ -102,6 +102,30 @@ def test_requests_join_between_steps_and_streams_add_up(adapter_dirs):
         assert texts[i] == "".join(f" {t}" for t in expected[i] if t != 2)
 
 
+def test_prefill_token_budget_admits_in_arrival_order(adapter_dirs):
+    """``max_prefill_tokens`` bounds rows x longest prompt of a step's admissions (one request always
+    goes in, however long); a request that does not fit waits for the next step, and nothing behind
+    it overtakes it. Outputs stay those of each request alone."""
+    eng = engine("llama", adapter_dirs, max_batch=8, max_prefill_tokens=20)
+    ps = [list(range(3, 11)), list(range(11, 19)), list(range(19, 27)), list(range(30, 60)), [5, 6]]
+    adapters = ["lora", "mixlora", None, "dora", "lora"]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        eng.add_request(str(i), p, a, sp)
+    got = {str(i): [] for i in range(len(ps))}
+    admitted = []
+    while eng.has_work():
+        before = set(got) - {rid for rid, t in got.items() if t}
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+        admitted.append(sorted(rid for rid in before if got[rid]))
+    assert admitted[:4] == [["0", "1"], ["2"], ["3"], ["4"]]  # 16 | 8 (+30 > 20) | 30 alone | 2
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        assert got[str(i)] == hf_alone(eng.model, p, a, 6), a
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        engine("llama", adapter_dirs, max_prefill_tokens=0)
+
+
 def test_weights_edited_between_runs_are_served_from_the_next_prefill(adapter_dirs):
     """Decoding steps reuse the packed/pooled weights checked at the last prefill; an in-place edit
     made while nothing runs is picked up by the next requests' prefill (and the steps after it)."""

@@ -730,16 +730,20 @@ def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monke
     engine, kw = served[0]
     assert (engine.max_model_len, engine.base_name, engine.adapter_names()) == (100, "org/tiny-llama", ["a"])
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and kw["port"] == 0
-    assert engine.prefix.budget == 256 * 2**20  # on by default, as vLLM's
+    assert engine.prefix.budget == 256 * 2**20 and engine.max_prefill_tokens == 8192  # vLLM-like defaults
     limit = engine.model.config.max_position_embeddings
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--max-model-len", str(limit + 1)]) == 2
     assert f"between 2 and the model's {limit} positions" in capsys.readouterr().err
     assert len(served) == 1
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--max-num-batched-tokens", "0"]) == 2
+    assert "--max-num-batched-tokens must be positive" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "-1"]) == 2
     assert "--prefix-cache-mb must be >= 0" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "0.5"]) == 0
-    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "0"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--prefix-cache-mb", "0",
+                 "--max-num-batched-tokens", "512"]) == 0
     assert served[1][0].prefix.budget == 2**19 and served[2][0].prefix is None
+    assert served[2][0].max_prefill_tokens == 512
 
 
 # ------------------------------------------------------------------------------------------- real engine
