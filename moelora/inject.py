@@ -9,6 +9,7 @@ that adds the router loss to ``outputs.loss`` in training mode. Architectures ar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -444,6 +445,21 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     if adapter_name is not None and adapter_name not in ctx.configs:
         raise KeyError(f"no adapter named {adapter_name!r} (attached: {list(ctx.configs)})")
     ctx.active = adapter_name
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """``with moelora.disable_adapter(model):`` runs the base model (PEFT's ``model.disable_adapter()``,
+    e.g. a DPO reference), then makes the adapter active before it active again, even after an
+    exception, unless the block itself removed it or changed the active adapter."""
+    ctx = get_context(model)
+    previous = ctx.active
+    ctx.active = None
+    try:
+        yield model
+    finally:
+        if ctx.active is None and previous in ctx.configs:
+            ctx.active = previous
 
 
 def set_recompute(model: nn.Module, enabled: bool) -> None:

@@ -234,7 +234,28 @@ def test_several_adapters_switch_and_detach():
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     torch.testing.assert_close(_logits(model, ids, mask), base)
-    assert all(p.requires_grad is False or True for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # detach restores what attach froze
+
+
+def test_disable_adapter_runs_the_base_and_restores_the_active_adapter():
+    model = tiny_model()
+    ids, mask = batch(model)
+    base = _logits(model, ids, mask)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=2, top_k=1, r=4), adapter_name="b")
+    randomize_adapters(model)
+    adapted = _logits(model, ids, mask)
+    assert not torch.allclose(adapted, base)
+    with moelora.disable_adapter(model):
+        torch.testing.assert_close(_logits(model, ids, mask), base)
+    torch.testing.assert_close(_logits(model, ids, mask), adapted)
+    with pytest.raises(RuntimeError, match="inside"):
+        with moelora.disable_adapter(model):
+            raise RuntimeError("inside")
+    torch.testing.assert_close(_logits(model, ids, mask), adapted)  # restored after an exception too
+    with moelora.disable_adapter(model):
+        moelora.detach(model, "b")
+        moelora.attach(model, moelora.LoraConfig(r=4), adapter_name="c")  # the previous one is gone:
+    assert moelora.get_context(model).active == "c"  # what was set inside stays
 
 
 def test_count_parameters_and_param_groups():
