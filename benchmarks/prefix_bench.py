@@ -8,7 +8,9 @@ cache on (the default, 256 MiB) or off. The engine first answers one request wit
 
 - ``batch``: ``--requests`` requests, each the system prompt plus its own question, admitted in one
   step with ``max_tokens=1``: the step's wall time is their prefill (time to first token);
-- ``single``: one more such request alone (a chat's next turn).
+- ``single``: one more such request alone (a chat's next turn);
+- ``burst``: ``--requests`` requests with a system prompt never seen before, admitted together: the
+  first computes its blocks, the others continue from them in the same step.
 
 Before timing, every request's first 8 greedy tokens with the cache on are checked against the same
 engine with the cache off. Printed: median ms per contender and the ratio off / on per method (MiLoRA
@@ -94,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     vocab = model.config.vocab_size
     system = torch.randint(3, vocab, (args.system_tokens,), generator=g).tolist()
 
-    def questions(n: int) -> list[list[int]]:
-        return [system + torch.randint(3, vocab, (args.question_tokens,), generator=g).tolist() for _ in range(n)]
+    def questions(n: int, head: list[int] | None = None) -> list[list[int]]:
+        head = system if head is None else head
+        return [head + torch.randint(3, vocab, (args.question_tokens,), generator=g).tolist() for _ in range(n)]
 
     for m in args.methods:
         moelora.attach(model, METHODS[m](), m)
@@ -118,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if off != on:
             print(f"FAIL {m}: outputs with the prefix cache differ from those without", file=sys.stderr)
             return 1
-        for kind, n in (("batch", args.requests), ("single", 1)):
+        for kind, n in (("batch", args.requests), ("single", 1), ("burst", args.requests)):
             times = {c: [] for c in engines}
             for _ in range(args.repeats):
-                qs = questions(n)
+                fresh = torch.randint(3, vocab, (args.system_tokens,), generator=g).tolist()
+                qs = questions(n, fresh if kind == "burst" else None)
                 for c, eng in engines.items():
                     times[c].append(run(eng, m, qs, 1)[0])
             off_ms, on_ms = statistics.median(times[False]), statistics.median(times[True])

@@ -700,23 +700,37 @@ class Engine:
 
     def _prefill(self, reqs: list[_Request]) -> list[StepOutput]:
         """Prefill the admitted requests: those whose prompt starts with cached blocks in one forward
-        that continues from them, the others in one forward from scratch."""
+        that continues from them, the others in one forward from scratch. A request whose next
+        uncached block another admitted request is about to compute (the same system prompt
+        arriving in a burst, ``n`` copies of a prompt) waits for it, in a second round."""
         if self.prefix is None:
             return self._prefill_cold(reqs, [None] * len(reqs))
+        B = self.prefix.block
         scopes = [self._prefix_scope(r.adapter) if r.params.prompt_logprobs is None else None for r in reqs]
-        chains = [self.prefix.lookup(sc, r.prompt, len(r.prompt) - 1) if sc is not None else []
-                  for r, sc in zip(reqs, scopes)]
-        for r, sc, c in zip(reqs, scopes, chains):
-            if sc is not None:
-                self.prefix.queries += len(r.prompt)
-                self.prefix.hits += len(c) * self.prefix.block
-        warm = [i for i, c in enumerate(chains) if c]
-        cold = [i for i, c in enumerate(chains) if not c]
-        outputs = []
-        if cold:
-            outputs += self._prefill_cold([reqs[i] for i in cold], [scopes[i] for i in cold])
-        if warm:
-            outputs += self._prefill_warm([reqs[i] for i in warm], [scopes[i] for i in warm], [chains[i] for i in warm])
+        outputs: list[StepOutput] = []
+        while reqs:
+            chains = [self.prefix.lookup(sc, r.prompt, len(r.prompt) - 1) if sc is not None else []
+                      for r, sc in zip(reqs, scopes)]
+            lead: list[int] = []
+            later: list[int] = []
+            for i, (r, sc, c) in enumerate(zip(reqs, scopes, chains)):
+                need = (len(c) + 1) * B  # its next block, if an earlier request computes it now
+                if sc is not None and len(r.prompt) > need and any(
+                        scopes[j] == sc and reqs[j].prompt[:need] == r.prompt[:need] for j in lead):
+                    later.append(i)
+                    continue
+                lead.append(i)
+                if sc is not None:
+                    self.prefix.queries += len(r.prompt)
+                    self.prefix.hits += len(c) * B
+            cold = [i for i in lead if not chains[i]]
+            warm = [i for i in lead if chains[i]]
+            if cold:
+                outputs += self._prefill_cold([reqs[i] for i in cold], [scopes[i] for i in cold])
+            if warm:
+                outputs += self._prefill_warm([reqs[i] for i in warm], [scopes[i] for i in warm],
+                                              [chains[i] for i in warm])
+            reqs, scopes = [reqs[i] for i in later], [scopes[i] for i in later]
         return outputs
 
     def _remember(self, tokens: list[int], scope: tuple | None, chain: list[_Block], keys: list[torch.Tensor],

@@ -125,7 +125,7 @@ def test_prefix_bench_tiny_checks_outputs_and_reports_hits(tmp_path):
     out = tmp_path / "prefix.json"
     assert mod.main(["--mode", "tiny", "--output", str(out)]) == 0
     figures = json.loads(out.read_text())["figures"]
-    assert set(figures) == {f"{m}/{k}" for m in ("lora", "mixlora", "milora") for k in ("batch", "single")}
+    assert set(figures) == {f"{m}/{k}" for m in ("lora", "mixlora", "milora") for k in ("batch", "single", "burst")}
     assert figures["lora/single"]["hit_tokens"] > 0 and figures["mixlora/single"]["hit_tokens"] > 0
     assert figures["milora/single"]["hit_tokens"] == 0  # its routing depends on the whole prompt
     assert all(f["off_ms"] > 0 and f["on_ms"] > 0 for f in figures.values())

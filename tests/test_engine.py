@@ -612,6 +612,32 @@ def test_prefix_cache_hits_give_each_request_alone(arch, adapter_dirs):
     assert eng.prefix.hits == 32 + 64 + 64 + 32
 
 
+def test_prefix_cache_shares_a_burst_of_one_system_prompt(adapter_dirs):
+    """Requests admitted together with the same system prompt (or the same prompt twice, as ``n``
+    copies) compute its blocks once: the first in the step's first round, the others on top of them
+    in a second round. MiLoRA rows never wait. Outputs equal each request alone."""
+    eng = sharp_engine("llama", adapter_dirs, max_batch=8)
+    system = list(range(3, 43))  # 40 tokens: 2 full blocks
+    ps = [system + [50 + i] * (3 + i) for i in range(3)] + [system + [50, 50, 50], system + [99]]
+    adapters = ["lora", "lora", "dora", "lora", "milora"]
+    sp = SamplingParams(max_tokens=3, logprobs=20)
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        eng.add_request(str(i), p, a, sp)
+    got = {str(i): {"token_ids": [], "logprobs": []} for i in range(len(ps))}
+    cached = {}
+    while eng.has_work():
+        for o in eng.step():
+            if not got[o.request_id]["token_ids"]:
+                cached[o.request_id] = (o.cached_tokens, eng.steps)
+            got[o.request_id]["token_ids"] += o.token_ids
+            got[o.request_id]["logprobs"] += o.logprobs or []
+    assert {step for _, step in cached.values()} == {1}  # both rounds in the first step
+    cached = {rid: n for rid, (n, _) in cached.items()}
+    assert cached == {"0": 0, "1": 32, "2": 0, "3": 32, "4": 0}  # dora: another scope; 3 repeats 0
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        assert_alone(eng, p, a, got[str(i)], 3)
+
+
 @pytest.mark.parametrize("adapter", ["mixlora", None])
 def test_prefix_cache_keeps_the_reply_for_the_next_turn(adapter, adapter_dirs):
     """A finished request's prompt and output are cached (but the last token, never fed): a next
