@@ -2,7 +2,7 @@
 # Every GPU benchmark of issues 4 and 5 in one device call (H100; see docs/benchmarks.md).
 # Run from the repository root: bash benchmarks/gpu_bench.sh OUTDIR [seconds budget]
 # Optional: wheels for the MoE-PEFT environment in .whl_moepeft/ (see benchmarks/moe_peft_bench.py).
-# Switches (environment): SKIP_KERNEL, SKIP_ENGINE, COMPILED, CKPT, PROFILE (profiler tables of one
+# Switches (environment): SKIP_KERNEL, SKIP_ENGINE, SKIP_PREFIX, COMPILED, CKPT, PROFILE (profiler tables of one
 # training step and one generate call per contender), *_SECS (each step's limit), MOEPEFT_ARGS.
 set -u
 OUT=${1:-gpu_out}; mkdir -p "$OUT"
@@ -27,6 +27,7 @@ step bench ${BENCH_SECS:-330} python3 benchmarks/bench.py --mode gpu --reuse-bas
   --budget $(( ${CKPT_SECS:-150} - 30 )) --warmup 2 --repeats 5 --contenders peft_lora_r16 ours_mixlora_fast \
   --output "$OUT/bench_gpu_ckpt.json"
 [ -z "${SKIP_ENGINE:-}" ] && step engine 120 python3 benchmarks/engine_bench.py --mode gpu --repeats 1 --output "$OUT/engine_gpu.json"
+[ -z "${SKIP_PREFIX:-}" ] && step prefix 90 python3 benchmarks/prefix_bench.py --mode gpu --repeats 3 --output "$OUT/prefix_gpu.json"
 if ls .whl_moepeft/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_old .whl_moepeft/*.whl \
     > "$OUT/moepeft_install.log" 2>&1
