@@ -729,3 +729,55 @@ def test_prefix_cache_evicts_least_recent_chains_from_their_end():
     assert not cache.add(("z", 1), a, [], [torch.zeros(1, 40, 2)], [torch.zeros(1, 40, 2)])  # over the budget
     cache.drop("x")
     assert cache.lookup(("x", 1), b, 12) == [] and cache.bytes == 4 * 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_prefix_cache_random_traffic_equals_each_request_alone(arch, adapter_dirs):
+    """Seeded random traffic: bursts of prompts drawn from a few shared heads, chats' next turns
+    (an earlier prompt + its reply), every method and the base, aborts, a prefix cache small enough
+    to evict all the time and a small prefill budget (gemma2: prompts past its sliding window).
+    Every request that was not aborted equals itself run alone with no cache (tokens and
+    log-probabilities)."""
+    eng = sharp_engine(arch, adapter_dirs, max_batch=8, prefix_cache_bytes=400_000, max_prefill_tokens=400)
+    ref = sharp_engine(arch, adapter_dirs, prefix_cache_bytes=0)
+    g = torch.Generator().manual_seed(7)
+
+    def rand(n):
+        return torch.randint(3, 128, (n,), generator=g).tolist()
+
+    def pick(seq):
+        return seq[int(torch.randint(0, len(seq), (1,), generator=g))]
+
+    heads = [rand(n) for n in (40, 70, 90)]
+    choices = ["lora", "lora", "mixlora", None, None, "dora", "milora"]
+    sent, got, lps, aborted = {}, {}, {}, set()
+    while len(sent) < 40 or eng.has_work():
+        for _ in range(int(torch.randint(0, 6, (1,), generator=g))):
+            if len(sent) == 40:
+                break
+            head = pick(heads)
+            prompt = head[: int(torch.randint(30, len(head) + 1, (1,), generator=g))] + rand(pick(range(1, 20)))
+            adapter = pick(choices)
+            done = [rid for rid in sent if rid not in aborted and rid not in eng.ids]
+            if done and torch.rand(1, generator=g) < 0.4:  # a chat's next turn: an earlier prompt + reply
+                old = sent[pick(done)]
+                prompt, adapter = old[0] + got[old[2]] + rand(3), old[1]
+            rid = str(len(sent))
+            sent[rid], got[rid], lps[rid] = (prompt, adapter, rid), [], []
+            eng.add_request(rid, prompt, adapter, SamplingParams(max_tokens=pick(range(1, 24)), ignore_eos=True,
+                                                                 logprobs=0))
+        if torch.rand(1, generator=g) < 0.1 and eng.running:
+            victim = pick(eng.running).id
+            eng.abort(victim)
+            aborted.add(victim)
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+            lps[o.request_id] += [e.logprob for e in o.logprobs or []]
+    assert eng.prefix.hits >= 300 and len(aborted) >= 2
+    assert eng.prefix.bytes <= 400_000 and eng.prefix._ids * 8192 > 400_000  # blocks were evicted
+    for rid, (prompt, adapter, _) in sent.items():
+        if rid not in aborted:
+            alone = ref.generate([prompt], [adapter], SamplingParams(max_tokens=len(got[rid]), ignore_eos=True,
+                                                                     logprobs=0))[0]
+            assert got[rid] == alone["token_ids"], (rid, adapter)
+            assert lps[rid] == pytest.approx([e.logprob for e in alone["logprobs"]], abs=1e-4), (rid, adapter)
