@@ -279,7 +279,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     base_name=args.served_model_name,
                                     prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                                     max_prefill_tokens=args.max_num_batched_tokens)
-    run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin)
+    run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
+               tool_parser=args.tool_call_parser)
     return 0
 
 
@@ -366,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-budget-mb", type=float, default=None,
                    help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
                         "evicted and reloaded from their directory on demand (default: no limit)")
+    p.add_argument("--tool-call-parser", choices=["hermes"], default=None,
+                   help="let chat requests pass OpenAI 'tools' (tool_choice auto/none) and parse the model's "
+                        "<tool_call>{json}</tool_call> output into tool_calls (Qwen2.5/3, Hermes)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines; --tool-call-parser is what enables tools")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")

@@ -10,7 +10,8 @@ Endpoints (OpenAI / vLLM shapes): ``POST /v1/completions``, ``POST /v1/chat/comp
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /version`` and, only with ``admin=True``
 (``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (and
 vLLM's names for them, ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``).
-See docs/serve.md.
+With ``tool_parser="hermes"`` chat requests may pass ``tools`` and replies are parsed for
+``<tool_call>`` blocks into ``tool_calls``. See docs/serve.md.
 
 Threading: the engine is not thread-safe, so one engine thread (:class:`EngineWorker`) owns it and is
 the only caller of its methods (and of its tokenizer). The asyncio handlers hand it work through a
@@ -303,7 +304,7 @@ def _unsupported(body: dict, chat: bool) -> None:
     neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                "tools": (None, []), "functions": (None, [])}
     for key, ok in neutral.items():
-        if key == "echo" and not chat:  # completions implement it
+        if (key == "echo" and not chat) or (key == "tools" and chat):  # implemented there
             continue
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
             raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
@@ -326,6 +327,7 @@ class _Req:
     prompts: list[str | list[int]] | None = None  # completions: one or more prompts (a batch)
     messages: list[dict] | None = None
     template: dict | None = None  # chat: the chat template's options (_chat_options)
+    tools: list[dict] | None = None  # chat: function tools for the template; the output is parsed for calls
 
     @property
     def num_choices(self) -> int:
@@ -460,7 +462,82 @@ def _parse_chat(body: dict) -> _Req:
     req = _parse_common(body, chat=True)
     req.messages = _check_messages(body.get("messages"))
     req.template = _chat_options(body)
+    req.tools = _check_tools(body)
+    if req.tools is not None:
+        req.template["tools"] = req.tools
     return req
+
+
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+TOOL_OPEN = "<tool_call>"
+_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+
+def _check_tools(body: dict) -> list[dict] | None:
+    """``tools`` (OpenAI's function tools) and ``tool_choice``: the tools the template shows the model
+    (None: none, or ``tool_choice: "none"``). ``"required"`` and a named function need guided
+    decoding, which this server does not implement: refused."""
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto"):
+        if choice == "required" or isinstance(choice, dict):
+            raise _bad("tool_choice 'required' or a named function needs guided decoding, which this server does "
+                       "not implement; use \"auto\" (the model decides) or \"none\"", param="tool_choice",
+                       code="unsupported_parameter")
+        raise _bad("'tool_choice' must be \"none\", \"auto\", \"required\" or a named function",
+                   param="tool_choice", code="invalid_value")
+    if body.get("parallel_tool_calls") is not None:
+        _opt_bool(body, "parallel_tool_calls")  # checked; the parser returns every call the model writes
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or len(tools) > 128:
+        raise _bad("'tools' must be a list of at most 128 tools", param="tools", code="invalid_type")
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict):
+            raise _bad(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where,
+                       code="invalid_type")
+        if not isinstance(f.get("name"), str) or not TOOL_NAME_RE.match(f["name"]):
+            raise _bad(f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'",
+                       param=f"{where}.function.name", code="invalid_value")
+        for key, kind in (("description", str), ("parameters", dict), ("strict", bool)):
+            if f.get(key) is not None and not isinstance(f[key], kind):
+                raise _bad(f"'{where}.function.{key}' must be a {kind.__name__}", param=f"{where}.function.{key}",
+                           code="invalid_type")
+    return None if choice == "none" else tools
+
+
+def _parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """Hermes-style tool calls (Qwen2.5/3, Hermes, ...): ``<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>`` blocks (the last one may be unclosed) -> (the text before the first block, OpenAI
+    ``tool_calls``). Anything that does not parse leaves the whole text as content and no call."""
+    start = text.find(TOOL_OPEN)
+    if start < 0:
+        return text, []
+    calls = []
+    for m in _TOOL_CALL_RE.finditer(text, start):
+        raw = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            return text, []
+        args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return text, []
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(args, dict):
+            return text, []
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
+    return text[:start], calls
+
+
+def _partial_tail(text: str, tag: str) -> int:
+    """Characters at the end of ``text`` that begin ``tag`` (held back while streaming)."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
 _TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -518,7 +595,39 @@ def _check_messages(messages: Any) -> list[dict]:
         msg = {"role": "system" if role == "developer" else role, "content": content}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _check_history_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool" and m.get("tool_call_id") is not None:
+            if not isinstance(m["tool_call_id"], str):
+                raise _bad(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id",
+                           code="invalid_type")
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
+    return out
+
+
+def _check_history_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's earlier ``tool_calls``, for the template: ``arguments`` (a JSON string in
+    OpenAI's API) becomes the object templates expect (as vLLM does)."""
+    if not isinstance(calls, list):
+        raise _bad(f"'{where}' must be a list", param=where, code="invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise _bad(f"'{where}[{j}]' must be {{\"type\": \"function\", \"function\": {{\"name\": str, "
+                       f"\"arguments\": str}}}}", param=f"{where}[{j}]", code="invalid_type")
+        try:
+            args = json.loads(f["arguments"])
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise _bad(f"'{where}[{j}].function.arguments' must be a JSON object (as a string)",
+                       param=f"{where}[{j}].function.arguments", code="invalid_value")
+        call = {"type": "function", "function": {"name": f["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
     return out
 
 
@@ -554,6 +663,8 @@ def _chat_ids(engine: Any, messages: list[dict], template: dict | None = None,
                    code="no_chat_template")
     t = template or {"add_generation_prompt": True, "continue_final_message": False, "kwargs": {}}
     opts = {"continue_final_message": True} if t["continue_final_message"] else {}  # (only when asked)
+    if t.get("tools"):
+        opts["tools"] = t["tools"]
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=t["add_generation_prompt"], tokenize=False,
                                        **opts, **t["kwargs"])
@@ -716,6 +827,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     worker = request.app[WORKER]
     body = await _json_body(request)
     req = _parse_chat(body) if chat else _parse_completion(body)
+    if req.tools is not None and not request.app[CONFIG].get("tool_parser"):
+        raise _bad("tool calls need the server started with --tool-call-parser hermes", param="tools",
+                   code="unsupported_parameter")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     rids = _choice_ids(rid, req)
@@ -754,9 +868,16 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         usage = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens), cached, req.n)
         k = req.params.logprobs
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
-                        "logprobs": _logprobs(lp, chat, k), "finish_reason": r}
-                       for i, (t, lp, r) in enumerate(zip(texts, lps, reasons))]
+            choices = []
+            for i, (t, lp, r) in enumerate(zip(texts, lps, reasons)):
+                message = {"role": "assistant", "content": "".join(t)}
+                calls = []
+                if req.tools is not None:
+                    content, calls = _parse_tool_calls(message["content"])
+                if calls:
+                    message, r = {"role": "assistant", "content": content if content.strip() else None,
+                                  "tool_calls": calls}, "tool_calls"
+                choices.append({"index": i, "message": message, "logprobs": _logprobs(lp, chat, k), "finish_reason": r})
             obj = "chat.completion"
         else:
             shifts = [len(t) for t in req.echo_texts] if req.echo else [0] * len(rids)
@@ -807,6 +928,7 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
     if chat:
         await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
     completion_tokens, cached = [0] * k, [0] * k
+    held = [""] * k  # tools: text not streamed yet (from the first "<tool_call>", or the start of one)
     while True:
         i, item = await q.get()
         item = _as_error(item)
@@ -822,6 +944,15 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
         if i in echo:  # the first output of an echoed choice: the prompt (and its logprobs) first
             text = echo.pop(i) + text
             pending_prompt[i] = getattr(item, "prompt_logprobs", None) or []
+        calls = []
+        if req.tools is not None:  # stream the text before a tool call; the calls come parsed at the end
+            acc = held[i] + text
+            cut = acc.find(TOOL_OPEN)
+            cut = len(acc) - _partial_tail(acc, TOOL_OPEN) if cut < 0 else cut
+            text, held[i] = acc[:cut], acc[cut:]
+            if item.finished:  # the calls, or (none parsed) the held text as content
+                rest, calls = _parse_tool_calls(held[i])
+                text += rest
         if not item.finished:
             if text:
                 await resp.write(chunk([choice(i, text, None)]))
@@ -832,7 +963,10 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
         if chat:
             if text:
                 parts.append(chunk([choice(i, text, None)]))
-            parts.append(chunk([choice(i, None, item.finish_reason)]))
+            if calls:
+                delta = {"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}
+                parts.append(chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
+            parts.append(chunk([choice(i, None, "tool_calls" if calls else item.finish_reason)]))
         else:
             parts.append(chunk([choice(i, text, item.finish_reason)]))
         if len(done) < k:
@@ -1121,16 +1255,20 @@ def _middleware(api_key: str | None):
     return errors
 
 
-def create_app(engine: Any, api_key: str | None = None, admin: bool = False) -> web.Application:
+def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
+               tool_parser: str | None = None) -> web.Application:
     """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
     ``admin``: enables ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (403 otherwise).
+    ``tool_parser``: ``"hermes"`` lets chat requests pass ``tools`` and parses the model's tool calls.
     """
+    if tool_parser not in (None, "hermes"):
+        raise ValueError(f"unknown tool call parser {tool_parser!r} (available: hermes)")
     app = web.Application(middlewares=[_middleware(api_key)], client_max_size=MAX_BODY)
     worker = EngineWorker(engine)
     app[WORKER] = worker
-    app[CONFIG] = {"admin": bool(admin), "created": int(time.time())}
+    app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser}
 
     async def _start(app):
         worker.start()
@@ -1167,9 +1305,9 @@ async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.A
 
 
 def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                    admin: bool = False) -> tuple[str, Callable[[], None]]:
+                    admin: bool = False, tool_parser: str | None = None) -> tuple[str, Callable[[], None]]:
     """Serve on a background thread (``port=0``: a free port). -> (base url, stop function)."""
-    app = create_app(engine, api_key=api_key, admin=admin)
+    app = create_app(engine, api_key=api_key, admin=admin, tool_parser=tool_parser)
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future = concurrent.futures.Future()
     holder: dict[str, Any] = {}
@@ -1208,12 +1346,12 @@ def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key
 
 
 def run_server(engine: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               admin: bool = False) -> None:
+               admin: bool = False, tool_parser: str | None = None) -> None:
     """Serve in the foreground until Ctrl-C (``moelora serve``)."""
     if admin and not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("warning: --admin without --api-key on %s: anyone who can reach the port can load adapters",
                     host)
-    app = create_app(engine, api_key=api_key, admin=admin)
+    app = create_app(engine, api_key=api_key, admin=admin, tool_parser=tool_parser)
     summary = (f"moelora serve: base model {engine.base_name!r}, adapters {engine.adapter_names()}, "
                f"api key {'required' if api_key else 'off'}, admin {'on' if admin else 'off'}")  # before the thread
 

@@ -1167,3 +1167,137 @@ def test_fuzzed_requests_on_the_real_engine(real_server):
 
 def _is_int_like(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ------------------------------------------------------------------------------------------- tool calls
+class ToolTokenizer(lt.FakeTokenizer):
+    """The fake tokenizer with a template that takes ``tools`` (recorded, with the messages)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, tools=None, **kw):
+        self.seen.append({"messages": messages, "tools": tools})
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return ("<tools>" + json.dumps(tools) + "</tools>" if tools else "") + text + "<assistant>"
+
+
+class ScriptEngine(FakeEngine):
+    """Answers every request with ``script`` (then EOS), one character per step."""
+
+    script = ""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.tokenizer = ToolTokenizer()
+
+    def expected(self, name, prompt_ids, max_tokens, stop=()):
+        text = self.script[:max_tokens]
+        return text, ("stop" if len(self.script) <= max_tokens else "length"), len(text)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TWO_CALLS = ('Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>{"name": "get_time", "parameters": {"tz": "CET"}}')  # the last one unclosed (EOS)
+
+
+def test_chat_tool_calls_are_parsed_streamed_or_not(start):
+    engine = ScriptEngine(ADAPTERS, max_batch=4, max_queue=16)
+    engine.script = TWO_CALLS
+    url, _ = start(engine, tool_parser="hermes")
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER],
+            "max_tokens": 200}
+    d = post(url, "/v1/chat/completions", body).json()
+    choice = d["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me check."
+    calls = choice["message"]["tool_calls"]
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("function", "get_weather", {"city": "Paris"}), ("function", "get_time", {"tz": "CET"})]
+    assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
+    assert engine.tokenizer.seen[-1]["tools"] == [WEATHER]  # the template showed the model its tools
+    events = stream(url, "/v1/chat/completions", body)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    content = [dl["content"] for dl in deltas if dl.get("content")]
+    assert "".join(content) == "Let me check." and not any("<" in c for c in content)  # no tag fragment leaks
+    streamed = [dl["tool_calls"] for dl in deltas if "tool_calls" in dl]
+    assert len(streamed) == 1 and [(c["index"], c["function"]["name"]) for c in streamed[0]] == [
+        (0, "get_weather"), (1, "get_time")]
+    assert json.loads(streamed[0][1]["function"]["arguments"]) == {"tz": "CET"}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("script", ["No tools needed <tool", 'Hmm <tool_call>{"name": broken}</tool_call> ok'])
+def test_chat_text_that_is_not_a_tool_call_stays_content(start, script):
+    engine = ScriptEngine(ADAPTERS, max_batch=4, max_queue=16)
+    engine.script = script
+    url, _ = start(engine, tool_parser="hermes")
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "max_tokens": 200}
+    d = post(url, "/v1/chat/completions", body).json()["choices"][0]
+    assert d["message"] == {"role": "assistant", "content": script} and d["finish_reason"] == "stop"
+    events = stream(url, "/v1/chat/completions", body)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == script
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    d = post(url, "/v1/chat/completions", {**body, "tool_choice": "none"}).json()["choices"][0]
+    assert engine.tokenizer.seen[-1]["tools"] is None and d["message"]["content"] == script
+
+
+def test_chat_tool_history_reaches_the_template(start):
+    engine = ScriptEngine(ADAPTERS, max_batch=4, max_queue=16)
+    engine.script = "It is sunny."
+    url, _ = start(engine, tool_parser="hermes")
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    d = post(url, "/v1/chat/completions", {"model": "alpha", "messages": messages, "tools": [WEATHER],
+                                           "max_tokens": 50}).json()
+    assert d["choices"][0]["message"]["content"] == "It is sunny."
+    seen = engine.tokenizer.seen[-1]["messages"]
+    assert seen[1]["tool_calls"] == [{"type": "function", "id": "call_1",
+                                      "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert seen[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+def test_tool_requests_that_cannot_be_served_are_clear_errors(start):
+    url, _ = start(ScriptEngine(ADAPTERS, max_batch=4, max_queue=16))  # no parser
+    base = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    assert_error(post(url, "/v1/chat/completions", {**base, "tools": [WEATHER]}), 400, code="unsupported_parameter",
+                 param="tools")
+    url, _ = start(ScriptEngine(ADAPTERS, max_batch=4, max_queue=16), tool_parser="hermes")
+    for extra, code, param in [
+        ({"tools": [WEATHER], "tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+         "unsupported_parameter", "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "invalid_value", "tool_choice"),
+        ({"tools": {"a": 1}}, "invalid_type", "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "invalid_value", "tools[0].function.name"),
+        ({"tools": [{"type": "retrieval"}]}, "invalid_type", "tools[0]"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "invalid_type",
+         "tools[0].function.parameters"),
+        ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "invalid_type", "parallel_tool_calls"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "not json"}}]}]}, "invalid_value",
+         "messages[0].tool_calls[0].function.arguments"),
+        ({"messages": [{"role": "assistant", "tool_calls": {"x": 1}}]}, "invalid_type", "messages[0].tool_calls"),
+        ({"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}, "invalid_type", "messages[0].tool_call_id"),
+    ]:
+        assert_error(post(url, "/v1/chat/completions", {**base, **extra}), 400, code=code, param=param)
+    assert_error(post(url, "/v1/completions", {"model": "alpha", "prompt": "x", "tools": [WEATHER]}), 400,
+                 code="unsupported_parameter", param="tools")
+    with pytest.raises(ValueError, match="unknown tool call parser"):
+        from moelora.server import create_app
+
+        create_app(ScriptEngine(ADAPTERS), tool_parser="llama3_json")
+
+
+def test_cli_serve_tool_call_parser_reaches_the_server(tiny_model_dir, monkeypatch):
+    import moelora.server
+    from moelora.cli import main
+
+    served = []
+    monkeypatch.setattr(moelora.server, "run_server", lambda engine, **kw: served.append(kw))
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--enable-auto-tool-choice",
+                 "--tool-call-parser", "hermes"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
+    assert [kw["tool_parser"] for kw in served] == ["hermes", None]
