@@ -1301,3 +1301,56 @@ def test_cli_serve_tool_call_parser_reaches_the_server(tiny_model_dir, monkeypat
                  "--tool-call-parser", "hermes"]) == 0
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
     assert [kw["tool_parser"] for kw in served] == ["hermes", None]
+
+
+TINY_TOOL = {"type": "function", "function": {"name": "w"}}  # the tiny tokenizer spends many tokens on JSON
+QWEN_LIKE_TOOLS_TEMPLATE = (  # the tool parts of Qwen2.5's template, compacted
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n"
+    "</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}{%- endif %}\n<tool_call>\n"
+    '{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_template_gets_tools_and_history_as_objects(start, tiny_model_dir):
+    """Through a real tokenizer's Jinja template (Qwen2.5's tool parts): the prompt the engine gets is
+    the template rendered with the tools and with earlier calls' arguments as objects (a JSON string
+    would be encoded twice by ``tojson``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moelora.engine import Engine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.max_position_embeddings = 1024  # (rotary positions: no table to outgrow)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = QWEN_LIKE_TOOLS_TEMPLATE
+    engine = Engine(model, tok, max_batch=2)
+    url, _ = start(engine, tool_parser="hermes")
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": '{"c": 1}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = post(url, "/v1/chat/completions", {"model": engine.base_name, "messages": history, "tools": [TINY_TOOL],
+                                           "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    d = r.json()
+
+    def rendered(arguments):
+        msgs = [history[0], {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": "call_1", "function": {"name": "w", "arguments": arguments}}]},
+                history[2]]
+        text = engine.tokenizer.apply_chat_template(msgs, tools=[TINY_TOOL], add_generation_prompt=True, tokenize=False)
+        return text, len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    text, n = rendered({"c": 1})
+    assert '"arguments": {"c": 1}' in text and '"name": "w"' in text.split("</tools>")[0]
+    assert d["usage"]["prompt_tokens"] == n != rendered('{"c": 1}')[1]
