@@ -25,10 +25,10 @@ decoding, MixLoRA rows route per token.
   one seeded generator per request, so a request's output does not depend on what it is batched
   with; OpenAI's presence and frequency penalties (on the output's tokens) and logit bias; the
   repetition penalty of ``transformers`` and vLLM (on the prompt's and the output's tokens); vLLM's
-  ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and ``include_stop_str_in_output``. Stop
-  sequences are cut from the text (or kept, with the last option);
-  streaming text never splits a UTF-8 character or shows the start of a stop sequence that may
-  still complete.
+  ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and ``include_stop_str_in_output``; JSON mode
+  (``json_object``: the output is one JSON object, ``moelora.structured``). Stop sequences are cut
+  from the text (or kept, with the last option); streaming text never splits a UTF-8 character or
+  shows the start of a stop sequence that may still complete.
 
 The engine is single-threaded: the HTTP server (``moelora.server``) drives it from one thread.
 """
@@ -46,12 +46,14 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .config import MiLoraConfig
+from .structured import JsonPrefix
 
 __all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore",
            "PrefixCache", "ADAPTER_NAME"]
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no dots, slashes: never a path
 MAX_LOGPROBS = 20  # top alternatives per output token (vLLM's default limit)
+JSON_MAX_WS = 64  # JSON mode: whitespace characters in a row (none before the object)
 
 
 class QueueFull(Exception):
@@ -77,6 +79,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # end the output like EOS (their text is not in it)
     ignore_eos: bool = False  # keep generating after EOS (up to max_tokens; stop_token_ids still stop)
     include_stop_str_in_output: bool = False  # keep the stop sequence that ended the output in its text
+    json_object: bool = False  # JSON mode: the output is one JSON object (moelora.structured), then it ends
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -114,7 +117,7 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
-        for key in ("ignore_eos", "include_stop_str_in_output"):
+        for key in ("ignore_eos", "include_stop_str_in_output", "json_object"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
@@ -168,6 +171,7 @@ class _Request:
     gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
     scope: tuple | None = None  # prefix cache: its adapter's scope at prefill (None: not cached)
+    json: JsonPrefix | None = None  # JSON mode: the output's state
     stop_from: int = 0  # stop sequences count only where they end after this offset of ``text`` (min_tokens)
 
 
@@ -618,7 +622,8 @@ class Engine:
         if params.temperature > 0:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
-        self.waiting.append(_Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic()))
+        self.waiting.append(_Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic(),
+                                     json=JsonPrefix(max_ws=JSON_MAX_WS, leading_ws=False) if params.json_object else None))
         self.ids.add(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -926,7 +931,7 @@ class Engine:
                 seen, counts = torch.tensor(r.output).unique(return_counts=True)
                 scores = scores.index_put((seen,), scores[seen] - (p.frequency_penalty * counts + p.presence_penalty))
             if p.temperature == 0:
-                token = int(scores.argmax())
+                token = int(scores.argmax()) if r.json is None else self._json_token(r, scores, logits[i], None)
             else:
                 scores = scores / p.temperature
                 if p.min_p > 0:
@@ -939,7 +944,10 @@ class Engine:
                     cum = sorted_scores.softmax(-1).cumsum(-1)
                     drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
                     scores = scores.index_fill(0, order[drop], float("-inf"))
-                token = int(torch.multinomial(scores.softmax(-1), 1, generator=r.generator))
+                if r.json is None:
+                    token = int(torch.multinomial(scores.softmax(-1), 1, generator=r.generator))
+                else:
+                    token = self._json_token(r, scores, logits[i], r.generator)
             if p.logprobs is not None:
                 lsm = logits[i].log_softmax(-1)
                 top = lsm.topk(p.logprobs) if p.logprobs else None
@@ -947,6 +955,56 @@ class Engine:
                               list(zip(top.indices.tolist(), top.values.tolist()))))
             outputs.append(self._emit(r, token))
         return outputs
+
+    def _json_token(self, r: _Request, scores: torch.Tensor, raw: torch.Tensor, gen: torch.Generator | None) -> int:
+        """JSON mode: the best (``gen`` None) or a sampled token among those that keep the output a valid
+        JSON-object prefix, from ``scores`` (after the request's filters), checking candidates lazily;
+        once the object is complete, EOS (or a stop token). If the filters left no valid token, the
+        most likely valid one under the raw logits."""
+        p = r.params
+        ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
+        if r.json.complete:
+            allowed = [t for t in sorted(ends) if scores[t] > float("-inf")]
+            if allowed:
+                return allowed[0]
+        window = r.output[-4:]
+        before = self.tokenizer.decode(window, skip_special_tokens=True).rstrip("\ufffd")
+        full = None
+
+        def advance(t: int) -> JsonPrefix | None:
+            nonlocal full
+            if t in ends:
+                return r.json if r.json.complete else None
+            after = self.tokenizer.decode(window + [t], skip_special_tokens=True)
+            if after.startswith(before):
+                added = after[len(before):]
+            else:  # a tokenizer whose windowed decoding is not a prefix: decode the whole output
+                full = full if full is not None else self.tokenizer.decode(r.output, skip_special_tokens=True).rstrip("\ufffd")
+                added = self.tokenizer.decode(r.output + [t], skip_special_tokens=True)[len(full):]
+            nxt = r.json.copy()
+            return nxt if added and nxt.feed(added) else None  # a token adding no text never moves on
+
+        def first_valid(order: list[int], limit: torch.Tensor) -> int | None:
+            for t in order:
+                if limit[t] == float("-inf"):
+                    return None
+                nxt = advance(t)
+                if nxt is not None:
+                    r.json = nxt
+                    return t
+            return None
+
+        if gen is None:
+            token = first_valid(scores.argsort(descending=True).tolist(), scores)
+        else:
+            probs, token = scores.softmax(-1), None
+            while token is None and probs.sum() > 0:
+                t = int(torch.multinomial(probs, 1, generator=gen))
+                token = first_valid([t], scores)
+                probs[t] = 0
+        if token is None:
+            token = first_valid(raw.argsort(descending=True).tolist(), raw)
+        return int(scores.argmax()) if token is None else token
 
     def _prompt_logprobs(self, r: _Request, logits: torch.Tensor) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the tokens before it (the first has none), its text

@@ -309,9 +309,9 @@ def _unsupported(body: dict, chat: bool) -> None:
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
             raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     rf = body.get("response_format")
-    if rf is not None and rf != {"type": "text"}:
-        raise _bad("only response_format {\"type\": \"text\"} is supported", param="response_format",
-                   code="unsupported_parameter")
+    if rf is not None and rf not in ({"type": "text"}, {"type": "json_object"}):
+        raise _bad("response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"} (JSON schemas "
+                   "are not supported)", param="response_format", code="unsupported_parameter")
 
 
 @dataclass
@@ -418,7 +418,8 @@ def _parse_common(body: dict, chat: bool) -> _Req:
                             presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias,
                             repetition_penalty=repetition, min_p=min_p, min_tokens=min_tokens,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
-                            include_stop_str_in_output=include_stop)
+                            include_stop_str_in_output=include_stop,
+                            json_object=body.get("response_format") == {"type": "json_object"})
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 

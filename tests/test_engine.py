@@ -781,3 +781,77 @@ def test_prefix_cache_random_traffic_equals_each_request_alone(arch, adapter_dir
                                                                      logprobs=0))[0]
             assert got[rid] == alone["token_ids"], (rid, adapter)
             assert lps[rid] == pytest.approx([e.logprob for e in alone["logprobs"]], abs=1e-4), (rid, adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON mode
+
+
+def json_oracle(model, prompt, adapter, n, eos=2):
+    """Constrained greedy by hand, through the model's own ``generate`` (MiLoRA routes at its prefill):
+    a logits processor keeps only the most likely byte that extends a JSON-object prefix, or EOS once
+    the object is complete."""
+    from transformers import LogitsProcessor
+
+    from moelora.structured import JsonPrefix
+
+    class OnlyJson(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            state = JsonPrefix(max_ws=64, leading_ws=False)
+            assert state.feed(bytes(input_ids[0, len(prompt):].tolist()).decode("latin-1"))
+            keep = eos if state.complete else next(
+                t for t in scores[0].argsort(descending=True).tolist()
+                if t != eos and state.copy().feed(bytes([t]).decode("latin-1")))
+            out = torch.full_like(scores, float("-inf"))
+            out[0, keep] = 0.0
+            return out
+
+    moelora.set_adapter(model, adapter)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos,
+                         logits_processor=[OnlyJson()])
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("adapter", ["mixlora", "milora", None])
+def test_json_mode_greedy_is_the_constrained_argmax(adapter, adapter_dirs):
+    eng = Engine(tiny_model("llama"), ByteTokenizer(), max_batch=4)
+    for n in METHODS:
+        eng.load_adapter(n, str(adapter_dirs["llama", n]))
+    ps = [list(b'{"name": "Ada", "age": '), list(b"Answer in JSON: "), list(b"x")]
+    sp = SamplingParams(max_tokens=60, json_object=True)
+    adapters = [adapter, "lora", "dora"]
+    res = eng.generate(ps, adapters, sp)  # batched with others
+    for p, a, r in zip(ps, adapters, res):
+        assert r["token_ids"] == json_oracle(eng.model, p, a, 60), a
+    for r in res:
+        from moelora.structured import JsonPrefix
+
+        state = JsonPrefix()
+        assert state.feed(r["text"]), r["text"]  # always a valid prefix
+        if r["finish_reason"] == "stop":
+            assert state.complete and isinstance(__import__("json").loads(r["text"]), dict)
+
+
+def test_json_mode_sampling_is_valid_seeded_and_ends_the_object(adapter_dirs):
+    import json
+
+    from moelora.structured import JsonPrefix
+
+    eng = Engine(tiny_model("llama"), ByteTokenizer(), max_batch=4)
+    eng.load_adapter("lora", str(adapter_dirs["llama", "lora"]))
+    sp = SamplingParams(max_tokens=120, temperature=1.0, seed=5, json_object=True)
+    first = eng.generate([[5, 6, 7]], ["lora"], sp)[0]
+    again = eng.generate([[5, 6, 7], [9, 9]], ["lora", None], [sp, SamplingParams(max_tokens=3)])[0]
+    assert first["token_ids"] == again["token_ids"]  # seeded: not the batch
+    finished = 0
+    for seed in range(8):
+        r = eng.generate([[5, 6, 7]], ["lora"], SamplingParams(max_tokens=120, temperature=1.0, seed=seed,
+                                                                json_object=True, top_p=0.95))[0]
+        state = JsonPrefix()
+        assert state.feed(r["text"]), r["text"]
+        if r["finish_reason"] == "stop":
+            finished += 1
+            assert isinstance(json.loads(r["text"]), dict) and r["token_ids"][-1] == 2
+    assert finished >= 1
+    with pytest.raises(ValueError, match="json_object"):
+        eng.add_request("bad", [5], None, SamplingParams(json_object=1))

@@ -1354,3 +1354,28 @@ def test_real_tokenizer_template_gets_tools_and_history_as_objects(start, tiny_m
     text, n = rendered({"c": 1})
     assert '"arguments": {"c": 1}' in text and '"name": "w"' in text.split("</tools>")[0]
     assert d["usage"]["prompt_tokens"] == n != rendered('{"c": 1}')[1]
+
+
+@pytest.mark.slow
+def test_real_engine_json_mode_returns_json_objects(real_server):
+    """``response_format: {"type": "json_object"}``: through a real byte-level BPE tokenizer (tokens of
+    several characters) the reply is one JSON object when it finishes, and always a valid prefix of
+    one; streamed the same. JSON schemas are refused."""
+    from moelora.structured import JsonPrefix
+
+    url, engine = real_server
+    finished = 0
+    for i, model in enumerate(["lora-a", "lora-b", engine.base_name] * 2):
+        body = {"model": model, "messages": [{"role": "user", "content": f"Give JSON {i}"}], "max_tokens": 48,
+                "response_format": {"type": "json_object"}, "temperature": 0.9 if i >= 3 else 0, "seed": i}
+        c = post(url, "/v1/chat/completions", body).json()["choices"][0]
+        text = c["message"]["content"]
+        assert JsonPrefix().feed(text) and text.startswith("{"), text
+        if c["finish_reason"] == "stop":
+            finished += 1
+            assert isinstance(json.loads(text), dict)
+        events = stream(url, "/v1/chat/completions", body)
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == text
+    assert finished >= 1
+    assert_error(post(url, "/v1/chat/completions", {**body, "response_format": {"type": "json_schema", "json_schema": {}}}),
+                 400, code="unsupported_parameter", param="response_format")

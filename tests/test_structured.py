@@ -1,0 +1,95 @@
+"""JSON mode's validator (moelora.structured.JsonPrefix) against ``json.loads`` as the oracle."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from moelora.structured import JsonPrefix
+
+
+def strict_loads(s: str):
+    def refuse(name):
+        raise ValueError(name)
+
+    return json.loads(s, parse_constant=refuse)  # no NaN / Infinity: not JSON
+
+
+def accepted(s: str, **kw) -> bool:
+    state = JsonPrefix(**kw)
+    return state.feed(s) and state.complete
+
+
+def is_object(s: str) -> bool:
+    try:
+        return isinstance(strict_loads(s), dict)
+    except ValueError:
+        return False
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+
+    def key():
+        return "".join(rng.choice('kq"\\é\u2603') for _ in range(rng.randrange(4)))
+
+    def value(depth=0):
+        k = rng.randrange(7 if depth < 3 else 4)
+        if k == 0:
+            return rng.choice([0, -1, 12, 3.5, -0.25, 1e10, 2.5e-3, 10**20, -0.0])
+        if k == 1:
+            return "".join(rng.choice('ab"\\/\n\t é\u2603\x01\U0001f600') for _ in range(rng.randrange(5)))
+        if k == 2:
+            return rng.choice([True, False, None])
+        if k == 3:
+            return rng.choice(["", "x", [], {}])
+        if k in (4, 5):
+            return {key(): value(depth + 1) for _ in range(rng.randrange(4))}
+        return [value(depth + 1) for _ in range(rng.randrange(4))]
+
+    out = []
+    for _ in range(n):
+        obj = {key(): value() for _ in range(rng.randrange(4))}
+        out.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1, "\t"]),
+                              separators=rng.choice([None, (",", ":"), (" , ", " : ")])))
+    return out
+
+
+def test_every_prefix_of_an_object_is_accepted_and_only_the_whole_is_complete():
+    for s in documents(1500):
+        state = JsonPrefix()
+        for i, ch in enumerate(s):
+            assert state.feed(ch), (s, i)
+            assert state.complete == (i == len(s) - 1), (s, i)
+        assert not state.copy().feed("x") and state.copy().feed(" \n") and state.complete
+
+
+def test_mutated_documents_get_json_loads_verdict():
+    rng = random.Random(1)
+    checked = rejected = 0
+    for s in documents(1500, seed=2):
+        for _ in range(6):
+            i = rng.randrange(len(s))
+            ch = rng.choice('{}[]",:-0123456789.eE+ tfnrulas\\xu\u00e9\x00')
+            m = rng.choice([s[:i] + ch + s[i + 1:], s[:i] + ch + s[i:], s[:i] + s[i + 1:]])
+            assert accepted(m) == is_object(m), repr(m)
+            checked += 1
+            rejected += not is_object(m)
+    assert checked == 9000 and rejected > 4000  # the mutations do break documents
+
+
+@pytest.mark.parametrize("text", ['{"a": 01}', '{"a": 1.}', '{"a": -}', '{"a": 1e}', '{"a": 1e+}', '{"a": .5}',
+                                  '{"a": tru}', '{"a": "\\x"}', '{"a": "\\u12g4"}', '[1]', '"x"', '1', '{} {}',
+                                  '{"a":1,}', '{,}', '{"a" 1}', '{"a": NaN}', '{"a": Infinity}', '{"a": [1,]}',
+                                  '{"a": "tab\there"}', '{"a": 1} ', ' {"a":[1,-2.5E+3,{"b":null}]}\n', '{}'])
+def test_edge_cases_agree_with_json_loads(text):
+    assert accepted(text) == is_object(text)
+
+
+def test_the_engines_options_bound_whitespace():
+    assert accepted(' {}') and not accepted(' {}', leading_ws=False) and accepted('{ }', leading_ws=False)
+    assert accepted('{' + ' ' * 64 + '}', max_ws=64) and not accepted('{' + ' ' * 65 + '}', max_ws=64)
+    assert accepted('{"a":' + ' ' * 40 + '1,' + '\n' * 40 + '"b": 2}', max_ws=64)  # runs, not the total
+    assert accepted('{"' + ' ' * 100 + '": 1}', max_ws=64)  # inside strings any amount
