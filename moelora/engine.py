@@ -16,8 +16,9 @@ decoding, MixLoRA rows route per token.
 - **Prefix caching.** ``PrefixCache`` (vLLM's automatic prefix caching, per adapter): the keys and
   values of prompts' full 16-token blocks (and of prompt + output when a request finishes) stay
   over a byte budget, and a prompt that starts with blocks already seen under the same adapter
-  weights (a shared system prompt, a chat's earlier turns) prefills only the rest. Not for MiLoRA adapters, whose routing of every prompt token
-  depends on the whole prompt, nor for requests that ask for the prompt's log-probabilities.
+  weights (a shared system prompt, a chat's earlier turns) prefills only the rest. Not for MiLoRA
+  adapters, whose routing of every prompt token depends on the whole prompt, nor for requests that
+  ask for the prompt's log-probabilities.
 - **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
   use, kept resident up to a byte budget, and the least recently used one that no running request
   needs is evicted.
