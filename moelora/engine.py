@@ -26,8 +26,9 @@ decoding, MixLoRA rows route per token.
   one seeded generator per request, so a request's output does not depend on what it is batched
   with; OpenAI's presence and frequency penalties (on the output's tokens) and logit bias; the
   repetition penalty of ``transformers`` and vLLM (on the prompt's and the output's tokens); vLLM's
-  ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and ``include_stop_str_in_output``; JSON mode
-  (``json_object``: the output is one JSON object, ``moelora.structured``). Stop sequences are cut
+  ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and ``include_stop_str_in_output``; guided
+  decoding (``json_object``: one JSON object; ``guided_regex``; ``guided_choice``: see
+  ``moelora.structured``). Stop sequences are cut
   from the text (or kept, with the last option); streaming text never splits a UTF-8 character or
   shows the start of a stop sequence that may still complete.
 
@@ -47,7 +48,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .config import MiLoraConfig
-from .structured import JsonPrefix
+from .structured import JsonPrefix, RegexPrefix, check_guides, guide_for
 
 __all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore",
            "PrefixCache", "ADAPTER_NAME"]
@@ -81,6 +82,8 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating after EOS (up to max_tokens; stop_token_ids still stop)
     include_stop_str_in_output: bool = False  # keep the stop sequence that ended the output in its text
     json_object: bool = False  # JSON mode: the output is one JSON object (moelora.structured), then it ends
+    guided_regex: str | None = None  # the output must match this regular expression entirely (``regex`` syntax)
+    guided_choice: list[str] | None = None  # the output must be one of these strings
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -121,6 +124,7 @@ class SamplingParams:
         for key in ("ignore_eos", "include_stop_str_in_output", "json_object"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        check_guides(self.json_object, self.guided_regex, self.guided_choice)
 
 
 @dataclass
@@ -172,7 +176,7 @@ class _Request:
     gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
     scope: tuple | None = None  # prefix cache: its adapter's scope at prefill (None: not cached)
-    json: JsonPrefix | None = None  # JSON mode: the output's state
+    guide: JsonPrefix | RegexPrefix | None = None  # guided decoding: the output's state
     stop_from: int = 0  # stop sequences count only where they end after this offset of ``text`` (min_tokens)
 
 
@@ -624,7 +628,8 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
         self.waiting.append(_Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic(),
-                                     json=JsonPrefix(max_ws=JSON_MAX_WS, leading_ws=False) if params.json_object else None))
+                                     guide=guide_for(params.json_object, params.guided_regex, params.guided_choice,
+                                                     JSON_MAX_WS)))
         self.ids.add(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -932,7 +937,7 @@ class Engine:
                 seen, counts = torch.tensor(r.output).unique(return_counts=True)
                 scores = scores.index_put((seen,), scores[seen] - (p.frequency_penalty * counts + p.presence_penalty))
             if p.temperature == 0:
-                token = int(scores.argmax()) if r.json is None else self._json_token(r, scores, logits[i], None)
+                token = int(scores.argmax()) if r.guide is None else self._guided_token(r, scores, logits[i], None)
             else:
                 scores = scores / p.temperature
                 if p.min_p > 0:
@@ -945,10 +950,10 @@ class Engine:
                     cum = sorted_scores.softmax(-1).cumsum(-1)
                     drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
                     scores = scores.index_fill(0, order[drop], float("-inf"))
-                if r.json is None:
+                if r.guide is None:
                     token = int(torch.multinomial(scores.softmax(-1), 1, generator=r.generator))
                 else:
-                    token = self._json_token(r, scores, logits[i], r.generator)
+                    token = self._guided_token(r, scores, logits[i], r.generator)
             if p.logprobs is not None:
                 lsm = logits[i].log_softmax(-1)
                 top = lsm.topk(p.logprobs) if p.logprobs else None
@@ -957,32 +962,35 @@ class Engine:
             outputs.append(self._emit(r, token))
         return outputs
 
-    def _json_token(self, r: _Request, scores: torch.Tensor, raw: torch.Tensor, gen: torch.Generator | None) -> int:
-        """JSON mode: the best (``gen`` None) or a sampled token among those that keep the output a valid
-        JSON-object prefix, from ``scores`` (after the request's filters), checking candidates lazily;
-        once the object is complete, EOS (or a stop token). If the filters left no valid token, the
-        most likely valid one under the raw logits."""
+    def _guided_token(self, r: _Request, scores: torch.Tensor, raw: torch.Tensor, gen: torch.Generator | None) -> int:
+        """Guided decoding: the best (``gen`` None) or a sampled token among those that keep the output
+        a valid prefix for ``r.guide`` (end tokens: once it is complete), from ``scores`` (after the
+        request's filters), checking candidates lazily; a ``final`` guide (a closed JSON object) ends
+        the output at once. If the filters left no valid token, the most likely valid one under the
+        raw logits."""
         p = r.params
         ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
-        if r.json.complete:
+        if r.guide.final:
             allowed = [t for t in sorted(ends) if scores[t] > float("-inf")]
             if allowed:
                 return allowed[0]
         window = r.output[-4:]
         before = self.tokenizer.decode(window, skip_special_tokens=True).rstrip("\ufffd")
         full = None
+        complete = None
 
-        def advance(t: int) -> JsonPrefix | None:
-            nonlocal full
+        def advance(t: int) -> JsonPrefix | RegexPrefix | None:
+            nonlocal full, complete
             if t in ends:
-                return r.json if r.json.complete else None
+                complete = r.guide.complete if complete is None else complete
+                return r.guide if complete else None
             after = self.tokenizer.decode(window + [t], skip_special_tokens=True)
             if after.startswith(before):
                 added = after[len(before):]
             else:  # a tokenizer whose windowed decoding is not a prefix: decode the whole output
                 full = full if full is not None else self.tokenizer.decode(r.output, skip_special_tokens=True).rstrip("\ufffd")
                 added = self.tokenizer.decode(r.output + [t], skip_special_tokens=True)[len(full):]
-            nxt = r.json.copy()
+            nxt = r.guide.copy()
             return nxt if added and nxt.feed(added) else None  # a token adding no text never moves on
 
         def first_valid(order: list[int], limit: torch.Tensor) -> int | None:
@@ -991,7 +999,7 @@ class Engine:
                     return None
                 nxt = advance(t)
                 if nxt is not None:
-                    r.json = nxt
+                    r.guide = nxt
                     return t
             return None
 

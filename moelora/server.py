@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("moelora serve needs aiohttp: pip install 'moelora[serve]'") from e
 
 from .engine import MAX_LOGPROBS, QueueFull, SamplingParams
+from .structured import check_guides
 
 __all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
            "SamplingParams", "QueueFull"]
@@ -302,7 +303,8 @@ def _opt_bool(body: dict, key: str) -> bool:
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
     neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-               "tools": (None, []), "functions": (None, [])}
+               "tools": (None, []), "functions": (None, []), "guided_json": (None,), "guided_grammar": (None,),
+               "structured_outputs": (None,)}
     for key, ok in neutral.items():
         if (key == "echo" and not chat) or (key == "tools" and chat):  # implemented there
             continue
@@ -419,7 +421,14 @@ def _parse_common(body: dict, chat: bool) -> _Req:
                             repetition_penalty=repetition, min_p=min_p, min_tokens=min_tokens,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                             include_stop_str_in_output=include_stop,
-                            json_object=body.get("response_format") == {"type": "json_object"})
+                            json_object=body.get("response_format") == {"type": "json_object"},
+                            guided_regex=body.get("guided_regex"), guided_choice=body.get("guided_choice"))
+    try:
+        check_guides(params.json_object, params.guided_regex, params.guided_choice)
+    except ValueError as e:  # named by the last guide the request sets
+        given = [k for k in ("response_format", "guided_regex", "guided_choice")
+                 if (params.json_object if k == "response_format" else body.get(k) is not None)]
+        raise _bad(str(e), param=given[-1], code="invalid_value") from None
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 
 

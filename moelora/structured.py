@@ -1,15 +1,25 @@
-"""Structured output: an incremental validator of JSON prefixes (the engine's JSON mode).
+"""Structured output: incremental validators of output prefixes (the engine's guided decoding).
 
-``JsonPrefix`` reads text character by character and says whether it can still be extended to one
-JSON object (RFC 8259, as ``json.loads`` with ``strict=True`` and no NaN/Infinity reads it), and
-whether that object is complete. The engine's JSON mode keeps one per request and, at each step,
-takes the best (greedy) or a sampled token whose text keeps the prefix valid: the constrained
-distribution, computed lazily (only the tokens it must reject are ever checked).
+- ``JsonPrefix`` reads text character by character and says whether it can still be extended to
+  one JSON object (RFC 8259, as ``json.loads`` with ``strict=True`` and no NaN/Infinity reads it),
+  and whether that object is complete (JSON mode).
+- ``RegexPrefix``: whether the text can still be extended to a full match of a regular expression
+  (the ``regex`` package's partial matching), and whether it matches now (``guided_regex``, and
+  ``guided_choice`` as an alternation of the escaped choices).
+
+The engine keeps one per request and, at each step, takes the best (greedy) or a sampled token whose
+text keeps the prefix valid: the constrained distribution, computed lazily (only the tokens it must
+reject are ever checked). End tokens are valid once the prefix is ``complete``; a ``final`` one
+(a closed JSON object) ends the output at once.
 """
 
 from __future__ import annotations
 
-__all__ = ["JsonPrefix"]
+__all__ = ["JsonPrefix", "RegexPrefix", "guide_for", "check_guides"]
+
+MAX_PATTERN = 4096  # characters of a guided_regex (or of all choices together)
+MAX_CHOICES = 256
+REGEX_TIMEOUT = 0.05  # seconds per match: a pattern that backtracks this long rejects the candidate
 
 _WS = " \t\n\r"
 _HEX = set("0123456789abcdefABCDEF")
@@ -51,6 +61,8 @@ class JsonPrefix:
     @property
     def complete(self) -> bool:
         return self.state == "done"
+
+    final = complete  # once the object is closed only whitespace could follow: the output ends
 
     def feed(self, text: str) -> bool:
         """Advance over ``text``; False (and the state undefined) as soon as no JSON object can follow."""
@@ -179,3 +191,68 @@ class JsonPrefix:
         if n in ("esign", "exp"):
             return "exp" if digit else None
         return None
+
+
+class RegexPrefix:
+    """Text that must end up matching ``pattern`` entirely (``regex`` syntax, full match)."""
+
+    final = False  # a match may still grow (``\d+``): end tokens are allowed, not forced
+
+    __slots__ = ("pattern", "text")
+
+    def __init__(self, pattern, text: str = "") -> None:
+        import regex
+
+        self.pattern = regex.compile(pattern) if isinstance(pattern, str) else pattern
+        self.text = text
+
+    def copy(self) -> RegexPrefix:
+        return RegexPrefix(self.pattern, self.text)
+
+    @property
+    def complete(self) -> bool:
+        return self._match(partial=False)
+
+    def feed(self, text: str) -> bool:
+        self.text += text
+        return self._match(partial=True)
+
+    def _match(self, partial: bool) -> bool:
+        try:
+            return self.pattern.fullmatch(self.text, partial=partial, timeout=REGEX_TIMEOUT) is not None
+        except TimeoutError:
+            return False
+
+
+def check_guides(json_object: bool, guided_regex, guided_choice) -> None:
+    """ValueError naming the problem unless at most one guide is set and it is well formed."""
+    import regex
+
+    if sum((bool(json_object), guided_regex is not None, guided_choice is not None)) > 1:
+        raise ValueError("use at most one of json_object, guided_regex and guided_choice")
+    if guided_regex is not None:
+        if not isinstance(guided_regex, str) or not 0 < len(guided_regex) <= MAX_PATTERN:
+            raise ValueError(f"guided_regex must be a non-empty string of at most {MAX_PATTERN} characters")
+        try:
+            regex.compile(guided_regex)
+        except regex.error as e:
+            raise ValueError(f"guided_regex does not compile: {e}") from None
+    if guided_choice is not None:
+        if (not isinstance(guided_choice, list) or not 0 < len(guided_choice) <= MAX_CHOICES
+                or not all(isinstance(c, str) and c for c in guided_choice)
+                or sum(map(len, guided_choice)) > MAX_PATTERN):
+            raise ValueError(f"guided_choice must be a list of 1-{MAX_CHOICES} non-empty strings "
+                             f"({MAX_PATTERN} characters in all)")
+
+
+def guide_for(json_object: bool, guided_regex, guided_choice, max_ws: int | None = 64):
+    """The validator of a request's guide (None: unguided); JSON mode allows no leading whitespace."""
+    import regex
+
+    if json_object:
+        return JsonPrefix(max_ws=max_ws, leading_ws=False)
+    if guided_regex is not None:
+        return RegexPrefix(guided_regex)
+    if guided_choice is not None:
+        return RegexPrefix("(?:" + "|".join(regex.escape(c) for c in guided_choice) + ")")
+    return None

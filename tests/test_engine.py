@@ -855,3 +855,51 @@ def test_json_mode_sampling_is_valid_seeded_and_ends_the_object(adapter_dirs):
     assert finished >= 1
     with pytest.raises(ValueError, match="json_object"):
         eng.add_request("bad", [5], None, SamplingParams(json_object=1))
+
+
+def guided_oracle(model, prompt, adapter, n, guide, eos=2):
+    """Greedy under a guide by hand (``generate`` with a logits processor): the most likely byte that
+    keeps the guide's prefix valid, or EOS where the text is complete and EOS scores higher."""
+    from transformers import LogitsProcessor
+
+    class OnlyValid(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            state = guide.copy()
+            assert state.feed(bytes(input_ids[0, len(prompt):].tolist()).decode("latin-1"))
+            keep = next(t for t in scores[0].argsort(descending=True).tolist()
+                        if (t == eos and state.complete) or (t != eos and state.copy().feed(bytes([t]).decode("latin-1"))))
+            out = torch.full_like(scores, float("-inf"))
+            out[0, keep] = 0.0
+            return out
+
+    moelora.set_adapter(model, adapter)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos,
+                         logits_processor=[OnlyValid()])
+    return out[0, len(prompt):].tolist()
+
+
+def test_guided_regex_and_choice_are_the_constrained_argmax(adapter_dirs):
+    from moelora.structured import guide_for
+
+    eng = Engine(tiny_model("llama"), ByteTokenizer(), max_batch=4)
+    for n in METHODS:
+        eng.load_adapter(n, str(adapter_dirs["llama", n]))
+    cases = [("mixlora", SamplingParams(max_tokens=20, guided_regex=r"[a-f]{2,5}-\d{2}")),
+             ("milora", SamplingParams(max_tokens=20, guided_choice=["positive", "negative", "neutral"])),
+             ("lora", SamplingParams(max_tokens=20, guided_regex=r"(true|false)")),
+             (None, SamplingParams(max_tokens=6))]  # unguided, in the same batch
+    ps = [list(b"id: "), list(b"Sentiment: "), list(b"Q: is it? A: "), list(b"x")]
+    res = eng.generate(ps, [a for a, _ in cases], [sp for _, sp in cases])
+    for p, (a, sp), r in zip(ps[:3], cases, res):
+        guide = guide_for(False, sp.guided_regex, sp.guided_choice)
+        assert r["token_ids"] == guided_oracle(eng.model, p, a, 20, guide), a
+        assert r["finish_reason"] == "stop" and guide.feed(r["text"]) and guide.complete, r["text"]
+    assert res[1]["text"] in ("positive", "negative", "neutral") and res[2]["text"] in ("true", "false")
+    for seed in range(4):  # sampling: always one of the choices
+        s = eng.generate([ps[1]], ["lora"], SamplingParams(max_tokens=20, temperature=1.5, seed=seed,
+                                                          guided_choice=["positive", "negative", "neutral"]))[0]
+        assert s["text"] in ("positive", "negative", "neutral") and s["finish_reason"] == "stop"
+    for bad, msg in [(dict(guided_regex="("), "does not compile"), (dict(guided_choice=[]), "guided_choice"),
+                     (dict(json_object=True, guided_choice=["a"]), "at most one")]:
+        with pytest.raises(ValueError, match=msg):
+            eng.add_request("bad", [5], None, SamplingParams(**bad))

@@ -1379,3 +1379,55 @@ def test_real_engine_json_mode_returns_json_objects(real_server):
     assert finished >= 1
     assert_error(post(url, "/v1/chat/completions", {**body, "response_format": {"type": "json_schema", "json_schema": {}}}),
                  400, code="unsupported_parameter", param="response_format")
+
+
+@pytest.mark.slow
+def test_real_engine_guided_choice_and_regex(real_server):
+    """vLLM's ``guided_choice`` and ``guided_regex`` (completions and chat) through a real BPE tokenizer;
+    malformed guides, two guides at once and the guides we do not implement are 400s naming the field."""
+    import regex
+
+    url, engine = real_server
+    for i in range(3):
+        body = {"model": "lora-a", "prompt": f"Is it so {i}?", "max_tokens": 12, "temperature": 0.8 * i, "seed": i,
+                "guided_choice": ["yes", "no", "it depends"]}
+        c = post(url, "/v1/completions", body).json()["choices"][0]
+        assert c["text"] in ("yes", "no", "it depends") and c["finish_reason"] == "stop", c
+    chat = {"model": "lora-b", "messages": [{"role": "user", "content": "a code"}], "max_tokens": 12, "temperature": 0,
+            "guided_regex": r"[A-Z]{2}-\d{3}"}
+    d = post(url, "/v1/chat/completions", chat).json()["choices"][0]
+    assert regex.fullmatch(r"[A-Z]{2}-\d{3}", d["message"]["content"]) and d["finish_reason"] == "stop", d
+    events = stream(url, "/v1/chat/completions", chat)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == d["message"]["content"]
+    for extra, param in [({"guided_regex": "(unclosed"}, "guided_regex"), ({"guided_choice": "yes"}, "guided_choice"),
+                         ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+                         ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex")]:
+        assert_error(post(url, "/v1/chat/completions", {**chat, "guided_regex": None, **extra}), 400,
+                     code="invalid_value", param=param)
+    for key in ("guided_json", "guided_grammar", "structured_outputs"):
+        assert_error(post(url, "/v1/chat/completions", {**chat, key: {"type": "object"}}), 400,
+                     code="unsupported_parameter", param=key)
+
+
+
+def test_fuzzed_guides_and_tools_get_an_answer_or_an_openai_error(start):
+    """Guided decoding and tool fields, mutated (a server with the tool parser, the fake engine):
+    never a 500, every error in the OpenAI shape, both paths exercised."""
+    import random
+
+    url, engine = start(FakeEngine(ADAPTERS, max_batch=4, max_queue=16), tool_parser="hermes")
+    values = FUZZ_VALUES + [r"\d+", "(", "a{2,3}", ["yes", "no"], [""], ["x"] * 300, {"type": "json_object"},
+                            {"type": "json_schema"}, "auto", "none", "required", [{"type": "function"}],
+                            [{"type": "function", "function": {"name": "f"}}], {"type": "function"}]
+    keys = ["guided_regex", "guided_choice", "guided_json", "guided_grammar", "response_format", "tools",
+            "tool_choice", "parallel_tool_calls"]
+    rnd, statuses = random.Random(3), {}
+    with httpx.Client(timeout=30) as client:
+        for i in range(200):
+            chat = i % 2 == 0
+            body = dict(CHAT if chat else GOOD)
+            body.update({k: rnd.choice(values) for k in rnd.sample(keys, rnd.randint(1, 3))})
+            r = client.post(url + ("/v1/chat/completions" if chat else "/v1/completions"), content=json.dumps(body))
+            _check_fuzz_answer(r, body)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 100, statuses

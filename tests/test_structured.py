@@ -93,3 +93,32 @@ def test_the_engines_options_bound_whitespace():
     assert accepted('{' + ' ' * 64 + '}', max_ws=64) and not accepted('{' + ' ' * 65 + '}', max_ws=64)
     assert accepted('{"a":' + ' ' * 40 + '1,' + '\n' * 40 + '"b": 2}', max_ws=64)  # runs, not the total
     assert accepted('{"' + ' ' * 100 + '": 1}', max_ws=64)  # inside strings any amount
+
+
+def test_regex_prefix_accepts_prefixes_of_full_matches_only():
+    from moelora.structured import RegexPrefix
+
+    g = RegexPrefix(r"\d{3}-\d{2}")
+    assert g.copy().feed("12") and g.copy().feed("123-4") and not g.copy().feed("12a")
+    assert not g.complete
+    done = g.copy()
+    assert done.feed("123-45") and done.complete and not done.copy().feed("6")
+    grow = RegexPrefix(r"\d+")
+    assert grow.feed("7") and grow.complete and grow.copy().feed("89") and not grow.final
+
+
+def test_guides_are_checked_and_built():
+    from moelora.structured import JsonPrefix, RegexPrefix, check_guides, guide_for
+
+    check_guides(False, None, None)
+    for args, msg in [((True, "a", None), "at most one"), ((False, "(", None), "does not compile"),
+                      ((False, "", None), "non-empty"), ((False, None, []), "1-256"),
+                      ((False, None, ["a", ""]), "non-empty"), ((False, None, ["x" * 5000]), "characters")]:
+        with pytest.raises(ValueError, match=msg):
+            check_guides(*args)
+    assert isinstance(guide_for(True, None, None), JsonPrefix) and guide_for(False, None, None) is None
+    choice = guide_for(False, None, ["yes", "no (.*)"])  # choices are literal text, not patterns
+    assert isinstance(choice, RegexPrefix)
+    assert choice.copy().feed("no (") and not choice.copy().feed("no x") and not choice.copy().feed("maybe")
+    full = choice.copy()
+    assert full.feed("no (.*)") and full.complete and not choice.complete
