@@ -967,7 +967,9 @@ class Engine:
         a valid prefix for ``r.guide`` (end tokens: once it is complete), from ``scores`` (after the
         request's filters), checking candidates lazily; a ``final`` guide (a closed JSON object) ends
         the output at once. If the filters left no valid token, the most likely valid one under the
-        raw logits."""
+        raw logits; if none is valid at all, an end token. The guide reads the output's text without
+        a last U+FFFD (a multi-byte character maybe incomplete: a token that only adds one passes if
+        the guide takes such a character there, and it is checked once the next token comes)."""
         p = r.params
         ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
         if r.guide.final:
@@ -975,7 +977,7 @@ class Engine:
             if allowed:
                 return allowed[0]
         window = r.output[-4:]
-        before = self.tokenizer.decode(window, skip_special_tokens=True).rstrip("\ufffd")
+        before = _pending_cut(self.tokenizer.decode(window, skip_special_tokens=True))
         full = None
         complete = None
 
@@ -988,10 +990,14 @@ class Engine:
             if after.startswith(before):
                 added = after[len(before):]
             else:  # a tokenizer whose windowed decoding is not a prefix: decode the whole output
-                full = full if full is not None else self.tokenizer.decode(r.output, skip_special_tokens=True).rstrip("\ufffd")
+                full = full if full is not None else _pending_cut(self.tokenizer.decode(r.output, skip_special_tokens=True))
                 added = self.tokenizer.decode(r.output + [t], skip_special_tokens=True)[len(full):]
-            nxt = r.guide.copy()
-            return nxt if added and nxt.feed(added) else None  # a token adding no text never moves on
+            nxt, stable = r.guide.copy(), _pending_cut(added)
+            if not added or (stable and not nxt.feed(stable)):  # a token adding no text never moves on
+                return None
+            if stable != added and not nxt.copy().feed("\ufffd"):  # room for the pending character
+                return None
+            return nxt
 
         def first_valid(order: list[int], limit: torch.Tensor) -> int | None:
             for t in order:
@@ -1013,7 +1019,9 @@ class Engine:
                 probs[t] = 0
         if token is None:
             token = first_valid(raw.argsort(descending=True).tolist(), raw)
-        return int(scores.argmax()) if token is None else token
+        if token is None:  # a dead end (no token continues the guide): end here rather than break it
+            token = min(ends) if ends else int(scores.argmax())
+        return token
 
     def _prompt_logprobs(self, r: _Request, logits: torch.Tensor) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the tokens before it (the first has none), its text
@@ -1129,6 +1137,12 @@ class Engine:
                     if o.finished:
                         res["finish_reason"] = o.finish_reason
         return [results[rid] for rid in ids]
+
+
+def _pending_cut(text: str) -> str:
+    """``text`` without its last character if that is U+FFFD: a multi-byte character still incomplete
+    (decoding replaces an incomplete sequence by one U+FFFD; earlier ones are final)."""
+    return text[:-1] if text.endswith("\ufffd") else text
 
 
 def _by_adapter(reqs: list[_Request]) -> dict[str | None, list[_Request]]:

@@ -44,7 +44,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("moelora serve needs aiohttp: pip install 'moelora[serve]'") from e
 
 from .engine import MAX_LOGPROBS, QueueFull, SamplingParams
-from .structured import check_guides
+from .structured import SchemaError, check_guides, schema_regex
 
 __all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
            "SamplingParams", "QueueFull"]
@@ -303,7 +303,7 @@ def _opt_bool(body: dict, key: str) -> bool:
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
     neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-               "tools": (None, []), "functions": (None, []), "guided_json": (None,), "guided_grammar": (None,),
+               "tools": (None, []), "functions": (None, []), "guided_grammar": (None,),
                "structured_outputs": (None,)}
     for key, ok in neutral.items():
         if (key == "echo" and not chat) or (key == "tools" and chat):  # implemented there
@@ -311,9 +311,37 @@ def _unsupported(body: dict, chat: bool) -> None:
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
             raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     rf = body.get("response_format")
-    if rf is not None and rf not in ({"type": "text"}, {"type": "json_object"}):
-        raise _bad("response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"} (JSON schemas "
-                   "are not supported)", param="response_format", code="unsupported_parameter")
+    if rf is not None and rf not in ({"type": "text"}, {"type": "json_object"}) and not (
+            isinstance(rf, dict) and rf.get("type") == "json_schema"):
+        raise _bad("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                   "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}", param="response_format",
+                   code="unsupported_parameter")
+
+
+def _schema_guide(body: dict) -> tuple[str, str] | None:
+    """A JSON schema (OpenAI's ``response_format`` ``json_schema``, or vLLM's ``guided_json``) -> (the
+    field that gave it, the regular expression of its valid texts); None without one."""
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise _bad("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                       param="response_format", code="invalid_value")
+        key, schema = "response_format", js["schema"]
+    elif body.get("guided_json") is not None:
+        key, schema = "guided_json", body["guided_json"]
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                raise _bad("'guided_json' must be a JSON schema (an object, or its JSON text)", param=key,
+                           code="invalid_value") from None
+    else:
+        return None
+    try:
+        return key, schema_regex(schema)
+    except SchemaError as e:
+        raise _bad(f"unsupported JSON schema: {e}", param=key, code="invalid_value") from None
 
 
 @dataclass
@@ -423,11 +451,16 @@ def _parse_common(body: dict, chat: bool) -> _Req:
                             include_stop_str_in_output=include_stop,
                             json_object=body.get("response_format") == {"type": "json_object"},
                             guided_regex=body.get("guided_regex"), guided_choice=body.get("guided_choice"))
+    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice")
+             if (body.get(k) not in (None, {"type": "text"}))]
+    schema = _schema_guide(body)
+    if schema is not None:
+        if len(given) > 1:
+            raise _bad(f"use at most one of {given}", param=given[-1], code="invalid_value")
+        params.guided_regex = schema[1]
     try:
         check_guides(params.json_object, params.guided_regex, params.guided_choice)
     except ValueError as e:  # named by the last guide the request sets
-        given = [k for k in ("response_format", "guided_regex", "guided_choice")
-                 if (params.json_object if k == "response_format" else body.get(k) is not None)]
         raise _bad(str(e), param=given[-1], code="invalid_value") from None
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
 

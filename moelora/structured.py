@@ -4,8 +4,9 @@
   one JSON object (RFC 8259, as ``json.loads`` with ``strict=True`` and no NaN/Infinity reads it),
   and whether that object is complete (JSON mode).
 - ``RegexPrefix``: whether the text can still be extended to a full match of a regular expression
-  (the ``regex`` package's partial matching), and whether it matches now (``guided_regex``, and
-  ``guided_choice`` as an alternation of the escaped choices).
+  (the ``regex`` package's partial matching), and whether it matches now (``guided_regex``;
+  ``guided_choice`` as an alternation of the escaped choices; a JSON schema through
+  ``schema_regex``, as Outlines does).
 
 The engine keeps one per request and, at each step, takes the best (greedy) or a sampled token whose
 text keeps the prefix valid: the constrained distribution, computed lazily (only the tokens it must
@@ -15,9 +16,9 @@ reject are ever checked). End tokens are valid once the prefix is ``complete``; 
 
 from __future__ import annotations
 
-__all__ = ["JsonPrefix", "RegexPrefix", "guide_for", "check_guides"]
+__all__ = ["JsonPrefix", "RegexPrefix", "SchemaError", "schema_regex", "guide_for", "check_guides"]
 
-MAX_PATTERN = 4096  # characters of a guided_regex (or of all choices together)
+MAX_PATTERN = 65536  # characters of a guided_regex (or of all choices together; a schema's regex)
 MAX_CHOICES = 256
 REGEX_TIMEOUT = 0.05  # seconds per match: a pattern that backtracks this long rejects the candidate
 
@@ -256,3 +257,105 @@ def guide_for(json_object: bool, guided_regex, guided_choice, max_ws: int | None
     if guided_choice is not None:
         return RegexPrefix("(?:" + "|".join(regex.escape(c) for c in guided_choice) + ")")
     return None
+
+
+# ------------------------------------------------------------------------------ JSON schema -> regex
+_WS_RE = r"[ \n\t]{0,8}"  # whitespace between JSON tokens (bounded: a small model may not stop otherwise)
+_STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+_INTEGER = r"-?(?:0|[1-9][0-9]*)"
+_NUMBER = _INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_IGNORED = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "deprecated",
+            "readOnly", "writeOnly", "additionalProperties", "required", "$defs", "definitions", "format"}
+_MAX_DEPTH = 32  # nesting (and $ref expansion) depth
+
+
+class SchemaError(ValueError):
+    """A JSON schema (or a part of it) that ``schema_regex`` does not implement."""
+
+
+def schema_regex(schema: dict) -> str:
+    """A regular expression whose full matches are JSON texts valid under ``schema`` (a subset of JSON
+    Schema: ``type`` object / array / string / integer / number / boolean / null, ``properties``,
+    ``items``, ``enum``, ``const``, ``anyOf``, ``$ref`` to ``#/$defs/...``, ``minItems`` /
+    ``maxItems``, ``minLength`` / ``maxLength``; what Pydantic models produce). An object's
+    properties all come, in the schema's order (valid whatever ``required`` says); other keywords
+    raise ``SchemaError`` naming them rather than being ignored."""
+    import json
+
+    import regex
+
+    if not isinstance(schema, dict):
+        raise SchemaError("the schema must be a JSON object")
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+
+    def lit(value) -> str:
+        return regex.escape(json.dumps(value, ensure_ascii=False))
+
+    def count(lo, hi, what: str) -> str:
+        for v in (lo, hi):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise SchemaError(f"{what} must be integers >= 0")
+        if hi is not None and lo is not None and hi < lo:
+            raise SchemaError(f"{what}: the maximum is below the minimum")
+        return f"{{{lo or 0},{'' if hi is None else hi}}}"
+
+    def rx(s, depth: int, where: str) -> str:
+        if depth > _MAX_DEPTH:
+            raise SchemaError(f"{where}: nested more than {_MAX_DEPTH} levels (or a recursive $ref)")
+        if s is True or s == {}:
+            raise SchemaError(f"{where}: an unconstrained value is not supported; give it a type")
+        if not isinstance(s, dict):
+            raise SchemaError(f"{where}: a schema must be an object")
+        if "$ref" in s:
+            ref = s["$ref"]
+            name = ref.rsplit("/", 1)[-1] if isinstance(ref, str) else None
+            if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/")) or name not in defs:
+                raise SchemaError(f"{where}: $ref {ref!r} is not one of this schema's $defs")
+            return rx(defs[name], depth + 1, ref)
+        if "enum" in s:
+            if not isinstance(s["enum"], list) or not s["enum"]:
+                raise SchemaError(f"{where}: enum must be a non-empty list")
+            return "(?:" + "|".join(lit(v) for v in s["enum"]) + ")"
+        if "const" in s:
+            return lit(s["const"])
+        if "anyOf" in s:
+            if not isinstance(s["anyOf"], list) or not s["anyOf"]:
+                raise SchemaError(f"{where}: anyOf must be a non-empty list")
+            return "(?:" + "|".join(rx(sub, depth + 1, f"{where}.anyOf[{i}]") for i, sub in enumerate(s["anyOf"])) + ")"
+        t = s.get("type")
+        if isinstance(t, list):
+            return "(?:" + "|".join(rx({**s, "type": one}, depth + 1, where) for one in t) + ")"
+        known = {"object": {"properties"}, "array": {"items", "minItems", "maxItems"},
+                 "string": {"minLength", "maxLength"}, "integer": set(), "number": set(), "boolean": set(),
+                 "null": set()}
+        if t is None:
+            raise SchemaError(f"{where}: needs a type, enum, const, anyOf or $ref (got {sorted(s)}; oneOf, allOf, "
+                              "not and conditionals are not supported)")
+        if t not in known:
+            raise SchemaError(f"{where}: type {t!r} is not supported (object, array, string, integer, number, "
+                              "boolean, null)")
+        extra = sorted(set(s) - _IGNORED - {"type"} - known[t])
+        if extra:
+            raise SchemaError(f"{where}: {extra} not supported for type {t!r}")
+        if t == "object":
+            props = s.get("properties", {})
+            if not isinstance(props, dict):
+                raise SchemaError(f"{where}: properties must be an object")
+            items = [_WS_RE + lit(k) + _WS_RE + ":" + _WS_RE + rx(v, depth + 1, f"{where}.{k}")
+                     for k, v in props.items()]
+            return r"\{" + ",".join(items) + _WS_RE + r"\}"
+        if t == "array":
+            if "items" not in s:
+                raise SchemaError(f"{where}: an array needs 'items'")
+            lo, hi = s.get("minItems", 0), s.get("maxItems")
+            count(lo, hi, f"{where}: minItems/maxItems")
+            if hi == 0:
+                return r"\[" + _WS_RE + r"\]"
+            item = _WS_RE + rx(s["items"], depth + 1, f"{where}[]") + _WS_RE
+            body = item + "(?:," + item + ")" + f"{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+            return r"\[" + (body if lo >= 1 else "(?:" + body + "|" + _WS_RE + ")") + r"\]"
+        if t == "string":
+            return '"' + _STRING_CHAR + count(s.get("minLength"), s.get("maxLength"), f"{where}: minLength/maxLength") + '"'
+        return {"integer": _INTEGER, "number": _NUMBER, "boolean": "(?:true|false)", "null": "null"}[t]
+
+    return rx(schema, 0, "schema")

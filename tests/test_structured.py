@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -113,7 +114,7 @@ def test_guides_are_checked_and_built():
     check_guides(False, None, None)
     for args, msg in [((True, "a", None), "at most one"), ((False, "(", None), "does not compile"),
                       ((False, "", None), "non-empty"), ((False, None, []), "1-256"),
-                      ((False, None, ["a", ""]), "non-empty"), ((False, None, ["x" * 5000]), "characters")]:
+                      ((False, None, ["a", ""]), "non-empty"), ((False, None, ["x" * 70000]), "characters")]:
         with pytest.raises(ValueError, match=msg):
             check_guides(*args)
     assert isinstance(guide_for(True, None, None), JsonPrefix) and guide_for(False, None, None) is None
@@ -122,3 +123,80 @@ def test_guides_are_checked_and_built():
     assert choice.copy().feed("no (") and not choice.copy().feed("no x") and not choice.copy().feed("maybe")
     full = choice.copy()
     assert full.feed("no (.*)") and full.complete and not choice.complete
+
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": 8}, "age": {"type": "integer"},
+    "score": {"type": "number"}, "ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog", 3]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "minItems": 1, "maxItems": 3},
+    "pet": {"$ref": "#/$defs/Pet"}, "nick": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    "unit": {"const": "kg"}, "multi": {"type": ["integer", "null"]}},
+    "required": ["name"], "$defs": {"Pet": {"type": "object", "properties": {"legs": {"type": "integer"}}}}}
+
+
+def instances(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        obj = {"name": "".join(rng.choice('ab"é\\\n') for _ in range(rng.randint(1, 8))),
+               "age": rng.choice([0, -3, 17, 10**12]), "score": rng.choice([0.5, -1, 2e-3, 7, 1.25e10]),
+               "ok": rng.random() < 0.5, "kind": rng.choice(["cat", "dog", 3]),
+               "tags": [rng.choice(["a", "bc", "", "xyz"]) for _ in range(rng.randint(1, 3))],
+               "pet": {"legs": rng.randint(0, 8)}, "nick": rng.choice([None, "Bo", ""]), "unit": "kg",
+               "multi": rng.choice([None, 4])}
+        out.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5, separators=rng.choice([None, (",", ":")]),
+                              indent=rng.choice([None, 1])))
+    return out
+
+
+def test_schema_regex_matches_valid_instances_and_only_valid_ones():
+    """Every instance with the schema's property order matches; every mutated text that still matches
+    is JSON that validates (soundness: what the guide lets through is valid)."""
+    import regex
+
+    from moelora.structured import schema_regex
+
+    jsonschema = pytest.importorskip("jsonschema")
+    pattern = regex.compile(schema_regex(SCHEMA))
+    rng, still = random.Random(4), 0
+    for s in instances(400):
+        assert pattern.fullmatch(s), s
+        jsonschema.validate(json.loads(s), SCHEMA)
+        for _ in range(10):
+            i = rng.randrange(len(s))
+            m = s[:i] + rng.choice('{}[]",:-0123456789.eE tfnaluxk\\') + s[i + rng.randint(0, 1):]
+            if pattern.fullmatch(m):
+                still += 1
+                jsonschema.validate(strict_loads(m), SCHEMA)
+    assert still > 100  # the mutations that keep a match were checked too
+
+
+def test_schema_regex_takes_pydantic_schemas_and_names_what_it_refuses():
+    import regex
+
+    from moelora.structured import SchemaError, schema_regex
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pet(pydantic.BaseModel):
+        kind: str
+        legs: int
+
+    class Person(pydantic.BaseModel):
+        name: str
+        pets: list[Pet]
+        nick: str | None = None
+
+    pattern = schema_regex(Person.model_json_schema())
+    text = Person(name="Ada", pets=[Pet(kind="cat", legs=4)]).model_dump_json()
+    assert regex.fullmatch(pattern, text) and Person.model_validate_json(text).name == "Ada"
+    for bad, word in [({"type": "integer", "minimum": 0}, "minimum"), ({"oneOf": []}, "oneOf"),
+                      ({"$ref": "#/$defs/Nope"}, "$ref"), ({"type": "array"}, "items"), ({}, "unconstrained"),
+                      ({"type": "string", "pattern": "a+"}, "pattern"), ({"type": "object", "properties": []}, "properties"),
+                      ({"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 1}, "maximum")]:
+        with pytest.raises(SchemaError, match=re.escape(word)):
+            schema_regex({"type": "object", "properties": {"x": bad}})
+    loop = {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}},
+            "$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}}}
+    with pytest.raises(SchemaError, match="recursive"):
+        schema_regex(loop)
