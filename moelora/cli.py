@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
                         "evicted and reloaded from their directory on demand (default: no limit)")
     p.add_argument("--tool-call-parser", choices=["hermes"], default=None,
-                   help="let chat requests pass OpenAI 'tools' (tool_choice auto/none) and parse the model's "
+                   help="let chat requests pass OpenAI 'tools' (any tool_choice; required/named are enforced by "
+                        "guided decoding) and parse the model's "
                         "<tool_call>{json}</tool_call> output into tool_calls (Qwen2.5/3, Hermes)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; --tool-call-parser is what enables tools")

@@ -508,7 +508,45 @@ def _parse_chat(body: dict) -> _Req:
     req.tools = _check_tools(body)
     if req.tools is not None:
         req.template["tools"] = req.tools
+        forced = _forced_calls(body, req.tools)
+        if forced is not None:
+            if req.params.json_object or req.params.guided_regex or req.params.guided_choice:
+                raise _bad("tool_choice 'required' or a named function cannot be combined with another guide "
+                           "(response_format, guided_*)", param="tool_choice", code="invalid_value")
+            req.params.guided_regex = forced
     return req
+
+
+def _forced_calls(body: dict, tools: list[dict]) -> str | None:
+    """``tool_choice`` ``"required"`` or ``{"type": "function", "function": {"name": ...}}`` -> the
+    pattern of the Hermes-format calls allowed (guided decoding: the reply is one call, or several
+    unless ``parallel_tool_calls`` is false, each with arguments valid under its tool's ``parameters``
+    schema); None for ``"auto"``."""
+    import regex
+
+    choice = body.get("tool_choice")
+    if choice in (None, "auto", "none"):
+        return None
+    if choice == "required":
+        chosen = tools
+    else:
+        f = choice.get("function") if choice.get("type") == "function" else None
+        name = f.get("name") if isinstance(f, dict) else None
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise _bad(f"tool_choice names no tool in 'tools': {name!r}", param="tool_choice", code="invalid_value")
+    calls = []
+    for t in chosen:
+        params = t["function"].get("parameters") or {"type": "object", "properties": {}}
+        try:
+            args = schema_regex(params)
+        except SchemaError as e:
+            raise _bad(f"tool {t['function']['name']!r}: unsupported parameters schema for a forced call: {e}",
+                       param="tool_choice", code="invalid_value") from None
+        calls.append(TOOL_OPEN + r"\n?\{ ?\"name\": ?" + regex.escape(json.dumps(t["function"]["name"]))
+                     + r", ?\"arguments\": ?" + args + r" ?\}\n?</tool_call>")
+    one = "(?:" + "|".join(calls) + ")"
+    return one if body.get("parallel_tool_calls") is False else one + r"(?:\n?" + one + ")*"
 
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -518,20 +556,19 @@ _TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.D
 
 def _check_tools(body: dict) -> list[dict] | None:
     """``tools`` (OpenAI's function tools) and ``tool_choice``: the tools the template shows the model
-    (None: none, or ``tool_choice: "none"``). ``"required"`` and a named function need guided
-    decoding, which this server does not implement: refused."""
+    (None: none, or ``tool_choice: "none"``). ``"required"`` and a named function are enforced by
+    guided decoding (``_forced_calls``)."""
     choice = body.get("tool_choice")
-    if choice is not None and choice not in ("none", "auto"):
-        if choice == "required" or isinstance(choice, dict):
-            raise _bad("tool_choice 'required' or a named function needs guided decoding, which this server does "
-                       "not implement; use \"auto\" (the model decides) or \"none\"", param="tool_choice",
-                       code="unsupported_parameter")
-        raise _bad("'tool_choice' must be \"none\", \"auto\", \"required\" or a named function",
-                   param="tool_choice", code="invalid_value")
+    if choice not in (None, "none", "auto", "required") and not isinstance(choice, dict):
+        raise _bad("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                   "\"function\": {\"name\": ...}}", param="tool_choice", code="invalid_value")
     if body.get("parallel_tool_calls") is not None:
         _opt_bool(body, "parallel_tool_calls")  # checked; the parser returns every call the model writes
     tools = body.get("tools")
     if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise _bad("tool_choice 'required' or a named function needs 'tools'", param="tool_choice",
+                       code="invalid_value")
         return None
     if not isinstance(tools, list) or len(tools) > 128:
         raise _bad("'tools' must be a list of at most 128 tools", param="tools", code="invalid_type")

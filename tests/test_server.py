@@ -1266,9 +1266,12 @@ def test_tool_requests_that_cannot_be_served_are_clear_errors(start):
                  param="tools")
     url, _ = start(ScriptEngine(ADAPTERS, max_batch=4, max_queue=16), tool_parser="hermes")
     for extra, code, param in [
-        ({"tools": [WEATHER], "tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-         "unsupported_parameter", "tool_choice"),
+        ({"tool_choice": "required"}, "invalid_value", "tool_choice"),  # no tools
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "invalid_value", "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "invalid_value", "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 1}}}}}], "tool_choice": "required"}, "invalid_value", "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "invalid_value", "tool_choice"),
         ({"tools": {"a": 1}}, "invalid_type", "tools"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "invalid_value", "tools[0].function.name"),
@@ -1469,3 +1472,31 @@ def test_real_engine_json_schema_outputs_validate(real_server):
         e = assert_error(post(url, "/v1/chat/completions", {**body, "guided_json": {"type": "object", "properties": {"x": bad}}}),
                          400, code="invalid_value", param="guided_json")
         assert word in e["message"], e
+
+
+
+@pytest.mark.slow
+def test_real_engine_forced_tool_calls(start, tiny_model_dir):
+    """``tool_choice: "required"`` or a named function: guided decoding makes the reply Hermes tool
+    calls whose arguments fit the tool's schema, parsed into ``tool_calls`` (a random model, so only
+    the guide can make it call a tool)."""
+    from moelora.engine import Engine
+
+    engine = Engine.from_pretrained(str(tiny_model_dir), device="cpu", max_batch=2)
+    url, _ = start(engine, tool_parser="hermes")
+    city = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"enum": [1, 2, 3]}}}}}
+    clock = {"type": "function", "function": {"name": "get_time"}}
+    base = {"model": engine.base_name, "messages": [{"role": "user", "content": "weather?"}], "tools": [city, clock],
+            "max_tokens": 120, "temperature": 0, "parallel_tool_calls": False}
+    for choice, names in [("required", {"get_weather", "get_time"}),
+                          ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"})]:
+        c = post(url, "/v1/chat/completions", {**base, "tool_choice": choice}).json()["choices"][0]
+        assert c["finish_reason"] == "tool_calls", c
+        (call,) = c["message"]["tool_calls"]
+        assert call["function"]["name"] in names
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "get_weather":
+            assert set(args) == {"city", "days"} and len(args["city"]) <= 6 and args["days"] in (1, 2, 3)
+        else:
+            assert args == {}
