@@ -303,8 +303,7 @@ def _opt_bool(body: dict, key: str) -> bool:
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
     neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-               "tools": (None, []), "functions": (None, []), "guided_grammar": (None,),
-               "structured_outputs": (None,)}
+               "tools": (None, []), "functions": (None, []), "guided_grammar": (None,)}
     for key, ok in neutral.items():
         if (key == "echo" and not chat) or (key == "tools" and chat):  # implemented there
             continue
@@ -316,6 +315,30 @@ def _unsupported(body: dict, chat: bool) -> None:
         raise _bad("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                    "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}", param="response_format",
                    code="unsupported_parameter")
+
+
+def _structured_outputs(body: dict) -> dict:
+    """vLLM's newer ``structured_outputs: {"json" | "regex" | "choice" | "json_object": ...}`` -> the same
+    request with the matching ``guided_*`` field (one guide; ``grammar`` and the rest are refused)."""
+    so = body.get("structured_outputs")
+    if so is None:
+        return body
+    fields = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+              "json_object": "guided_json_object"}
+    if not isinstance(so, dict):
+        raise _bad("'structured_outputs' must be an object", param="structured_outputs", code="invalid_type")
+    other = sorted(k for k, v in so.items() if k not in fields and v not in (None, False))
+    if other:
+        raise _bad(f"structured_outputs {other} are not supported (json, regex, choice, json_object are)",
+                   param="structured_outputs", code="unsupported_parameter")
+    out = dict(body)
+    for k, v in so.items():
+        if k in fields and v is not None:
+            if body.get(fields[k]) is not None:
+                raise _bad(f"'{fields[k]}' is also given in structured_outputs", param="structured_outputs",
+                           code="invalid_value")
+            out[fields[k]] = v
+    return out
 
 
 def _schema_guide(body: dict) -> tuple[str, str] | None:
@@ -451,7 +474,11 @@ def _parse_common(body: dict, chat: bool) -> _Req:
                             include_stop_str_in_output=include_stop,
                             json_object=body.get("response_format") == {"type": "json_object"},
                             guided_regex=body.get("guided_regex"), guided_choice=body.get("guided_choice"))
-    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice")
+    body = _structured_outputs(body)
+    if body.get("guided_json_object") is not None:  # (from structured_outputs)
+        params.json_object = _opt_bool(body, "guided_json_object")
+    params.guided_regex, params.guided_choice = body.get("guided_regex"), body.get("guided_choice")
+    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_json_object")
              if (body.get(k) not in (None, {"type": "text"}))]
     schema = _schema_guide(body)
     if schema is not None:

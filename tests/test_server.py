@@ -1500,3 +1500,26 @@ def test_real_engine_forced_tool_calls(start, tiny_model_dir):
             assert set(args) == {"city", "days"} and len(args["city"]) <= 6 and args["days"] in (1, 2, 3)
         else:
             assert args == {}
+
+
+@pytest.mark.slow
+def test_real_engine_structured_outputs_field(real_server):
+    """vLLM's newer ``structured_outputs`` object maps onto the same guides."""
+    import regex
+
+    url, engine = real_server
+    base = {"model": "lora-a", "prompt": "Q?", "max_tokens": 40, "temperature": 0}
+    for so, check in [({"choice": ["alpha", "beta"]}, lambda t: t in ("alpha", "beta")),
+                      ({"regex": r"[0-9]{4}"}, lambda t: regex.fullmatch(r"[0-9]{4}", t)),
+                      ({"json": {"type": "object", "properties": {"k": {"enum": [1, 2]}}}},
+                       lambda t: json.loads(t)["k"] in (1, 2)),
+                      ({"json_object": True}, lambda t: t.startswith("{"))]:
+        c = post(url, "/v1/completions", {**base, "structured_outputs": so}).json()["choices"][0]
+        assert check(c["text"]), (so, c)
+    assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"grammar": "root ::= x"}}), 400,
+                 code="unsupported_parameter", param="structured_outputs")
+    assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"regex": "a"}, "guided_regex": "b"}), 400,
+                 code="invalid_value", param="structured_outputs")
+    assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"regex": "a", "choice": ["b"]}}), 400,
+                 code="invalid_value")
+    assert_error(post(url, "/v1/completions", {**base, "structured_outputs": "x"}), 400, code="invalid_type")
