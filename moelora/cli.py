@@ -135,6 +135,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guide(args: argparse.Namespace) -> dict:
+    """``--json`` / ``--json-schema FILE`` / ``--regex`` / ``--choice``: the engine's guide (``{}``: none)."""
+    import json
+
+    from .structured import SchemaError, check_guides, schema_regex
+
+    guide: dict = {}
+    if getattr(args, "json", False):
+        guide["json_object"] = True
+    if getattr(args, "json_schema", None):
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--json-schema {args.json_schema}: cannot read a JSON schema ({e})") from None
+        try:
+            guide["guided_regex"] = schema_regex(schema)
+        except SchemaError as e:
+            raise ValueError(f"--json-schema {args.json_schema}: {e}") from None
+    if getattr(args, "regex", None):
+        if "guided_regex" in guide:
+            raise ValueError("use at most one of --json, --json-schema, --regex and --choice")
+        guide["guided_regex"] = args.regex
+    if getattr(args, "choice", None):
+        guide["guided_choice"] = list(args.choice)
+    check_guides(guide.get("json_object", False), guide.get("guided_regex"), guide.get("guided_choice"))
+    if guide and args.num_beams > 1:
+        raise ValueError("guided generation (--json, --json-schema, --regex, --choice) does not do beam search")
+    return guide
+
+
+def _generate_guided(model, tok, ids: list[int], args: argparse.Namespace, guide: dict) -> str:
+    """Guided generation through the engine (its lazily constrained greedy / sampling)."""
+    from .engine import Engine, SamplingParams
+    from .inject import get_context
+
+    engine = Engine(model, tok, max_batch=1, prefix_cache_bytes=0, max_model_len=None)
+    ctx = getattr(model, "_moelora_ctx", None)
+    adapter = get_context(model).active if ctx is not None else None
+    if adapter is not None:
+        engine.add_attached(adapter)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k or 0, seed=args.seed, repetition_penalty=args.repetition_penalty, **guide)
+    return engine.generate([ids], [adapter], params)[0]["text"]
+
+
 def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> str:
     import torch
 
@@ -142,6 +187,9 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> 
         text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
+    guide = _guide(args)
+    if guide:
+        return _generate_guided(model, tok, list(tok(text, add_special_tokens=not chat)["input_ids"]), args, guide)
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
     kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
               repetition_penalty=args.repetition_penalty)
@@ -296,6 +344,11 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
                    "tokens of the prompt and output)")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("guided generation (one of them; through the engine, docs/serve.md)")
+    g.add_argument("--json", action="store_true", help="the reply is one JSON object")
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="the reply is JSON valid under this schema")
+    g.add_argument("--regex", default=None, help="the reply matches this regular expression entirely")
+    g.add_argument("--choice", action="append", default=None, help="the reply is one of these (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -689,3 +689,29 @@ def test_train_on_every_turn_of_sharegpt_conversations(tmp_path, tiny_model_dir,
     last = TrainData([DataSource(str(data), format="sharegpt")], tok, cutoff_len=128, seed=0)
     assert both.stats["chat"]["response_tokens"] > last.stats["chat"]["response_tokens"] > 0
     assert f"{both.stats['chat']['tokens']} tokens" in caplog.text
+
+
+def test_cli_generate_guided_outputs_obey_their_guide(tmp_path, tiny_model_dir, capsys):
+    """``moelora generate --json / --json-schema / --regex / --choice`` (through the engine): a random
+    model's reply obeys the guide; conflicting or unreadable guides are clear errors (exit 2)."""
+    import regex
+
+    from moelora.structured import JsonPrefix, RegexPrefix, schema_regex
+
+    def gen(*extra):
+        assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "is 3 even?", *extra]) == 0
+        return capsys.readouterr().out.rstrip("\n")
+
+    text = gen("--json", "--max-new-tokens", "30")
+    assert text.startswith("{") and JsonPrefix().feed(text)
+    assert gen("--choice", "yes", "--choice", "no", "--max-new-tokens", "5") in ("yes", "no")
+    assert regex.fullmatch(r"[0-9]{3}", gen("--regex", "[0-9]{3}", "--max-new-tokens", "10"))
+    assert gen("--choice", "yes", "--choice", "no", "--temperature", "1.2", "--seed", "1") in ("yes", "no")
+    schema = {"type": "object", "properties": {"even": {"type": "boolean"}}}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    text = gen("--json-schema", str(tmp_path / "s.json"), "--max-new-tokens", "30")
+    assert RegexPrefix(schema_regex(schema)).feed(text) and text.startswith("{")
+    for bad, msg in [(["--json", "--regex", "a"], "at most one"), (["--json-schema", str(tmp_path / "nope.json")], "cannot read"),
+                     (["--json", "--num-beams", "2"], "beam search"), (["--regex", "("], "does not compile")]:
+        assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "x", *bad]) == 2
+        assert msg in capsys.readouterr().err, bad
