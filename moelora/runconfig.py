@@ -71,6 +71,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward instead of keeping its activations
     (transformers' non-reentrant activation checkpointing): less memory, about one more forward."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024; LLaMA-Factory's ``loraplus_lr_ratio``): every ``lora_B`` (attention
+    LoRAs, experts, MiLoRA modules) learns with ``lr x`` this ratio (the paper suggests 16); 0: off."""
+    neftune_noise_alpha: float = 0.0
+    """NEFTune (Jain et al. 2023; transformers' and LLaMA-Factory's ``neftune_noise_alpha``): while
+    training, uniform noise of magnitude ``alpha / sqrt(seq_len x hidden)`` on the input embeddings
+    (5 in the paper); 0: off."""
 
 
 @dataclass
@@ -259,6 +266,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"train.max_steps must be -1 (use num_epochs) or >= 1, got {t.max_steps}")
     if t.lr <= 0 or t.warmup_steps < 0 or t.save_steps < 0 or t.save_total_limit < 0:
         raise ConfigError("train.lr must be > 0 and warmup_steps, save_steps, save_total_limit >= 0")
+    for name in ("loraplus_lr_ratio", "neftune_noise_alpha"):
+        if not getattr(t, name) >= 0:
+            raise ConfigError(f"train.{name} must be >= 0 (0: off), got {getattr(t, name)}")
     if t.lr_scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"train.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):

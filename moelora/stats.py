@@ -52,18 +52,27 @@ def expert_load(model: nn.Module, adapter_name: str | None = None) -> dict[int, 
     return out
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, adapter_name: str | None = None) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, adapter_name: str | None = None,
+                 loraplus_lr_ratio: float = 0.0) -> list[dict]:
     """Optimizer groups for the trainable parameters (of one adapter, when named): MiLoRA's rational
     activation coefficients get ``lr * activation_lr_scale`` (the paper's separate, smaller learning
-    rate), the rest ``lr``."""
+    rate); with ``loraplus_lr_ratio`` (LoRA+) every ``lora_B`` gets ``lr * loraplus_lr_ratio``; the
+    rest ``lr``."""
     ctx = get_context(model)
     scales = {n: c.activation_lr_scale for n, c in ctx.configs.items() if isinstance(c, MiLoraConfig)}
-    main, slow = [], {}
+    main, fast, slow = [], [], {}
     for n, p in model.named_parameters():
         if not p.requires_grad or (adapter_name is not None and adapter_of(n) != adapter_name):
             continue
         adapter = next((a for a in scales if f".moelora_routers.{a}.activation." in n), None)
-        (slow.setdefault(adapter, []) if adapter else main).append(p)
+        if adapter:
+            slow.setdefault(adapter, []).append(p)
+        elif loraplus_lr_ratio and n.endswith("lora_B"):
+            fast.append(p)
+        else:
+            main.append(p)
     groups = [{"params": main, "lr": lr, "weight_decay": weight_decay}]
+    if fast:
+        groups.append({"params": fast, "lr": lr * loraplus_lr_ratio, "weight_decay": weight_decay})
     groups += [{"params": ps, "lr": lr * scales[a], "weight_decay": 0.0} for a, ps in slow.items()]
     return groups

@@ -225,6 +225,19 @@ class _Logger:
             self.tb.close()
 
 
+def neftune_hook(alpha: float):
+    """NEFTune's forward hook for the input embeddings (as transformers' Trainer): in training mode,
+    add ``U(-m, m)`` noise with ``m = alpha / sqrt(seq_len * hidden)`` (padding counted, as there)."""
+
+    def hook(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        mag = alpha / math.sqrt(output.size(1) * output.size(2))
+        return output + torch.zeros_like(output).uniform_(-mag, mag)
+
+    return hook
+
+
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           _stop_after: int | None = None) -> Path:
     """Train ``run`` and save the final adapter in ``run.output_dir``; returns that directory.
@@ -297,13 +310,15 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     optimizers, schedulers = {}, {}  # one per adapter: each trains exactly as it would alone
     if ds_cfg is not None:  # the engine takes the model and its one optimizer together; steps, clips, reduces
         [name] = names
-        opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
+        opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
+                                             loraplus_lr_ratio=t.loraplus_lr_ratio), lr=t.lr)
         schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)  # moves the lr of `opt`'s groups
         ddp_model, optimizers[name] = accelerator.prepare(model, opt)
     else:
         ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
         for name in names:
-            opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name), lr=t.lr)
+            opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
+                                                 loraplus_lr_ratio=t.loraplus_lr_ratio), lr=t.lr)
             schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)
             optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
     counts = {name: count_parameters(model, name) for name in names}
@@ -346,6 +361,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         print(f"{len(data)} examples, {total} steps of {per_step} examples"
               + (f" for each of {len(names)} adapters in one batch" if multi else ""))
     bar = tqdm(total=total, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
+    neftune = (model.get_input_embeddings().register_forward_hook(neftune_hook(t.neftune_noise_alpha))
+               if t.neftune_noise_alpha else None)
     ddp_model.train()
     last_good = latest_checkpoint(out)
     epoch = start_epoch
@@ -436,6 +453,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     finally:
         bar.close()
         metrics.close()
+        if neftune is not None:
+            neftune.remove()
     tensors = _adapter_tensors(model, names, main, sharded, zero3)
     if main:
         for name in names:

@@ -273,6 +273,14 @@ def test_count_parameters_and_param_groups():
     groups = moelora.param_groups(m2, lr=1e-3)
     assert [g["lr"] for g in groups] == [1e-3, 1e-3 * 0.01]
     assert sum(p.numel() for g in groups for p in g["params"]) == moelora.count_parameters(m2)["trainable"]
+    # LoRA+: every lora_B (attention LoRAs and the experts') in its own group at lr x ratio
+    groups = moelora.param_groups(model, lr=1e-3, weight_decay=0.1, loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3 * 16] and groups[1]["weight_decay"] == 0.1
+    fast = {names[id(p)] for p in groups[1]["params"]}
+    assert fast == {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("lora_B")}
+    assert any(".experts" in n or "mixlora" in n for n in fast) and any("q_proj" in n for n in fast)
+    assert sum(p.numel() for g in groups for p in g["params"]) == counts["trainable"]
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))

@@ -715,3 +715,38 @@ def test_cli_generate_guided_outputs_obey_their_guide(tmp_path, tiny_model_dir, 
                      (["--json", "--num-beams", "2"], "beam search"), (["--regex", "("], "does not compile")]:
         assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "x", *bad]) == 2
         assert msg in capsys.readouterr().err, bad
+
+
+def test_neftune_noise_is_bounded_and_training_only_and_loraplus_speeds_up_b(tmp_path, tiny_model_dir):
+    from moelora.train import neftune_hook
+
+    emb = torch.nn.Embedding(50, 16)
+    ids = torch.randint(0, 50, (2, 10))
+    clean = emb(ids)
+    handle = emb.register_forward_hook(neftune_hook(5.0))
+    noisy = emb(ids)
+    mag = 5.0 / (10 * 16) ** 0.5
+    assert 0 < (noisy - clean).abs().max() <= mag and (noisy - clean).abs().mean() > mag / 4
+    emb.eval()
+    assert torch.equal(emb(ids), clean)  # eval: no noise
+    handle.remove()
+    # a run with NEFTune and LoRA+ trains, differs from the plain run, and leaves no hook behind
+    runs = {}
+    for name, extra in [("plain", {}), ("tuned", {"neftune_noise_alpha": 5.0, "loraplus_lr_ratio": 16.0})]:
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name, max_steps=3, save_steps=0, **extra)
+        assert cli(["train", "--config", str(cfg), "--no-progress"]) == 0
+        runs[name] = adapter(tmp_path / name)
+    assert any(not torch.equal(runs["plain"][k], runs["tuned"][k]) for k in runs["plain"])
+    cfg = json.loads((tmp_path / "tuned" / "run_config.json").read_text())["train"]
+    assert cfg["neftune_noise_alpha"] == 5.0 and cfg["loraplus_lr_ratio"] == 16.0
+    bad = write_config(tmp_path / "bad.yaml", tiny_model_dir, tmp_path / "bad", neftune_noise_alpha=-1)
+    assert cli(["train", "--config", str(bad)]) == 2
+    # LoRA+: after one AdamW step from B = 0, |B| is about lr x ratio instead of lr
+    moved = {}
+    for ratio in (0.0, 16.0):
+        cfg = write_config(tmp_path / f"r{ratio}.yaml", tiny_model_dir, tmp_path / f"r{ratio}", max_steps=1,
+                           save_steps=0, loraplus_lr_ratio=ratio)
+        assert cli(["train", "--config", str(cfg), "--no-progress"]) == 0
+        b = [t.abs().mean() for k, t in adapter(tmp_path / f"r{ratio}").items() if "lora_B" in k]
+        moved[ratio] = float(sum(b) / len(b))
+    assert 10 < moved[16.0] / moved[0.0] < 20, moved
