@@ -280,12 +280,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vllm_lora_module(spec: str) -> str:
+    """vLLM's ``--lora-modules`` item, ``name=path`` or ``{"name": ..., "path": ...}`` -> ``NAME=PATH``."""
+    import json
+
+    if spec.lstrip().startswith("{"):
+        try:
+            d = json.loads(spec)
+        except ValueError:
+            d = None
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("path"), str):
+            raise ValueError(f"--lora-modules {spec!r}: expected name=path or {{\"name\": ..., \"path\": ...}}")
+        return f"{d['name']}={d['path']}"
+    return spec
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP server over the multi-tenant engine (docs/serve.md)."""
     import re
 
     adapters: dict[str, str] = {}
-    for spec in args.adapter:
+    for spec in [*args.adapter, *(_vllm_lora_module(m) for m in args.lora_modules)]:
         name, sep, path = spec.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
             raise ValueError(f"--adapter {spec!r}: expected NAME=PATH, NAME made of 1-64 letters, digits, '_', '-'")
@@ -321,7 +336,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-num-batched-tokens must be positive, got {args.max_num_batched_tokens}")
     if not args.prefix_cache_mb >= 0:
         raise ValueError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
-    engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_batch,
+    if args.enable_prefix_caching is False:  # vLLM's --no-enable-prefix-caching
+        args.prefix_cache_mb = 0
+    engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_num_seqs or args.max_batch,
                                     max_queue=args.max_queue, device=device, adapter_budget_bytes=budget,
                                     dtype=args.dtype, max_model_len=args.max_model_len,
                                     base_name=args.served_model_name,
@@ -426,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "<tool_call>{json}</tool_call> output into tool_calls (Qwen2.5/3, Hermes)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; --tool-call-parser is what enables tools")
+    v = p.add_argument_group("vLLM spellings (so vLLM command lines work)")
+    v.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="as --adapter (also vLLM's JSON form {\"name\": ..., \"path\": ...})")
+    v.add_argument("--max-num-seqs", type=int, default=None, help="as --max-batch")
+    v.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-enable-prefix-caching turns the prefix cache off (on by default)")
+    v.add_argument("--enable-lora", action="store_true", help="accepted and ignored: adapters are always enabled")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")

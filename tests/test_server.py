@@ -1294,6 +1294,25 @@ def test_tool_requests_that_cannot_be_served_are_clear_errors(start):
         create_app(ScriptEngine(ADAPTERS), tool_parser="llama3_json")
 
 
+def test_cli_serve_takes_vllm_spellings(tiny_model_dir, real_adapters, monkeypatch, capsys):
+    """A vLLM command line works: --enable-lora --lora-modules (name=path and the JSON form),
+    --max-num-seqs, --no-enable-prefix-caching."""
+    import moelora.server
+    from moelora.cli import main
+
+    served = []
+    monkeypatch.setattr(moelora.server, "run_server", lambda engine, **kw: served.append(engine))
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--enable-lora", "--lora-modules",
+                 f"a={real_adapters['lora-a']}", json.dumps({"name": "b", "path": real_adapters["lora-b"]}),
+                 "--max-num-seqs", "3", "--no-enable-prefix-caching"]) == 0
+    engine = served[0]
+    assert sorted(engine.adapter_names()) == ["a", "b"] and engine.max_batch == 3 and engine.prefix is None
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--enable-prefix-caching"]) == 0
+    assert served[1].prefix is not None and served[1].max_batch == 32
+    assert main(["serve", "--model", str(tiny_model_dir), "--lora-modules", '{"name": "a"}']) == 2
+    assert "--lora-modules" in capsys.readouterr().err
+
+
 def test_cli_serve_tool_call_parser_reaches_the_server(tiny_model_dir, monkeypatch):
     import moelora.server
     from moelora.cli import main
