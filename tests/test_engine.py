@@ -788,28 +788,10 @@ def test_prefix_cache_random_traffic_equals_each_request_alone(arch, adapter_dir
 
 
 def json_oracle(model, prompt, adapter, n, eos=2):
-    """Constrained greedy by hand, through the model's own ``generate`` (MiLoRA routes at its prefill):
-    a logits processor keeps only the most likely byte that extends a JSON-object prefix, or EOS once
-    the object is complete."""
-    from transformers import LogitsProcessor
-
+    """Constrained greedy by hand for JSON mode (``guided_oracle`` with the engine's JSON guide)."""
     from moelora.structured import JsonPrefix
 
-    class OnlyJson(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            state = JsonPrefix(max_ws=64, leading_ws=False)
-            assert state.feed(bytes(input_ids[0, len(prompt):].tolist()).decode("latin-1"))
-            keep = eos if state.complete else next(
-                t for t in scores[0].argsort(descending=True).tolist()
-                if t != eos and state.copy().feed(bytes([t]).decode("latin-1")))
-            out = torch.full_like(scores, float("-inf"))
-            out[0, keep] = 0.0
-            return out
-
-    moelora.set_adapter(model, adapter)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos,
-                         logits_processor=[OnlyJson()])
-    return out[0, len(prompt):].tolist()
+    return guided_oracle(model, prompt, adapter, n, JsonPrefix(max_ws=64, leading_ws=False), eos)
 
 
 @pytest.mark.parametrize("adapter", ["mixlora", "milora", None])
@@ -858,16 +840,18 @@ def test_json_mode_sampling_is_valid_seeded_and_ends_the_object(adapter_dirs):
 
 
 def guided_oracle(model, prompt, adapter, n, guide, eos=2):
-    """Greedy under a guide by hand (``generate`` with a logits processor): the most likely byte that
-    keeps the guide's prefix valid, or EOS where the text is complete and EOS scores higher."""
+    """Greedy under a guide by hand, through the model's own ``generate`` (MiLoRA routes at its
+    prefill): a logits processor keeps only the most likely byte that keeps the guide's prefix valid,
+    or EOS where the text is complete and EOS scores higher (at once for a closed JSON object)."""
     from transformers import LogitsProcessor
 
     class OnlyValid(LogitsProcessor):
         def __call__(self, input_ids, scores):
             state = guide.copy()
             assert state.feed(bytes(input_ids[0, len(prompt):].tolist()).decode("latin-1"))
-            keep = next(t for t in scores[0].argsort(descending=True).tolist()
-                        if (t == eos and state.complete) or (t != eos and state.copy().feed(bytes([t]).decode("latin-1"))))
+            keep = eos if state.final else next(  # a closed JSON object ends at once
+                t for t in scores[0].argsort(descending=True).tolist()
+                if (t == eos and state.complete) or (t != eos and state.copy().feed(bytes([t]).decode("latin-1"))))
             out = torch.full_like(scores, float("-inf"))
             out[0, keep] = 0.0
             return out
