@@ -1112,13 +1112,14 @@ class Engine:
     def generate(
         self, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams | list[SamplingParams]
     ) -> list[dict]:
-        """Run requests to completion: ``[{"token_ids", "text", "finish_reason"}]`` in input order (and
-        ``"logprobs"`` and ``"prompt_logprobs"``, lists of :class:`TokenLogprob`, for requests that ask)."""
+        """Run requests to completion: ``[{"token_ids", "text", "finish_reason", "cached_tokens"}]`` in input
+        order (and ``"logprobs"`` and ``"prompt_logprobs"``, lists of :class:`TokenLogprob`, for requests
+        that ask; ``cached_tokens``: prompt tokens reused from the prefix cache)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{self.steps}-{i}" for i in range(len(prompts))]
         for rid, prompt, adapter, p in zip(ids, prompts, adapters, plist):
             self.add_request(rid, prompt, adapter, p)
-        results = {rid: {"token_ids": [], "text": "", "finish_reason": None} for rid in ids}
+        results = {rid: {"token_ids": [], "text": "", "finish_reason": None, "cached_tokens": 0} for rid in ids}
         for rid, p in zip(ids, plist):
             if p.logprobs is not None:
                 results[rid]["logprobs"] = []
@@ -1130,6 +1131,7 @@ class Engine:
                     res = results[o.request_id]
                     res["token_ids"] += o.token_ids
                     res["text"] += o.text
+                    res["cached_tokens"] = max(res["cached_tokens"], o.cached_tokens)
                     if o.logprobs is not None:
                         res["logprobs"] += o.logprobs
                     if o.prompt_logprobs is not None:

@@ -695,6 +695,7 @@ def test_prefix_cache_off_and_prompt_logprobs_compute_everything(adapter_dirs):
     first = eng.generate([p], [None], SamplingParams(max_tokens=4))[0]
     again = eng.generate([p], [None], SamplingParams(max_tokens=4))[0]
     assert eng.prefix.hits == 32 and again["token_ids"] == first["token_ids"] == hf_alone(eng.model, p, None, 4)
+    assert (first["cached_tokens"], again["cached_tokens"]) == (0, 32)
     p = shared_prefix_prompts(1)[0]
     off = engine("llama", adapter_dirs, prefix_cache_bytes=0)
     assert off.prefix is None
