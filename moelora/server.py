@@ -374,6 +374,7 @@ class _Req:
     max_tokens: int | None  # None: up to the context (chat default)
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
     n: int = 1  # choices per prompt
     echo: bool = False  # completions: the prompt's text (and with logprobs its tokens') before the completion
     echo_texts: list[str] | None = None  # per choice, set by _submit
@@ -442,7 +443,7 @@ def _parse_common(body: dict, chat: bool) -> _Req:
             logprobs = _opt_int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
     stream = _opt_bool(body, "stream")
     so = body.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if so is not None:
         if not isinstance(so, dict):
             raise _bad("'stream_options' must be an object", param="stream_options", code="invalid_type")
@@ -450,6 +451,7 @@ def _parse_common(body: dict, chat: bool) -> _Req:
             raise _bad("'stream_options' is only allowed with stream=true", param="stream_options",
                        code="invalid_value")
         include_usage = _opt_bool(so, "include_usage")
+        continuous = _opt_bool(so, "continuous_usage_stats")
     # vLLM's extra sampling parameters
     repetition = _opt_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
     min_p = _opt_num(body, "min_p", 0.0, 0.0, 1.0)
@@ -489,7 +491,8 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         check_guides(params.json_object, params.guided_regex, params.guided_choice)
     except ValueError as e:  # named by the last guide the request sets
         raise _bad(str(e), param=given[-1], code="invalid_value") from None
-    return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n)
+    return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n,
+                continuous_usage=continuous)
 
 
 def _check_prompt(prompt: Any) -> str | list[int]:
@@ -1012,7 +1015,9 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
 
     def chunk(choices: list) -> bytes:
         d = {**base, "choices": choices}
-        if req.include_usage:
+        if req.continuous_usage:
+            d["usage"] = _usage(_prompt_tokens(plens, req.n), sum(completion_tokens), cached, req.n)
+        elif req.include_usage:
             d["usage"] = None
         return _sse(d)
 
@@ -1032,9 +1037,9 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
         return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
 
+    completion_tokens, cached = [0] * k, [0] * k
     if chat:
         await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
-    completion_tokens, cached = [0] * k, [0] * k
     held = [""] * k  # tools: text not streamed yet (from the first "<tool_call>", or the start of one)
     while True:
         i, item = await q.get()

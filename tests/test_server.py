@@ -169,6 +169,11 @@ def test_streaming_reassembles_to_non_streaming(server, chat, max_tokens):
     assert all(e["usage"] is None for e in chunks)
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
     assert all(c["finish_reason"] is None for e in chunks[:-1] for c in e["choices"])
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far (completion tokens growing)
+    live = stream(url, path, {**body, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    used = [e["usage"]["completion_tokens"] for e in live]
+    assert all(e["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"] for e in live)
+    assert used == sorted(used) and used[-1] == full["usage"]["completion_tokens"] and live[-1]["usage"] == full["usage"]
     final = chunks[-1]["choices"][0]
     if chat:
         assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
