@@ -165,22 +165,30 @@ def _guide(args: argparse.Namespace) -> dict:
     return guide
 
 
-def _generate_guided(model, tok, ids: list[int], args: argparse.Namespace, guide: dict) -> str:
-    """Guided generation through the engine (its lazily constrained greedy / sampling)."""
-    from .engine import Engine, SamplingParams
+def _engine_for(model, tok):
+    """A one-request engine over ``model`` (its active adapter attached as is) -> (engine, adapter name)."""
+    from .engine import Engine
     from .inject import get_context
 
-    engine = Engine(model, tok, max_batch=1, prefix_cache_bytes=0, max_model_len=None)
-    ctx = getattr(model, "_moelora_ctx", None)
-    adapter = get_context(model).active if ctx is not None else None
+    engine = Engine(model, tok, max_batch=1)
+    adapter = get_context(model).active if getattr(model, "_moelora_ctx", None) is not None else None
     if adapter is not None:
         engine.add_attached(adapter)
+    return engine, adapter
+
+
+def _generate_engine(engine_and_adapter, ids: list[int], args: argparse.Namespace, guide: dict) -> str:
+    """Generation through the engine: guided decoding, and the prefix cache across a chat's turns."""
+    from .engine import SamplingParams
+
+    engine, adapter = engine_and_adapter
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k or 0, seed=args.seed, repetition_penalty=args.repetition_penalty, **guide)
     return engine.generate([ids], [adapter], params)[0]["text"]
 
 
-def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> str:
+def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool, engine=None) -> str:
+    """One reply: through ``model.generate``, or the engine when given one (``moelora chat``) or guided."""
     import torch
 
     if chat and tok.chat_template:
@@ -188,8 +196,9 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool) -> 
     else:
         text = prompt
     guide = _guide(args)
-    if guide:
-        return _generate_guided(model, tok, list(tok(text, add_special_tokens=not chat)["input_ids"]), args, guide)
+    if guide or engine is not None:
+        ids = list(tok(text, add_special_tokens=not chat)["input_ids"])
+        return _generate_engine(engine or _engine_for(model, tok), ids, args, guide)
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
     kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
               repetition_penalty=args.repetition_penalty)
@@ -247,6 +256,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model, tok = _load(args.model, args.adapter)
+    _guide(args)  # a bad guide fails before the first turn
+    # through the engine (one per session, so each turn reuses the previous turns' keys and values
+    # from its prefix cache), unless beam search is asked for (model.generate then)
+    engine = _engine_for(model, tok) if args.num_beams == 1 else None
     history: list[dict] = []
     print("moelora chat: empty line or Ctrl-D to quit, /reset to clear the history")
     while True:
@@ -260,7 +273,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = []
             continue
         history.append({"role": "user", "content": line})
-        reply = _generate(model, tok, history, args, chat=True)
+        reply = _generate(model, tok, history, args, chat=True, engine=engine)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}")
     return 0

@@ -750,3 +750,39 @@ def test_neftune_noise_is_bounded_and_training_only_and_loraplus_speeds_up_b(tmp
         b = [t.abs().mean() for k, t in adapter(tmp_path / f"r{ratio}").items() if "lora_B" in k]
         moved[ratio] = float(sum(b) / len(b))
     assert 10 < moved[16.0] / moved[0.0] < 20, moved
+
+
+def test_chat_reuses_earlier_turns_and_answers_like_generate(tiny_model_dir, monkeypatch, capsys):
+    """``moelora chat`` runs through one engine: turn 2 reuses turn 1's prompt and reply from the prefix
+    cache, and every reply equals ``model.generate`` (greedy) on the same history."""
+    import builtins
+
+    from moelora.engine import Engine
+
+    lines = iter(["what is two plus two? " * 3, "and three plus three? " * 2, ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    cached = []
+    real = Engine.generate
+
+    def spy(self, *a, **kw):
+        out = real(self, *a, **kw)
+        cached.append(out[0]["cached_tokens"])
+        return out
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    assert cli(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "12"]) == 0
+    replies = [line[len("model> "):] for line in capsys.readouterr().out.splitlines() if line.startswith("model> ")]
+    assert len(replies) == 2 and cached[0] == 0 and cached[1] >= 16
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers_model(tiny_model_dir).eval()
+    history = []
+    for question, reply in zip(["what is two plus two? " * 3, "and three plus three? " * 2], replies):
+        history.append({"role": "user", "content": question.strip()})
+        ids = tok(tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert reply == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply})
