@@ -260,21 +260,28 @@ async def _drive(url: str, api_key: str | None, jobs: list[dict], clients: int, 
     return results, wall
 
 
-def _jobs(adapters: list[str], n: int, max_tokens: int, distinct: int | None) -> list[dict]:
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely, and never invent facts. "
+
+
+def _jobs(adapters: list[str], n: int, max_tokens: int, distinct: int | None, shared: int = 0) -> list[dict]:
+    """``shared`` characters of one system prompt before every prompt (the engine's prefix cache then
+    serves them across tenants' concurrent requests)."""
+    head = (SYSTEM * (shared // len(SYSTEM) + 1))[:shared]
     jobs = []
     for i in range(n):
         a = adapters[i % len(adapters)]
         k = i if distinct is None else (i // len(adapters)) % distinct
         # the unique part comes last so that the fake's reversed echo starts with it
-        jobs.append({"model": a, "prompt": f"{a} says hello #{k:05d}", "max_tokens": max_tokens,
+        jobs.append({"model": a, "prompt": f"{head}{a} says hello #{k:05d}", "max_tokens": max_tokens,
                      "stream": bool(i % 2)})
     return jobs
 
 
 def run_load_test(url: str, adapters: list[str], requests: int, clients: int, max_tokens: int, max_seconds: float,
-                  api_key: str | None = None, fake: bool = False, allow_mismatch: bool = False) -> dict:
+                  api_key: str | None = None, fake: bool = False, allow_mismatch: bool = False,
+                  shared_prefix: int = 0) -> dict:
     distinct = None if fake else 4
-    jobs = _jobs(adapters, requests, max_tokens, distinct)
+    jobs = _jobs(adapters, requests, max_tokens, distinct, shared_prefix)
     expected: dict[tuple[str, str], str] = {}
     if fake:
         for j in jobs:
@@ -321,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=512, help="total requests (bounded)")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--shared-prefix", type=int, default=0,
+                    help="characters of one system prompt before every prompt (exercises the prefix cache)")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="hard limit on each pass")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-queue", type=int, default=1024)
@@ -333,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = None
     try:
+        engine = None
         if args.url:
             import urllib.request
 
@@ -358,7 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                 adapters = list(pairs) or [engine.base_name]
             url, stop = serve_in_thread(engine, "127.0.0.1", 0, api_key=args.api_key)
         report = run_load_test(url, adapters, args.requests, args.clients, args.max_tokens, args.max_seconds,
-                               api_key=args.api_key, fake=args.fake, allow_mismatch=args.allow_mismatch)
+                               api_key=args.api_key, fake=args.fake, allow_mismatch=args.allow_mismatch,
+                               shared_prefix=args.shared_prefix)
+        prefix = getattr(engine, "prefix", None)
+        if prefix is not None:
+            print(f"prefix cache: {prefix.hits} of {prefix.queries} prompt tokens reused")
     finally:
         if stop is not None:
             stop()
