@@ -717,7 +717,8 @@ class Engine:
         if self.prefix is None:
             return self._prefill_cold(reqs, [None] * len(reqs))
         B = self.prefix.block
-        scopes = [self._prefix_scope(r.adapter) if r.params.prompt_logprobs is None else None for r in reqs]
+        by_adapter = {a: self._prefix_scope(a) for a in {r.adapter for r in reqs}}  # once per adapter, not per row
+        scopes = [by_adapter[r.adapter] if r.params.prompt_logprobs is None else None for r in reqs]
         outputs: list[StepOutput] = []
         while reqs:
             chains = [self.prefix.lookup(sc, r.prompt, len(r.prompt) - 1) if sc is not None else []
