@@ -329,6 +329,7 @@ class _Block:
     keys: list[torch.Tensor]  # per layer (kv_heads, block, head_dim)
     values: list[torch.Tensor]
     nbytes: int
+    key: tuple = ()  # its key in ``PrefixCache.entries``
 
 
 class PrefixCache:
@@ -361,7 +362,7 @@ class PrefixCache:
             if hit is None:
                 break
             chain.append(hit)
-        self._touch(scope, tokens, chain)
+        self._touch(chain)
         return chain
 
     def add(self, scope: tuple, tokens: list[int], chain: list[_Block], keys: list[torch.Tensor],
@@ -375,19 +376,18 @@ class PrefixCache:
         if nbytes > self.budget:
             return False
         self._ids += 1
-        chain.append(_Block(self._ids, scope, keys, values, nbytes))
+        chain.append(_Block(self._ids, scope, keys, values, nbytes, key))
         self.entries[key] = chain[-1]
         self.bytes += nbytes
-        self._touch(scope, tokens, chain)
+        self._touch(chain)
         while self.bytes > self.budget:
             _, old = self.entries.popitem(last=False)
             self.bytes -= old.nbytes
-        return all(self.entries.get(self._key(scope, chain[j - 1] if j else None, tokens, j)) is b
-                   for j, b in enumerate(chain))  # the chain survived its own eviction
+        return all(self.entries.get(b.key) is b for b in chain)  # the chain survived its own eviction
 
-    def _touch(self, scope: tuple, tokens: list[int], chain: list[_Block]) -> None:
-        for j in range(len(chain) - 1, -1, -1):
-            self.entries.move_to_end(self._key(scope, chain[j - 1] if j else None, tokens, j))
+    def _touch(self, chain: list[_Block]) -> None:
+        for b in reversed(chain):  # child first: each parent ends up more recent than its children
+            self.entries.move_to_end(b.key)
 
     def drop(self, name: str) -> None:
         """Forget every block of adapter ``name`` (unloaded)."""
@@ -1010,8 +1010,11 @@ class Engine:
                     return t
             return None
 
-        if gen is None:
-            token = first_valid(scores.argsort(descending=True).tolist(), scores)
+        if gen is None:  # the best few first: a full sort of the vocabulary only if none of them is valid
+            top = scores.topk(min(32, scores.numel())).indices.tolist()
+            token = first_valid(top, scores)
+            if token is None and len(top) < scores.numel() and scores[top[-1]] > float("-inf"):
+                token = first_valid(scores.argsort(descending=True).tolist()[len(top):], scores)
         else:
             probs, token = scores.softmax(-1), None
             while token is None and probs.sum() > 0:
