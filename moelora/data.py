@@ -594,17 +594,46 @@ def _generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def _apportion(count: int, masses: list) -> list[int]:
+    """``count`` split in proportion to ``masses``, by largest remainder (exact rational arithmetic,
+    ties to the earlier entry)."""
+    masses = [Fraction(m) for m in masses]
+    exact = [Fraction(count) * m / sum(masses) for m in masses]
+    parts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - parts[i]), i))
+    for i in by_remainder[: count - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
 def _quotas(lengths: list[int], weights: list[float]) -> list[int]:
     """Largest-remainder apportionment of ``sum(lengths)`` in proportion to ``weight * length``."""
-    total = sum(lengths)
-    mass = [Fraction(w) * n for w, n in zip(weights, lengths, strict=True)]
-    exact = [Fraction(total) * m / sum(mass) for m in mass]
-    quotas = [math.floor(x) for x in exact]
-    left = total - sum(quotas)
-    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - quotas[i]), i))
-    for i in by_remainder[:left]:
-        quotas[i] += 1
-    return quotas
+    return _apportion(sum(lengths), [Fraction(w) * n for w, n in zip(weights, lengths, strict=True)])
+
+
+def _held_out(lengths: list[int], val_size: float, seed: int, paths: list[str]) -> list[set[int]]:
+    """The indices each source keeps for validation (``train.val_size``): a fraction ``0 < v < 1``
+    of every source (rounded; the examples drawn with a generator seeded by ``(seed, source)``), or
+    an integer count ``v >= 1`` apportioned to the sources by size (largest remainder)."""
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or not (val_size >= 0):
+        raise DataError(f"val_size must be a fraction in (0, 1) or a count >= 1 (0: none), got {val_size!r}")
+    if val_size == 0:
+        return [set() for _ in lengths]
+    if val_size < 1:
+        counts = [round(val_size * n) for n in lengths]
+    elif float(val_size).is_integer():
+        if val_size > sum(lengths):
+            raise DataError(f"val_size={int(val_size)} is more than the {sum(lengths)} training examples")
+        counts = _apportion(int(val_size), lengths)
+    else:
+        raise DataError(f"val_size must be a fraction in (0, 1) or a whole count >= 1, got {val_size!r}")
+    if not any(counts):
+        raise DataError(f"val_size={val_size} holds out no example of {sum(lengths)}: give a larger fraction or a count")
+    for n, k, path in zip(lengths, counts, paths, strict=True):
+        if k >= n:
+            raise DataError(f"{path}: val_size={val_size} would hold out all {n} of its examples for validation")
+    return [set(torch.randperm(n, generator=_generator(seed, "validation", i)).tolist()[:k])
+            for i, (n, k) in enumerate(zip(lengths, counts, strict=True))]
 
 
 class TrainData:
@@ -616,9 +645,15 @@ class TrainData:
     tokens), ``truncated_examples``, ``dropped_tokens``, ``dropped_prompt_tokens``,
     ``dropped_response_tokens`` and ``skipped_items`` (empty responses); ``quotas[i]`` is the number
     of examples source ``i`` contributes to each epoch.
+
+    ``validation`` holds the examples kept out of training: ``val_size`` of the sources (a fraction
+    of each, or a count apportioned by size; drawn with a generator seeded by ``(seed, source)``)
+    followed by every example of ``val_sources``, each encoded as above plus ``"task"``. They are
+    in no epoch, and ``stats`` counts the training examples only.
     """
 
-    def __init__(self, sources: list[DataSource], tokenizer, cutoff_len: int, seed: int):
+    def __init__(self, sources: list[DataSource], tokenizer, cutoff_len: int, seed: int, *,
+                 val_size: float = 0, val_sources: list[DataSource] = ()):
         if not sources:
             raise DataError("no data sources given")
         if tokenizer is None:
@@ -632,10 +667,17 @@ class TrainData:
         self.features: list[dict] = []
         self.source_ranges: list[range] = []
         self.stats: dict[str, dict[str, int]] = {}
+        self.validation: list[dict] = []
         _check_cutoff(cutoff_len, len(_special_prefix(tokenizer)))
-        for src in self.sources:
-            examples, skipped = _read(src, tokenizer)
+        read = [_read(src, tokenizer) for src in self.sources]
+        held = _held_out([len(examples) for examples, _ in read], val_size, seed, [s.path for s in self.sources])
+        for src, (examples, skipped), out in zip(self.sources, read, held, strict=True):
             encoded = _encode_many(examples, tokenizer, cutoff_len)
+            for j in sorted(out):
+                enc = {k: v for k, v in encoded[j].items() if not k.startswith("_")}
+                self.validation.append({**enc, "task": src.name})
+            examples = [ex for j, ex in enumerate(examples) if j not in out]
+            encoded = [enc for j, enc in enumerate(encoded) if j not in out]
             start = len(self.features)
             st = self.stats.setdefault(src.name, dict.fromkeys(
                 ("examples", "tokens", "response_tokens", "truncated_examples", "dropped_tokens",
@@ -653,6 +695,11 @@ class TrainData:
                 self.examples.append(ex)
                 self.features.append(enc)
             self.source_ranges.append(range(start, len(self.features)))
+        for src in val_sources:
+            src = src if isinstance(src, DataSource) else DataSource.from_dict(src)
+            for enc in _encode_many(_read(src, tokenizer)[0], tokenizer, cutoff_len):
+                enc = {k: v for k, v in enc.items() if not k.startswith("_")}
+                self.validation.append({**enc, "task": src.name})
         self._passes: dict[int, dict[int, list[int]]] = {}
         self.quotas = _quotas([len(r) for r in self.source_ranges], [s.weight for s in self.sources])
         self._log_summary()
@@ -668,6 +715,8 @@ class TrainData:
             f"{tot['dropped_response_tokens']} response tokens cut from the end; "
             f"{tot['skipped_items']} items with an empty response skipped"
         )
+        if self.validation:
+            msg += f"; {len(self.validation)} examples kept for validation"
         logger.log(logging.WARNING if tot["dropped_response_tokens"] else logging.INFO, msg)
 
     def __len__(self) -> int:

@@ -83,7 +83,8 @@ def plot_routing(model, tokenizer, paths: Sequence[str | Path], out: str | Path,
 
 
 def plot_loss(run_dir: str | Path, out: str | Path) -> None:
-    """Training loss, router loss and learning rate from ``run_dir/metrics.jsonl``."""
+    """Training loss (with the validation loss when the run had validation data), router loss and
+    learning rate from ``run_dir/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir} (is it a `moelora train` output_dir?)")
@@ -91,10 +92,15 @@ def plot_loss(run_dir: str | Path, out: str | Path) -> None:
     if not rows:
         raise ValueError(f"{path} is empty")
     plt = _pyplot()
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("loss", "router_loss", "lr"), ("LM loss", "router loss (weighted)", "learning rate")):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows])
+        curves = [(key, "train")] + ([("val_loss", "validation")] if key == "loss" else [])
+        for k, label in curves:
+            points = [(r["step"], r[k]) for r in rows if k in r]  # validation rows carry no training keys
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if k == "val_loss" else None)
+        if key == "loss" and any("val_loss" in r for r in rows):
+            ax.legend()
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()

@@ -78,6 +78,19 @@ class TrainConfig:
     """NEFTune (Jain et al. 2023; transformers' and LLaMA-Factory's ``neftune_noise_alpha``): while
     training, uniform noise of magnitude ``alpha / sqrt(seq_len x hidden)`` on the input embeddings
     (5 in the paper); 0: off."""
+    val_size: float = 0.0
+    """Examples kept out of training for the validation loss (LLaMA-Factory's ``val_size``): a
+    fraction ``0 < v < 1`` of every data source, or a count ``>= 1`` split over the sources by size
+    (deterministic in ``seed``); 0: none. Files given under ``val_data`` are validated too."""
+    eval_steps: int = 0
+    """With validation examples: the validation loss every this many optimizer steps, and always after
+    the last step (0: after the last step only)."""
+    early_stopping_patience: int = 0
+    """Stop when the validation loss has not improved for this many validations in a row (with several
+    adapters: for every adapter); 0: never."""
+    load_best_model_at_end: bool = False
+    """The final adapter is the one of the validation with the lowest loss (kept in ``output_dir/best``
+    as it improves), not the last step's."""
 
 
 @dataclass
@@ -98,6 +111,9 @@ class RunConfig:
     model: str | None = None
     method: dict[str, Any] = field(default_factory=lambda: {"type": "mixlora"})
     data: list[DataSource] = field(default_factory=list)
+    val_data: list[DataSource] = field(default_factory=list)
+    """Validation files (the ``data`` entries' form; weights are ignored): their LM loss is logged
+    every ``train.eval_steps``, besides the examples ``train.val_size`` keeps out of ``data``."""
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/example"
     eval: EvalConfig | None = None
@@ -269,6 +285,14 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     for name in ("loraplus_lr_ratio", "neftune_noise_alpha"):
         if not getattr(t, name) >= 0:
             raise ConfigError(f"train.{name} must be >= 0 (0: off), got {getattr(t, name)}")
+    if t.eval_steps < 0 or t.early_stopping_patience < 0:
+        raise ConfigError("train.eval_steps and train.early_stopping_patience must be >= 0 (0: off)")
+    if not (0 <= t.val_size < 1 or (t.val_size >= 1 and float(t.val_size).is_integer())):
+        raise ConfigError(f"train.val_size must be a fraction in (0, 1) or a whole count >= 1 (0: none), got {t.val_size}")
+    validating = t.val_size > 0 or bool(run.val_data)
+    for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
+        if getattr(t, name) and not validating:
+            raise ConfigError(f"train.{name} needs validation data: set train.val_size or give val_data files")
     if t.lr_scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"train.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -277,7 +301,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"quantization must be 4bit, 8bit or null, got {run.quantization!r}")
     if run.eval is not None and run.eval.protocol not in PROTOCOLS:
         raise ConfigError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {run.eval.protocol!r}")
-    for entry in run.data:
+    for entry in run.data + run.val_data:
         entry.path = _resolve(entry.path, base_dir)
     if run.eval is not None:
         run.eval.data = [_resolve(x, base_dir) for x in run.eval.data]

@@ -177,6 +177,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, names: list[str]
     if overwrite and not resume:
         for p in existing:
             shutil.rmtree(p)
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)  # a previous run's best adapter
 
 
 class _Logger:
@@ -204,15 +205,17 @@ class _Logger:
         if SummaryWriter is not None:
             self.tb = SummaryWriter(str(out / "tensorboard"))
 
-    def log(self, step: int, scalars: dict[str, float], load: dict[int, torch.Tensor]) -> None:
+    def log(self, step: int, scalars: dict[str, float], load: dict[int, torch.Tensor], section: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, **scalars, "expert_load": {str(k): v.tolist() for k, v in load.items()}}
+        record = {"step": step, **scalars}
+        if section == "train":
+            record["expert_load"] = {str(k): v.tolist() for k, v in load.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(f"{section}/{k}", v, step)
             for layer, frac in load.items():
                 for e, f in enumerate(frac.tolist()):
                     where = f"layer{layer:02d}" if isinstance(layer, int) else layer  # "adapter/layer" (several)
@@ -277,7 +280,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         model.to(accelerator.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed)
+    data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed, val_size=t.val_size,
+                     val_sources=run.val_data)
     files = _CheckpointFiles(names if multi else None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -324,6 +328,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     counts = {name: count_parameters(model, name) for name in names}
 
     step, start_epoch, position = 0, 0, 0
+    validation = _Validation(names)
     if ckpt is not None:
         for name in names:
             if ds_cfg is not None:  # the engine's own files: adapter weights and this process's optimizer partition
@@ -344,6 +349,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if rng_file.exists():  # our own file: python's RNG state is a tuple, not a tensor
             _set_rng_state(torch.load(rng_file, weights_only=False))
         step, start_epoch, position = state["step"], state["epoch"], state["position"]
+        validation.restore(state.get("validation"))
         before = state.get("global_batch", t.batch_size * state.get("world_size", world) * t.gradient_accumulation)
         if before != per_step:
             logger.warning("resuming a run of %d processes with %d: the global batch changes from %d to %d examples",
@@ -385,18 +391,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
                 if multi:
                     batch["adapter_names"] = [n for n in names for _ in feats]
-                # logits only at the positions some row predicts a response token from (not the prompt):
-                # with a large vocabulary the (rows, length, vocab) logits are most of a step's memory
-                targets = labels[:, 1:]
-                rows, cols = (targets != -100).nonzero(as_tuple=True)
-                keep = torch.unique(cols) if keeps_logits else None  # sorted positions
-                if keep is not None:
-                    batch["logits_to_keep"] = keep
-                with accelerator.autocast():
-                    outputs = ddp_model(**batch)
-                at = torch.searchsorted(keep, cols) if keep is not None else cols
-                # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
-                token_ce = F.cross_entropy(outputs.logits[rows, at].float(), targets[rows, cols], reduction="none")
+                outputs, token_ce, rows = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
                 ce = token_ce.new_zeros(len(names)).index_add(0, rows // len(feats), token_ce)  # per adapter
                 lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
                 routers = getattr(outputs, "router_losses", None) if multi else None
@@ -445,9 +440,29 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 elif get_context(model).records:
                     load = expert_load(model)
                 metrics.log(step, scalars, load)
-            if t.save_steps and step % t.save_steps == 0 and step < total:
+            stop = False
+            if data.validation and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
+                losses = validation_loss(ddp_model, data.validation, names, t.batch_size, tokenizer.pad_token_id,
+                                         accelerator, keeps_logits)
+                improved = validation.update(step, losses)
+                metrics.log(step, validation.scalars(losses, multi), {}, section="eval")
+                if main:
+                    bar.write(f"step {step}: " + validation.summary(losses))
+                if improved and t.load_best_model_at_end:
+                    _save_best(model, improved, out, multi, main, sharded, zero3, step, losses)
+                stop = validation.exhausted(t.early_stopping_patience) and step < total
+                if stop and main:
+                    bar.write(f"early stopping at step {step}: no improvement in {t.early_stopping_patience} "
+                              f"validation(s) (best: " + ", ".join(
+                                  f"{n} {v['best_loss']:.4f} at step {v['best_step']}"
+                                  for n, v in validation.state.items()) + ")")
+            if t.save_steps and step % t.save_steps == 0 and step < total and not stop:
                 last_good = _save_checkpoint(accelerator, model, optimizers, schedulers, files, out, step, epoch,
-                                             position, t, sharded, ddp_model if ds_cfg is not None else None, zero3)
+                                             position, t, sharded, ddp_model if ds_cfg is not None else None, zero3,
+                                             validation=validation.state)
+            if stop:
+                total = step
+                break
             if _stop_after is not None and step >= _stop_after:
                 return out
     finally:
@@ -458,8 +473,16 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     tensors = _adapter_tensors(model, names, main, sharded, zero3)
     if main:
         for name in names:
-            checkpoint.save_adapter(model, out / name if multi else out, name, tensors=tensors[name])
-        _write_summary(out, names, total, time.time() - t_start, accelerator.device)
+            target = out / name if multi else out
+            checkpoint.save_adapter(model, target, name, tensors=tensors[name])
+            if t.load_best_model_at_end and data.validation:  # the best validation's adapter replaces it
+                best = _best_dir(out, name, multi)
+                checkpoint.write_adapter_dir(target, {f: (best / f).read_bytes()
+                                                      for f in (checkpoint.SAFETENSORS_NAME, checkpoint.CONFIG_NAME)})
+                print(f"{name if multi else 'final adapter'}: the best validation's (step "
+                      f"{validation.state[name]['best_step']}, loss {validation.state[name]['best_loss']:.4f})")
+        _write_summary(out, names, total, time.time() - t_start, accelerator.device,
+                       validation.state if data.validation else None)
     accelerator.wait_for_everyone()
     if ds_cfg is not None:  # accelerate registered the config with transformers: a later from_pretrained in
         from transformers.integrations import unset_hf_deepspeed_config  # this process (the evaluation after
@@ -523,16 +546,147 @@ def _deepspeed_accelerator(cfg: dict[str, Any], t):
             os.environ["ACCELERATE_USE_DEEPSPEED"] = before
 
 
+BEST_DIR = "best"  # output_dir/best[/adapter]: the adapter of the best validation so far (load_best_model_at_end)
+
+
+class _Validation:
+    """The validation-loss bookkeeping of a run: per adapter the best loss, its step, and the number
+    of validations since it last improved (saved in every checkpoint's trainer state)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.state = {n: {"best_loss": None, "best_step": None, "bad": 0} for n in names}
+
+    def restore(self, saved: dict | None) -> None:
+        if saved:
+            self.state = {n: dict(saved[n]) for n in self.state}
+
+    def update(self, step: int, losses: dict[str, dict[str, float]]) -> list[str]:
+        """Record a validation; returns the adapters whose loss improved (strictly)."""
+        improved = []
+        for name, st in self.state.items():
+            loss = losses[name]["loss"]
+            if st["best_loss"] is None or loss < st["best_loss"]:
+                st.update(best_loss=loss, best_step=step, bad=0)
+                improved.append(name)
+            else:
+                st["bad"] += 1
+        return improved
+
+    def exhausted(self, patience: int) -> bool:
+        return patience > 0 and all(st["bad"] >= patience for st in self.state.values())
+
+    @staticmethod
+    def scalars(losses: dict[str, dict[str, float]], multi: bool) -> dict[str, float]:
+        """``val_loss`` (the mean over adapters), ``val_loss/<task>`` with several tasks, and per
+        adapter ``val_loss/<adapter>[/<task>]`` with several adapters."""
+        out = {"val_loss": sum(v["loss"] for v in losses.values()) / len(losses)}
+        for name, v in losses.items():
+            tasks = {k: x for k, x in v.items() if k != "loss"}
+            prefix = f"val_loss/{name}" if multi else "val_loss"
+            if multi:
+                out[prefix] = v["loss"]
+            if len(tasks) > 1 or multi:
+                out.update({f"{prefix}/{task}": x for task, x in tasks.items()})
+        return out
+
+    def summary(self, losses: dict[str, dict[str, float]]) -> str:
+        return "; ".join(f"{name + ' ' if len(losses) > 1 else ''}val_loss {v['loss']:.4f} (best "
+                         f"{self.state[name]['best_loss']:.4f} at step {self.state[name]['best_step']})"
+                         for name, v in losses.items())
+
+
+def _best_dir(out: Path, name: str, multi: bool) -> Path:
+    return out / BEST_DIR / name if multi else out / BEST_DIR
+
+
+def _save_best(model, names: list[str], out: Path, multi: bool, main: bool, sharded: bool, zero3: bool, step: int,
+               losses: dict[str, dict[str, float]]) -> None:
+    """Save the adapters that just improved into ``output_dir/best`` (every process gathers when
+    sharded); each file is replaced atomically, ``best.json`` (step, loss) after the weights."""
+    tensors = _adapter_tensors(model, names, main, sharded, zero3)
+    if not main:
+        return
+    for name in names:
+        where = _best_dir(out, name, multi)
+        checkpoint.save_adapter(model, where, name, tensors=tensors[name])
+        tmp = where / ".best.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "val_loss": losses[name]["loss"]}))
+        os.replace(tmp, where / "best.json")
+
+
+def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bool, accelerator):
+    """Forward ``batch``; returns the outputs, the float32 cross-entropy of every response token
+    (``(tokens,)``) and the row of each."""
+    # logits only at the positions some row predicts a response token from (not the prompt):
+    # with a large vocabulary the (rows, length, vocab) logits are most of a step's memory
+    targets = labels[:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    keep = torch.unique(cols) if keeps_logits else None  # sorted positions
+    if keep is not None:
+        batch["logits_to_keep"] = keep
+    with accelerator.autocast():
+        outputs = ddp_model(**batch, use_cache=False)
+    at = torch.searchsorted(keep, cols) if keep is not None else cols
+    # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
+    token_ce = F.cross_entropy(outputs.logits[rows, at].float(), targets[rows, cols], reduction="none")
+    return outputs, token_ce, rows
+
+
+@torch.no_grad()
+def validation_loss(ddp_model, features: list[dict], names: list[str], batch_size: int, pad_token_id: int,
+                    accelerator, keeps_logits: bool = True) -> dict[str, dict[str, float]]:
+    """The LM loss (mean cross-entropy over the response tokens, the router loss left out) of every
+    adapter on ``features``: ``{adapter: {"loss": all tasks, task: that task's}}``. The examples go
+    longest first in batches of ``batch_size``; process ``r`` of ``N`` takes batches ``r, r + N, ...``
+    and every process runs the same number of forwards (sharded models gather layers together), the
+    missing ones on a batch whose losses count zero."""
+    was_training = ddp_model.training
+    ddp_model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tasks = sorted({f["task"] for f in features})
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    sums = torch.zeros(len(names) + 1, len(tasks), dtype=torch.float64, device=accelerator.device)  # last row: tokens
+    try:
+        for r in range(-(-len(batches) // world)):
+            index = r * world + rank
+            feats = [features[i] for i in batches[min(index, len(batches) - 1)]]
+            batch = {k: v.to(accelerator.device) for k, v in collate(feats * len(names), pad_token_id).items()}
+            labels = batch.pop("labels")
+            if len(names) > 1:
+                batch["adapter_names"] = [n for n in names for _ in feats]
+            _, token_ce, rows = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
+            if index >= len(batches):
+                continue
+            task = torch.tensor([tasks.index(f["task"]) for f in feats], device=rows.device)[rows % len(feats)]
+            cell = (rows // len(feats)) * len(tasks) + task
+            sums[:-1].view(-1).index_add_(0, cell, token_ce.double())
+            sums[-1].index_add_(0, task[rows < len(feats)], torch.ones_like(task[rows < len(feats)], dtype=torch.float64))
+    finally:
+        ddp_model.train(was_training)
+    sums = accelerator.reduce(sums, reduction="sum").cpu()
+    tokens = sums[-1]
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = {"loss": float(sums[i].sum() / tokens.sum().clamp_min(1))}
+        out[name].update({task: float(sums[i, j] / tokens[j].clamp_min(1)) for j, task in enumerate(tasks)})
+    return out
+
+
 def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and adapter_of(n) == name]
 
 
-def _write_summary(out: Path, names: list[str], steps: int, seconds: float, device: torch.device) -> None:
-    """``train_summary.json``: steps, time and the process's peak memory (GPU: allocated tensors)."""
+def _write_summary(out: Path, names: list[str], steps: int, seconds: float, device: torch.device,
+                   validation: dict | None = None) -> None:
+    """``train_summary.json``: steps, time, the process's peak memory (GPU: allocated tensors) and,
+    with validation data, each adapter's best validation loss and its step."""
     import resource
 
     summary = {"adapters": names, "steps": steps, "seconds": round(seconds, 3), "device": str(device),
                "peak_cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if validation is not None:
+        summary["validation"] = validation
     if device.type == "cuda":
         summary["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -585,7 +739,7 @@ def _adapter_tensors(model: torch.nn.Module, names: list[str], main: bool, shard
 
 
 def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Path, step: int, epoch: int, position: int,
-                     t, sharded: bool = False, engine=None, zero3: bool = False) -> Path:
+                     t, sharded: bool = False, engine=None, zero3: bool = False, validation: dict | None = None) -> Path:
     """Write ``checkpoint-{step}`` atomically: every process writes its RNG state into a hidden
     directory, then the main process adds the rest and renames it into place. Sharded (FSDP), the
     adapters and optimizer states are first gathered in full by every process: a checkpoint is the
@@ -621,7 +775,8 @@ def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Pat
                 torch.save(optim_states[name], tmp / files.optimizer(name))
             torch.save(schedulers[name].state_dict(), tmp / files.scheduler(name))
         state = {"step": step, "epoch": epoch, "position": position, "world_size": accelerator.num_processes,
-                 "global_batch": t.batch_size * accelerator.num_processes * t.gradient_accumulation, "fsdp": sharded}
+                 "global_batch": t.batch_size * accelerator.num_processes * t.gradient_accumulation, "fsdp": sharded,
+                 "validation": validation}
         if engine is not None:
             state["deepspeed"] = {"zero_stage": engine.zero_optimization_stage(), "world_size": accelerator.num_processes}
         (tmp / STATE_NAME).write_text(json.dumps(state))

@@ -268,11 +268,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
     one = write_config(tmp_path / "one.yaml", tiny_model_dir, tmp_path / "one", batch_size=4, max_steps=3, save_steps=0)
     two = write_config(tmp_path / "two.yaml", tiny_model_dir, tmp_path / "two", batch_size=2, max_steps=3, save_steps=2,
                        fsdp=sharding == "fsdp")
-    run_cli_train(one, f"method={method}")
+    # validation too: 101 examples, so with batch 2 one process has a batch less (sharded: a dummy forward)
+    val = (f"val_data=[{TOY / 'letters' / 'test.jsonl'}]", "train.val_size=1", "train.eval_steps=2")
+    run_cli_train(one, f"method={method}", *val)
     env = {"ACCELERATE_USE_FSDP": "true"} if sharding == "accelerate-fsdp-config" else {}
-    run_cli_train(two, f"method={method}", processes=2, env=env)
+    run_cli_train(two, f"method={method}", *val, processes=2, env=env)
     fsdp = sharding != "ddp"
     assert_same_trained_adapter(tmp_path / "one", tmp_path / "two", rtol=1e-4)
+    evals = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+             for d in ("one", "two")]
+    assert [r["step"] for r in evals[1]] == [2, 3]
+    for a, b in zip(*evals, strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
     ckpt = tmp_path / "two" / "checkpoint-2"
     assert json.loads((ckpt / "trainer_state.json").read_text())["fsdp"] is fsdp
     moelora.load_adapter(transformers_model(tiny_model_dir), ckpt / "adapter")  # gathered in full when sharded
@@ -317,7 +324,8 @@ def test_deepspeed_matches_ddp(tmp_path, tiny_model_dir, stage):
     the same MixLoRA adapter as plain DDP (router loss included: each process's own rows, averaged).
     ZeRO-2 through train.deepspeed, ZeRO-3 through accelerate launch's DeepSpeed environment; the
     evaluation after training (rank 0, a fresh model) is not loaded partitioned by ZeRO-3."""
-    kw = dict(batch_size=2, max_steps=3, gradient_accumulation=2, warmup_steps=1, max_grad_norm=0.05)
+    kw = dict(batch_size=2, max_steps=3, gradient_accumulation=2, warmup_steps=1, max_grad_norm=0.05,
+              val_size=1, eval_steps=2, load_best_model_at_end=True)  # validation: partitioned forwards in lockstep
     ddp = write_config(tmp_path / "ddp.yaml", tiny_model_dir, tmp_path / "ddp", save_steps=0, **kw)
     if stage == 2:
         ds, env = write_config(tmp_path / "ds.yaml", tiny_model_dir, tmp_path / "ds", save_steps=2, deepspeed="zero2",
@@ -329,9 +337,16 @@ def test_deepspeed_matches_ddp(tmp_path, tiny_model_dir, stage):
     cfg["eval"] = {"data": [str(TOY / "addition" / "test.jsonl")], "protocol": "generate", "limit": 4,
                    "max_new_tokens": 4, "batch_size": 4}
     ds.write_text(json.dumps(cfg))
-    run_cli_train(ddp, processes=2)
-    run_cli_train(ds, processes=2, env=env)
+    val = f"val_data=[{TOY / 'letters' / 'test.jsonl'}]"
+    run_cli_train(ddp, val, processes=2)
+    run_cli_train(ds, val, processes=2, env=env)
     assert_same_trained_adapter(tmp_path / "ddp", tmp_path / "ds", rtol=1e-5)
+    evals = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+             for d in ("ddp", "ds")]
+    assert [r["step"] for r in evals[1]] == [2, 3]
+    for a, b in zip(*evals, strict=True):
+        assert all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+    assert_same_trained_adapter(tmp_path / "ds", tmp_path / "ds" / "best", rtol=0)  # gathered in full
     assert json.loads((tmp_path / "ds" / "eval.json").read_text())  # evaluated on rank 0 after training
     ckpt = tmp_path / "ds" / "checkpoint-2"
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -225,7 +225,7 @@ def training_curves(runs: dict, dirs: dict, methods: list[str], tasks: list[str]
             path = d / "metrics.jsonl" if d else None
             if not path or not path.is_file():
                 continue
-            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            rows = [r for x in path.read_text().splitlines() if x.strip() and "loss" in (r := json.loads(x))]
             steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
             color, drawn = f"C{i}", drawn + 1
             if len(steps) < SMOOTH_FROM:  # a short run: an average would lag far behind the raw curve

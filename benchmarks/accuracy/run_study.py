@@ -332,7 +332,7 @@ def eval_summary(path: Path, limit: int | None, seconds: float | None) -> dict:
 
 
 def train_summary(run_dir: Path, seconds: float) -> dict:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip() and "loss" in (r := json.loads(x))]
     losses = [r["loss"] for r in rows]
     last = losses[-10:] or [float("nan")]
     return {"seconds_with_choice_eval": round(seconds, 1), "steps": rows[-1]["step"] if rows else 0,
