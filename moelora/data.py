@@ -63,6 +63,7 @@ lengths and weights, in order), ``seed`` and ``epoch``: no global RNG state is r
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -89,6 +90,8 @@ __all__ = [
     "encode_example",
     "TrainData",
     "collate",
+    "collate_packed",
+    "pack_lengths",
 ]
 
 logger = logging.getLogger(__name__)
@@ -763,6 +766,39 @@ class TrainData:
         return [picks[j] for j in shuffle]
 
 
+    def packed_order(self, epoch: int, capacity: int | None = None) -> list[list[int]]:
+        """Epoch ``epoch``'s examples packed into rows of at most ``capacity`` tokens (default
+        ``cutoff_len``; ``train.packing``): best-fit decreasing over the epoch's examples (ties in the
+        epoch's order), each row's examples in the epoch's order, the rows shuffled with a generator
+        seeded by ``(seed, epoch)``. Every example of the epoch is in exactly one row."""
+        key = (epoch, capacity or self.cutoff_len)
+        if getattr(self, "_packed", (None,))[0] != key:  # the last epoch's rows are kept (asked for again)
+            order = self.epoch_order(epoch)
+            bins = pack_lengths([len(self.features[i]["input_ids"]) for i in order], key[1])
+            shuffle = torch.randperm(len(bins), generator=_generator(self.seed, "packing", epoch)).tolist()
+            self._packed = (key, [[order[p] for p in sorted(bins[j])] for j in shuffle])
+        return [list(row) for row in self._packed[1]]
+
+
+def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: the indices of ``lengths`` grouped so that each group's total
+    is at most ``capacity`` (longest first, each into the fullest group it fits; O(n log n))."""
+    if any(n > capacity for n in lengths):
+        raise DataError(f"an example of {max(lengths)} tokens does not fit a packed row of {capacity}")
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = bisect.bisect_left(room, (lengths[i], -1))
+        if j == len(room):
+            bins.append([i])
+            left, b = capacity, len(bins) - 1
+        else:
+            left, b = room.pop(j)
+            bins[b].append(i)
+        bisect.insort(room, (left - lengths[i], b))
+    return bins
+
+
 # --------------------------------------------------------------------------------------- collation
 
 
@@ -789,3 +825,32 @@ def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "prompt_lengths": prompt_lengths}
 
+
+
+def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Several examples per row, each attending to itself only (``train.packing``): ``input_ids``,
+    ``labels``, ``position_ids`` (from 0 in every example, and in the right padding, which so makes
+    a segment of its own) and ``token_mask`` (1 = a real token; the adapters' routers read it). No
+    ``attention_mask``: transformers then finds the examples from the positions and masks attention
+    between them (its packed-sequence detection). Each example's first label is dropped (-100): the
+    token before it, the previous example's last, must not learn to predict it; unpacked, no token
+    predicts it either."""
+    if not rows or not all(rows):
+        raise ValueError("collate_packed needs rows of at least one feature each")
+    width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    token_mask = torch.zeros((B, width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for f in row:
+            n = len(f["input_ids"])
+            input_ids[b, at : at + n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[b, at + 1 : at + n] = torch.as_tensor(f["labels"][1:], dtype=torch.long)
+            position_ids[b, at : at + n] = torch.arange(n)
+            token_mask[b, at : at + n] = 1
+            at += n
+        position_ids[b, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}

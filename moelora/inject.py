@@ -1,8 +1,9 @@
 """Attach and detach adapters by module name; per-architecture defaults in one table.
 
 ``attach`` wraps the targeted modules of a ``transformers`` causal LM in place, freezes the base,
-and installs two hooks on the model: a pre-forward hook that records the padding mask, the prompt
-span (``prompt_lengths``) and whether a KV cache already holds the prompt, and a post-forward hook
+and installs two hooks on the model: a pre-forward hook that records the padding mask (or the
+``token_mask`` of packed rows, which have no attention mask), the prompt span (``prompt_lengths``)
+and whether a KV cache already holds the prompt, and a post-forward hook
 that adds the router loss to ``outputs.loss`` in training mode. Architectures are recognised by
 ``config.model_type`` and handled by module names only; no model class is imported.
 """
@@ -162,7 +163,10 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {ids.shape[0]} rows")
     ctx.set_groups(adapter_names, ids.device if torch.is_tensor(ids) else torch.device("cpu"))
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    if not (torch.is_tensor(mask) and mask.dim() == 2):
+    token_mask = kwargs.pop("token_mask", None)  # packed rows (collate_packed): no attention mask, only this
+    if token_mask is not None:
+        mask = token_mask
+    elif not (torch.is_tensor(mask) and mask.dim() == 2):
         mask = _prompt_mask(ctx, ids)
     ctx.attention_mask = mask
     ctx.checkpointed_layers = _checkpointed_layers(module, ctx) if module.training and torch.is_grad_enabled() else frozenset()

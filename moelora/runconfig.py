@@ -78,6 +78,10 @@ class TrainConfig:
     """NEFTune (Jain et al. 2023; transformers' and LLaMA-Factory's ``neftune_noise_alpha``): while
     training, uniform noise of magnitude ``alpha / sqrt(seq_len x hidden)`` on the input embeddings
     (5 in the paper); 0: off."""
+    packing: bool = False
+    """Pack several examples into each row of up to ``cutoff_len`` tokens, each attending to itself
+    only (LLaMA-Factory's ``neat_packing``): ``batch_size`` then counts packed rows. Not for MiLoRA
+    (it routes once per prompt, and a row holds several)."""
     val_size: float = 0.0
     """Examples kept out of training for the validation loss (LLaMA-Factory's ``val_size``): a
     fraction ``0 < v < 1`` of every data source, or a count ``>= 1`` split over the sources by size
@@ -289,6 +293,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError("train.eval_steps and train.early_stopping_patience must be >= 0 (0: off)")
     if not (0 <= t.val_size < 1 or (t.val_size >= 1 and float(t.val_size).is_integer())):
         raise ConfigError(f"train.val_size must be a fraction in (0, 1) or a whole count >= 1 (0: none), got {t.val_size}")
+    if t.packing:
+        routed = [n for n, c in run.adapter_configs().items() if c.method == "milora"]
+        if routed:
+            raise ConfigError(f"train.packing cannot train MiLoRA ({', '.join(routed)}): it routes once per prompt, "
+                              "and a packed row holds several; train it unpacked")
     validating = t.val_size > 0 or bool(run.val_data)
     for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
         if getattr(t, name) and not validating:

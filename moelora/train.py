@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import TrainData, collate, end_token_ids
+from .data import TrainData, collate, collate_packed, end_token_ids
 from .inject import adapter_of, attach, get_context
 from .runconfig import RunConfig
 from .sharding import accelerate_fsdp, deepspeed_config, deepspeed_source, shard_model
@@ -306,8 +306,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             f"optimizer states are split per process): resume it with that stage and {saved['world_size']} processes")
     micro = t.batch_size * world  # global micro-batch
     per_step = micro * t.gradient_accumulation
-    steps_per_epoch = max(1, len(data.epoch_order(0)) // per_step)
+    epoch_rows = (lambda e: data.packed_order(e)) if t.packing else data.epoch_order  # noqa: E731
+    steps_per_epoch = max(1, len(epoch_rows(0)) // per_step)
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
+    if t.packing and not zero3:  # (ZeRO-3's partitioned model cannot run a forward before its engine exists)
+        check_packing(model)
     if sharded:  # FSDP2: each process keeps 1/world of every parameter, frozen base included
         shard_model(model)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # transformers >= 4.50
@@ -364,7 +367,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             label = cfg.method if not multi else f"{name} ({cfg.method})"
             print(f"{label}: {counts[name]['trainable']:,} trainable / {counts[name]['activated']:,} activated "
                   f"adapter parameters")
-        print(f"{len(data)} examples, {total} steps of {per_step} examples"
+        unit = "examples"
+        if t.packing:
+            rows0 = epoch_rows(0)
+            fill = sum(len(data[i]["input_ids"]) for r in rows0 for i in r) / (len(rows0) * t.cutoff_len)
+            unit = f"packed rows (epoch 0: {data.epoch_size} examples in {len(rows0)} rows, {fill:.0%} filled)"
+        print(f"{len(data)} examples, {total} steps of {per_step} {unit}"
               + (f" for each of {len(names)} adapters in one batch" if multi else ""))
     bar = tqdm(total=total, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     neftune = (model.get_input_embeddings().register_forward_hook(neftune_hook(t.neftune_noise_alpha))
@@ -372,7 +380,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     ddp_model.train()
     last_good = latest_checkpoint(out)
     epoch = start_epoch
-    order = data.epoch_order(epoch)
+    order = epoch_rows(epoch)
     tokens_seen, t_start = 0, time.time()
     try:
         while step < total:
@@ -381,11 +389,17 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             for _ in range(t.gradient_accumulation):
                 if position + micro > len(order):
                     epoch, position = epoch + 1, 0
-                    order = data.epoch_order(epoch)
+                    order = epoch_rows(epoch)
                 rows = order[position : position + micro]
                 position += micro
-                feats = [data[i] for i in rows[rank * t.batch_size : (rank + 1) * t.batch_size]]
-                batch = {k: v.to(accelerator.device) for k, v in collate(feats * len(names), tokenizer.pad_token_id).items()}
+                mine = rows[rank * t.batch_size : (rank + 1) * t.batch_size]
+                if t.packing:
+                    feats = [[data[i] for i in row] for row in mine]
+                    batch = collate_packed(feats * len(names), tokenizer.pad_token_id)
+                else:
+                    feats = [data[i] for i in mine]
+                    batch = collate(feats * len(names), tokenizer.pad_token_id)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 labels = batch.pop("labels")
                 n_tokens = (labels[: len(feats), 1:] != -100).sum()  # one adapter's share
                 global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
@@ -411,7 +425,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     loss_sum[name] += lm[i].item() / world / t.gradient_accumulation
                     if name in routers:
                         router_sum[name] += routers[name].item() / t.gradient_accumulation
-                tokens_seen += int(batch["attention_mask"].sum()) * world
+                tokens_seen += int(batch["attention_mask" if "attention_mask" in batch else "token_mask"].sum()) * world
             for name in names:
                 if ds_cfg is None:  # DeepSpeed clipped and stepped in ddp_model.step()
                     if t.max_grad_norm > 0:
@@ -612,6 +626,38 @@ def _save_best(model, names: list[str], out: Path, multi: bool, main: bool, shar
         tmp = where / ".best.json.tmp"
         tmp.write_text(json.dumps({"step": step, "val_loss": losses[name]["loss"]}))
         os.replace(tmp, where / "best.json")
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module) -> None:
+    """``train.packing`` relies on transformers finding the examples of a packed row from its
+    position ids (restarting at 0) and masking attention between them. A probe of two short
+    sequences refuses a model where that does not happen (an old transformers, remote code): the
+    second one's logits packed after the first must equal its logits alone far better than with
+    attention across (10x)."""
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        raise TrainingError("train.packing needs a transformers version that detects packed sequences "
+                            "(masking_utils.find_packed_sequence_indices): upgrade transformers or train unpacked")
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    a, b = torch.arange(1, 9, device=device) % vocab, torch.arange(11, 17, device=device) % vocab
+    both = torch.cat([a, b])[None]
+    restart = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=b[None], use_cache=False).logits[0].float()
+        packed = model(input_ids=both, position_ids=restart, use_cache=False).logits[0, len(a):].float()
+        crossed = model(input_ids=both, use_cache=False).logits[0, len(a):].float()
+    finally:
+        model.train(was_training)
+    leak, cross = (packed - alone).abs().max().item(), (crossed - alone).abs().max().item()
+    if cross > 0 and not leak <= 0.1 * cross:
+        raise TrainingError(f"train.packing: {type(model).__name__} lets packed examples attend to each other "
+                            f"(logits moved by {leak:.3g}, {cross:.3g} with plain attention across): this model's "
+                            "attention does not detect packed sequences; train it unpacked")
 
 
 def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bool, accelerator):
