@@ -590,21 +590,23 @@ class _Validation:
         return patience > 0 and all(st["bad"] >= patience for st in self.state.values())
 
     @staticmethod
-    def scalars(losses: dict[str, dict[str, float]], multi: bool) -> dict[str, float]:
-        """``val_loss`` (the mean over adapters), ``val_loss/<task>`` with several tasks, and per
-        adapter ``val_loss/<adapter>[/<task>]`` with several adapters."""
-        out = {"val_loss": sum(v["loss"] for v in losses.values()) / len(losses)}
-        for name, v in losses.items():
-            tasks = {k: x for k, x in v.items() if k != "loss"}
-            prefix = f"val_loss/{name}" if multi else "val_loss"
-            if multi:
-                out[prefix] = v["loss"]
-            if len(tasks) > 1 or multi:
-                out.update({f"{prefix}/{task}": x for task, x in tasks.items()})
+    def scalars(losses: dict[str, dict], multi: bool) -> dict[str, float]:
+        """``val_loss`` and ``val_accuracy`` (means over adapters); ``val_loss/<task>`` ... with
+        several tasks; ``val_loss/<adapter>[/<task>]`` ... with several adapters."""
+        out = {}
+        for metric in ("loss", "accuracy"):
+            out[f"val_{metric}"] = sum(v[metric] for v in losses.values()) / len(losses)
+            for name, v in losses.items():
+                prefix = f"val_{metric}/{name}" if multi else f"val_{metric}"
+                if multi:
+                    out[prefix] = v[metric]
+                if len(v["tasks"]) > 1 or multi:
+                    out.update({f"{prefix}/{task}": x[metric] for task, x in v["tasks"].items()})
         return out
 
     def summary(self, losses: dict[str, dict[str, float]]) -> str:
-        return "; ".join(f"{name + ' ' if len(losses) > 1 else ''}val_loss {v['loss']:.4f} (best "
+        return "; ".join(f"{name + ' ' if len(losses) > 1 else ''}val_loss {v['loss']:.4f}, token accuracy "
+                         f"{v['accuracy']:.1%} (best loss "
                          f"{self.state[name]['best_loss']:.4f} at step {self.state[name]['best_step']})"
                          for name, v in losses.items())
 
@@ -660,9 +662,9 @@ def check_packing(model: torch.nn.Module) -> None:
                             "attention does not detect packed sequences; train it unpacked")
 
 
-def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bool, accelerator):
+def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bool, accelerator, accuracy: bool = False):
     """Forward ``batch``; returns the outputs, the float32 cross-entropy of every response token
-    (``(tokens,)``) and the row of each."""
+    (``(tokens,)``) and the row of each (and with ``accuracy``, whether the argmax is that token)."""
     # logits only at the positions some row predicts a response token from (not the prompt):
     # with a large vocabulary the (rows, length, vocab) logits are most of a step's memory
     targets = labels[:, 1:]
@@ -674,15 +676,20 @@ def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bo
         outputs = ddp_model(**batch, use_cache=False)
     at = torch.searchsorted(keep, cols) if keep is not None else cols
     # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
-    token_ce = F.cross_entropy(outputs.logits[rows, at].float(), targets[rows, cols], reduction="none")
+    logits = outputs.logits[rows, at].float()
+    token_ce = F.cross_entropy(logits, targets[rows, cols], reduction="none")
+    if accuracy:
+        return outputs, token_ce, rows, logits.argmax(-1) == targets[rows, cols]
     return outputs, token_ce, rows
 
 
 @torch.no_grad()
 def validation_loss(ddp_model, features: list[dict], names: list[str], batch_size: int, pad_token_id: int,
                     accelerator, keeps_logits: bool = True) -> dict[str, dict[str, float]]:
-    """The LM loss (mean cross-entropy over the response tokens, the router loss left out) of every
-    adapter on ``features``: ``{adapter: {"loss": all tasks, task: that task's}}``. The examples go
+    """The LM loss (mean cross-entropy over the response tokens, the router loss left out) and the
+    token accuracy (the argmax is the response token: LLaMA-Factory's ``compute_accuracy``) of every
+    adapter on ``features``: ``{adapter: {"loss", "accuracy", "tasks": {task: {"loss", "accuracy"}}}}``,
+    each a mean over the response tokens. The examples go
     longest first in batches of ``batch_size``; process ``r`` of ``N`` takes batches ``r, r + N, ...``
     and every process runs the same number of forwards (sharded models gather layers together), the
     missing ones on a batch whose losses count zero."""
@@ -692,7 +699,8 @@ def validation_loss(ddp_model, features: list[dict], names: list[str], batch_siz
     tasks = sorted({f["task"] for f in features})
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    sums = torch.zeros(len(names) + 1, len(tasks), dtype=torch.float64, device=accelerator.device)  # last row: tokens
+    A = len(names)  # rows of `sums`: each adapter's loss sums, its correct tokens, then the token counts
+    sums = torch.zeros(2 * A + 1, len(tasks), dtype=torch.float64, device=accelerator.device)
     try:
         for r in range(-(-len(batches) // world)):
             index = r * world + rank
@@ -701,22 +709,23 @@ def validation_loss(ddp_model, features: list[dict], names: list[str], batch_siz
             labels = batch.pop("labels")
             if len(names) > 1:
                 batch["adapter_names"] = [n for n in names for _ in feats]
-            _, token_ce, rows = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
+            _, token_ce, rows, correct = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator, accuracy=True)
             if index >= len(batches):
                 continue
             task = torch.tensor([tasks.index(f["task"]) for f in feats], device=rows.device)[rows % len(feats)]
             cell = (rows // len(feats)) * len(tasks) + task
-            sums[:-1].view(-1).index_add_(0, cell, token_ce.double())
+            sums[:A].view(-1).index_add_(0, cell, token_ce.double())
+            sums[A : 2 * A].view(-1).index_add_(0, cell, correct.double())
             sums[-1].index_add_(0, task[rows < len(feats)], torch.ones_like(task[rows < len(feats)], dtype=torch.float64))
     finally:
         ddp_model.train(was_training)
     sums = accelerator.reduce(sums, reduction="sum").cpu()
     tokens = sums[-1]
-    out = {}
-    for i, name in enumerate(names):
-        out[name] = {"loss": float(sums[i].sum() / tokens.sum().clamp_min(1))}
-        out[name].update({task: float(sums[i, j] / tokens[j].clamp_min(1)) for j, task in enumerate(tasks)})
-    return out
+    mean = lambda row, j=None: float((row.sum() if j is None else row[j]) / (tokens.sum() if j is None else tokens[j]).clamp_min(1))  # noqa: E731
+    return {name: {"loss": mean(sums[i]), "accuracy": mean(sums[A + i]),
+                   "tasks": {task: {"loss": mean(sums[i], j), "accuracy": mean(sums[A + i], j)}
+                             for j, task in enumerate(tasks)}}
+            for i, name in enumerate(names)}
 
 
 def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:

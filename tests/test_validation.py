@@ -86,6 +86,23 @@ def test_validation_loss_is_the_token_mean_of_each_adapter_alone(tiny_model_dir,
     feats = TrainData([DataSource(str(TOY / "addition" / "train.jsonl"))], tok, 128, seed=0,
                       val_sources=[DataSource(str(TOY / "letters" / "test.jsonl"))], val_size=7).validation
     assert len(feats) == 107
+    with torch.no_grad():  # a random model never predicts a target: bias the head to one of them,
+        b = collate(feats, tok.pad_token_id)  # so that both adapters predict it at about half its positions
+        keep = b["labels"][:, 1:] != -100
+        targets = b["labels"][:, 1:][keep]
+        gaps = []
+        for name in ("mi", "mix"):
+            moelora.set_adapter(model, name)
+            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits[:, :-1][keep]
+            gaps.append(logits.max(-1, keepdim=True).values - logits)
+        gap = torch.maximum(*gaps)
+        candidates = targets.unique()
+        median = torch.stack([gap[targets == t, t].median() for t in candidates])
+        old_head = model.lm_head
+        model.lm_head = torch.nn.Linear(old_head.in_features, old_head.out_features, bias=True)
+        model.lm_head.weight.copy_(old_head.weight)
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[candidates[median.argmin()]] = median.min() + 1e-4
     model.train()  # validation runs in eval mode and gives the mode back
     acc = Accelerator(cpu=True)
     both = validation_loss(model, feats, ["mi", "mix"], 8, tok.pad_token_id, acc)
@@ -94,19 +111,26 @@ def test_validation_loss_is_the_token_mean_of_each_adapter_alone(tiny_model_dir,
     for name in ("mi", "mix"):
         moelora.set_adapter(model, name)
         alone = validation_loss(model, feats, [name], 5, tok.pad_token_id, acc)[name]
-        sums, counts = {}, {}
+        sums, hits, counts = {}, {}, {}
         with torch.no_grad():
             for f in feats:
                 b = collate([f], tok.pad_token_id)
-                n = int((b["labels"][:, 1:] != -100).sum())
-                loss = model(**b).loss.item() * n  # the model's mean over the shifted labels
-                sums[f["task"]] = sums.get(f["task"], 0.0) + loss
-                counts[f["task"]] = counts.get(f["task"], 0) + n
-        expected = {t: sums[t] / counts[t] for t in sums} | {"loss": sum(sums.values()) / sum(counts.values())}
-        assert alone.keys() == expected.keys()
-        for k in expected:
-            assert alone[k] == pytest.approx(expected[k], rel=1e-5), (name, k)
-            assert both[name][k] == pytest.approx(expected[k], rel=1e-5), (name, k)
+                out = model(**b)
+                keep = b["labels"][:, 1:] != -100
+                n = int(keep.sum())
+                t = f["task"]
+                sums[t] = sums.get(t, 0.0) + out.loss.item() * n  # the model's mean over the shifted labels
+                hits[t] = hits.get(t, 0) + int((out.logits[:, :-1].argmax(-1) == b["labels"][:, 1:])[keep].sum())
+                counts[t] = counts.get(t, 0) + n
+        expected = {"loss": sum(sums.values()) / sum(counts.values()), "accuracy": sum(hits.values()) / sum(counts.values()),
+                    "tasks": {t: {"loss": sums[t] / counts[t], "accuracy": hits[t] / counts[t]} for t in sums}}
+        assert alone.keys() == expected.keys() and alone["tasks"].keys() == expected["tasks"].keys()
+        assert 0 < expected["accuracy"] < 1
+        for got in (alone, both[name]):
+            assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), name
+            assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12), name
+            for t in expected["tasks"]:
+                assert got["tasks"][t] == pytest.approx(expected["tasks"][t], rel=1e-5), (name, t)
     assert abs(both["mi"]["loss"] - both["mix"]["loss"]) > 1e-3
 
 
@@ -121,7 +145,8 @@ def test_validating_does_not_change_training_and_is_logged(tmp_path, tiny_model_
     assert all(torch.equal(a[k], b[k]) for k in a)
     evals = [r for r in rows(out) if "val_loss" in r]
     assert [r["step"] for r in evals] == [4, 6]
-    assert set(evals[0]) == {"step", "val_loss", "val_loss/addition", "val_loss/successor"}
+    assert set(evals[0]) == {"step", "val_loss", "val_loss/addition", "val_loss/successor", "val_accuracy",
+                             "val_accuracy/addition", "val_accuracy/successor"}
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     summary = json.loads((out / "train_summary.json").read_text())["validation"]["default"]
@@ -138,7 +163,7 @@ def test_early_stopping_and_the_best_adapter(tmp_path, tiny_model_dir, monkeypat
     run at step 8 with patience 2; the final adapter is step 4's (its checkpoint's adapter)."""
     losses = iter([3.0, 2.0, 2.5, 2.0, 9.9])
     monkeypatch.setattr(train_mod, "validation_loss",
-                        lambda *a, **k: {"default": {"loss": next(losses), "addition": 0.0}})
+                        lambda *a, **k: {"default": {"loss": next(losses), "accuracy": 0.5, "tasks": {}}})
     cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=20, eval_steps=2, val_size=10,
                        early_stopping_patience=2, load_best_model_at_end=True, save_total_limit=0)
     out = train(load_run_config(cfg), progress=False)
@@ -166,7 +191,7 @@ def test_resume_restores_the_validation_state(tmp_path, tiny_model_dir, monkeypa
 
     def scripted(ddp_model, *a, **k):
         v = sum(float(p.detach().double().sum()) for p in ddp_model.parameters() if p.requires_grad)
-        return {"default": {"loss": 1 + math.sin(1e5 * v), "addition": 0.0}}
+        return {"default": {"loss": 1 + math.sin(1e5 * v), "accuracy": 0.5, "tasks": {}}}
 
     monkeypatch.setattr(train_mod, "validation_loss", scripted)
     kw = {"val_size": 20, "eval_steps": 1, "max_steps": 8, "load_best_model_at_end": True, "early_stopping_patience": 3}
@@ -195,7 +220,8 @@ def test_several_adapters_are_validated_each(tmp_path, tiny_model_dir):
     cfg.write_text(json.dumps(d))
     out = train(load_run_config(cfg), progress=False)
     [ev] = [r for r in rows(out) if "val_loss" in r]
-    assert set(ev) == {"step", "val_loss", "val_loss/lo", "val_loss/lo/letters", "val_loss/mi", "val_loss/mi/letters"}
+    assert set(ev) == {f"val_{m}{x}" for m in ("loss", "accuracy")
+                       for x in ("", "/lo", "/lo/letters", "/mi", "/mi/letters")} | {"step"}
     assert ev["val_loss"] == pytest.approx((ev["val_loss/lo"] + ev["val_loss/mi"]) / 2)
     for name in ("lo", "mi"):
         assert (out / "best" / name / "adapter_model.safetensors").is_file()
