@@ -54,6 +54,9 @@ class AdapterContext:
     # Set per forward by the model's pre-forward hook.
     attention_mask: torch.Tensor | None = None  # (B, S) 1 = real token; S >= this forward's T
     prompt_lengths: torch.Tensor | None = None  # (B,) non-padding prompt tokens per row
+    # packed rows (collate_packed): each example's prompt positions in the flattened (B*T) batch, (S, L)
+    # with its (S, L) mask, and each token's example (S for padding): MiLoRA routes every example
+    segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     prompt_width: int | None = None  # during generate(): columns of the original prompt
     # inside generate(): "prefill" until its first forward is done, then "decode"; None outside. A
     # string, not a step counter: a compiled decoding step guards on it, and a counter would recompile

@@ -830,7 +830,10 @@ def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
 def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Several examples per row, each attending to itself only (``train.packing``): ``input_ids``,
     ``labels``, ``position_ids`` (from 0 in every example, and in the right padding, which so makes
-    a segment of its own) and ``token_mask`` (1 = a real token; the adapters' routers read it). No
+    a segment of its own), ``token_mask`` (1 = a real token; the adapters' routers read it) and, for
+    MiLoRA's routing of each example on its prompt, ``segment_ids`` (each token's example, -1 on
+    padding), ``segment_prompt`` (each example's prompt positions in the flattened batch, ``(S, L)``)
+    and ``segment_prompt_mask``. No
     ``attention_mask``: transformers then finds the examples from the positions and masks attention
     between them (its packed-sequence detection). Each example's first label is dropped (-100): the
     token before it, the previous example's last, must not learn to predict it; unpacked, no token
@@ -843,6 +846,8 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
     token_mask = torch.zeros((B, width), dtype=torch.long)
+    segment_ids = torch.full((B, width), -1, dtype=torch.long)
+    prompts: list[range] = []  # each example's routing positions in the flattened batch
     for b, row in enumerate(rows):
         at = 0
         for f in row:
@@ -851,6 +856,16 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch
             labels[b, at + 1 : at + n] = torch.as_tensor(f["labels"][1:], dtype=torch.long)
             position_ids[b, at : at + n] = torch.arange(n)
             token_mask[b, at : at + n] = 1
+            segment_ids[b, at : at + n] = len(prompts)
+            k = int(f["prompt_length"]) or n  # no prompt (`text`): all its tokens, as an unpacked row
+            prompts.append(range(b * width + at, b * width + at + k))
             at += n
         position_ids[b, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+    L = max(len(r) for r in prompts)
+    segment_prompt = torch.zeros((len(prompts), L), dtype=torch.long)
+    segment_prompt_mask = torch.zeros((len(prompts), L), dtype=torch.bool)
+    for s, r in enumerate(prompts):
+        segment_prompt[s, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        segment_prompt_mask[s, : len(r)] = True
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask,
+            "segment_ids": segment_ids, "segment_prompt": segment_prompt, "segment_prompt_mask": segment_prompt_mask}

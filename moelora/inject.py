@@ -164,6 +164,14 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     ctx.set_groups(adapter_names, ids.device if torch.is_tensor(ids) else torch.device("cpu"))
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     token_mask = kwargs.pop("token_mask", None)  # packed rows (collate_packed): no attention mask, only this
+    segment_prompt = kwargs.pop("segment_prompt", None)
+    segment_prompt_mask = kwargs.pop("segment_prompt_mask", None)
+    segment_ids = kwargs.pop("segment_ids", None)
+    ctx.segments = None
+    if segment_prompt is not None:
+        token_segment = segment_ids.reshape(-1)
+        ctx.segments = (segment_prompt, segment_prompt_mask.bool(),
+                        torch.where(token_segment < 0, segment_prompt.shape[0], token_segment))
     if token_mask is not None:
         mask = token_mask
     elif not (torch.is_tensor(mask) and mask.dim() == 2):

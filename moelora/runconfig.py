@@ -80,8 +80,8 @@ class TrainConfig:
     (5 in the paper); 0: off."""
     packing: bool = False
     """Pack several examples into each row of up to ``cutoff_len`` tokens, each attending to itself
-    only (LLaMA-Factory's ``neat_packing``): ``batch_size`` then counts packed rows. Not for MiLoRA
-    (it routes once per prompt, and a row holds several)."""
+    only (LLaMA-Factory's ``neat_packing``): ``batch_size`` then counts packed rows. MiLoRA routes
+    each example on its own prompt (when it trains alone: not in a run of several adapters)."""
     val_size: float = 0.0
     """Examples kept out of training for the validation loss (LLaMA-Factory's ``val_size``): a
     fraction ``0 < v < 1`` of every data source, or a count ``>= 1`` split over the sources by size
@@ -293,11 +293,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError("train.eval_steps and train.early_stopping_patience must be >= 0 (0: off)")
     if not (0 <= t.val_size < 1 or (t.val_size >= 1 and float(t.val_size).is_integer())):
         raise ConfigError(f"train.val_size must be a fraction in (0, 1) or a whole count >= 1 (0: none), got {t.val_size}")
-    if t.packing:
+    if t.packing and run.adapters is not None:
         routed = [n for n, c in run.adapter_configs().items() if c.method == "milora"]
         if routed:
-            raise ConfigError(f"train.packing cannot train MiLoRA ({', '.join(routed)}): it routes once per prompt, "
-                              "and a packed row holds several; train it unpacked")
+            raise ConfigError(f"train.packing cannot train MiLoRA ({', '.join(routed)}) beside other adapters: a batch "
+                              "of several adapters routes each row once; train it alone, or unpacked")
     validating = t.val_size > 0 or bool(run.val_data)
     for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
         if getattr(t, name) and not validating:

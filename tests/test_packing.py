@@ -83,12 +83,13 @@ def _loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
-@pytest.mark.parametrize("method", ["lora", "dora", "mixlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "mixlora", "milora"])
 def test_a_packed_batch_trains_exactly_as_the_same_examples_unpacked(arch, method):
     """Per-token logits, LM loss, router loss and every adapter gradient: packed rows = padded rows."""
     model = _model(arch)
     cfg = {"lora": moelora.LoraConfig(r=4, lora_dropout=0.0), "dora": moelora.LoraConfig(r=4, use_dora=True, lora_dropout=0.0),
-           "mixlora": moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0)}[method]
+           "mixlora": moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0),
+           "milora": moelora.MiLoraConfig(r=4, top_k=2, lora_dropout=0.0)}[method]
     moelora.attach(model, cfg)
     randomize_adapters(model)
     model.train()
@@ -97,7 +98,7 @@ def test_a_packed_batch_trains_exactly_as_the_same_examples_unpacked(arch, metho
     for n, prompt in ((9, 4), (13, 5), (6, 3), (11, 0)):  # the last one: loss on every token (`text`)
         ids = torch.randint(3, 128, (n,), generator=g).tolist()
         feats.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "prompt_length": prompt})
-    plain = collate(feats, pad_token_id=0)
+    plain = collate(feats, pad_token_id=0)  # (with prompt_lengths: MiLoRA routes each row on its prompt)
     packed = collate_packed([[feats[0], feats[1]], [feats[2], feats[3]]], pad_token_id=0)
     logits_a, lm_a, router_a, grads_a = _loss_and_grads(model, dict(plain))
     logits_b, lm_b, router_b, grads_b = _loss_and_grads(model, dict(packed))
@@ -107,7 +108,7 @@ def test_a_packed_batch_trains_exactly_as_the_same_examples_unpacked(arch, metho
         torch.testing.assert_close(logits_b[row, at : at + n], logits_a[i, :n], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lm_b, lm_a, rtol=1e-5, atol=1e-6)
     assert router_b == pytest.approx(router_a, rel=1e-5)
-    assert (router_a > 0) == (method == "mixlora")
+    assert (router_a > 0) == (method in ("mixlora", "milora"))
     for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
 
@@ -131,7 +132,7 @@ def _config(path: Path, model_dir: Path, out: Path, **train_kw) -> Path:
     return path
 
 
-def test_packed_training_runs_resumes_exactly_and_refuses_milora(tmp_path, tiny_model_dir, capsys):
+def test_packed_training_runs_resumes_exactly_and_refuses_milora_beside_others(tmp_path, tiny_model_dir, capsys):
     full = train(load_run_config(_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a")), progress=False)
     assert "steps of 2 packed rows (epoch 0: 800 examples in" in capsys.readouterr().out
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
@@ -142,12 +143,16 @@ def test_packed_training_runs_resumes_exactly_and_refuses_milora(tmp_path, tiny_
     resumed = train(load_run_config(cfg), resume=True, progress=False)
     a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConfigError, match="train.packing cannot train MiLoRA"):
-        load_run_config(cfg, ["method={type: milora, r: 4}"])
+    mi = train(load_run_config(cfg, ["method={type: milora, r: 4}", "train.max_steps=2", "train.save_steps=0",
+                                     f"output_dir={tmp_path / 'mi'}"]), progress=False)  # alone: each example routes
+    mi_rows = [json.loads(x) for x in (mi / "metrics.jsonl").read_text().splitlines()]
+    assert len(mi_rows) == 2 and all(r["router_loss"] > 0 for r in mi_rows)
     d = json.loads(cfg.read_text())
     del d["method"]
     d["adapters"] = {"lo": {"type": "lora", "r": 4}, "mix": {"type": "mixlora", "num_experts": 4, "r": 4}}
     (tmp_path / "c.yaml").write_text(json.dumps({**d, "output_dir": str(tmp_path / "c")}))
+    with pytest.raises(ConfigError, match=r"train.packing cannot train MiLoRA \(mi\) beside other adapters"):
+        load_run_config(tmp_path / "c.yaml", ["adapters.mi={type: milora, r: 4}"])
     out = train(load_run_config(tmp_path / "c.yaml", ["train.max_steps=2"]), progress=False)  # rows repeated per adapter
     assert (out / "lo" / "adapter_model.safetensors").is_file() and (out / "mix" / "adapter_model.safetensors").is_file()
 

@@ -14,7 +14,9 @@ forward of ``generate``); its gates are cached in the model's context and reused
 decoding step. Beams are expanded before prefill, so each beam routes on its own copy of the
 prompt and gets its source's gates. The prompt span is ``prompt_lengths`` non-padding tokens
 when given (training), else every non-padding token (or, inside ``generate``, the original
-prompt's columns). A row with no prompt token pools over all its positions.
+prompt's columns). A row with no prompt token pools over all its non-padding positions. Packed
+rows (``moelora.data.collate_packed``, ``train.packing``) route each example on its own prompt, and
+its tokens take its gates (``ctx.segments``; a ``(B*T, E)`` gate table instead of ``(B, E)``).
 
 Load-balance loss (per layer over the batch's sequences, averaged over layers):
 ``L_lb = E sum_e f_e p_e``, added as ``lb_loss_coef * L_lb``.
@@ -59,8 +61,19 @@ def _route(layer: nn.Module, ctx: AdapterContext, name: str | None, h: torch.Ten
         ctx.milora_gates(name, li)  # raises a clear error if prefill never routed
         return
     B, T, _ = h.shape
-    mask = ctx.prompt_mask(B, T, h.device)  # (B, T)
-    logits, gates = routers[name](h, mask)  # (B, E) each
+    if ctx.segments is not None:  # packed rows: every example routes on its own prompt
+        if ctx.groups is not None:
+            raise ValueError("MiLoRA cannot route packed rows of a batch mixing adapters: pack one adapter's rows")
+        index, seg_mask, token_segment = ctx.segments
+        logits, seg_gates = routers[name](h.reshape(B * T, -1)[index], seg_mask)  # (S, E) each
+        gates = torch.cat([seg_gates, seg_gates.new_zeros(1, seg_gates.shape[1])])[token_segment]  # (B*T, E)
+        selected = seg_gates > 0
+    else:
+        mask = ctx.prompt_mask(B, T, h.device)  # (B, T)
+        # a row without prompt tokens (a `text` example) pools over its tokens, padding left out
+        mask = torch.where(mask.any(1, keepdim=True), mask, ctx.token_mask(B, T, h.device))
+        logits, gates = routers[name](h, mask)  # (B, E) each
+        selected = gates > 0
     ctx.router_calls += 1
     ctx.gates.setdefault(name, {})[li] = gates
     used = ctx.gate_any.setdefault(name, {})
@@ -69,7 +82,7 @@ def _route(layer: nn.Module, ctx: AdapterContext, name: str | None, h: torch.Ten
     else:  # one host sync per layer at prefill; decoding then skips the modules no row selected
         used[li] = (gates > 0).any(0).tolist()
     if ctx.recording(layer.training):
-        ctx.record(name, RouterRecord(li, logits, gates > 0))
+        ctx.record(name, RouterRecord(li, logits, selected))
 
 
 def attach(model: nn.Module, cfg: MiLoraConfig, name: str, ctx: AdapterContext) -> None:
