@@ -356,7 +356,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     dtype=args.dtype, max_model_len=args.max_model_len,
                                     base_name=args.served_model_name,
                                     prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
-                                    max_prefill_tokens=args.max_num_batched_tokens)
+                                    max_prefill_tokens=args.max_num_batched_tokens,
+                                    chunked_prefill=args.enable_chunked_prefill is not False)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
                tool_parser=args.tool_call_parser)
     return 0
@@ -438,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="admit new requests while their prefill (rows x longest prompt) stays within this "
-                        "many tokens; one always goes in (default: 8192)")
+                   help="prefill at most this many tokens a step (rows x longest prompt): new requests wait, "
+                        "a longer prompt is prefilled in chunks while the others decode (default: 8192)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="base model weights (auto: bfloat16 on a GPU that has it, else float32)")
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-num-seqs", type=int, default=None, help="as --max-batch")
     v.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-enable-prefix-caching turns the prefix cache off (on by default)")
+    v.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-enable-chunked-prefill: a prompt longer than --max-num-batched-tokens is prefilled "
+                        "alone in one step (chunked by default)")
     v.add_argument("--enable-lora", action="store_true", help="accepted and ignored: adapters are always enabled")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "

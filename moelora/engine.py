@@ -7,9 +7,16 @@ decoding, MixLoRA rows route per token.
 
 - **Continuous batching.** ``step()`` first admits waiting requests, in arrival order (up to
   ``max_batch`` running, and as many as keep the prefill's padded size, rows x longest prompt,
-  within ``max_prefill_tokens``, vLLM's ``max_num_batched_tokens``; one request is always
-  admitted): they are prefilled together (left-padded, mixed adapters) and their caches join the
-  running batch; then every running request decodes one token. Finished requests leave at once.
+  within ``max_prefill_tokens``, vLLM's ``max_num_batched_tokens``): they are prefilled together
+  (left-padded, mixed adapters) and their caches join the running batch; then every running
+  request decodes one token. Finished requests leave at once.
+- **Chunked prefill** (vLLM's, on by default: ``chunked_prefill``). A prompt that does not fit the
+  budget left starts anyway and is prefilled a chunk per step, each chunk on top of the keys and
+  values of the ones before (and of the prefix cache's blocks it starts from), while the running
+  requests keep decoding; its last chunk samples its first token and it joins the batch. One such
+  prompt at a time; what waits behind it waits (first come, first served). Not for MiLoRA (its
+  routers read the whole prompt before any token is computed) nor for ``prompt_logprobs``
+  requests: those go in alone when the budget is untouched, however long.
 - **KV cache.** ``KVStore``: per layer one preallocated ``(rows, kv_heads, capacity, head_dim)``
   buffer that grows by doubling (rows and columns) and is compacted in place; rows are
   right-aligned (left padding), so a decoding step writes one column for all rows.
@@ -178,6 +185,9 @@ class _Request:
     scope: tuple | None = None  # prefix cache: its adapter's scope at prefill (None: not cached)
     guide: JsonPrefix | RegexPrefix | None = None  # guided decoding: the output's state
     stop_from: int = 0  # stop sequences count only where they end after this offset of ``text`` (min_tokens)
+    done: int = 0  # chunked prefill: prompt tokens whose keys and values are computed
+    partial: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # ... those keys and values, per layer
+    chain: list | None = None  # ... the prefix cache's blocks it started from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +520,7 @@ class Engine:
         base_name: str | None = None,
         prefix_cache_bytes: int = 256 * 2**20,
         max_prefill_tokens: int = 8192,
+        chunked_prefill: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -517,6 +528,7 @@ class Engine:
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
         self.max_prefill_tokens = max_prefill_tokens  # vLLM's max_num_batched_tokens, for admissions
+        self.chunked_prefill = chunked_prefill  # vLLM's enable_chunked_prefill: longer prompts in chunks
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ValueError(f"max_model_len must be between 2 and the model's {limit} positions, got {max_model_len}")
@@ -532,6 +544,7 @@ class Engine:
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
+        self.prefilling: list[_Request] = []  # long prompts prefilled a chunk per step (first: the current one)
         self.ids: set[str] = set()
         self.store = KVStore(self.num_layers)
         self.pending: list[StepOutput] = []  # aborts to report at the next step
@@ -633,6 +646,12 @@ class Engine:
         self.ids.add(request_id)
 
     def abort(self, request_id: str) -> None:
+        r = next((q for q in self.prefilling if q.id == request_id), None)
+        if r is not None:
+            self.prefilling.remove(r)
+            self.ids.discard(request_id)
+            self.pending.append(StepOutput(r.id, [], "", True, "abort", len(r.prompt), 0))
+            return
         for i, r in enumerate(self.running):
             if r.id == request_id:
                 self.running.pop(i)
@@ -648,30 +667,43 @@ class Engine:
         self.pending.append(StepOutput(r.id, [], "", True, "abort", len(r.prompt), len(r.output)))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.pending)
+        return bool(self.waiting or self.prefilling or self.running or self.pending)
 
     # -- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Admit waiting requests (prefill, first token), then decode one token for every running one."""
+        """Prefill the next chunk of a long prompt, admit waiting requests (prefill, first token) within
+        what is left of ``max_prefill_tokens``, then decode one token for every running request."""
         outputs: list[StepOutput] = []
-        admitted = self._admit()  # outside inference mode: loaded adapters stay normal parameters
+        budget = self.max_prefill_tokens
+        with torch.inference_mode():
+            if self.prefilling:
+                budget, outputs = self._prefill_chunk(budget)
+        admitted, budget = self._admit(budget)  # outside inference mode: loaded adapters stay normal parameters
         with torch.inference_mode():
             if admitted:
                 outputs += self._prefill(admitted)
+            if self.prefilling and self.prefilling[0].done == 0 and self.prefilling[0].partial is None:
+                outputs += self._prefill_chunk(budget)[1]  # one started in this step: its first chunk now
             if self.running:
                 outputs += self._decode()
         self.steps += 1
         outputs, self.pending = self.pending + outputs, []  # aborts and failed loads first
         return outputs
 
-    def _admit(self) -> list[_Request]:
+    def _admit(self, budget: int) -> tuple[list[_Request], int]:
+        """Waiting requests to prefill now, in arrival order, and the prefill budget left after them
+        (rows x longest prompt). The first one that does not fit waits, and nothing overtakes it,
+        unless it can be prefilled in chunks (it then starts, taking what is left, and goes on over
+        the next steps) or nothing was prefilled in this step (it then goes in alone, however long)."""
         admitted: list[_Request] = []
-        in_use = {r.adapter for r in self.running if r.adapter is not None}
-        width = 0  # the prefill's padded size is rows x the longest prompt: at most max_prefill_tokens
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+        in_use = {r.adapter for r in self.running + self.prefilling if r.adapter is not None}
+        width = 0  # the prefill's padded size is rows x the longest prompt: at most the budget
+        while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch:
             req = self.waiting[0]
-            if admitted and (len(admitted) + 1) * max(width, len(req.prompt)) > self.max_prefill_tokens:
+            fits = (len(admitted) + 1) * max(width, len(req.prompt)) <= budget
+            alone = not admitted and budget == self.max_prefill_tokens  # nothing else prefills in this step
+            if not fits and (self.prefilling or budget - len(admitted) * width <= 0):
                 break  # the next step admits it (first come, first served: no overtaking)
             if req.adapter is not None:
                 try:
@@ -682,9 +714,70 @@ class Engine:
                     self.pending.append(StepOutput(req.id, [], f"[error: {e}]", True, "error", len(req.prompt), 0))
                     continue
                 in_use.add(req.adapter)
+            if not fits and self._chunkable(req):  # a long prompt: prefilled a chunk per step from now on
+                self.prefilling.append(self.waiting.popleft())
+                self._start_chunks(req)
+                break
+            if not fits and not alone:
+                break
             admitted.append(self.waiting.popleft())
             width = max(width, len(req.prompt))
-        return admitted
+        return admitted, budget - len(admitted) * width
+
+    def _chunkable(self, req: _Request) -> bool:
+        """Whether a prompt can be prefilled in chunks: not for MiLoRA (its routers read the whole
+        prompt before any token is computed) nor for the prompt's log-probabilities."""
+        ctx = getattr(self.model, "_moelora_ctx", None)
+        milora = ctx is not None and isinstance(ctx.configs.get(req.adapter), MiLoraConfig)
+        return self.chunked_prefill and req.params.prompt_logprobs is None and not milora
+
+    def _start_chunks(self, r: _Request) -> None:
+        r.scope = self._prefix_scope(r.adapter) if self.prefix is not None else None
+        r.chain = self.prefix.lookup(r.scope, r.prompt, len(r.prompt) - 1) if r.scope is not None else []
+        if r.scope is not None:
+            self.prefix.queries += len(r.prompt)
+            self.prefix.hits += len(r.chain) * self.prefix.block
+        r.done, r.partial = 0, None
+
+    def _prefill_chunk(self, budget: int) -> tuple[int, list[StepOutput]]:
+        """The next chunk (up to ``budget`` tokens) of the first long prompt being prefilled, on top of
+        its earlier chunks (and the prefix cache's blocks it started from). The last chunk samples
+        the first token and joins the running batch. Returns the budget left and the outputs."""
+        r = self.prefilling[0]
+        if budget <= 0:
+            return budget, []
+        if r.partial is None and r.chain:  # the cached blocks it starts from
+            r.partial = [(torch.cat([b.keys[i] for b in r.chain], 1)[None], torch.cat([b.values[i] for b in r.chain], 1)[None])
+                         for i in range(self.num_layers)]
+            r.done = len(r.chain) * self.prefix.block
+        P = r.done
+        S = min(budget, len(r.prompt) - P)
+        cache = DynamicCache()  # full layers, as every prefill: sliding windows come from the mask
+        for layer, (k, v) in enumerate(r.partial or []):
+            cache.update(k, v, layer)
+        out = self.model(
+            input_ids=torch.tensor([r.prompt[P : P + S]], device=self.device),
+            attention_mask=torch.ones(1, P + S, dtype=torch.long, device=self.device),
+            position_ids=torch.arange(P, P + S, device=self.device)[None],
+            past_key_values=cache,
+            cache_position=torch.arange(P, P + S, device=self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_kwargs([r]),
+        )
+        r.done = P + S
+        if r.done < len(r.prompt):
+            r.partial = [(la.keys, la.values) for la in cache.layers]
+            return budget - S, []
+        self.prefilling.pop(0)
+        r.partial = None
+        outputs = self._sample([r], out.logits[:, -1])
+        outputs[0].cached_tokens = len(r.chain) * self.prefix.block if r.chain else 0
+        self._remember(r.prompt, r.scope, r.chain or [], [la.keys for la in cache.layers],
+                       [la.values for la in cache.layers], 0, 0)
+        r.chain = None
+        self._join([r], cache, torch.ones(1, len(r.prompt), dtype=torch.long, device=self.device))
+        return budget - S, outputs
 
     def _adapter_kwargs(self, reqs: list[_Request]) -> dict:
         if getattr(self.model, "_moelora_ctx", None) is None:

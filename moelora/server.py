@@ -1216,11 +1216,12 @@ async def metrics(request: web.Request) -> web.Response:
     if not worker.alive():
         return web.Response(text="moelora_up 0\n", content_type="text/plain")
     running, waiting, adapters, prefix = await worker.run(
-        lambda e: (len(e.running), len(e.waiting), len(list(e.adapter_names())), getattr(e, "prefix", None)))
+        lambda e: (len(e.running) + len(getattr(e, "prefilling", ())), len(e.waiting), len(list(e.adapter_names())),
+                   getattr(e, "prefix", None)))
     queries, hits, cache_bytes = (prefix.queries, prefix.hits, prefix.bytes) if prefix is not None else (0, 0, 0)
     lines = [
         "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
-        "# HELP moelora_requests_running Requests decoding in the current batch.",
+        "# HELP moelora_requests_running Requests decoding in the current batch or prefilling in chunks.",
         "# TYPE moelora_requests_running gauge", f"moelora_requests_running {running}",
         "# HELP moelora_requests_waiting Requests queued for admission.",
         "# TYPE moelora_requests_waiting gauge", f"moelora_requests_waiting {waiting}",

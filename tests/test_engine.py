@@ -103,9 +103,9 @@ def test_requests_join_between_steps_and_streams_add_up(adapter_dirs):
 
 
 def test_prefill_token_budget_admits_in_arrival_order(adapter_dirs):
-    """``max_prefill_tokens`` bounds rows x longest prompt of a step's admissions (one request always
-    goes in, however long); a request that does not fit waits for the next step, and nothing behind
-    it overtakes it. Outputs stay those of each request alone."""
+    """``max_prefill_tokens`` bounds rows x longest prompt of a step's admissions; a request that does
+    not fit waits for the next step, and nothing behind it overtakes it; a longer prompt is prefilled
+    in chunks over several steps. Outputs stay those of each request alone."""
     eng = engine("llama", adapter_dirs, max_batch=8, max_prefill_tokens=20)
     ps = [list(range(3, 11)), list(range(11, 19)), list(range(19, 27)), list(range(30, 60)), [5, 6]]
     adapters = ["lora", "mixlora", None, "dora", "lora"]
@@ -119,9 +119,17 @@ def test_prefill_token_budget_admits_in_arrival_order(adapter_dirs):
         for o in eng.step():
             got[o.request_id] += o.token_ids
         admitted.append(sorted(rid for rid in before if got[rid]))
-    assert admitted[:4] == [["0", "1"], ["2"], ["3"], ["4"]]  # 16 | 8 (+30 > 20) | 30 alone | 2
+    # 16 | 8, and the first 12 of the 30 (it does not fit: chunked, in the budget left) | its last 18, and 2
+    assert admitted[:3] == [["0", "1"], ["2"], ["3", "4"]]
     for i, (p, a) in enumerate(zip(ps, adapters)):
         assert got[str(i)] == hf_alone(eng.model, p, a, 6), a
+    off = engine("llama", adapter_dirs, max_batch=8, max_prefill_tokens=20, chunked_prefill=False)
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        off.add_request(str(i), p, a, sp)
+    firsts = []
+    while off.has_work():
+        firsts.append(sorted(o.request_id for o in off.step() if len(o.token_ids) and o.completion_tokens == 1))
+    assert firsts[:4] == [["0", "1"], ["2"], ["3"], ["4"]]  # unchunked: the 30 goes in alone, in one step
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         engine("llama", adapter_dirs, max_prefill_tokens=0)
 
@@ -732,14 +740,15 @@ def test_prefix_cache_evicts_least_recent_chains_from_their_end():
     assert cache.lookup(("x", 1), b, 12) == [] and cache.bytes == 4 * 64
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_prefix_cache_random_traffic_equals_each_request_alone(arch, adapter_dirs):
+@pytest.mark.parametrize("arch,budget", [("llama", 400), ("gemma2", 400), ("llama", 24), ("gemma2", 24)])
+def test_prefix_cache_random_traffic_equals_each_request_alone(arch, budget, adapter_dirs):
     """Seeded random traffic: bursts of prompts drawn from a few shared heads, chats' next turns
     (an earlier prompt + its reply), every method and the base, aborts, a prefix cache small enough
-    to evict all the time and a small prefill budget (gemma2: prompts past its sliding window).
+    to evict all the time and a small prefill budget (gemma2: prompts past its sliding window;
+    budget 24: most prompts prefilled in chunks, from cached blocks or not, while others decode).
     Every request that was not aborted equals itself run alone with no cache (tokens and
     log-probabilities)."""
-    eng = sharp_engine(arch, adapter_dirs, max_batch=8, prefix_cache_bytes=400_000, max_prefill_tokens=400)
+    eng = sharp_engine(arch, adapter_dirs, max_batch=8, prefix_cache_bytes=400_000, max_prefill_tokens=budget)
     ref = sharp_engine(arch, adapter_dirs, prefix_cache_bytes=0)
     g = torch.Generator().manual_seed(7)
 
@@ -751,7 +760,7 @@ def test_prefix_cache_random_traffic_equals_each_request_alone(arch, adapter_dir
 
     heads = [rand(n) for n in (40, 70, 90)]
     choices = ["lora", "lora", "mixlora", None, None, "dora", "milora"]
-    sent, got, lps, aborted = {}, {}, {}, set()
+    sent, got, lps, aborted, chunks = {}, {}, {}, set(), 0
     while len(sent) < 40 or eng.has_work():
         for _ in range(int(torch.randint(0, 6, (1,), generator=g))):
             if len(sent) == 40:
@@ -767,14 +776,16 @@ def test_prefix_cache_random_traffic_equals_each_request_alone(arch, adapter_dir
             sent[rid], got[rid], lps[rid] = (prompt, adapter, rid), [], []
             eng.add_request(rid, prompt, adapter, SamplingParams(max_tokens=pick(range(1, 24)), ignore_eos=True,
                                                                  logprobs=0))
-        if torch.rand(1, generator=g) < 0.1 and eng.running:
-            victim = pick(eng.running).id
+        if torch.rand(1, generator=g) < 0.1 and eng.running + eng.prefilling:
+            victim = pick(eng.running + eng.prefilling).id
             eng.abort(victim)
             aborted.add(victim)
+        chunks += bool(eng.prefilling)
         for o in eng.step():
             got[o.request_id] += o.token_ids
             lps[o.request_id] += [e.logprob for e in o.logprobs or []]
     assert eng.prefix.hits >= 300 and len(aborted) >= 2
+    assert (chunks > 20) == (budget < 40)  # steps that began with a prompt part-prefilled
     assert eng.prefix.bytes <= 400_000 and eng.prefix._ids * 8192 > 400_000  # blocks were evicted
     for rid, (prompt, adapter, _) in sent.items():
         if rid not in aborted:

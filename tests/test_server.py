@@ -1301,7 +1301,7 @@ def test_tool_requests_that_cannot_be_served_are_clear_errors(start):
 
 def test_cli_serve_takes_vllm_spellings(tiny_model_dir, real_adapters, monkeypatch, capsys):
     """A vLLM command line works: --enable-lora --lora-modules (name=path and the JSON form),
-    --max-num-seqs, --no-enable-prefix-caching."""
+    --max-num-seqs, --no-enable-prefix-caching, --no-enable-chunked-prefill."""
     import moelora.server
     from moelora.cli import main
 
@@ -1309,11 +1309,12 @@ def test_cli_serve_takes_vllm_spellings(tiny_model_dir, real_adapters, monkeypat
     monkeypatch.setattr(moelora.server, "run_server", lambda engine, **kw: served.append(engine))
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--enable-lora", "--lora-modules",
                  f"a={real_adapters['lora-a']}", json.dumps({"name": "b", "path": real_adapters["lora-b"]}),
-                 "--max-num-seqs", "3", "--no-enable-prefix-caching"]) == 0
+                 "--max-num-seqs", "3", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]) == 0
     engine = served[0]
     assert sorted(engine.adapter_names()) == ["a", "b"] and engine.max_batch == 3 and engine.prefix is None
+    assert not engine.chunked_prefill
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--enable-prefix-caching"]) == 0
-    assert served[1].prefix is not None and served[1].max_batch == 32
+    assert served[1].prefix is not None and served[1].max_batch == 32 and served[1].chunked_prefill
     assert main(["serve", "--model", str(tiny_model_dir), "--lora-modules", '{"name": "a"}']) == 2
     assert "--lora-modules" in capsys.readouterr().err
 
