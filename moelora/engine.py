@@ -598,7 +598,7 @@ class Engine:
         self.model.eval()
 
     def unload_adapter(self, name: str) -> None:
-        users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
+        users = [r.id for r in (*self.running, *self.prefilling, *self.waiting) if r.adapter == name]
         if users:
             raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
         self.pool.unregister(name)

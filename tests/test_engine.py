@@ -123,6 +123,15 @@ def test_prefill_token_budget_admits_in_arrival_order(adapter_dirs):
     assert admitted[:3] == [["0", "1"], ["2"], ["3", "4"]]
     for i, (p, a) in enumerate(zip(ps, adapters)):
         assert got[str(i)] == hf_alone(eng.model, p, a, 6), a
+    long = engine("llama", adapter_dirs, max_prefill_tokens=20)
+    long.add_request("x", ps[3], "dora", sp)
+    long.step()
+    assert long.prefilling and long.prefilling[0].done == 20  # the first chunk of the 30
+    with pytest.raises(ValueError, match="in use by 1 request"):  # its adapter stays while it prefills
+        long.unload_adapter("dora")
+    long.abort("x")
+    assert [o.finish_reason for o in long.step()] == ["abort"] and not long.has_work()
+    long.unload_adapter("dora")
     off = engine("llama", adapter_dirs, max_batch=8, max_prefill_tokens=20, chunked_prefill=False)
     for i, (p, a) in enumerate(zip(ps, adapters)):
         off.add_request(str(i), p, a, sp)
