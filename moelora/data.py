@@ -28,6 +28,10 @@ Formats (``DataSource.format``):
 - ``text``: ``{"text": ...}`` objects in JSON/JSONL, or any other file (``.txt``) read as one
   example per non-empty line. The prompt is empty: the loss is on every token.
 
+Sources are files, or Hugging Face datasets (``path: hf:owner/name`` through ``datasets``, or a
+local dataset directory; ``DataSource.split``) whose rows are read as the items above;
+``DataSource.max_samples`` keeps the first N items of any source.
+
 Items whose response is empty (or only whitespace) are skipped; a source left with no example is
 an error. Bad input raises :class:`DataError` naming the file and the 1-based item (JSON list) or
 line (JSONL, text).
@@ -118,6 +122,8 @@ PROMPT_TEMPLATES: dict[str, str] = {
     "response_split": "### Response:",
 }
 
+HUB_PREFIX = "hf:"  # `path: hf:owner/name`: a dataset of the Hugging Face hub (through `datasets`)
+
 # File stems that name a split rather than a task: the task is then the parent directory's name.
 _SPLIT_STEMS = ("train", "test", "dev", "valid", "validation")
 
@@ -142,6 +148,11 @@ class DataSource:
     stem: train, test, dev, valid, validation; any suffix), else the file's stem."""
     turns: str = "last"
     """``messages``/``sharegpt``: the loss on the ``last`` assistant message, or on ``all`` of them."""
+    split: str | None = None
+    """A Hugging Face dataset (``path: hf:owner/name``, or a local dataset directory): the split to
+    read (default ``train``; a directory saved with one split needs none)."""
+    max_samples: int | None = None
+    """Read only the first this many items (LLaMA-Factory's ``max_samples``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -161,9 +172,14 @@ class DataSource:
         if self.turns != "last" and self.format not in CHAT_FORMATS:
             raise DataError(f"{self.path}: turns={self.turns!r} applies to the chat formats "
                             f"({', '.join(CHAT_FORMATS)}), not {self.format!r}")
+        if self.max_samples is not None and (isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int)
+                                             or self.max_samples < 1):
+            raise DataError(f"{self.path}: max_samples must be a positive integer, got {self.max_samples!r}")
+        if self.split is not None and (not isinstance(self.split, str) or not self.split):
+            raise DataError(f"{self.path}: split must be a non-empty string, got {self.split!r}")
         if self.name is None:
-            p = Path(self.path)
-            self.name = p.parent.name if p.stem in _SPLIT_STEMS and p.parent.name else p.stem
+            p = Path(self.path.removeprefix(HUB_PREFIX))
+            self.name = p.parent.name if p.stem in _SPLIT_STEMS and p.parent.name else p.name if p.is_dir() else p.stem
         elif not isinstance(self.name, str) or not self.name:
             raise DataError(f"{self.path}: name must be a non-empty string, got {self.name!r}")
 
@@ -247,6 +263,44 @@ def _load_items(path: Path, fmt: str) -> list[tuple[str, Any]]:
                     ) from None
             raise DataError(f"{path}, line {i}: invalid JSON at column {e.colno}: {e.msg}") from None
     return items
+
+
+def _is_dataset(source: DataSource) -> bool:
+    """A Hugging Face dataset: ``hf:owner/name``, or a directory (a dataset repository's files, or
+    one saved with ``save_to_disk``) rather than a file."""
+    return source.path.startswith(HUB_PREFIX) or Path(source.path).is_dir()
+
+
+def _load_dataset(source: DataSource) -> list[tuple[str, Any]]:
+    """``[(location, item), ...]`` of a Hugging Face dataset's split (rows as dicts), through
+    ``datasets``: ``load_dataset`` for a hub name or a repository directory, ``load_from_disk`` for a
+    directory written by ``save_to_disk``. With ``HF_DATASETS_OFFLINE=1`` a hub name must be cached."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source.path}: reading a Hugging Face dataset needs the datasets package: "
+                        "pip install datasets") from None
+    name = source.path.removeprefix(HUB_PREFIX)
+    local = Path(name)
+    try:
+        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                split = source.split or ("train" if "train" in ds or len(ds) != 1 else next(iter(ds)))
+                if split not in ds:
+                    raise DataError(f"{source.path}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            elif source.split is not None:
+                raise DataError(f"{source.path}: a dataset saved with one split; remove split: {source.split}")
+        else:
+            ds = datasets.load_dataset(name, split=source.split or "train")
+    except DataError:
+        raise
+    except Exception as e:  # not found, offline, a bad split: datasets' own message names it
+        raise DataError(f"{source.path}: cannot load the dataset: {type(e).__name__}: {e}") from None
+    if source.max_samples is not None:
+        ds = ds.select(range(min(source.max_samples, len(ds))))
+    return [(f"row {i}", row) for i, row in enumerate(ds, 1)]
 
 
 def _json_type(value: Any) -> str:
@@ -341,7 +395,8 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
                             f"tokenizer; {type(tokenizer).__name__} is not one (use turns: last)")
     examples: list[Example] = []
     skipped = 0
-    for loc, item in _load_items(path, fmt):
+    items = _load_dataset(source) if _is_dataset(source) else _load_items(path, fmt)
+    for loc, item in items[: source.max_samples]:
         if fmt in ("llm-adapters", "alpaca", "llm-adapters-options"):
             item = _object(path, loc, item, "'instruction' and 'output'")
             instruction = _field(path, loc, item, "instruction", required=True)

@@ -646,3 +646,36 @@ def test_fuzzed_data_files_read_or_name_the_problem(tmp_path, tok, fmt):
             assert str(path) in str(e), str(e)
             outcomes["error"] += 1
     assert outcomes["ok"] >= 20 and outcomes["error"] >= 20, outcomes
+
+
+def test_hugging_face_datasets_and_max_samples(tmp_path, tok):
+    """A dataset directory saved with ``save_to_disk`` (one split or several), a dataset repository's
+    files (``load_dataset``), ``max_samples`` (first N items) for datasets and files; a hub name
+    that is not cached, offline, is a DataError naming it."""
+    datasets = pytest.importorskip("datasets")
+    items = [qa(i) for i in range(12)]
+    datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(items[:8]),
+                          "test": datasets.Dataset.from_list(items[8:])}).save_to_disk(str(tmp_path / "two"))
+    write_jsonl(tmp_path / "repo" / "train.jsonl", items[:5])
+    file = write_json(tmp_path / "f.json", items)
+
+    def prompts(**kw):
+        return [ex.prompt for ex in read_examples(DataSource(**kw), tok)]
+
+    expected = [ex.prompt for ex in read_examples(DataSource(file), tok)]
+    assert prompts(path=str(tmp_path / "one")) == expected
+    assert prompts(path=str(tmp_path / "two")) == expected[:8]
+    assert prompts(path=str(tmp_path / "two"), split="test") == expected[8:]
+    assert prompts(path=str(tmp_path / "repo")) == expected[:5]
+    assert prompts(path=str(tmp_path / "two"), max_samples=3) == prompts(path=file, max_samples=3) == expected[:3]
+    assert DataSource(str(tmp_path / "two")).name == "two"
+    assert DataSource("hf:someone/commonsense").name == "commonsense"
+    with pytest.raises(DataError, match=r"no split 'validation' \(splits: train, test\)"):
+        read_examples(DataSource(str(tmp_path / "two"), split="validation"), tok)
+    with pytest.raises(DataError, match="a dataset saved with one split"):
+        read_examples(DataSource(str(tmp_path / "one"), split="test"), tok)
+    with pytest.raises(DataError, match="hf:no-such-owner/no-such-dataset: cannot load the dataset"):
+        read_examples(DataSource("hf:no-such-owner/no-such-dataset"), tok)
+    with pytest.raises(DataError, match="max_samples must be a positive integer"):
+        DataSource(file, max_samples=0)
