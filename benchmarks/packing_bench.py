@@ -94,16 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from moelora.train import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model)
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"packing_bench_{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for t, f in zip(TASKS, files, strict=True):  # the first --limit items of each task
-        items = json.loads(f.read_text())[: args.limit]
-        part = tmp / t / "train.json"
-        part.parent.mkdir(parents=True, exist_ok=True)
-        part.write_text(json.dumps(items))
-        sources.append(DataSource(str(part)))
-    data = TrainData(sources, tok, args.cutoff_len, seed=0)
+    sources = [DataSource(str(f), name=t, max_samples=args.limit) for t, f in zip(TASKS, files, strict=True)]
+    data = TrainData(sources, tok, args.cutoff_len, seed=0)  # the first --limit items of each task
     order = data.epoch_order(0)
     lengths = {i: len(data[i]["input_ids"]) for i in order}
     real = sum(lengths.values())

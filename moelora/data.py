@@ -178,8 +178,9 @@ class DataSource:
         if self.split is not None and (not isinstance(self.split, str) or not self.split):
             raise DataError(f"{self.path}: split must be a non-empty string, got {self.split!r}")
         if self.name is None:
+            hub = self.path.startswith(HUB_PREFIX)  # a dataset's name: its last component, whole
             p = Path(self.path.removeprefix(HUB_PREFIX))
-            self.name = p.parent.name if p.stem in _SPLIT_STEMS and p.parent.name else p.name if p.is_dir() else p.stem
+            self.name = p.parent.name if p.stem in _SPLIT_STEMS and p.parent.name else p.name if hub or p.is_dir() else p.stem
         elif not isinstance(self.name, str) or not self.name:
             raise DataError(f"{self.path}: name must be a non-empty string, got {self.name!r}")
 
@@ -759,6 +760,7 @@ class TrainData:
                 enc = {k: v for k, v in enc.items() if not k.startswith("_")}
                 self.validation.append({**enc, "task": src.name})
         self._passes: dict[int, dict[int, list[int]]] = {}
+        self._packed: tuple[tuple[int, int] | None, list[list[int]]] = (None, [])  # packed_order's last epoch
         self.quotas = _quotas([len(r) for r in self.source_ranges], [s.weight for s in self.sources])
         self._log_summary()
 
@@ -827,7 +829,7 @@ class TrainData:
         epoch's order), each row's examples in the epoch's order, the rows shuffled with a generator
         seeded by ``(seed, epoch)``. Every example of the epoch is in exactly one row."""
         key = (epoch, capacity or self.cutoff_len)
-        if getattr(self, "_packed", (None,))[0] != key:  # the last epoch's rows are kept (asked for again)
+        if self._packed[0] != key:  # the last epoch's rows are kept (asked for again)
             order = self.epoch_order(epoch)
             bins = pack_lengths([len(self.features[i]["input_ids"]) for i in order], key[1])
             shuffle = torch.randperm(len(bins), generator=_generator(self.seed, "packing", epoch)).tolist()

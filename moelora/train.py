@@ -309,8 +309,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     epoch_rows = (lambda e: data.packed_order(e)) if t.packing else data.epoch_order  # noqa: E731
     steps_per_epoch = max(1, len(epoch_rows(0)) // per_step)
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
-    if t.packing and not zero3:  # (ZeRO-3's partitioned model cannot run a forward before its engine exists)
-        check_packing(model)
+    if t.packing:  # (ZeRO-3's partitioned model cannot run the probe's forwards before its engine exists)
+        check_packing(model, probe=not zero3)
     if sharded:  # FSDP2: each process keeps 1/world of every parameter, frozen base included
         shard_model(model)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # transformers >= 4.50
@@ -631,17 +631,24 @@ def _save_best(model, names: list[str], out: Path, multi: bool, main: bool, shar
 
 
 @torch.no_grad()
-def check_packing(model: torch.nn.Module) -> None:
+def check_packing(model: torch.nn.Module, probe: bool = True) -> None:
     """``train.packing`` relies on transformers finding the examples of a packed row from its
     position ids (restarting at 0) and masking attention between them. A probe of two short
     sequences refuses a model where that does not happen (an old transformers, remote code): the
     second one's logits packed after the first must equal its logits alone far better than with
-    attention across (10x)."""
+    attention across (10x). The probe runs the base model (adapters off): a resumed MiLoRA adapter
+    would route the unsegmented probe row on both sequences and move the logits by itself."""
+    import contextlib
+
     from transformers import masking_utils
+
+    from .inject import disable_adapter
 
     if not hasattr(masking_utils, "find_packed_sequence_indices"):
         raise TrainingError("train.packing needs a transformers version that detects packed sequences "
                             "(masking_utils.find_packed_sequence_indices): upgrade transformers or train unpacked")
+    if not probe:
+        return
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     a, b = torch.arange(1, 9, device=device) % vocab, torch.arange(11, 17, device=device) % vocab
@@ -649,10 +656,12 @@ def check_packing(model: torch.nn.Module) -> None:
     restart = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]
     was_training = model.training
     model.eval()
+    base = disable_adapter(model) if getattr(model, "_moelora_ctx", None) is not None else contextlib.nullcontext()
     try:
-        alone = model(input_ids=b[None], use_cache=False).logits[0].float()
-        packed = model(input_ids=both, position_ids=restart, use_cache=False).logits[0, len(a):].float()
-        crossed = model(input_ids=both, use_cache=False).logits[0, len(a):].float()
+        with base:
+            alone = model(input_ids=b[None], use_cache=False).logits[0].float()
+            packed = model(input_ids=both, position_ids=restart, use_cache=False).logits[0, len(a):].float()
+            crossed = model(input_ids=both, use_cache=False).logits[0, len(a):].float()
     finally:
         model.train(was_training)
     leak, cross = (packed - alone).abs().max().item(), (crossed - alone).abs().max().item()

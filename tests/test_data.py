@@ -671,6 +671,7 @@ def test_hugging_face_datasets_and_max_samples(tmp_path, tok):
     assert prompts(path=str(tmp_path / "two"), max_samples=3) == prompts(path=file, max_samples=3) == expected[:3]
     assert DataSource(str(tmp_path / "two")).name == "two"
     assert DataSource("hf:someone/commonsense").name == "commonsense"
+    assert DataSource("hf:someone/alpaca.v2").name == "alpaca.v2"
     with pytest.raises(DataError, match=r"no split 'validation' \(splits: train, test\)"):
         read_examples(DataSource(str(tmp_path / "two"), split="validation"), tok)
     with pytest.raises(DataError, match="a dataset saved with one split"):

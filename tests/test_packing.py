@@ -116,6 +116,11 @@ def test_a_packed_batch_trains_exactly_as_the_same_examples_unpacked(arch, metho
 def test_check_packing_refuses_a_model_whose_attention_crosses_examples(monkeypatch):
     model = _model("llama")
     check_packing(model)  # transformers detects the packed rows
+    trained = _model("llama")  # a resumed MiLoRA adapter routes the probe's unsegmented row on both sequences:
+    moelora.attach(trained, moelora.MiLoraConfig(r=4, top_k=2), "mi")  # the probe runs the base model
+    randomize_adapters(trained, scale=0.5)
+    check_packing(trained)
+    assert moelora.get_context(trained).active == "mi"
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(TrainingError, match="lets packed examples attend to each other"):
         check_packing(model)
