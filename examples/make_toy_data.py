@@ -2,7 +2,8 @@
 
 Three tasks in the llm-adapters math format of ../shared/data (instruction / input / output /
 answer, the output ending "The answer is N."), written here, not copied from any benchmark:
-two-number addition, the successor of a number, and the letter count of a word. Evaluated with the
+two-number addition, the successor of a number, and the letter count of a word (and
+``addition_pairs``: addition as preference pairs for ``train.stage: dpo``). Evaluated with the
 `generate` protocol (the last number of the generated text), the base model often answers at
 length or with other numbers; a short fine-tune teaches the answer format and sharpens the answers.
 
@@ -40,9 +41,20 @@ def letters(rng: random.Random) -> dict:
     return _numeric(f"How many letters are in the word '{w}'?", len(w))
 
 
+def addition_pair(rng: random.Random) -> dict:
+    """A preference pair (``train.stage: dpo``): the right sum, stated, chosen; a hedged sum off by
+    1-9 rejected."""
+    item = addition(rng)
+    right = int(item.pop("answer"))
+    wrong = right + rng.choice([-1, 1]) * rng.randint(1, 9)
+    del item["output"]
+    return {**item, "chosen": f"The answer is {right}.", "rejected": f"I am not sure, maybe {wrong}."}
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent / "toy"
-    for name, make in (("addition", addition), ("successor", successor), ("letters", letters)):
+    for name, make in (("addition", addition), ("successor", successor), ("letters", letters),
+                       ("addition_pairs", addition_pair)):
         for split, n, seed in (("train", 400, 1), ("test", 100, 2)):
             rng = random.Random(f"{name}-{seed}")
             items = [make(rng) for _ in range(n)]

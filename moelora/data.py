@@ -28,6 +28,25 @@ Formats (``DataSource.format``):
 - ``text``: ``{"text": ...}`` objects in JSON/JSONL, or any other file (``.txt``) read as one
   example per non-empty line. The prompt is empty: the loss is on every token.
 
+Preference data (``train.stage: dpo``; TRL's and LLaMA-Factory's layouts): every item is a pair
+of responses to one prompt, ``chosen`` and ``rejected``, in place of the response:
+
+- ``llm-adapters`` / ``alpaca``: ``{"instruction", "input" (optional), "chosen", "rejected"}``.
+- ``messages``: the prompt is ``messages`` (a list of messages; TRL's ``prompt`` as a list or a
+  string, a string being one user message), rendered by the chat template with
+  ``add_generation_prompt=True``; ``chosen``/``rejected`` are each a string, an assistant message
+  object, or a list of messages: one assistant message, or a whole conversation whose last message
+  (the assistant's) is the reply and whose earlier ones are the prompt (TRL's implicit prompt, as
+  in UltraFeedback: both sides must then share them).
+- ``sharegpt``: ``{"conversations": [...prompt turns...], "chosen": {"from": "gpt", "value"},
+  "rejected": {...}}`` (LLaMA-Factory's), or the same forms as ``messages`` with ``from``/``value``.
+- ``text``: ``{"prompt" (optional, raw text), "chosen", "rejected"}`` in JSON/JSONL (TRL's
+  standard format; no template).
+
+``llm-adapters-options`` and ``turns: all`` have no preference form. A pair with an empty side is
+skipped. Both sides are encoded after the same prompt tokens: the prompt is cut from the left as
+much as the longer side needs, then each side's end is cut on its own.
+
 Sources are files, or Hugging Face datasets (``path: hf:owner/name`` through ``datasets``, or a
 local dataset directory; ``DataSource.split``) whose rows are read as the items above;
 ``DataSource.max_samples`` keeps the first N items of any source.
@@ -96,6 +115,7 @@ __all__ = [
     "collate",
     "collate_packed",
     "pack_lengths",
+    "preference_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -212,6 +232,8 @@ class Example:
     """``turns: all``: the whole conversation is ``prompt`` (``response`` is its last assistant
     message, for reference) and the loss is on these character spans of it (each assistant message)
     plus the token after each (the template's end of turn)."""
+    rejected: str | None = None
+    """Preference data (``train.stage: dpo``): the rejected response (``response`` is the chosen one)."""
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -378,10 +400,21 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
-    """The usable examples of ``source`` and the number of items skipped (empty response)."""
+def _read(source: DataSource, tokenizer=None, preference: bool = False) -> tuple[list[Example], int]:
+    """The usable examples of ``source`` and the number of items skipped (empty response). With
+    ``preference``, items are pairs (``chosen``/``rejected``; the module docstring's "Preference
+    data") and each example's ``rejected`` is set."""
     path = Path(source.path)
     fmt, task = source.format, source.name
+    if preference:
+        if fmt == "llm-adapters-options":
+            raise DataError(f"{path}: format 'llm-adapters-options' has no preference form: give chosen/rejected "
+                            "items in format 'llm-adapters'")
+        if source.turns != "last":
+            raise DataError(f"{path}: turns: all does not apply to preference pairs (the loss is on chosen/rejected)")
+        if fmt == "text" and not _is_dataset(source) and path.suffix.lower() not in (".json", ".jsonl"):
+            raise DataError(f"{path}: a plain text file holds no preference pairs: give JSON or JSONL objects "
+                            "{\"prompt\", \"chosen\", \"rejected\"}")
     if fmt in CHAT_FORMATS:
         if tokenizer is None:
             raise DataError(f"{path}: format {fmt!r} needs a tokenizer (for its chat template)")
@@ -398,33 +431,20 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
     skipped = 0
     items = _load_dataset(source) if _is_dataset(source) else _load_items(path, fmt)
     for loc, item in items[: source.max_samples]:
-        if fmt in ("llm-adapters", "alpaca", "llm-adapters-options"):
-            item = _object(path, loc, item, "'instruction' and 'output'")
-            instruction = _field(path, loc, item, "instruction", required=True)
-            inp = _field(path, loc, item, "input", required=False)
-            answer = _answer(path, loc, item)
-            if fmt == "llm-adapters-options":
-                instruction, output = _options_example(path, loc, instruction, answer)
-            else:
-                output = _field(path, loc, item, "output", required=True)
-            if inp and inp.strip():
-                prompt = PROMPT_TEMPLATES["prompt_input"].format(instruction=instruction, input=inp)
-            else:
-                prompt = PROMPT_TEMPLATES["prompt_no_input"].format(instruction=instruction)
-            ex = Example(prompt=prompt, response=output, task=task, answer=answer)
-        elif fmt == "text":
-            item = _object(path, loc, item, "'text'")
-            ex = Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
-        else:  # messages, sharegpt
-            messages = _messages(path, loc, item) if fmt == "messages" else _sharegpt(path, loc, item)
-            last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if last is None:
-                raise DataError(f"{path}, {loc}: no message with role 'assistant' (the loss is on the last one)")
-            if source.turns == "all":
-                ex = _conversation(path, loc, messages[: last + 1], tokenizer, task)
-            else:
-                prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True)
-                ex = Example(prompt=prompt, response=messages[last]["content"], task=task)
+        if preference:
+            ex = _pair(path, loc, item, fmt, tokenizer, task)
+            if not (ex.response.strip() and ex.rejected.strip()):
+                skipped += 1
+                continue
+            examples.append(ex)
+            continue
+        try:
+            ex = _example(path, loc, item, fmt, tokenizer, task, source.turns)
+        except DataError as e:
+            if isinstance(item, dict) and "chosen" in item and "rejected" in item and "missing required" in str(e):
+                raise DataError(f"{e} (the item is a preference pair, chosen/rejected: train it with "
+                                "train.stage: dpo)") from None
+            raise
         if not ex.response.strip():
             skipped += 1
             continue
@@ -433,6 +453,92 @@ def _read(source: DataSource, tokenizer=None) -> tuple[list[Example], int]:
         why = f" ({skipped} item(s) with an empty response skipped)" if skipped else " (the file has no items)"
         raise DataError(f"{path}: no usable examples{why}")
     return examples, skipped
+
+
+def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, turns: str) -> Example:
+    """One supervised item as an :class:`Example`."""
+    if fmt in ("llm-adapters", "alpaca", "llm-adapters-options"):
+        item = _object(path, loc, item, "'instruction' and 'output'")
+        if fmt == "llm-adapters-options":
+            instruction, output = _options_example(path, loc, _field(path, loc, item, "instruction", required=True),
+                                                   _answer(path, loc, item))
+            prompt = _alpaca_prompt(path, loc, {**item, "instruction": instruction})
+        else:
+            prompt = _alpaca_prompt(path, loc, item)
+            output = _field(path, loc, item, "output", required=True)
+        return Example(prompt=prompt, response=output, task=task, answer=_answer(path, loc, item))
+    if fmt == "text":
+        item = _object(path, loc, item, "'text'")
+        return Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
+    # messages, sharegpt
+    messages = _messages(path, loc, item) if fmt == "messages" else _sharegpt(path, loc, item)
+    last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{path}, {loc}: no message with role 'assistant' (the loss is on the last one)")
+    if turns == "all":
+        return _conversation(path, loc, messages[: last + 1], tokenizer, task)
+    prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True)
+    return Example(prompt=prompt, response=messages[last]["content"], task=task)
+
+
+def _alpaca_prompt(path: Path, loc: str, item: dict) -> str:
+    instruction = _field(path, loc, item, "instruction", required=True)
+    inp = _field(path, loc, item, "input", required=False)
+    if inp and inp.strip():
+        return PROMPT_TEMPLATES["prompt_input"].format(instruction=instruction, input=inp)
+    return PROMPT_TEMPLATES["prompt_no_input"].format(instruction=instruction)
+
+
+def _pair(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str) -> Example:
+    """One preference item as an :class:`Example` (``response`` chosen, ``rejected`` set)."""
+    item = _object(path, loc, item, "'chosen' and 'rejected'")
+    if fmt in ("llm-adapters", "alpaca"):
+        chosen, rejected = (_field(path, loc, item, k, required=True) for k in ("chosen", "rejected"))
+        return Example(prompt=_alpaca_prompt(path, loc, item), response=chosen, task=task,
+                       answer=_answer(path, loc, item), rejected=rejected)
+    if fmt == "text":
+        prompt = _field(path, loc, item, "prompt", required=False) or ""
+        chosen, rejected = (_field(path, loc, item, k, required=True) for k in ("chosen", "rejected"))
+        return Example(prompt=prompt, response=chosen, task=task, rejected=rejected)
+    # messages / sharegpt: the prompt's messages, then each side's assistant reply
+    sides = {}
+    for key in ("chosen", "rejected"):
+        value = _field(path, loc, item, key, required=True, types=(str, dict, list), what="a string, a message "
+                       "object or a list of messages")
+        sides[key] = _reply(path, f"{loc}, {key}", value, fmt)
+    (c_prompt, chosen), (r_prompt, rejected) = sides["chosen"], sides["rejected"]
+    if c_prompt is not None or r_prompt is not None:  # full conversations (TRL's implicit prompt)
+        if c_prompt != r_prompt:
+            raise DataError(f"{path}, {loc}: 'chosen' and 'rejected' are conversations with different messages "
+                            "before their last (the prompt must be the same)")
+        messages = c_prompt
+    elif fmt == "sharegpt":
+        messages = _sharegpt(path, loc, item)
+    elif "messages" not in item and isinstance(item.get("prompt"), str):  # a prompt string: one user message
+        messages = [{"role": "user", "content": item["prompt"]}]
+    else:  # `messages`, or TRL's `prompt` as a list of messages
+        messages = _messages(path, loc, item if "messages" in item or "prompt" not in item
+                             else {"messages": item["prompt"]})
+    if not messages or messages[-1]["role"] == "assistant":
+        raise DataError(f"{path}, {loc}: the prompt must end with a message that chosen/rejected answer "
+                        f"(got {'no messages' if not messages else 'an assistant message last'})")
+    prompt = _render(path, loc, tokenizer, messages, add_generation_prompt=True)
+    return Example(prompt=prompt, response=chosen, task=task, rejected=rejected)
+
+
+def _reply(path: Path, loc: str, value: Any, fmt: str) -> tuple[list[dict] | None, str]:
+    """A preference side: ``(prompt messages or None, reply text)``. A string is the reply; an
+    object is one assistant message; a list of several messages is a whole conversation whose last
+    (an assistant's) is the reply and whose others are the prompt."""
+    if isinstance(value, str):
+        return None, value
+    read = _messages if fmt == "messages" else _sharegpt
+    field = "messages" if fmt == "messages" else "conversations"
+    messages = read(path, loc, {field: value if isinstance(value, list) else [value]})
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{path}, {loc}: the reply must be an assistant message"
+                        + (f", got role {messages[-1]['role']!r}" if messages else ", got an empty list"))
+    return (messages[:-1] or None) if len(messages) > 1 else None, messages[-1]["content"]
 
 
 def _messages(path: Path, loc: str, item: Any) -> list[dict]:
@@ -544,19 +650,18 @@ def _check_cutoff(cutoff_len: int, head: int) -> None:
         )
 
 
-def _assemble(prompt_raw: list[int], resp_ids: list[int], prefix: list[int], eos: int, cutoff_len: int) -> dict:
-    """Prompt + response + EOS, truncated (left of the prompt first, then the end of the response)."""
+def _assemble(prompt_raw: list[int], resp_ids: list[int], prefix: list[int], eos: int, cutoff_len: int,
+              reserve: int = 0) -> dict:
+    """Prompt + response + EOS, truncated (left of the prompt first, then the end of the response).
+    The prompt is cut as if the response had at least ``reserve`` tokens (a preference pair's longer
+    side: both sides then keep the same prompt)."""
     h = len(prefix)
     body = prompt_raw[h:] if h and prompt_raw[:h] == prefix else prompt_raw
     resp = list(resp_ids) + [eos]
-    excess = h + len(body) + len(resp) - cutoff_len
-    drop_prompt = drop_response = 0
-    if excess > 0:
-        drop_prompt = min(excess, len(body))
-        body = body[drop_prompt:]
-        drop_response = excess - drop_prompt
-        if drop_response:
-            resp = resp[: len(resp) - drop_response]
+    drop_prompt = min(max(h + len(body) + max(len(resp), reserve + 1) - cutoff_len, 0), len(body))
+    body = body[drop_prompt:]
+    drop_response = max(h + len(body) + len(resp) - cutoff_len, 0)
+    resp = resp[: len(resp) - drop_response]
     prompt_ids = prefix + body
     input_ids = prompt_ids + resp
     return {
@@ -622,25 +727,44 @@ def _encode_many(examples: list[Example], tokenizer, cutoff_len: int) -> list[di
         return [_encode_conversation(ex, tokenizer, prefix, cutoff_len) for ex in examples]
     eos = _eos_id(tokenizer)
     prompts = _ids(tokenizer, [ex.prompt for ex in examples])
-    # The response tokens are those after the prompt's in the joint tokenization (what the model sees
-    # after the prompt at inference; SentencePiece tokenizers would add a word boundary to a response
-    # tokenized alone), unless the joint tokenization merges across the boundary: then the response
-    # is tokenized alone.
-    responses = _ids(tokenizer, [ex.prompt + ex.response for ex in examples])
+    responses = _response_ids(tokenizer, prompts, [ex.prompt for ex in examples], [ex.response for ex in examples])
+    if examples and examples[0].rejected is not None:  # preference pairs: both sides keep the same prompt
+        if not all(ex.rejected is not None for ex in examples):
+            raise DataError("preference pairs and single responses cannot be encoded together")
+        rejected = _response_ids(tokenizer, prompts, [ex.prompt for ex in examples], [ex.rejected for ex in examples])
+        out = []
+        for p, c, r in zip(prompts, responses, rejected, strict=True):
+            reserve = max(len(c), len(r))
+            a, b = (_assemble(p, x, prefix, eos, cutoff_len, reserve) for x in (c, r))
+            out.append({**a, "rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"],
+                        "truncated": a["truncated"] + b["truncated"],
+                        "_dropped_response": a["_dropped_response"] + b["_dropped_response"]})
+        return out
+    return [_assemble(p, r, prefix, eos, cutoff_len) for p, r in zip(prompts, responses, strict=True)]
+
+
+def _response_ids(tokenizer, prompts: list[list[int]], prompt_texts: list[str], texts: list[str]) -> list[list[int]]:
+    """The tokens of each response after its prompt: those after the prompt's in the joint
+    tokenization (what the model sees after the prompt at inference; SentencePiece tokenizers would
+    add a word boundary to a response tokenized alone), unless the joint tokenization merges across
+    the boundary: then the response tokenized alone."""
+    responses = _ids(tokenizer, [p + r for p, r in zip(prompt_texts, texts, strict=True)])
     merged = []
     for j, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         if r[: len(p)] == p and len(r) > len(p):
             responses[j] = r[len(p) :]
         else:
             merged.append(j)
-    for j, r in zip(merged, _ids(tokenizer, [examples[j].response for j in merged]), strict=True):
+    for j, r in zip(merged, _ids(tokenizer, [texts[j] for j in merged]), strict=True):
         responses[j] = r
-    return [_assemble(p, r, prefix, eos, cutoff_len) for p, r in zip(prompts, responses, strict=True)]
+    return responses
 
 
 def encode_example(ex: Example, tokenizer, cutoff_len: int) -> dict:
     """Tokenize one example: ``{"input_ids", "labels" (-100 on the prompt), "prompt_length",
-    "truncated" (tokens dropped)}``; see the module docstring for the truncation rule."""
+    "truncated" (tokens dropped)}``; see the module docstring for the truncation rule. A preference
+    pair (``ex.rejected`` set) also has ``rejected_input_ids`` and ``rejected_labels`` (the same
+    prompt tokens, then the rejected response; ``input_ids``/``labels`` are the chosen side)."""
     enc = _encode_many([ex], tokenizer, cutoff_len)[0]
     return {k: v for k, v in enc.items() if not k.startswith("_")}
 
@@ -709,10 +833,14 @@ class TrainData:
     of each, or a count apportioned by size; drawn with a generator seeded by ``(seed, source)``)
     followed by every example of ``val_sources``, each encoded as above plus ``"task"``. They are
     in no epoch, and ``stats`` counts the training examples only.
+
+    With ``preference`` (``train.stage: dpo``) every item is a chosen/rejected pair, an example is
+    one pair (its features have ``rejected_input_ids``/``rejected_labels`` too), ``stats`` counts
+    the tokens of both sides, and ``packed_order`` is refused.
     """
 
     def __init__(self, sources: list[DataSource], tokenizer, cutoff_len: int, seed: int, *,
-                 val_size: float = 0, val_sources: list[DataSource] = ()):
+                 val_size: float = 0, val_sources: list[DataSource] = (), preference: bool = False):
         if not sources:
             raise DataError("no data sources given")
         if tokenizer is None:
@@ -727,8 +855,9 @@ class TrainData:
         self.source_ranges: list[range] = []
         self.stats: dict[str, dict[str, int]] = {}
         self.validation: list[dict] = []
+        self.preference = preference
         _check_cutoff(cutoff_len, len(_special_prefix(tokenizer)))
-        read = [_read(src, tokenizer) for src in self.sources]
+        read = [_read(src, tokenizer, preference) for src in self.sources]
         held = _held_out([len(examples) for examples, _ in read], val_size, seed, [s.path for s in self.sources])
         for src, (examples, skipped), out in zip(self.sources, read, held, strict=True):
             encoded = _encode_many(examples, tokenizer, cutoff_len)
@@ -744,8 +873,9 @@ class TrainData:
             st["skipped_items"] += skipped
             for ex, enc in zip(examples, encoded, strict=True):
                 st["examples"] += 1
-                st["tokens"] += len(enc["input_ids"])
-                st["response_tokens"] += sum(label != IGNORE_INDEX for label in enc["labels"])
+                for side in ("", "rejected_") if preference else ("",):
+                    st["tokens"] += len(enc[f"{side}input_ids"])
+                    st["response_tokens"] += sum(label != IGNORE_INDEX for label in enc[f"{side}labels"])
                 st["truncated_examples"] += enc["truncated"] > 0
                 st["dropped_tokens"] += enc["truncated"]
                 st["dropped_prompt_tokens"] += enc.pop("_dropped_prompt")
@@ -756,7 +886,7 @@ class TrainData:
             self.source_ranges.append(range(start, len(self.features)))
         for src in val_sources:
             src = src if isinstance(src, DataSource) else DataSource.from_dict(src)
-            for enc in _encode_many(_read(src, tokenizer)[0], tokenizer, cutoff_len):
+            for enc in _encode_many(_read(src, tokenizer, preference)[0], tokenizer, cutoff_len):
                 enc = {k: v for k, v in enc.items() if not k.startswith("_")}
                 self.validation.append({**enc, "task": src.name})
         self._passes: dict[int, dict[int, list[int]]] = {}
@@ -768,15 +898,16 @@ class TrainData:
         tot = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
         tasks = ", ".join(f"{t} {s['examples']}" for t, s in self.stats.items())
         per_epoch = ", ".join(f"{s.name} {q}" for s, q in zip(self.sources, self.quotas, strict=True))
+        unit = "preference pairs" if self.preference else "examples"
         msg = (
-            f"data: {tot['examples']} examples ({tasks}), {tot['tokens']} tokens; per epoch: {per_epoch}; "
+            f"data: {tot['examples']} {unit} ({tasks}), {tot['tokens']} tokens; per epoch: {per_epoch}; "
             f"cutoff_len={self.cutoff_len}: {tot['truncated_examples']} examples truncated, "
             f"{tot['dropped_prompt_tokens']} prompt tokens dropped from the left, "
             f"{tot['dropped_response_tokens']} response tokens cut from the end; "
             f"{tot['skipped_items']} items with an empty response skipped"
         )
         if self.validation:
-            msg += f"; {len(self.validation)} examples kept for validation"
+            msg += f"; {len(self.validation)} {unit} kept for validation"
         logger.log(logging.WARNING if tot["dropped_response_tokens"] else logging.INFO, msg)
 
     def __len__(self) -> int:
@@ -828,6 +959,8 @@ class TrainData:
         ``cutoff_len``; ``train.packing``): best-fit decreasing over the epoch's examples (ties in the
         epoch's order), each row's examples in the epoch's order, the rows shuffled with a generator
         seeded by ``(seed, epoch)``. Every example of the epoch is in exactly one row."""
+        if self.preference:
+            raise DataError("preference pairs are not packed (each pair is a chosen and a rejected row)")
         key = (epoch, capacity or self.cutoff_len)
         if self._packed[0] != key:  # the last epoch's rows are kept (asked for again)
             order = self.epoch_order(epoch)
@@ -882,6 +1015,13 @@ def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "prompt_lengths": prompt_lengths}
 
+
+
+def preference_rows(features: list[dict]) -> list[dict]:
+    """A batch of preference pairs as rows for :func:`collate`: every pair's chosen side, then every
+    pair's rejected side (the same prompt and ``prompt_length``)."""
+    return [*features, *({"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"],
+                          "prompt_length": f["prompt_length"]} for f in features)]
 
 
 def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:

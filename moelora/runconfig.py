@@ -32,6 +32,7 @@ from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
 from .data import DataSource
 from .engine import ADAPTER_NAME
 from .evaluate import PROTOCOLS
+from .preference import PREF_LOSSES
 
 __all__ = ["TrainConfig", "EvalConfig", "RunConfig", "load_run_config", "apply_overrides"]
 
@@ -95,6 +96,19 @@ class TrainConfig:
     load_best_model_at_end: bool = False
     """The final adapter is the one of the validation with the lowest loss (kept in ``output_dir/best``
     as it improves), not the last step's."""
+    stage: str = "sft"
+    """``sft`` (supervised: the loss on the responses) or ``dpo`` (preference pairs: LLaMA-Factory's
+    ``stage: dpo``, with the loss of ``pref_loss``; the data give ``chosen``/``rejected`` responses, see
+    ``moelora.data``; the reference is the base model, adapters off)."""
+    pref_loss: str = "sigmoid"
+    """``stage: dpo``: ``sigmoid`` (DPO), ``hinge``, ``ipo``, ``orpo`` or ``simpo`` (the last two need no
+    reference forward); the definitions are in ``moelora.preference``."""
+    pref_beta: float = 0.1
+    """``stage: dpo``: the loss's beta (DPO's KL coefficient)."""
+    pref_ftx: float = 0.0
+    """``stage: dpo``: add this multiple of the chosen responses' SFT loss (mean token NLL); 0: off."""
+    simpo_gamma: float = 0.5
+    """``pref_loss: simpo``: the target reward margin."""
 
 
 @dataclass
@@ -298,6 +312,16 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         if routed:
             raise ConfigError(f"train.packing cannot train MiLoRA ({', '.join(routed)}) beside other adapters: a batch "
                               "of several adapters routes each row once; train it alone, or unpacked")
+    if t.stage not in ("sft", "dpo"):
+        raise ConfigError(f"train.stage must be sft or dpo, got {t.stage!r}")
+    if t.pref_loss not in PREF_LOSSES:
+        raise ConfigError(f"train.pref_loss must be one of {', '.join(PREF_LOSSES)}, got {t.pref_loss!r}"
+                          f"{did_you_mean(t.pref_loss, PREF_LOSSES)}")
+    if not t.pref_beta > 0 or not t.pref_ftx >= 0 or not t.simpo_gamma >= 0:
+        raise ConfigError("train.pref_beta must be > 0, and train.pref_ftx and train.simpo_gamma >= 0")
+    if t.stage == "dpo" and t.packing:
+        raise ConfigError("train.packing does not apply to train.stage: dpo (each pair is a chosen and a rejected "
+                          "row, compared with each other); turn one of them off")
     validating = t.val_size > 0 or bool(run.val_data)
     for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
         if getattr(t, name) and not validating:

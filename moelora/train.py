@@ -16,6 +16,11 @@ Checkpoints (``output_dir/checkpoint-{step}``, every ``save_steps``) hold the ad
 killed at any moment leaves the newest complete checkpoint loadable. ``resume=True`` continues from
 the newest one exactly as if never stopped (same data position, optimizer, scheduler and RNG).
 A NaN or infinite loss stops the run with ``TrainingError`` before anything is saved for that step.
+
+``train.stage: dpo`` trains on preference pairs instead (``moelora.preference``): a micro-batch of
+``batch_size`` pairs is one forward of their chosen and rejected rows, after a gradient-free
+forward of the same rows through the base model (adapters off) for the losses with a reference;
+the loss is the mean over the global micro-batch's pairs.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import TrainData, collate, collate_packed, end_token_ids
-from .inject import adapter_of, attach, get_context
+from .data import TrainData, collate, collate_packed, end_token_ids, preference_rows
+from .inject import adapter_of, attach, disable_adapter, get_context
+from .preference import needs_reference, preference_loss, sequence_logps
 from .runconfig import RunConfig
 from .sharding import accelerate_fsdp, deepspeed_config, deepspeed_source, shard_model
 from .stats import count_parameters, expert_load, param_groups
@@ -280,8 +286,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         model.to(accelerator.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    dpo = t.stage == "dpo"
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed, val_size=t.val_size,
-                     val_sources=run.val_data)
+                     val_sources=run.val_data, preference=dpo)
     files = _CheckpointFiles(names if multi else None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -331,7 +338,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     counts = {name: count_parameters(model, name) for name in names}
 
     step, start_epoch, position = 0, 0, 0
-    validation = _Validation(names)
+    validation = _Validation(names, "reward accuracy" if dpo else "token accuracy")
     if ckpt is not None:
         for name in names:
             if ds_cfg is not None:  # the engine's own files: adapter weights and this process's optimizer partition
@@ -367,12 +374,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             label = cfg.method if not multi else f"{name} ({cfg.method})"
             print(f"{label}: {counts[name]['trainable']:,} trainable / {counts[name]['activated']:,} activated "
                   f"adapter parameters")
-        unit = "examples"
+        unit = "preference pairs" if dpo else "examples"
         if t.packing:
             rows0 = epoch_rows(0)
             fill = sum(len(data[i]["input_ids"]) for r in rows0 for i in r) / (len(rows0) * t.cutoff_len)
             unit = f"packed rows (epoch 0: {data.epoch_size} examples in {len(rows0)} rows, {fill:.0%} filled)"
-        print(f"{len(data)} examples, {total} steps of {per_step} {unit}"
+        print(f"{len(data)} {'pairs' if dpo else 'examples'}, {total} steps of {per_step} {unit}"
               + (f" for each of {len(names)} adapters in one batch" if multi else ""))
     bar = tqdm(total=total, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     neftune = (model.get_input_embeddings().register_forward_hook(neftune_hook(t.neftune_noise_alpha))
@@ -386,6 +393,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         while step < total:
             loss_sum = dict.fromkeys(names, 0.0)
             router_sum = dict.fromkeys(names, 0.0)
+            extra_sum = {name: dict.fromkeys(PREF_METRICS if dpo else (), 0.0) for name in names}
             for _ in range(t.gradient_accumulation):
                 if position + micro > len(order):
                     epoch, position = epoch + 1, 0
@@ -393,21 +401,29 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 rows = order[position : position + micro]
                 position += micro
                 mine = rows[rank * t.batch_size : (rank + 1) * t.batch_size]
-                if t.packing:
-                    feats = [[data[i] for i in row] for row in mine]
-                    batch = collate_packed(feats * len(names), tokenizer.pad_token_id)
+                extras = {}
+                if dpo:  # the mean over the pairs: every process has batch_size of them, DDP averages
+                    outputs, pair = _preference_losses(ddp_model, model, [data[i] for i in mine], names,
+                                                       tokenizer.pad_token_id, accelerator, keeps_logits, t)
+                    lm, extras = pair["loss"].mean(-1), _preference_metrics(pair)
+                    n_seen = pair["tokens"]
                 else:
-                    feats = [data[i] for i in mine]
-                    batch = collate(feats * len(names), tokenizer.pad_token_id)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                n_tokens = (labels[: len(feats), 1:] != -100).sum()  # one adapter's share
-                global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
-                if multi:
-                    batch["adapter_names"] = [n for n in names for _ in feats]
-                outputs, token_ce, rows = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
-                ce = token_ce.new_zeros(len(names)).index_add(0, rows // len(feats), token_ce)  # per adapter
-                lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
+                    if t.packing:
+                        feats = [[data[i] for i in row] for row in mine]
+                        batch = collate_packed(feats * len(names), tokenizer.pad_token_id)
+                    else:
+                        feats = [data[i] for i in mine]
+                        batch = collate(feats * len(names), tokenizer.pad_token_id)
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    labels = batch.pop("labels")
+                    n_tokens = (labels[: len(feats), 1:] != -100).sum()  # one adapter's share
+                    global_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum").clamp_min(1)
+                    if multi:
+                        batch["adapter_names"] = [n for n in names for _ in feats]
+                    n_seen = int(batch["attention_mask" if "attention_mask" in batch else "token_mask"].sum())
+                    outputs, token_ce, rows = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
+                    ce = token_ce.new_zeros(len(names)).index_add(0, rows // len(feats), token_ce)  # per adapter
+                    lm = ce * world / global_tokens  # DDP averages over processes: this makes it a global token mean
                 routers = getattr(outputs, "router_losses", None) if multi else None
                 if routers is None:
                     router = getattr(outputs, "router_loss", None)
@@ -425,7 +441,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     loss_sum[name] += lm[i].item() / world / t.gradient_accumulation
                     if name in routers:
                         router_sum[name] += routers[name].item() / t.gradient_accumulation
-                tokens_seen += int(batch["attention_mask" if "attention_mask" in batch else "token_mask"].sum()) * world
+                    for key, value in extras.items():
+                        extra_sum[name][key] += value[i].item() / world / t.gradient_accumulation
+                tokens_seen += n_seen * world
             for name in names:
                 if ds_cfg is None:  # DeepSpeed clipped and stepped in ddp_model.step()
                     if t.max_grad_norm > 0:
@@ -434,8 +452,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                     optimizers[name].zero_grad(set_to_none=True)
                 schedulers[name].step()
             step += 1
-            sums = torch.tensor([loss_sum[n] for n in names], device=accelerator.device)
-            global_loss = dict(zip(names, accelerator.reduce(sums, reduction="sum").tolist()))
+            sums = torch.tensor([loss_sum[n] for n in names] + [v for n in names for v in extra_sum[n].values()],
+                                device=accelerator.device)
+            sums = accelerator.reduce(sums, reduction="sum").tolist()
+            global_loss = dict(zip(names, sums[: len(names)]))
+            global_extra = dict(zip([(n, k) for n in names for k in extra_sum[n]], sums[len(names):]))
             lr = schedulers[names[0]].get_last_lr()[0]
             tok_s = tokens_seen / max(1e-9, time.time() - t_start)
             mean_loss = sum(global_loss.values()) / len(names)
@@ -445,6 +466,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             if step % t.log_steps == 0 or step == total:
                 scalars = {"loss": mean_loss, "router_loss": mean_router, "lr": lr, "tokens_per_s": tok_s,
                            "epoch": epoch + position / max(1, len(order))}
+                for (name, key), value in global_extra.items():  # rewards/chosen, ... (per adapter when several)
+                    scalars[f"{key}/{name}" if multi else key] = value
                 load = {}
                 if multi:
                     for name in names:
@@ -456,8 +479,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 metrics.log(step, scalars, load)
             stop = False
             if data.validation and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
-                losses = validation_loss(ddp_model, data.validation, names, t.batch_size, tokenizer.pad_token_id,
-                                         accelerator, keeps_logits)
+                if dpo:
+                    losses = preference_validation(ddp_model, model, data.validation, names, t.batch_size,
+                                                   tokenizer.pad_token_id, accelerator, keeps_logits, t)
+                else:
+                    losses = validation_loss(ddp_model, data.validation, names, t.batch_size, tokenizer.pad_token_id,
+                                             accelerator, keeps_logits)
                 improved = validation.update(step, losses)
                 metrics.log(step, validation.scalars(losses, multi), {}, section="eval")
                 if main:
@@ -567,8 +594,9 @@ class _Validation:
     """The validation-loss bookkeeping of a run: per adapter the best loss, its step, and the number
     of validations since it last improved (saved in every checkpoint's trainer state)."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], accuracy: str = "token accuracy") -> None:
         self.state = {n: {"best_loss": None, "best_step": None, "bad": 0} for n in names}
+        self.accuracy = accuracy  # what val_accuracy is, for the summary line
 
     def restore(self, saved: dict | None) -> None:
         if saved:
@@ -605,7 +633,7 @@ class _Validation:
         return out
 
     def summary(self, losses: dict[str, dict[str, float]]) -> str:
-        return "; ".join(f"{name + ' ' if len(losses) > 1 else ''}val_loss {v['loss']:.4f}, token accuracy "
+        return "; ".join(f"{name + ' ' if len(losses) > 1 else ''}val_loss {v['loss']:.4f}, {self.accuracy} "
                          f"{v['accuracy']:.1%} (best loss "
                          f"{self.state[name]['best_loss']:.4f} at step {self.state[name]['best_step']})"
                          for name, v in losses.items())
@@ -702,39 +730,119 @@ def validation_loss(ddp_model, features: list[dict], names: list[str], batch_siz
     longest first in batches of ``batch_size``; process ``r`` of ``N`` takes batches ``r, r + N, ...``
     and every process runs the same number of forwards (sharded models gather layers together), the
     missing ones on a batch whose losses count zero."""
-    was_training = ddp_model.training
-    ddp_model.eval()
-    world, rank = accelerator.num_processes, accelerator.process_index
     tasks = sorted({f["task"] for f in features})
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     A = len(names)  # rows of `sums`: each adapter's loss sums, its correct tokens, then the token counts
     sums = torch.zeros(2 * A + 1, len(tasks), dtype=torch.float64, device=accelerator.device)
+    for feats, real in _validation_batches(ddp_model, features, batch_size, accelerator):
+        batch = {k: v.to(accelerator.device) for k, v in collate(feats * len(names), pad_token_id).items()}
+        labels = batch.pop("labels")
+        if len(names) > 1:
+            batch["adapter_names"] = [n for n in names for _ in feats]
+        _, token_ce, rows, correct = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator, accuracy=True)
+        if not real:
+            continue
+        task = torch.tensor([tasks.index(f["task"]) for f in feats], device=rows.device)[rows % len(feats)]
+        cell = (rows // len(feats)) * len(tasks) + task
+        sums[:A].view(-1).index_add_(0, cell, token_ce.double())
+        sums[A : 2 * A].view(-1).index_add_(0, cell, correct.double())
+        sums[-1].index_add_(0, task[rows < len(feats)], torch.ones_like(task[rows < len(feats)], dtype=torch.float64))
+    return _validation_means(accelerator.reduce(sums, reduction="sum").cpu(), names, tasks)
+
+
+def _validation_batches(ddp_model, features: list[dict], batch_size: int, accelerator):
+    """This process's validation batches, longest first, with the model in eval mode: ``(features,
+    real)``; process ``r`` of ``N`` takes batches ``r, r + N, ...`` and every process gets the same
+    number (the missing ones repeat the last batch with ``real`` False: forward it, count nothing)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    was_training = ddp_model.training
+    ddp_model.eval()
     try:
         for r in range(-(-len(batches) // world)):
             index = r * world + rank
-            feats = [features[i] for i in batches[min(index, len(batches) - 1)]]
-            batch = {k: v.to(accelerator.device) for k, v in collate(feats * len(names), pad_token_id).items()}
-            labels = batch.pop("labels")
-            if len(names) > 1:
-                batch["adapter_names"] = [n for n in names for _ in feats]
-            _, token_ce, rows, correct = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator, accuracy=True)
-            if index >= len(batches):
-                continue
-            task = torch.tensor([tasks.index(f["task"]) for f in feats], device=rows.device)[rows % len(feats)]
-            cell = (rows // len(feats)) * len(tasks) + task
-            sums[:A].view(-1).index_add_(0, cell, token_ce.double())
-            sums[A : 2 * A].view(-1).index_add_(0, cell, correct.double())
-            sums[-1].index_add_(0, task[rows < len(feats)], torch.ones_like(task[rows < len(feats)], dtype=torch.float64))
+            yield [features[i] for i in batches[min(index, len(batches) - 1)]], index < len(batches)
     finally:
         ddp_model.train(was_training)
-    sums = accelerator.reduce(sums, reduction="sum").cpu()
-    tokens = sums[-1]
-    mean = lambda row, j=None: float((row.sum() if j is None else row[j]) / (tokens.sum() if j is None else tokens[j]).clamp_min(1))  # noqa: E731
+
+
+def _validation_means(sums: torch.Tensor, names: list[str], tasks: list[str]) -> dict[str, dict]:
+    """``{adapter: {"loss", "accuracy", "tasks": {task: {...}}}}`` from ``sums``: ``A`` rows of loss
+    sums, ``A`` of accuracy sums, then the counts, each with a column per task."""
+    A, counts = len(names), sums[-1]
+    mean = lambda row, j=None: float((row.sum() if j is None else row[j]) / (counts.sum() if j is None else counts[j]).clamp_min(1))  # noqa: E731
     return {name: {"loss": mean(sums[i]), "accuracy": mean(sums[A + i]),
                    "tasks": {task: {"loss": mean(sums[i], j), "accuracy": mean(sums[A + i], j)}
                              for j, task in enumerate(tasks)}}
             for i, name in enumerate(names)}
+
+
+PREF_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")  # TRL's names, logged with the loss
+
+
+def _preference_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int, accelerator,
+                       keeps_logits: bool, t) -> tuple[Any, dict[str, Any]]:
+    """One micro-batch of preference pairs (``feats``, ``B`` of them) for every adapter: the reference
+    forward (the base model, adapters off, in eval mode and without gradient) when ``t.pref_loss``
+    has one, then one forward of every adapter's chosen and rejected rows. Returns the outputs and
+    ``{"loss", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"}``, each
+    ``(adapters, B)``, plus ``"tokens"`` (the policy batch's)."""
+    B, A = len(feats), len(names)
+    rows = preference_rows(feats)  # B chosen, then B rejected
+    ref = None
+    if needs_reference(t.pref_loss):
+        batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_token_id).items()}
+        labels = batch.pop("labels")
+        was_training = ddp_model.training
+        ddp_model.eval()
+        try:
+            with torch.no_grad(), disable_adapter(model):
+                _, token_ce, at = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
+        finally:
+            ddp_model.train(was_training)
+        ref = sequence_logps(token_ce, at, 2 * B)[0].view(2, B)
+    batch = {k: v.to(accelerator.device) for k, v in collate(rows * A, pad_token_id).items()}
+    labels = batch.pop("labels")
+    if A > 1:
+        batch["adapter_names"] = [n for n in names for _ in rows]
+    tokens = int(batch["attention_mask"].sum())
+    outputs, token_ce, at = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
+    logps, counts = (x.view(A, 2, B) for x in sequence_logps(token_ce, at, 2 * A * B))
+    loss, reward_c, reward_r = preference_loss(
+        t.pref_loss, t.pref_beta, (logps[:, 0], counts[:, 0]), (logps[:, 1], counts[:, 1]),
+        None if ref is None else ref[0], None if ref is None else ref[1], gamma=t.simpo_gamma, ftx=t.pref_ftx)
+    return outputs, {"loss": loss, "reward_chosen": reward_c, "reward_rejected": reward_r,
+                     "logps_chosen": logps[:, 0].detach(), "logps_rejected": logps[:, 1].detach(), "tokens": tokens}
+
+
+def _preference_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The micro-batch means of :data:`PREF_METRICS`, one per adapter."""
+    c, r = pair["reward_chosen"], pair["reward_rejected"]
+    return {"rewards/chosen": c.mean(-1), "rewards/rejected": r.mean(-1),
+            "rewards/accuracies": (c > r).float().mean(-1), "rewards/margins": (c - r).mean(-1),
+            "logps/chosen": pair["logps_chosen"].mean(-1), "logps/rejected": pair["logps_rejected"].mean(-1)}
+
+
+@torch.no_grad()
+def preference_validation(ddp_model, model, features: list[dict], names: list[str], batch_size: int,
+                          pad_token_id: int, accelerator, keeps_logits: bool, t) -> dict[str, dict[str, Any]]:
+    """``train.stage: dpo``'s validation: each adapter's mean preference loss over the pairs and its
+    reward accuracy (the share of pairs whose chosen reward is above the rejected one), overall and
+    per task, in :func:`validation_loss`'s layout and batches (``batch_size`` pairs)."""
+    tasks = sorted({f["task"] for f in features})
+    A = len(names)
+    sums = torch.zeros(2 * A + 1, len(tasks), dtype=torch.float64, device=accelerator.device)
+    for feats, real in _validation_batches(ddp_model, features, batch_size, accelerator):
+        _, pair = _preference_losses(ddp_model, model, feats, names, pad_token_id, accelerator, keeps_logits, t)
+        if not real:
+            continue
+        task = torch.tensor([tasks.index(f["task"]) for f in feats], device=accelerator.device)
+        for i in range(A):
+            sums[i].index_add_(0, task, pair["loss"][i].double())
+            sums[A + i].index_add_(0, task, (pair["reward_chosen"][i] > pair["reward_rejected"][i]).double())
+        sums[-1].index_add_(0, task, torch.ones(len(feats), dtype=torch.float64, device=accelerator.device))
+    return _validation_means(accelerator.reduce(sums, reduction="sum").cpu(), names, tasks)
 
 
 def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:

@@ -1,0 +1,330 @@
+"""Preference training (`train.stage: dpo`): the losses, the pair data formats, and training."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from conftest import randomize_adapters
+from safetensors.torch import load_file
+from test_train import TOY, run_cli_train
+from transformers import AutoModelForCausalLM
+
+import moelora
+from moelora.config import ConfigError
+from moelora.data import DataError, DataSource, TrainData, encode_example, read_examples
+from moelora.preference import PREF_LOSSES, preference_loss
+from moelora.runconfig import load_run_config
+from moelora.train import _preference_losses, latest_checkpoint, train
+
+PAIRS = TOY / "addition_pairs"
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_each_loss_is_its_formula():
+    """Two pairs, by hand: sums of log-probs and token counts, reference sums, beta 0.5."""
+    pc, nc, pr, nr = [-3.0, -8.0], [3.0, 4.0], [-6.0, -5.0], [2.0, 5.0]
+    rc, rr = [-4.0, -7.0], [-5.0, -6.0]
+    beta, gamma = 0.5, 0.3
+    T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    args = ((T(pc), T(nc)), (T(pr), T(nr)), T(rc), T(rr))
+    for j in range(2):
+        h = (pc[j] - rc[j]) - (pr[j] - rr[j])
+        a_c, a_r = pc[j] / nc[j], pr[j] / nr[j]
+        h_mean = (a_c - rc[j] / nc[j]) - (a_r - rr[j] / nr[j])
+        log_odds = (a_c - a_r) - (math.log(1 - math.exp(a_c)) - math.log(1 - math.exp(a_r)))
+        expected = {
+            "sigmoid": -math.log(_sig(beta * h)),
+            "hinge": max(0.0, 1 - beta * h),
+            "ipo": (h_mean - 1 / (2 * beta)) ** 2,
+            "orpo": -a_c - beta * math.log(_sig(log_odds)),
+            "simpo": -math.log(_sig(beta * (a_c - a_r) - gamma)),
+        }
+        rewards = {k: (beta * (pc[j] - rc[j]), beta * (pr[j] - rr[j])) for k in ("sigmoid", "hinge")}
+        rewards |= {"ipo": (beta * (a_c - rc[j] / nc[j]), beta * (a_r - rr[j] / nr[j])),
+                    "orpo": (beta * a_c, beta * a_r), "simpo": (beta * a_c, beta * a_r)}
+        for kind in PREF_LOSSES:
+            loss, c, r = preference_loss(kind, beta, *args, gamma=gamma)
+            assert loss[j].item() == pytest.approx(expected[kind], rel=1e-12), kind
+            assert (c[j].item(), r[j].item()) == pytest.approx(rewards[kind], rel=1e-12), kind
+            with_ftx, _, _ = preference_loss(kind, beta, *args, gamma=gamma, ftx=0.25)
+            extra = 0.0 if kind == "orpo" else 0.25 * -a_c  # orpo has its SFT term already
+            assert with_ftx[j].item() == pytest.approx(expected[kind] + extra, rel=1e-12), kind
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss("sigmoid", beta, *args[:2])
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        preference_loss("kto", beta, *args)
+
+
+def test_dpo_gradient_raises_the_chosen_and_lowers_the_rejected():
+    pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+    n = torch.ones(1)
+    loss, _, _ = preference_loss("sigmoid", 0.1, (pc, n), (pr, n), torch.tensor([-5.0]), torch.tensor([-5.0]))
+    assert loss.item() == pytest.approx(math.log(2))  # the policy is the reference: -log sigmoid(0)
+    loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.05) and pr.grad.item() == pytest.approx(0.05)  # beta * sigmoid(0)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def write_jsonl(path: Path, items: list) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_every_format_reads_pairs(tmp_path, tok):
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    good, bad = {"role": "assistant", "content": "4"}, {"role": "assistant", "content": "5"}
+    cases = {
+        "alpaca": [{"instruction": "What is 2 + 2?", "chosen": "4", "rejected": "5"}],
+        "messages": [
+            {"messages": user, "chosen": "4", "rejected": "5"},  # strings
+            {"messages": user, "chosen": good, "rejected": bad},  # message objects
+            {"prompt": user, "chosen": [good], "rejected": [bad]},  # TRL's explicit prompt
+            {"prompt": "What is 2 + 2?", "chosen": [good], "rejected": [bad]},  # a prompt string
+            {"chosen": user + [good], "rejected": user + [bad]},  # TRL's implicit prompt (UltraFeedback)
+        ],
+        "sharegpt": [
+            {"conversations": [{"from": "human", "value": "What is 2 + 2?"}],
+             "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}},
+        ],
+        "text": [{"prompt": prompt, "chosen": "4", "rejected": "5"}],
+    }
+    for fmt, items in cases.items():
+        exs = read_examples_pairs(DataSource(str(write_jsonl(tmp_path / f"{fmt}.jsonl", items)), format=fmt), tok)
+        assert [(e.response, e.rejected) for e in exs] == [("4", "5")] * len(items), fmt
+        want = moelora.data.PROMPT_TEMPLATES["prompt_no_input"].format(instruction="What is 2 + 2?") \
+            if fmt == "alpaca" else prompt
+        assert {e.prompt for e in exs} == {want}, fmt
+    skipped = write_jsonl(tmp_path / "skip.jsonl", [*cases["alpaca"], {"instruction": "x", "chosen": " ", "rejected": "y"}])
+    assert len(read_examples_pairs(DataSource(str(skipped)), tok)) == 1  # an empty side is skipped
+
+
+def read_examples_pairs(source: DataSource, tok):
+    return moelora.data._read(source, tok, preference=True)[0]
+
+
+def test_bad_pairs_name_the_problem(tmp_path, tok):
+    user = [{"role": "user", "content": "hi"}]
+    cases = [
+        ("alpaca", {"instruction": "x", "chosen": "a"}, r"line 1: missing required field 'rejected'"),
+        ("alpaca", {"instruction": "x", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
+        ("messages", {"chosen": user + [{"role": "assistant", "content": "a"}],
+                      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+         "different messages before their last"),
+        ("messages", {"messages": user + [{"role": "assistant", "content": "a"}], "chosen": "a", "rejected": "b"},
+         "assistant message last"),
+        ("messages", {"messages": user, "chosen": {"role": "user", "content": "a"}, "rejected": "b"},
+         "must be an assistant message"),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "hi"}], "chosen": "a"},
+         "missing required field 'rejected'"),
+    ]
+    for fmt, item, match in cases:
+        path = write_jsonl(tmp_path / "bad.jsonl", [item])
+        with pytest.raises(DataError, match=match):
+            read_examples_pairs(DataSource(str(path), format=fmt), tok)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "x", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="preference pair.*train.stage: dpo"):  # SFT on pairs says what to do
+        read_examples(DataSource(str(pairs)))
+    with pytest.raises(DataError, match="no preference form"):
+        read_examples_pairs(DataSource(str(pairs), format="llm-adapters-options"), tok)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": user, "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="turns: all"):
+        read_examples_pairs(DataSource(str(chat), format="messages", turns="all"), tok)
+    (tmp_path / "lines.txt").write_text("a\nb\n")
+    with pytest.raises(DataError, match="plain text file holds no preference pairs"):
+        read_examples_pairs(DataSource(str(tmp_path / "lines.txt"), format="text"), tok)
+
+
+def test_both_sides_keep_the_same_prompt_tokens_when_truncated(tok):
+    ex = read_examples_pairs(DataSource(str(PAIRS / "train.jsonl"), max_samples=1), tok)[0]
+    ex.rejected = ex.rejected + " Let me explain at some length why that is so."
+    full = encode_example(ex, tok, cutoff_len=512)
+    p = full["prompt_length"]
+    assert full["input_ids"][:p] == full["rejected_input_ids"][:p] and full["truncated"] == 0
+    for side in ("", "rejected_"):
+        labels = full[f"{side}labels"]
+        assert labels[:p] == [-100] * p and labels[p:] == full[f"{side}input_ids"][p:]
+        assert full[f"{side}input_ids"][-1] == tok.eos_token_id
+    longer = len(full["rejected_input_ids"]) - p
+    cut = encode_example(ex, tok, cutoff_len=len(full["rejected_input_ids"]) - 5)  # 5 prompt tokens go
+    q = cut["prompt_length"]
+    assert q == p - 5 and cut["input_ids"][:q] == cut["rejected_input_ids"][:q]
+    assert cut["input_ids"][:1] == full["input_ids"][:1] and cut["input_ids"][1:q] == full["input_ids"][6:p]  # BOS kept
+    assert cut["input_ids"][q:] == full["input_ids"][p:] and cut["rejected_input_ids"][q:] == full["rejected_input_ids"][p:]
+    tight = encode_example(ex, tok, cutoff_len=1 + longer - 3)  # BOS + the longer side's end cut by 3
+    assert tight["prompt_length"] == 1 and len(tight["rejected_input_ids"]) == 1 + longer - 3
+    assert tight["input_ids"][1:] == full["input_ids"][p:]  # the shorter side still fits whole
+    data = TrainData([DataSource(str(PAIRS / "train.jsonl"))], tok, 128, seed=0, val_size=10, preference=True)
+    assert len(data) == 390 and len(data.validation) == 10 and "rejected_input_ids" in data.validation[0]
+    st = data.stats["addition_pairs"]
+    assert st["tokens"] == sum(len(f["input_ids"]) + len(f["rejected_input_ids"]) for f in data.features)
+    with pytest.raises(DataError, match="not packed"):
+        data.packed_order(0)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def write_config(path: Path, model_dir: Path, out: Path, method: dict | None = None, **train_kw) -> Path:
+    t = {"stage": "dpo", "max_steps": 4, "batch_size": 4, "lr": 1e-3, "save_steps": 2, "cutoff_len": 96, "seed": 3,
+         **train_kw}
+    cfg = {"model": str(model_dir), "data": [{"path": str(PAIRS / "train.jsonl")}], "train": t, "output_dir": str(out),
+           "method": method or {"type": "mixlora", "num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8,
+                                "lora_dropout": 0.0, "expert_lora_dropout": 0.0}}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def sequence_logp(model, ids: list[int], labels: list[int]) -> float:
+    """The log-probability of the labelled tokens of one unpadded sequence, by hand."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits[:-1], -1)
+    return sum(logp[t, labels[t + 1]].item() for t in range(len(ids) - 1) if labels[t + 1] != -100)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "simpo"])
+def test_batched_pair_losses_equal_each_pair_alone(tiny_model_dir, tok, kind):
+    """The padded batch of chosen and rejected rows (and the reference forward, adapters off) gives
+    each pair the loss of its formula on log-probs computed one sequence at a time."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_adapters(model)
+    model.eval()
+    data = TrainData([DataSource(str(PAIRS / "train.jsonl"), max_samples=6)], tok, 96, seed=0, preference=True)
+    feats = [data[i] for i in range(len(data))]
+    t = load_run_config(None, ["train.stage=dpo", f"train.pref_loss={kind}", "train.pref_beta=0.3"]).train
+    with torch.no_grad():
+        _, pair = _preference_losses(model, model, feats, ["default"], tok.pad_token_id, Accelerator(cpu=True),
+                                     True, t)
+        for j, f in enumerate(feats):
+            sides = [(f["input_ids"], f["labels"]), (f["rejected_input_ids"], f["rejected_labels"])]
+            pi = [sequence_logp(model, *s) for s in sides]
+            n = [sum(x != -100 for x in s[1][1:]) for s in sides]
+            with moelora.disable_adapter(model):
+                ref = [sequence_logp(model, *s) for s in sides]
+            if kind == "sigmoid":
+                h = (pi[0] - ref[0]) - (pi[1] - ref[1])
+                want, reward = -F.logsigmoid(torch.tensor(0.3 * h)).item(), 0.3 * (pi[0] - ref[0])
+            else:
+                m = pi[0] / n[0] - pi[1] / n[1]
+                want, reward = -F.logsigmoid(torch.tensor(0.3 * m - 0.5)).item(), 0.3 * pi[0] / n[0]
+            assert pair["loss"][0, j].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+            assert pair["reward_chosen"][0, j].item() == pytest.approx(reward, rel=1e-4, abs=1e-5)
+            assert pair["logps_chosen"][0, j].item() == pytest.approx(pi[0], rel=1e-4)
+    assert model.training is False  # the reference forward leaves the mode as it was
+
+
+def test_dpo_training_prefers_the_chosen_answers(tmp_path, tiny_model_dir):
+    """From a fresh adapter (the policy is the reference) the loss starts at log 2; training raises
+    the chosen answers' reward above the rejected ones', on held-out pairs too."""
+    cfg = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "out", max_steps=30, save_steps=0, lr=3e-3,
+                       val_size=40, eval_steps=30)
+    out = train(load_run_config(cfg), progress=False)
+    m = metrics(out)
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and m[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
+            "router_loss"} <= m[0].keys()
+    steps = [r for r in m if "loss" in r]
+    last = sum(r["loss"] for r in steps[-5:]) / 5  # (0.22 when written)
+    assert last < 0.4 and sum(r["rewards/accuracies"] for r in steps[-5:]) / 5 > 0.9
+    [val] = [r for r in m if "val_loss" in r]
+    assert val["val_loss"] < 0.45 and val["val_accuracy"] > 0.9
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_resume_and_several_adapters_equal_the_single_run(tmp_path, tiny_model_dir):
+    """A resumed DPO run equals the uninterrupted one, and two adapters trained together (one
+    reference forward for both) each equal their run alone."""
+    mix = write_config(tmp_path / "mix.json", tiny_model_dir, tmp_path / "mix")
+    lora = {"type": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    solo_lora = write_config(tmp_path / "lora.json", tiny_model_dir, tmp_path / "lora", method=lora)
+    train(load_run_config(mix), progress=False)
+    train(load_run_config(solo_lora), progress=False)
+    cut = write_config(tmp_path / "cut.json", tiny_model_dir, tmp_path / "cut")
+    train(load_run_config(cut), progress=False, _stop_after=2)
+    assert latest_checkpoint(tmp_path / "cut").name == "checkpoint-2"
+    train(load_run_config(cut), resume=True, progress=False)
+    a, b = load_file(tmp_path / "mix" / "adapter_model.safetensors"), load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    both = json.loads(mix.read_text())
+    both["adapters"] = {"mix": both.pop("method"), "plain": lora}
+    both["output_dir"] = str(tmp_path / "both")
+    (tmp_path / "both.json").write_text(json.dumps(both))
+    out = train(load_run_config(tmp_path / "both.json"), progress=False)
+    joint = metrics(out)
+    for name, solo in (("mix", tmp_path / "mix"), ("plain", tmp_path / "lora")):
+        a, b = load_file(out / name / "adapter_model.safetensors"), load_file(solo / "adapter_model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        alone = metrics(solo)
+        assert [r[f"loss/{name}"] for r in joint] == pytest.approx([r["loss"] for r in alone], rel=1e-4)
+        assert [r[f"rewards/margins/{name}"] for r in joint] == pytest.approx(
+            [r["rewards/margins"] for r in alone], rel=1e-3, abs=1e-6)
+
+
+def test_two_processes_match_one(tmp_path, tiny_model_dir):
+    """DDP on CPU (gloo): 2 processes x 2 pairs = 1 process x 4 pairs, with validation (LoRA: a
+    router loss is each process's own, so MixLoRA's would differ by design)."""
+    lora = {"type": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    one = write_config(tmp_path / "one.json", tiny_model_dir, tmp_path / "one", lora, max_steps=3, save_steps=0,
+                       val_size=9, eval_steps=3)
+    two = write_config(tmp_path / "two.json", tiny_model_dir, tmp_path / "two", lora, max_steps=3, save_steps=0,
+                       val_size=9, eval_steps=3, batch_size=2)
+    run_cli_train(one)
+    run_cli_train(two, processes=2)
+    runs = ["one", "two"]
+    if find_spec("deepspeed") is not None:  # ZeRO-3: the reference forward gathers the partitioned base too
+        zero3 = write_config(tmp_path / "z.json", tiny_model_dir, tmp_path / "zero3", lora, max_steps=3, save_steps=0,
+                             val_size=9, eval_steps=3, batch_size=2)
+        run_cli_train(zero3, processes=2, env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+        runs.append("zero3")
+    for other in runs[1:]:
+        a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", other))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{other}: {k}")
+        ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / other)
+        for ra, rb in zip(ma, mb, strict=True):
+            for k in ("loss", "rewards/accuracies", "rewards/margins", "val_loss", "val_accuracy"):
+                if k in ra:
+                    assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (other, k)
+
+
+def test_config_errors(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "out")
+    for override, match in [("train.stage=ppo", "train.stage must be sft or dpo"),
+                            ("train.pref_loss=sigmod", "did you mean 'sigmoid'"),
+                            ("train.pref_beta=0", "pref_beta must be > 0"),
+                            ("train.packing=true", "packing does not apply")]:
+        with pytest.raises(ConfigError, match=match):
+            load_run_config(cfg, [override])
+    sft_data = write_config(tmp_path / "s.json", tiny_model_dir, tmp_path / "s")
+    with pytest.raises(DataError, match="missing required field 'chosen'"):
+        train(load_run_config(sft_data, [f"data=[{{path: {TOY / 'addition' / 'train.jsonl'}}}]"]), progress=False)
+    assert not (tmp_path / "s" / "adapter_model.safetensors").exists()
