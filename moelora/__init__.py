@@ -21,6 +21,7 @@ from .inject import (  # noqa: E402
     set_adapter,
     set_backend,
     set_recompute,
+    use_adapter,
 )
 from .stats import count_parameters, expert_load, param_groups  # noqa: E402
 
@@ -38,6 +39,7 @@ __all__ = [
     "set_adapter",
     "set_backend",
     "set_recompute",
+    "use_adapter",
     "save_adapter",
     "load_adapter",
     "export_mixlora",

@@ -375,6 +375,13 @@ def export_mixlora(model: nn.Module, path: str | os.PathLike, adapter_name: str 
     write_adapter_dir(path, {BIN_NAME: buf.getvalue(), CONFIG_NAME: json.dumps(config, indent=2).encode()})
 
 
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The config of the adapter directory ``path`` (any format :func:`load_adapter` reads), without
+    its weights."""
+    where = _resolve_dir(path)
+    return config_from_checkpoint(_read_config(where), str(where / CONFIG_NAME))
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load an adapter directory into ``model`` (attaching it from the saved config if needed).
 

@@ -460,18 +460,26 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
 
 
 @contextlib.contextmanager
-def disable_adapter(model: nn.Module):
-    """``with moelora.disable_adapter(model):`` runs the base model (PEFT's ``model.disable_adapter()``,
-    e.g. a DPO reference), then makes the adapter active before it active again, even after an
-    exception, unless the block itself removed it or changed the active adapter."""
+def use_adapter(model: nn.Module, adapter_name: str | None):
+    """``with moelora.use_adapter(model, name):`` runs with ``name`` active (``None``: the base model),
+    then makes the adapter active before it active again, even after an exception, unless the block
+    itself removed it or changed the active adapter."""
     ctx = get_context(model)
+    if adapter_name is not None and adapter_name not in ctx.configs:
+        raise KeyError(f"no adapter named {adapter_name!r} (attached: {list(ctx.configs)})")
     previous = ctx.active
-    ctx.active = None
+    ctx.active = adapter_name
     try:
         yield model
     finally:
-        if ctx.active is None and previous in ctx.configs:
+        if ctx.active == adapter_name and (previous is None or previous in ctx.configs):
             ctx.active = previous
+
+
+def disable_adapter(model: nn.Module):
+    """``with moelora.disable_adapter(model):`` runs the base model (PEFT's ``model.disable_adapter()``,
+    e.g. a DPO reference): :func:`use_adapter` with ``None``."""
+    return use_adapter(model, None)
 
 
 def set_recompute(model: nn.Module, enabled: bool) -> None:

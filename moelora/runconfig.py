@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import CheckpointError, read_adapter_config
 from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
 from .data import DataSource
 from .engine import ADAPTER_NAME
@@ -109,6 +110,10 @@ class TrainConfig:
     """``stage: dpo``: add this multiple of the chosen responses' SFT loss (mean token NLL); 0: off."""
     simpo_gamma: float = 0.5
     """``pref_loss: simpo``: the target reward margin."""
+    ref_adapter: str | None = None
+    """``stage: dpo``: the reference is the base model with this saved adapter (frozen) instead of the
+    base model alone (LLaMA-Factory's ``ref_model_adapters``; e.g. the SFT adapter the run starts
+    from, as the DPO paper's reference is the SFT model)."""
 
 
 @dataclass
@@ -139,8 +144,16 @@ class RunConfig:
     """``4bit`` / ``8bit``: load the frozen base through bitsandbytes (QLoRA-style; CUDA only)."""
     adapters: dict[str, dict[str, Any]] | None = None
     """Several adapters trained together on one base (name -> method block; replaces ``method``)."""
+    adapter_name_or_path: str | None = None
+    """Start the adapter from this saved one (LLaMA-Factory's ``adapter_name_or_path``: e.g. DPO after
+    SFT, or more SFT): its own config is the method (replaces ``method``; one adapter)."""
 
     def adapter_config(self) -> AdapterConfig:
+        if self.adapter_name_or_path is not None:
+            try:
+                return read_adapter_config(self.adapter_name_or_path)
+            except CheckpointError as e:
+                raise ConfigError(f"adapter_name_or_path: {e}") from None
         return config_from_dict(self.method)
 
     def adapter_configs(self) -> dict[str, AdapterConfig]:
@@ -290,8 +303,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     d = apply_overrides(d, list(overrides))
     if d.get("adapters") is not None and "method" in d:
         raise ConfigError("give either `method` (one adapter) or `adapters` (several trained together), not both")
+    if d.get("adapter_name_or_path") is not None and ("method" in d or d.get("adapters") is not None):
+        raise ConfigError("adapter_name_or_path starts one adapter from a saved one, whose own config is the method: "
+                          "remove `method`/`adapters`")
     run = _build(RunConfig, d, "")
-    run.adapter_configs()  # validates the method block(s) now, not after the model is loaded
+    if run.adapter_name_or_path is not None:
+        run.adapter_name_or_path = _resolve(run.adapter_name_or_path, base_dir)
+    run.adapter_configs()  # validates the method block(s) (or the saved adapter's) now, not after the model is loaded
     t = run.train
     for name in ("num_epochs", "batch_size", "gradient_accumulation", "cutoff_len", "log_steps"):
         if getattr(t, name) < 1:
@@ -319,6 +337,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
                           f"{did_you_mean(t.pref_loss, PREF_LOSSES)}")
     if not t.pref_beta > 0 or not t.pref_ftx >= 0 or not t.simpo_gamma >= 0:
         raise ConfigError("train.pref_beta must be > 0, and train.pref_ftx and train.simpo_gamma >= 0")
+    if t.ref_adapter is not None and (t.stage != "dpo" or t.pref_loss not in ("sigmoid", "hinge", "ipo")):
+        raise ConfigError(f"train.ref_adapter is the reference of train.stage: dpo with pref_loss sigmoid, hinge or "
+                          f"ipo (this run: stage {t.stage}, pref_loss {t.pref_loss})")
     if t.stage == "dpo" and t.packing:
         raise ConfigError("train.packing does not apply to train.stage: dpo (each pair is a chosen and a rejected "
                           "row, compared with each other); turn one of them off")
@@ -336,6 +357,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {run.eval.protocol!r}")
     for entry in run.data + run.val_data:
         entry.path = _resolve(entry.path, base_dir)
+    if t.ref_adapter is not None:
+        t.ref_adapter = _resolve(t.ref_adapter, base_dir)
+        try:
+            read_adapter_config(t.ref_adapter)
+        except CheckpointError as e:
+            raise ConfigError(f"train.ref_adapter: {e}") from None
     if run.eval is not None:
         run.eval.data = [_resolve(x, base_dir) for x in run.eval.data]
     return run

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .data import TrainData, collate, collate_packed, end_token_ids, preference_rows
-from .inject import adapter_of, attach, disable_adapter, get_context
+from .inject import adapter_of, attach, get_context, set_adapter, use_adapter
 from .preference import needs_reference, preference_loss, sequence_logps
 from .runconfig import RunConfig
 from .sharding import accelerate_fsdp, deepspeed_config, deepspeed_source, shard_model
@@ -281,7 +281,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     model, tokenizer = load_model_and_tokenizer(run.model, quantization=run.quantization)
     for name, cfg in configs.items():
         set_seed(t.seed)  # each adapter starts as it would alone, whatever was attached before it
-        attach(model, cfg, name)
+        if run.adapter_name_or_path is not None:  # its own config and weights
+            checkpoint.load_adapter(model, run.adapter_name_or_path, adapter_name=name)
+        else:
+            attach(model, cfg, name)
+    reference = _load_reference(model, t.ref_adapter, names)
     if run.quantization is None and not zero3:  # bitsandbytes places at load time; ZeRO-3 places shards itself
         model.to(accelerator.device)
     if t.gradient_checkpointing:
@@ -374,6 +378,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             label = cfg.method if not multi else f"{name} ({cfg.method})"
             print(f"{label}: {counts[name]['trainable']:,} trainable / {counts[name]['activated']:,} activated "
                   f"adapter parameters")
+        if run.adapter_name_or_path is not None:
+            print(f"starting from the adapter {run.adapter_name_or_path}")
+        if dpo:
+            print(f"{t.pref_loss} preference loss (beta {t.pref_beta}); reference: " + (
+                f"the base model with the adapter {t.ref_adapter}" if reference else
+                "the base model (adapters off)" if needs_reference(t.pref_loss) else "none"))
         unit = "preference pairs" if dpo else "examples"
         if t.packing:
             rows0 = epoch_rows(0)
@@ -404,7 +414,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 extras = {}
                 if dpo:  # the mean over the pairs: every process has batch_size of them, DDP averages
                     outputs, pair = _preference_losses(ddp_model, model, [data[i] for i in mine], names,
-                                                       tokenizer.pad_token_id, accelerator, keeps_logits, t)
+                                                       tokenizer.pad_token_id, accelerator, keeps_logits, t, reference)
                     lm, extras = pair["loss"].mean(-1), _preference_metrics(pair)
                     n_seen = pair["tokens"]
                 else:
@@ -481,7 +491,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             if data.validation and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
                 if dpo:
                     losses = preference_validation(ddp_model, model, data.validation, names, t.batch_size,
-                                                   tokenizer.pad_token_id, accelerator, keeps_logits, t)
+                                                   tokenizer.pad_token_id, accelerator, keeps_logits, t, reference)
                 else:
                     losses = validation_loss(ddp_model, data.validation, names, t.batch_size, tokenizer.pad_token_id,
                                              accelerator, keeps_logits)
@@ -781,11 +791,31 @@ PREF_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
                 "logps/rejected")  # TRL's names, logged with the loss
 
 
+REFERENCE = "reference"  # the adapter name of train.ref_adapter
+
+
+def _load_reference(model: torch.nn.Module, path: str | None, names: list[str]) -> str | None:
+    """``train.ref_adapter``: load it (frozen) beside the trained adapters; returns its name, or
+    None when the reference is the base model."""
+    if path is None:
+        return None
+    if REFERENCE in names:
+        raise TrainingError(f"an adapter named {REFERENCE!r} cannot train beside train.ref_adapter (which uses the name)")
+    active = get_context(model).active
+    checkpoint.load_adapter(model, path, adapter_name=REFERENCE)
+    for n, p in model.named_parameters():
+        if adapter_of(n) == REFERENCE:
+            p.requires_grad_(False)
+    set_adapter(model, active)
+    return REFERENCE
+
+
 def _preference_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int, accelerator,
-                       keeps_logits: bool, t) -> tuple[Any, dict[str, Any]]:
+                       keeps_logits: bool, t, reference: str | None = None) -> tuple[Any, dict[str, Any]]:
     """One micro-batch of preference pairs (``feats``, ``B`` of them) for every adapter: the reference
-    forward (the base model, adapters off, in eval mode and without gradient) when ``t.pref_loss``
-    has one, then one forward of every adapter's chosen and rejected rows. Returns the outputs and
+    forward (in eval mode and without gradient: the base model with the adapter ``reference``, or
+    with none) when ``t.pref_loss`` has one, then one forward of every adapter's chosen and rejected
+    rows. Returns the outputs and
     ``{"loss", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"}``, each
     ``(adapters, B)``, plus ``"tokens"`` (the policy batch's)."""
     B, A = len(feats), len(names)
@@ -797,7 +827,7 @@ def _preference_losses(ddp_model, model, feats: list[dict], names: list[str], pa
         was_training = ddp_model.training
         ddp_model.eval()
         try:
-            with torch.no_grad(), disable_adapter(model):
+            with torch.no_grad(), use_adapter(model, reference):
                 _, token_ce, at = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
         finally:
             ddp_model.train(was_training)
@@ -826,7 +856,8 @@ def _preference_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def preference_validation(ddp_model, model, features: list[dict], names: list[str], batch_size: int,
-                          pad_token_id: int, accelerator, keeps_logits: bool, t) -> dict[str, dict[str, Any]]:
+                          pad_token_id: int, accelerator, keeps_logits: bool, t,
+                          reference: str | None = None) -> dict[str, dict[str, Any]]:
     """``train.stage: dpo``'s validation: each adapter's mean preference loss over the pairs and its
     reward accuracy (the share of pairs whose chosen reward is above the rejected one), overall and
     per task, in :func:`validation_loss`'s layout and batches (``batch_size`` pairs)."""
@@ -834,7 +865,8 @@ def preference_validation(ddp_model, model, features: list[dict], names: list[st
     A = len(names)
     sums = torch.zeros(2 * A + 1, len(tasks), dtype=torch.float64, device=accelerator.device)
     for feats, real in _validation_batches(ddp_model, features, batch_size, accelerator):
-        _, pair = _preference_losses(ddp_model, model, feats, names, pad_token_id, accelerator, keeps_logits, t)
+        _, pair = _preference_losses(ddp_model, model, feats, names, pad_token_id, accelerator, keeps_logits, t,
+                                     reference)
         if not real:
             continue
         task = torch.tensor([tasks.index(f["task"]) for f in feats], device=accelerator.device)

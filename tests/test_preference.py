@@ -317,6 +317,8 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
 
 
 def test_config_errors(tmp_path, tiny_model_dir):
+    shipped = load_run_config(TOY.parents[1] / "configs" / "dpo.yaml")  # the example config is valid
+    assert shipped.train.stage == "dpo" and Path(shipped.data[0].path).is_file()
     cfg = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "out")
     for override, match in [("train.stage=ppo", "train.stage must be sft or dpo"),
                             ("train.pref_loss=sigmod", "did you mean 'sigmoid'"),
@@ -328,3 +330,81 @@ def test_config_errors(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="missing required field 'chosen'"):
         train(load_run_config(sft_data, [f"data=[{{path: {TOY / 'addition' / 'train.jsonl'}}}]"]), progress=False)
     assert not (tmp_path / "s" / "adapter_model.safetensors").exists()
+
+
+def test_dpo_after_sft_starts_from_the_sft_adapter_and_can_use_it_as_the_reference(tmp_path, tiny_model_dir):
+    """`adapter_name_or_path` starts the policy from a saved adapter (its own config is the method);
+    `train.ref_adapter` makes that adapter, frozen, the reference: the first loss is then exactly
+    log 2 (policy = reference), while against the base model it is not. The saved adapter is left
+    as it was, and only the policy is saved."""
+    lora = {"type": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    sft = write_config(tmp_path / "sft.json", tiny_model_dir, tmp_path / "sft", lora, stage="sft", max_steps=3,
+                       save_steps=0, lr=3e-3)
+    train(load_run_config(sft, [f"data=[{{path: {TOY / 'addition' / 'train.jsonl'}}}]"]), progress=False)
+    saved = (tmp_path / "sft" / "adapter_model.safetensors").read_bytes()
+    firsts = {}
+    for ref in (True, False):
+        cfg = json.loads(write_config(tmp_path / "d.json", tiny_model_dir, tmp_path / f"dpo-{ref}", max_steps=2,
+                                      save_steps=1).read_text())
+        del cfg["method"]
+        cfg["adapter_name_or_path"] = "sft"  # relative: resolved against the config file's directory
+        if ref:
+            cfg["train"]["ref_adapter"] = "sft"
+        (tmp_path / "d.json").write_text(json.dumps(cfg))
+        out = train(load_run_config(tmp_path / "d.json"), progress=False)
+        firsts[ref] = metrics(out)[0]
+        policy = load_file(out / "adapter_model.safetensors")
+        assert policy.keys() == load_file(tmp_path / "sft" / "adapter_model.safetensors").keys()
+        assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert firsts[True]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert firsts[True]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert abs(firsts[False]["loss"] - math.log(2)) > 1e-3  # against the base model the SFT adapter already prefers
+    assert (tmp_path / "sft" / "adapter_model.safetensors").read_bytes() == saved
+
+
+def test_adapter_and_reference_config_errors(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "out")
+    for override, match in [
+        (f"adapter_name_or_path={tmp_path / 'nowhere'}", "remove `method`"),
+        (f"train.ref_adapter={tmp_path / 'nowhere'}", "train.ref_adapter: no adapter directory"),
+        ("train.pref_loss=simpo", None),
+    ]:
+        if match is None:
+            with pytest.raises(ConfigError, match="ref_adapter is the reference of .* pref_loss sigmoid"):
+                load_run_config(cfg, [override, f"train.ref_adapter={tmp_path}"])
+            continue
+        with pytest.raises(ConfigError, match=match):
+            load_run_config(cfg, [override])
+    no_method = json.loads(cfg.read_text())
+    del no_method["method"]
+    no_method["adapter_name_or_path"] = str(tmp_path / "nowhere")
+    (tmp_path / "n.json").write_text(json.dumps(no_method))
+    with pytest.raises(ConfigError, match="adapter_name_or_path: no adapter directory"):
+        load_run_config(tmp_path / "n.json")
+    with pytest.raises(ConfigError, match="stage sft"):
+        load_run_config(cfg, ["train.stage=sft", f"train.ref_adapter={tmp_path}"])
+
+
+def test_use_adapter_activates_an_adapter_for_a_block_only(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for name in ("a", "b"):
+        moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8), name)
+    randomize_adapters(model)
+    moelora.set_adapter(model, "a")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        moelora.set_adapter(model, "b")
+        b = model(input_ids=ids).logits
+        moelora.set_adapter(model, "a")
+        with moelora.use_adapter(model, "b"):
+            torch.testing.assert_close(model(input_ids=ids).logits, b)
+        assert moelora.get_context(model).active == "a"
+        with pytest.raises(RuntimeError), moelora.use_adapter(model, "b"):
+            raise RuntimeError("inside")
+        assert moelora.get_context(model).active == "a"  # restored after an exception too
+        torch.testing.assert_close(model(input_ids=ids).logits, a)
+        assert not torch.allclose(a, b)
+        with pytest.raises(KeyError, match="no adapter named 'c'"):
+            with moelora.use_adapter(model, "c"):
+                pass
