@@ -8,7 +8,9 @@ model with the adapters off (TRL's and LLaMA-Factory's reference for a LoRA poli
 and definitions):
 
 - ``sigmoid`` (DPO, Rafailov et al. 2023): ``h = (pi_c - ref_c) - (pi_r - ref_r)``,
-  ``loss = -log sigma(beta h)``.
+  ``loss = -log sigma(beta h)``; with label smoothing ``eps`` (``train.dpo_label_smoothing``,
+  conservative DPO: the labels are flipped with probability ``eps``)
+  ``loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)``.
 - ``hinge`` (SLiC, Zhao et al. 2023): ``loss = max(0, 1 - beta h)``.
 - ``ipo`` (Azar et al. 2023): ``h`` from per-token *mean* log-probs, ``loss = (h - 1 / (2 beta))^2``.
 - ``orpo`` (Hong et al. 2024; no reference): with mean log-probs ``a_c``, ``a_r``,
@@ -50,7 +52,7 @@ def sequence_logps(token_ce: torch.Tensor, rows: torch.Tensor, n_rows: int) -> t
 def preference_loss(kind: str, beta: float, chosen: tuple[torch.Tensor, torch.Tensor],
                     rejected: tuple[torch.Tensor, torch.Tensor], ref_chosen: torch.Tensor | None = None,
                     ref_rejected: torch.Tensor | None = None, *, gamma: float = 0.5,
-                    ftx: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ftx: float = 0.0, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair ``(loss, chosen reward, rejected reward)`` of the module docstring. ``chosen`` and
     ``rejected`` are ``(summed log-probs, token counts)`` of the policy; ``ref_*`` the reference's
     summed log-probs (needed by ``sigmoid``, ``hinge`` and ``ipo`` only). Any leading shape."""
@@ -67,7 +69,7 @@ def preference_loss(kind: str, beta: float, chosen: tuple[torch.Tensor, torch.Te
         ref_c, ref_r = (ref_chosen / n_c, ref_rejected / n_r) if mean else (ref_chosen, ref_rejected)
         h = (pi_c - ref_c) - (pi_r - ref_r)
         if kind == "sigmoid":
-            loss = -F.logsigmoid(beta * h)
+            loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
         elif kind == "hinge":
             loss = torch.relu(1 - beta * h)
         else:  # ipo

@@ -97,6 +97,8 @@ class TrainConfig:
     load_best_model_at_end: bool = False
     """The final adapter is the one of the validation with the lowest loss (kept in ``output_dir/best``
     as it improves), not the last step's."""
+    eval_batch_size: int | None = None
+    """Examples (pairs with ``stage: dpo``) per validation batch and process; default ``batch_size``."""
     stage: str = "sft"
     """``sft`` (supervised: the loss on the responses) or ``dpo`` (preference pairs: LLaMA-Factory's
     ``stage: dpo``, with the loss of ``pref_loss``; the data give ``chosen``/``rejected`` responses, see
@@ -110,6 +112,9 @@ class TrainConfig:
     """``stage: dpo``: add this multiple of the chosen responses' SFT loss (mean token NLL); 0: off."""
     simpo_gamma: float = 0.5
     """``pref_loss: simpo``: the target reward margin."""
+    dpo_label_smoothing: float = 0.0
+    """``pref_loss: sigmoid``: the probability that a pair's preference is flipped (conservative DPO;
+    LLaMA-Factory's ``dpo_label_smoothing``), in [0, 0.5); 0: off."""
     ref_adapter: str | None = None
     """``stage: dpo``: the reference is the base model with this saved adapter (frozen) instead of the
     base model alone (LLaMA-Factory's ``ref_model_adapters``; e.g. the SFT adapter the run starts
@@ -337,6 +342,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
                           f"{did_you_mean(t.pref_loss, PREF_LOSSES)}")
     if not t.pref_beta > 0 or not t.pref_ftx >= 0 or not t.simpo_gamma >= 0:
         raise ConfigError("train.pref_beta must be > 0, and train.pref_ftx and train.simpo_gamma >= 0")
+    if not 0 <= t.dpo_label_smoothing < 0.5:
+        raise ConfigError(f"train.dpo_label_smoothing must be in [0, 0.5), got {t.dpo_label_smoothing}")
+    if t.dpo_label_smoothing and t.pref_loss != "sigmoid":
+        raise ConfigError(f"train.dpo_label_smoothing applies to pref_loss: sigmoid, not {t.pref_loss}")
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        raise ConfigError(f"train.eval_batch_size must be >= 1 (or null: batch_size), got {t.eval_batch_size}")
     if t.ref_adapter is not None and (t.stage != "dpo" or t.pref_loss not in ("sigmoid", "hinge", "ipo")):
         raise ConfigError(f"train.ref_adapter is the reference of train.stage: dpo with pref_loss sigmoid, hinge or "
                           f"ipo (this run: stage {t.stage}, pref_loss {t.pref_loss})")

@@ -489,11 +489,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 metrics.log(step, scalars, load)
             stop = False
             if data.validation and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
+                size = t.eval_batch_size or t.batch_size
                 if dpo:
-                    losses = preference_validation(ddp_model, model, data.validation, names, t.batch_size,
+                    losses = preference_validation(ddp_model, model, data.validation, names, size,
                                                    tokenizer.pad_token_id, accelerator, keeps_logits, t, reference)
                 else:
-                    losses = validation_loss(ddp_model, data.validation, names, t.batch_size, tokenizer.pad_token_id,
+                    losses = validation_loss(ddp_model, data.validation, names, size, tokenizer.pad_token_id,
                                              accelerator, keeps_logits)
                 improved = validation.update(step, losses)
                 metrics.log(step, validation.scalars(losses, multi), {}, section="eval")
@@ -841,7 +842,8 @@ def _preference_losses(ddp_model, model, feats: list[dict], names: list[str], pa
     logps, counts = (x.view(A, 2, B) for x in sequence_logps(token_ce, at, 2 * A * B))
     loss, reward_c, reward_r = preference_loss(
         t.pref_loss, t.pref_beta, (logps[:, 0], counts[:, 0]), (logps[:, 1], counts[:, 1]),
-        None if ref is None else ref[0], None if ref is None else ref[1], gamma=t.simpo_gamma, ftx=t.pref_ftx)
+        None if ref is None else ref[0], None if ref is None else ref[1], gamma=t.simpo_gamma, ftx=t.pref_ftx,
+        label_smoothing=t.dpo_label_smoothing)
     return outputs, {"loss": loss, "reward_chosen": reward_c, "reward_rejected": reward_r,
                      "logps_chosen": logps[:, 0].detach(), "logps_rejected": logps[:, 1].detach(), "tokens": tokens}
 

@@ -62,6 +62,10 @@ def test_each_loss_is_its_formula():
             with_ftx, _, _ = preference_loss(kind, beta, *args, gamma=gamma, ftx=0.25)
             extra = 0.0 if kind == "orpo" else 0.25 * -a_c  # orpo has its SFT term already
             assert with_ftx[j].item() == pytest.approx(expected[kind] + extra, rel=1e-12), kind
+    for j in range(2):  # conservative DPO: the preference flipped with probability 0.1
+        h = beta * ((pc[j] - rc[j]) - (pr[j] - rr[j]))
+        smoothed = -0.9 * math.log(_sig(h)) - 0.1 * math.log(_sig(-h))
+        assert preference_loss("sigmoid", beta, *args, label_smoothing=0.1)[0][j].item() == pytest.approx(smoothed)
     with pytest.raises(ValueError, match="reference"):
         preference_loss("sigmoid", beta, *args[:2])
     with pytest.raises(ValueError, match="unknown preference loss"):
@@ -323,6 +327,7 @@ def test_config_errors(tmp_path, tiny_model_dir):
     for override, match in [("train.stage=ppo", "train.stage must be sft or dpo"),
                             ("train.pref_loss=sigmod", "did you mean 'sigmoid'"),
                             ("train.pref_beta=0", "pref_beta must be > 0"),
+                            ("train.dpo_label_smoothing=0.5", r"dpo_label_smoothing must be in \[0, 0.5\)"),
                             ("train.packing=true", "packing does not apply")]:
         with pytest.raises(ConfigError, match=match):
             load_run_config(cfg, [override])
@@ -381,6 +386,8 @@ def test_adapter_and_reference_config_errors(tmp_path, tiny_model_dir):
     (tmp_path / "n.json").write_text(json.dumps(no_method))
     with pytest.raises(ConfigError, match="adapter_name_or_path: no adapter directory"):
         load_run_config(tmp_path / "n.json")
+    with pytest.raises(ConfigError, match="dpo_label_smoothing applies to pref_loss: sigmoid"):
+        load_run_config(cfg, ["train.pref_loss=ipo", "train.dpo_label_smoothing=0.1"])
     with pytest.raises(ConfigError, match="stage sft"):
         load_run_config(cfg, ["train.stage=sft", f"train.ref_adapter={tmp_path}"])
 

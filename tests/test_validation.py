@@ -158,6 +158,30 @@ def test_validating_does_not_change_training_and_is_logged(tmp_path, tiny_model_
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+def test_eval_batch_size_batches_validation_without_changing_it(tmp_path, tiny_model_dir, monkeypatch):
+    """`train.eval_batch_size` sets the validation batches (default: `batch_size`); the loss and the
+    accuracy stay the same."""
+    sizes = []
+    batches = train_mod._validation_batches
+
+    def spy(ddp_model, features, batch_size, accelerator):
+        sizes.append(batch_size)
+        yield from batches(ddp_model, features, batch_size, accelerator)
+
+    monkeypatch.setattr(train_mod, "_validation_batches", spy)
+    val = {"val_data": [{"path": str(TOY / "addition" / "test.jsonl")}]}
+    evals = []
+    for name, kw in (("a", {}), ("b", {"eval_batch_size": 7})):
+        out = train(load_run_config(write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name, extra=val,
+                                                 max_steps=2, save_steps=0, **kw)), progress=False)
+        evals.append([r for r in rows(out) if "val_loss" in r][-1])
+    assert sizes == [2, 7]
+    assert evals[0]["val_loss"] == pytest.approx(evals[1]["val_loss"], rel=1e-5)
+    assert evals[0]["val_accuracy"] == pytest.approx(evals[1]["val_accuracy"], rel=1e-6)
+    with pytest.raises(ConfigError, match="eval_batch_size must be >= 1"):
+        load_run_config(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "c", eval_batch_size=0))
+
+
 def test_early_stopping_and_the_best_adapter(tmp_path, tiny_model_dir, monkeypatch):
     """Scripted validation losses: best at step 4, then two validations without improvement stop the
     run at step 8 with patience 2; the final adapter is step 4's (its checkpoint's adapter)."""
