@@ -30,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig
-from .inject import attach, detach, get_context, set_adapter
+from .inject import attach, decoder_layers, detach, get_context, set_adapter
 from .methods import checkpoint_entries
 
 __all__ = ["save_adapter", "load_adapter", "export_mixlora", "CheckpointError"]
@@ -377,9 +377,66 @@ def export_mixlora(model: nn.Module, path: str | os.PathLike, adapter_name: str 
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """The config of the adapter directory ``path`` (any format :func:`load_adapter` reads), without
-    its weights."""
+    its weights. A PEFT config whose ``target_modules`` are module paths or a regex needs the model
+    to be resolved (:func:`load_adapter` does): its ``target_modules`` is then ``None`` here."""
     where = _resolve_dir(path)
-    return config_from_checkpoint(_read_config(where), str(where / CONFIG_NAME))
+    raw = _read_config(where)
+    if _needs_model(raw):
+        cfg = config_from_checkpoint({**raw, "target_modules": []}, str(where / CONFIG_NAME))
+        cfg.target_modules = None
+        return cfg
+    return config_from_checkpoint(raw, str(where / CONFIG_NAME))
+
+
+def _needs_model(d: Any) -> bool:
+    """A PEFT LoRA config whose ``target_modules`` are module paths or a regex (``_peft_targets``)."""
+    if not isinstance(d, dict) or isinstance(d.get("moelora"), dict) or d.get("peft_type") != "LORA":
+        return False
+    targets = d.get("target_modules")
+    return isinstance(targets, str) or (isinstance(targets, list) and any(isinstance(t, str) and "." in t
+                                                                         for t in targets))
+
+
+def _peft_targets(model: nn.Module, d: dict[str, Any], where: str) -> dict[str, Any]:
+    """A PEFT LoRA config whose ``target_modules`` are module paths (what PEFT saves for
+    ``"all-linear"``) or a regex, with them replaced by the projection names they select, when they
+    select the same projections in every decoder layer (moelora adapts by name); otherwise a
+    ``CheckpointError`` naming what differs. PEFT's matching: a regex must match a module's whole
+    path, a listed name must equal the path or end it after a dot."""
+    import re
+
+    if not _needs_model(d):
+        return d
+    targets = d["target_modules"]
+    keys = {id(m): k for k, m in model.named_modules()}
+    layers_key = keys[id(decoder_layers(model))]
+    out_key = keys.get(id(model.get_output_embeddings())) if hasattr(model, "get_output_embeddings") else None
+    linear = [k.removesuffix(".base_layer") for k, m in model.named_modules() if isinstance(m, nn.Linear)
+              and ".adapters." not in k]
+    if isinstance(targets, str):
+        def chosen(k: str) -> bool:  # PEFT's all-linear: every linear layer but the output one
+            return k != out_key if targets == "all-linear" else re.fullmatch(targets, k) is not None
+    else:
+        def chosen(k: str) -> bool:
+            return any(isinstance(t, str) and (k == t or k.endswith("." + t)) for t in targets)
+    picked = [k for k in linear if chosen(k)]
+    outside = [k for k in picked if not k.startswith(layers_key + ".")]
+    if outside:
+        raise CheckpointError(f"{where}: target_modules {targets!r} adapts {outside[0]!r}, outside the decoder layers "
+                              "(not supported by moelora)")
+    if not picked:
+        raise CheckpointError(f"{where}: target_modules {targets!r} selects no linear module of "
+                              f"{type(model).__name__}")
+    n_layers = len(decoder_layers(model))
+    by_name: dict[str, set[int]] = {}
+    for k in picked:
+        by_name.setdefault(k.rsplit(".", 1)[-1], set()).add(int(k[len(layers_key) + 1 :].split(".", 1)[0]))
+    for name, found in sorted(by_name.items()):
+        if len(found) != n_layers:
+            raise CheckpointError(f"{where}: target_modules {targets!r} adapts {name} in layers {sorted(found)} of "
+                                  f"{n_layers} only; moelora adapts a projection in every layer (per-layer targets "
+                                  "are not supported)")
+    return {**d, "target_modules": sorted(by_name)}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
@@ -391,7 +448,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     where = _resolve_dir(path)
     raw, tensors = _read_adapter(where)
-    cfg = config_from_checkpoint(raw, str(where / CONFIG_NAME))
+    cfg = config_from_checkpoint(_peft_targets(model, raw, str(where / CONFIG_NAME)), str(where / CONFIG_NAME))
     ctx = getattr(model, "_moelora_ctx", None)
     previous_active = ctx.active if ctx is not None else None
     attached_here = ctx is None or adapter_name not in ctx.configs

@@ -126,6 +126,52 @@ def test_we_load_peft(peft, tmp_path, arch, use_dora, use_rslora):
     assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
 
 
+@pytest.mark.parametrize("arch,targets,names", [
+    ("llama", "all-linear", LLAMA_TARGETS),  # PEFT saves it as every module's path
+    ("llama", r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex is saved as it is
+    ("llama", ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "v_proj"], ["up_proj", "v_proj"]),
+    ("phi3", "all-linear", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+])
+def test_we_load_peft_adapters_targeted_by_path_or_regex(peft, tmp_path, arch, targets, names):
+    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+    theirs_model = peft.get_peft_model(tiny_model(arch), pcfg)
+    randomize_peft(theirs_model)
+    theirs_model.eval()
+    theirs_model.save_pretrained(str(tmp_path / "ad"))
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["target_modules"]
+    assert saved == targets if isinstance(targets, str) and targets != "all-linear" else any("." in t for t in saved)
+    ids, mask = batch(theirs_model)
+    theirs = forward_logits(theirs_model, ids, mask)
+    model = tiny_model(arch)
+    base = forward_logits(model, ids, mask)
+    assert moelora.checkpoint.read_adapter_config(tmp_path / "ad").target_modules is None  # known with the model
+    moelora.load_adapter(model, tmp_path / "ad")
+    assert sorted(moelora.get_context(model).configs["default"].target_modules) == sorted(names)
+    model.eval()
+    assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
+
+
+@pytest.mark.parametrize("targets,match", [
+    (r"model\.layers\.0\.self_attn\.q_proj", r"adapts q_proj in layers \[0\] of 2 only"),
+    (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"], "outside the decoder layers"),
+    (r".*\.nothing", "selects no linear module"),
+])
+def test_peft_targets_moelora_cannot_express_are_refused_by_name(tmp_path, targets, match):
+    """Per-layer targets and modules outside the decoder layers: a CheckpointError, the model untouched."""
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                        "target_modules": targets}))
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)},
+              str(ad / "adapter_model.safetensors"))
+    model = tiny_model()
+    with pytest.raises(moelora.CheckpointError, match=match):
+        moelora.load_adapter(model, ad)
+    assert getattr(model, "_moelora_ctx", None) is None
+
+
 @pytest.mark.parametrize("arch,use_dora", [("llama", False), ("llama", True), ("phi3", True)])
 def test_our_merge_of_a_peft_adapter_equals_peft_merge_and_unload(peft, tmp_path, arch, use_dora):
     pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets_of(arch), use_dora=use_dora, task_type="CAUSAL_LM")
