@@ -147,13 +147,21 @@ def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
     if isinstance(targets, str):
         raise CheckpointError(f"{where}: target_modules as a regex ({targets!r}) is not supported; list the names")
     _check_names(targets, where)
-    unsupported = {
+    unsupported = {  # options that change what the adapter computes (or which weights it is relative to)
         "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
-        "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+        "fan_in_fan_out": False, "bias": "none", "lora_bias": False, "layer_replication": None,
+        "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
+        "target_parameters": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
+        "arrow_config": None, "use_bdlora": None,
     }
     for key, default in unsupported.items():
-        if d.get(key, default) not in (default, None, {}, False, "none"):
+        if d.get(key, default) not in (default, None, {}, [], False, "none"):
             raise CheckpointError(f"{where}: PEFT option {key}={d[key]!r} is not supported by moelora")
+    init = d.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
+        raise CheckpointError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a base model that "
+                              "its initialisation changed; convert it to a plain LoRA with PEFT first "
+                              "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     return LoraConfig(
         r=_require(d, "r", where), lora_alpha=_require(d, "lora_alpha", where), lora_dropout=d.get("lora_dropout", 0.0),
         target_modules=sorted(targets), use_dora=bool(d.get("use_dora", False)),
@@ -393,13 +401,14 @@ def _needs_model(d: Any) -> bool:
     if not isinstance(d, dict) or isinstance(d.get("moelora"), dict) or d.get("peft_type") != "LORA":
         return False
     targets = d.get("target_modules")
-    return isinstance(targets, str) or (isinstance(targets, list) and any(isinstance(t, str) and "." in t
-                                                                         for t in targets))
+    return isinstance(targets, str) or d.get("exclude_modules") not in (None, [], "") or (
+        isinstance(targets, list) and any(isinstance(t, str) and "." in t for t in targets))
 
 
 def _peft_targets(model: nn.Module, d: dict[str, Any], where: str) -> dict[str, Any]:
     """A PEFT LoRA config whose ``target_modules`` are module paths (what PEFT saves for
-    ``"all-linear"``) or a regex, with them replaced by the projection names they select, when they
+    ``"all-linear"``) or a regex, or that has ``exclude_modules``, with its targets replaced by the
+    projection names they select (less the excluded modules), when they
     select the same projections in every decoder layer (moelora adapts by name); otherwise a
     ``CheckpointError`` naming what differs. PEFT's matching: a regex must match a module's whole
     path, a listed name must equal the path or end it after a dot."""
@@ -419,7 +428,14 @@ def _peft_targets(model: nn.Module, d: dict[str, Any], where: str) -> dict[str, 
     else:
         def chosen(k: str) -> bool:
             return any(isinstance(t, str) and (k == t or k.endswith("." + t)) for t in targets)
-    picked = [k for k in linear if chosen(k)]
+    exclude = d.get("exclude_modules")
+
+    def excluded(k: str) -> bool:  # PEFT's rules again: a regex string, or names / paths
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, k) is not None
+        return isinstance(exclude, list) and any(isinstance(t, str) and (k == t or k.endswith("." + t)) for t in exclude)
+
+    picked = [k for k in linear if chosen(k) and not excluded(k)]
     outside = [k for k in picked if not k.startswith(layers_key + ".")]
     if outside:
         raise CheckpointError(f"{where}: target_modules {targets!r} adapts {outside[0]!r}, outside the decoder layers "
@@ -436,7 +452,7 @@ def _peft_targets(model: nn.Module, d: dict[str, Any], where: str) -> dict[str, 
             raise CheckpointError(f"{where}: target_modules {targets!r} adapts {name} in layers {sorted(found)} of "
                                   f"{n_layers} only; moelora adapts a projection in every layer (per-layer targets "
                                   "are not supported)")
-    return {**d, "target_modules": sorted(by_name)}
+    return {**{k: v for k, v in d.items() if k != "exclude_modules"}, "target_modules": sorted(by_name)}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:

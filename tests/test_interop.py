@@ -131,9 +131,11 @@ def test_we_load_peft(peft, tmp_path, arch, use_dora, use_rslora):
     ("llama", r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex is saved as it is
     ("llama", ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "v_proj"], ["up_proj", "v_proj"]),
     ("phi3", "all-linear", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+    ("llama", ("all-linear", ["o_proj", "mlp.down_proj"]), ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]),
 ])
 def test_we_load_peft_adapters_targeted_by_path_or_regex(peft, tmp_path, arch, targets, names):
-    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+    targets, exclude = targets if isinstance(targets, tuple) else (targets, None)  # PEFT's exclude_modules too
+    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, exclude_modules=exclude, task_type="CAUSAL_LM")
     theirs_model = peft.get_peft_model(tiny_model(arch), pcfg)
     randomize_peft(theirs_model)
     theirs_model.eval()
@@ -155,13 +157,18 @@ def test_we_load_peft_adapters_targeted_by_path_or_regex(peft, tmp_path, arch, t
     (r"model\.layers\.0\.self_attn\.q_proj", r"adapts q_proj in layers \[0\] of 2 only"),
     (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"], "outside the decoder layers"),
     (r".*\.nothing", "selects no linear module"),
+    ({"target_modules": ["q_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"]},
+     r"adapts q_proj in layers \[0\] of 2 only"),
+    ({"target_modules": ["q_proj"], "init_lora_weights": "pissa_niter_4"}, "convert it to a plain LoRA"),
+    ({"target_modules": ["q_proj"], "alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens=.* not supported"),
 ])
 def test_peft_targets_moelora_cannot_express_are_refused_by_name(tmp_path, targets, match):
-    """Per-layer targets and modules outside the decoder layers: a CheckpointError, the model untouched."""
+    """Per-layer targets, modules outside the decoder layers, and PEFT options that change what the
+    adapter computes: a CheckpointError naming the problem, the model untouched."""
     ad = tmp_path / "ad"
     ad.mkdir()
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                        "target_modules": targets}))
+    fields = targets if isinstance(targets, dict) else {"target_modules": targets}
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **fields}))
     from safetensors.torch import save_file
 
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)},
