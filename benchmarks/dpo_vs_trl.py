@@ -1,4 +1,4 @@
-"""Cross-check of `train.stage: dpo` against TRL's DPOTrainer (the peer DPO implementation).
+"""Cross-check of `train.stage: dpo` (and `kto`) against TRL's DPOTrainer (KTOTrainer), the peer implementations.
 
     python -m venv --system-site-packages /tmp/trlenv && /tmp/trlenv/bin/pip install --no-deps trl==1.16.0
     /tmp/trlenv/bin/python benchmarks/dpo_vs_trl.py [--steps 5] [--pairs 16] [--loss sigmoid]
@@ -11,7 +11,11 @@ trains the same saved adapter (`adapter_name_or_path`) with `moelora train`, bot
 step (so the data order cannot differ), AdamW at lr 1e-3 with a linear decay, clipping at 1.0, beta
 0.1, ``--steps`` steps, the reference the base model (adapters off) in both. Printed: each step's loss
 and reward accuracy from both, the seconds per step of each training loop (TRL's ``train_runtime``,
-ours ``train_summary.json``), and the difference between the two trained adapters.
+ours ``train_summary.json``), and the difference between the two trained adapters. ``--stage kto``
+does the same with TRL's KTOTrainer on ``examples/toy/addition_labelled`` (TRL's prompt /
+completion / label layout, which moelora reads too), printing the KL estimates; moelora's batch is
+then put in the file's order (as TRL's sequential sampling), since KTO pairs each prompt with the
+previous example's response.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--loss", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
+    ap.add_argument("--stage", default="dpo", choices=["dpo", "kto"],
+                    help="kto: TRL's KTOTrainer on examples/toy/addition_labelled")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     args = ap.parse_args()
 
@@ -54,9 +60,14 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="dpo_vs_trl_"))
-    items = [json.loads(x) for x in (REPO / "examples/toy/addition_pairs/train.jsonl").read_text().splitlines()]
-    rows = [{"prompt": PROMPT_TEMPLATES["prompt_no_input"].format(instruction=it["instruction"]),
-             "chosen": it["chosen"], "rejected": it["rejected"]} for it in items[: args.pairs]]
+    kto = args.stage == "kto"
+    toy = REPO / "examples/toy" / ("addition_labelled" if kto else "addition_pairs") / "train.jsonl"
+    items = [json.loads(x) for x in toy.read_text().splitlines()][: args.pairs]
+    prompts = [PROMPT_TEMPLATES["prompt_no_input"].format(instruction=it["instruction"]) for it in items]
+    if kto:  # TRL's unpaired layout, which moelora's `text` format reads too
+        rows = [{"prompt": p, "completion": it["output"], "label": it["kto_tag"]} for p, it in zip(prompts, items)]
+    else:
+        rows = [{"prompt": p, "chosen": it["chosen"], "rejected": it["rejected"]} for p, it in zip(prompts, items)]
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     torch.manual_seed(0)
@@ -67,32 +78,45 @@ def main() -> None:
     policy = peft.get_peft_model(base, lora)
     policy.save_pretrained(tmp / "init")
 
-    cfg = trl.DPOConfig(output_dir=str(tmp / "trl"), beta=0.1, loss_type=[args.loss], learning_rate=1e-3,
-                        per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1, max_steps=args.steps,
-                        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                        optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no", seed=0,
-                        use_cpu=True, max_length=None, disable_dropout=True, bf16=False, fp16=False)
-    trainer = trl.DPOTrainer(model=policy, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok)
+    common = dict(output_dir=str(tmp / "trl"), beta=0.1, learning_rate=1e-3, per_device_train_batch_size=args.pairs,
+                  gradient_accumulation_steps=1, max_steps=args.steps, lr_scheduler_type="linear", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, report_to="none",
+                  save_strategy="no", seed=0, use_cpu=True, max_length=None, disable_dropout=True, bf16=False,
+                  fp16=False)
+    if kto:  # KL completions are built over the dataset in order: one batch of all of it, in that order
+        cfg = trl.KTOConfig(**common, train_sampling_strategy="sequential")
+        trainer = trl.KTOTrainer(model=policy, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok)
+    else:
+        cfg = trl.DPOConfig(**common, loss_type=[args.loss])
+        trainer = trl.DPOTrainer(model=policy, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok)
     trainer.train()
     theirs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     policy.save_pretrained(tmp / "trl_adapter")
 
     run = {"model": str(model_dir), "adapter_name_or_path": str(tmp / "init"),
            "data": [{"path": str(tmp / "pairs.jsonl"), "format": "text"}], "output_dir": str(tmp / "ours"),
-           "train": {"stage": "dpo", "pref_loss": args.loss, "pref_beta": 0.1, "max_steps": args.steps,
+           "train": {"stage": args.stage, "pref_beta": 0.1, "max_steps": args.steps,
+                     **({} if kto else {"pref_loss": args.loss}),
                      "batch_size": args.pairs, "lr": 1e-3, "lr_scheduler": "linear", "warmup_steps": 0,
                      "max_grad_norm": 1.0, "weight_decay": 0.0, "cutoff_len": 1024, "save_steps": 0,
                      "precision": "fp32", "seed": 0}}
     (tmp / "ours.json").write_text(json.dumps(run))
+    if kto:  # the batch in the file's order, as TRL's (KTO pairs each prompt with the previous response)
+        from moelora.data import TrainData
+
+        TrainData.epoch_order = lambda self, epoch: list(range(len(self)))
     out = train(load_run_config(tmp / "ours.json"), progress=False)
     ours = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
-    print(f"\nDPO ({args.loss}) on {args.pairs} pairs, {args.steps} steps; trl {trl.__version__}, peft {peft.__version__}")
-    print(f"{'step':>4} {'loss (TRL)':>12} {'loss (ours)':>12} {'acc (TRL)':>10} {'acc (ours)':>10}")
+    what = "KTO" if kto else f"DPO ({args.loss})"
+    print(f"\n{what} on {args.pairs} {'examples' if kto else 'pairs'}, {args.steps} steps; trl {trl.__version__}, "
+          f"peft {peft.__version__}")
+    extra = "kl" if kto else "rewards/accuracies"
+    print(f"{'step':>4} {'loss (TRL)':>12} {'loss (ours)':>12} {extra + ' (TRL)':>16} {extra + ' (ours)':>16}")
     for step, (a, b) in enumerate(zip(theirs, ours, strict=False), 1):
-        print(f"{step:>4} {a['loss']:>12.6f} {b['loss']:>12.6f} {a.get('rewards/accuracies', float('nan')):>10.3f} "
-              f"{b['rewards/accuracies']:>10.3f}")
+        print(f"{step:>4} {a['loss']:>12.6f} {b['loss']:>12.6f} {a.get(extra, float('nan')):>16.6f} {b[extra]:>16.6f}")
     t_trl = next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h)
     t_ours = json.loads((out / "train_summary.json").read_text())["seconds"]
     print(f"training loop: TRL {t_trl / args.steps:.2f} s/step, ours {t_ours / args.steps:.2f} s/step "

@@ -3,7 +3,8 @@
 Three tasks in the llm-adapters math format of ../shared/data (instruction / input / output /
 answer, the output ending "The answer is N."), written here, not copied from any benchmark:
 two-number addition, the successor of a number, and the letter count of a word (and
-``addition_pairs``: addition as preference pairs for ``train.stage: dpo``). Evaluated with the
+``addition_pairs``: addition as preference pairs for ``train.stage: dpo``; ``addition_labelled``:
+the same as labelled single answers for ``train.stage: kto``). Evaluated with the
 `generate` protocol (the last number of the generated text), the base model often answers at
 length or with other numbers; a short fine-tune teaches the answer format and sharpens the answers.
 
@@ -51,10 +52,21 @@ def addition_pair(rng: random.Random) -> dict:
     return {**item, "chosen": f"The answer is {right}.", "rejected": f"I am not sure, maybe {wrong}."}
 
 
+def addition_labelled(rng: random.Random) -> dict:
+    """An unpaired, labelled example (``train.stage: kto``, LLaMA-Factory's ``kto_tag``): half the time
+    the right sum stated (desirable), else a hedged wrong one (undesirable)."""
+    item = addition(rng)
+    right = int(item.pop("answer"))
+    if rng.random() < 0.5:
+        return {**item, "output": f"The answer is {right}.", "kto_tag": True}
+    wrong = right + rng.choice([-1, 1]) * rng.randint(1, 9)
+    return {**item, "output": f"I am not sure, maybe {wrong}.", "kto_tag": False}
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent / "toy"
     for name, make in (("addition", addition), ("successor", successor), ("letters", letters),
-                       ("addition_pairs", addition_pair)):
+                       ("addition_pairs", addition_pair), ("addition_labelled", addition_labelled)):
         for split, n, seed in (("train", 400, 1), ("test", 100, 2)):
             rng = random.Random(f"{name}-{seed}")
             items = [make(rng) for _ in range(n)]

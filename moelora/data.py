@@ -47,6 +47,11 @@ of responses to one prompt, ``chosen`` and ``rejected``, in place of the respons
 skipped. Both sides are encoded after the same prompt tokens: the prompt is cut from the left as
 much as the longer side needs, then each side's end is cut on its own.
 
+Unpaired preference data (``train.stage: kto``): every item is a supervised item of its format
+with a boolean label, ``kto_tag`` (LLaMA-Factory's) or ``label`` (TRL's), true when the response is
+desirable; also TRL's ``{"prompt", "completion", "label"}`` (``text``: raw strings; ``messages``:
+lists of messages). ``turns: all`` does not apply.
+
 Sources are files, or Hugging Face datasets (``path: hf:owner/name`` through ``datasets``, or a
 local dataset directory; ``DataSource.split``) whose rows are read as the items above;
 ``DataSource.max_samples`` keeps the first N items of any source.
@@ -116,6 +121,7 @@ __all__ = [
     "collate_packed",
     "pack_lengths",
     "preference_rows",
+    "kto_kl_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +129,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("llm-adapters", "alpaca", "llm-adapters-options", "messages", "sharegpt", "text")
 CHAT_FORMATS = ("messages", "sharegpt")
 TURNS = ("last", "all")
+STAGES = ("sft", "dpo", "kto")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ANSWER_PREFIX = "the correct answer is"  # the fixed start of every llm-adapters commonsense output
 IGNORE_INDEX = -100
@@ -234,6 +241,8 @@ class Example:
     plus the token after each (the template's end of turn)."""
     rejected: str | None = None
     """Preference data (``train.stage: dpo``): the rejected response (``response`` is the chosen one)."""
+    desirable: bool | None = None
+    """Unpaired preference data (``train.stage: kto``): whether ``response`` is a desirable one."""
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -400,12 +409,21 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _read(source: DataSource, tokenizer=None, preference: bool = False) -> tuple[list[Example], int]:
+def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[Example], int]:
     """The usable examples of ``source`` and the number of items skipped (empty response). With
-    ``preference``, items are pairs (``chosen``/``rejected``; the module docstring's "Preference
-    data") and each example's ``rejected`` is set."""
+    ``stage="dpo"``, items are pairs (``chosen``/``rejected``; the module docstring's "Preference
+    data") and each example's ``rejected`` is set; with ``stage="kto"`` each item is labelled
+    (``desirable`` set; "Unpaired preference data")."""
     path = Path(source.path)
     fmt, task = source.format, source.name
+    preference = stage == "dpo"
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    if stage == "kto" and fmt == "text" and not _is_dataset(source) and path.suffix.lower() not in (".json", ".jsonl"):
+        raise DataError(f"{path}: a plain text file holds no labels: give JSON or JSONL objects "
+                        "{\"prompt\", \"completion\", \"label\"}")
+    if stage == "kto" and source.turns != "last":
+        raise DataError(f"{path}: turns: all does not apply to train.stage: kto (an item's label is on its response)")
     if preference:
         if fmt == "llm-adapters-options":
             raise DataError(f"{path}: format 'llm-adapters-options' has no preference form: give chosen/rejected "
@@ -439,7 +457,12 @@ def _read(source: DataSource, tokenizer=None, preference: bool = False) -> tuple
             examples.append(ex)
             continue
         try:
-            ex = _example(path, loc, item, fmt, tokenizer, task, source.turns)
+            if stage == "kto":
+                item = _object(path, loc, item, "a label ('kto_tag' or 'label')")
+                ex = _example(path, loc, _trl_completion(path, loc, item, fmt), fmt, tokenizer, task, source.turns)
+                ex.desirable = _label(path, loc, item)
+            else:
+                ex = _example(path, loc, item, fmt, tokenizer, task, source.turns)
         except DataError as e:
             if isinstance(item, dict) and "chosen" in item and "rejected" in item and "missing required" in str(e):
                 raise DataError(f"{e} (the item is a preference pair, chosen/rejected: train it with "
@@ -469,7 +492,8 @@ def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, tu
         return Example(prompt=prompt, response=output, task=task, answer=_answer(path, loc, item))
     if fmt == "text":
         item = _object(path, loc, item, "'text'")
-        return Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
+        text, prompt = _field(path, loc, item, "text", required=True), item.get("_prompt", "")
+        return Example(prompt=prompt, response=text[len(prompt):], task=task)
     # messages, sharegpt
     messages = _messages(path, loc, item) if fmt == "messages" else _sharegpt(path, loc, item)
     last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -479,6 +503,34 @@ def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, tu
         return _conversation(path, loc, messages[: last + 1], tokenizer, task)
     prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True)
     return Example(prompt=prompt, response=messages[last]["content"], task=task)
+
+
+def _label(path: Path, loc: str, item: dict) -> bool:
+    """An unpaired item's label: LLaMA-Factory's ``kto_tag`` or TRL's ``label`` (true: desirable)."""
+    keys = [k for k in ("kto_tag", "label") if k in item]
+    if not keys:
+        raise DataError(f"{path}, {loc}: missing the label of the response ('kto_tag' or 'label': true when the "
+                        "response is desirable, false when not)")
+    value = item[keys[0]]
+    if not isinstance(value, bool):
+        raise DataError(f"{path}, {loc}: field '{keys[0]}' must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _trl_completion(path: Path, loc: str, item: dict, fmt: str) -> dict:
+    """TRL's prompt-completion layout as the supervised item of ``fmt``: ``text`` items
+    ``{"prompt" (optional), "completion"}``; ``messages`` items ``{"prompt": [...], "completion":
+    [...]}`` (message lists); others unchanged."""
+    if fmt == "text" and "completion" in item and "text" not in item:
+        prompt = _field(path, loc, item, "prompt", required=False) or ""
+        return {"text": prompt + _field(path, loc, item, "completion", required=True), "_prompt": prompt}
+    if fmt == "messages" and "messages" not in item and "completion" in item:
+        prompt = item.get("prompt", [])
+        completion = item["completion"]
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise DataError(f"{path}, {loc}: 'prompt' and 'completion' must be lists of messages")
+        return {"messages": prompt + completion}
+    return item
 
 
 def _alpaca_prompt(path: Path, loc: str, item: dict) -> str:
@@ -740,7 +792,11 @@ def _encode_many(examples: list[Example], tokenizer, cutoff_len: int) -> list[di
                         "truncated": a["truncated"] + b["truncated"],
                         "_dropped_response": a["_dropped_response"] + b["_dropped_response"]})
         return out
-    return [_assemble(p, r, prefix, eos, cutoff_len) for p, r in zip(prompts, responses, strict=True)]
+    out = [_assemble(p, r, prefix, eos, cutoff_len) for p, r in zip(prompts, responses, strict=True)]
+    for enc, ex in zip(out, examples, strict=True):
+        if ex.desirable is not None:
+            enc["desirable"] = ex.desirable
+    return out
 
 
 def _response_ids(tokenizer, prompts: list[list[int]], prompt_texts: list[str], texts: list[str]) -> list[list[int]]:
@@ -834,13 +890,13 @@ class TrainData:
     followed by every example of ``val_sources``, each encoded as above plus ``"task"``. They are
     in no epoch, and ``stats`` counts the training examples only.
 
-    With ``preference`` (``train.stage: dpo``) every item is a chosen/rejected pair, an example is
-    one pair (its features have ``rejected_input_ids``/``rejected_labels`` too), ``stats`` counts
-    the tokens of both sides, and ``packed_order`` is refused.
+    With ``stage="dpo"`` every item is a chosen/rejected pair, an example is one pair (its features
+    have ``rejected_input_ids``/``rejected_labels`` too) and ``stats`` counts the tokens of both
+    sides; with ``stage="kto"`` every feature has ``desirable`` (its label). Neither is packed.
     """
 
     def __init__(self, sources: list[DataSource], tokenizer, cutoff_len: int, seed: int, *,
-                 val_size: float = 0, val_sources: list[DataSource] = (), preference: bool = False):
+                 val_size: float = 0, val_sources: list[DataSource] = (), stage: str = "sft"):
         if not sources:
             raise DataError("no data sources given")
         if tokenizer is None:
@@ -855,9 +911,10 @@ class TrainData:
         self.source_ranges: list[range] = []
         self.stats: dict[str, dict[str, int]] = {}
         self.validation: list[dict] = []
-        self.preference = preference
+        self.stage = stage
+        preference = stage == "dpo"
         _check_cutoff(cutoff_len, len(_special_prefix(tokenizer)))
-        read = [_read(src, tokenizer, preference) for src in self.sources]
+        read = [_read(src, tokenizer, stage) for src in self.sources]
         held = _held_out([len(examples) for examples, _ in read], val_size, seed, [s.path for s in self.sources])
         for src, (examples, skipped), out in zip(self.sources, read, held, strict=True):
             encoded = _encode_many(examples, tokenizer, cutoff_len)
@@ -886,7 +943,7 @@ class TrainData:
             self.source_ranges.append(range(start, len(self.features)))
         for src in val_sources:
             src = src if isinstance(src, DataSource) else DataSource.from_dict(src)
-            for enc in _encode_many(_read(src, tokenizer, preference)[0], tokenizer, cutoff_len):
+            for enc in _encode_many(_read(src, tokenizer, stage)[0], tokenizer, cutoff_len):
                 enc = {k: v for k, v in enc.items() if not k.startswith("_")}
                 self.validation.append({**enc, "task": src.name})
         self._passes: dict[int, dict[int, list[int]]] = {}
@@ -898,7 +955,7 @@ class TrainData:
         tot = {k: sum(s[k] for s in self.stats.values()) for k in next(iter(self.stats.values()))}
         tasks = ", ".join(f"{t} {s['examples']}" for t, s in self.stats.items())
         per_epoch = ", ".join(f"{s.name} {q}" for s, q in zip(self.sources, self.quotas, strict=True))
-        unit = "preference pairs" if self.preference else "examples"
+        unit = {"dpo": "preference pairs", "kto": "labelled examples"}.get(self.stage, "examples")
         msg = (
             f"data: {tot['examples']} {unit} ({tasks}), {tot['tokens']} tokens; per epoch: {per_epoch}; "
             f"cutoff_len={self.cutoff_len}: {tot['truncated_examples']} examples truncated, "
@@ -959,8 +1016,9 @@ class TrainData:
         ``cutoff_len``; ``train.packing``): best-fit decreasing over the epoch's examples (ties in the
         epoch's order), each row's examples in the epoch's order, the rows shuffled with a generator
         seeded by ``(seed, epoch)``. Every example of the epoch is in exactly one row."""
-        if self.preference:
-            raise DataError("preference pairs are not packed (each pair is a chosen and a rejected row)")
+        if self.stage != "sft":
+            raise DataError(f"train.stage {self.stage} does not pack its examples (each one's response is compared "
+                            "with another's)")
         key = (epoch, capacity or self.cutoff_len)
         if self._packed[0] != key:  # the last epoch's rows are kept (asked for again)
             order = self.epoch_order(epoch)
@@ -1015,6 +1073,22 @@ def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "prompt_lengths": prompt_lengths}
 
+
+
+def kto_kl_rows(features: list[dict], cutoff_len: int) -> list[dict]:
+    """``train.stage: kto``'s mismatched rows, from which the KL term is estimated: each example's
+    prompt followed by the previous example's response (the last example's for the first; TRL's
+    cycling within a batch), its end cut to ``cutoff_len``. Labels on that response."""
+    if len(features) < 2:
+        raise DataError("train.stage: kto estimates its KL term from mismatched examples of a batch: give "
+                        "train.batch_size >= 2")
+    rows = []
+    for f, g in zip(features, features[-1:] + features[:-1], strict=True):
+        p, q = int(f["prompt_length"]), int(g["prompt_length"])
+        ids = (list(f["input_ids"][:p]) + list(g["input_ids"][q:]))[:cutoff_len]
+        labels = ([IGNORE_INDEX] * p + list(g["labels"][q:]))[:cutoff_len]
+        rows.append({"input_ids": ids, "labels": labels, "prompt_length": p})
+    return rows
 
 
 def preference_rows(features: list[dict]) -> list[dict]:

@@ -22,6 +22,17 @@ and definitions):
 The implicit rewards logged are ``beta (pi - ref)`` (``beta a`` without a reference).
 ``train.pref_ftx`` adds that multiple of the chosen response's mean token NLL (``-a_c``; an SFT term)
 to every loss but ``orpo``'s, which has it already.
+
+KTO (Ethayarajh et al. 2024; ``train.stage: kto``, TRL's ``KTOTrainer`` and LLaMA-Factory's
+``stage: kto``) learns from *unpaired* responses, each labelled desirable or undesirable. With
+``r = pi - ref`` a response's log-ratio and ``z`` the batch's KL estimate (the mean of ``pi - ref``
+over mismatched prompt-response pairs of the batch, averaged over the processes, clamped at 0,
+without gradient):
+
+- desirable: ``loss = w_d (1 - sigma(beta (r - z)))``; undesirable: ``loss = w_u (1 - sigma(beta (z - r)))``,
+
+``w_d``, ``w_u`` being ``train.kto_desirable_weight`` and ``train.kto_undesirable_weight``; the
+step's loss is the mean over the batch's examples. Rewards: ``beta r``.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PREF_LOSSES", "needs_reference", "preference_loss", "sequence_logps"]
+__all__ = ["PREF_LOSSES", "kto_loss", "needs_reference", "preference_loss", "sequence_logps"]
 
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 _MEAN_LOGPS = ("ipo", "orpo", "simpo")  # per-token means instead of sums
@@ -85,3 +96,14 @@ def preference_loss(kind: str, beta: float, chosen: tuple[torch.Tensor, torch.Te
     if ftx and kind != "orpo":
         loss = loss + ftx * -(chosen[0] / n_c)
     return loss, reward_c, reward_r
+
+
+def kto_loss(beta: float, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ``(loss, reward)`` of KTO (the module docstring) from the policy's and the
+    reference's summed log-probs of each response, its label (bool) and the KL estimate ``kl``."""
+    r = logps - ref_logps
+    z = kl.detach()
+    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
+    return loss, beta * r.detach()

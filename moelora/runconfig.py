@@ -30,7 +30,7 @@ import yaml
 
 from .checkpoint import CheckpointError, read_adapter_config
 from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
-from .data import DataSource
+from .data import STAGES, DataSource
 from .engine import ADAPTER_NAME
 from .evaluate import PROTOCOLS
 from .preference import PREF_LOSSES
@@ -100,9 +100,10 @@ class TrainConfig:
     eval_batch_size: int | None = None
     """Examples (pairs with ``stage: dpo``) per validation batch and process; default ``batch_size``."""
     stage: str = "sft"
-    """``sft`` (supervised: the loss on the responses) or ``dpo`` (preference pairs: LLaMA-Factory's
+    """``sft`` (supervised: the loss on the responses), ``dpo`` (preference pairs: LLaMA-Factory's
     ``stage: dpo``, with the loss of ``pref_loss``; the data give ``chosen``/``rejected`` responses, see
-    ``moelora.data``; the reference is the base model, adapters off)."""
+    ``moelora.data``; the reference is the base model, adapters off) or ``kto`` (responses labelled
+    desirable or not, ``kto_tag``/``label``: LLaMA-Factory's ``stage: kto``, TRL's KTO loss)."""
     pref_loss: str = "sigmoid"
     """``stage: dpo``: ``sigmoid`` (DPO), ``hinge``, ``ipo``, ``orpo`` or ``simpo`` (the last two need no
     reference forward); the definitions are in ``moelora.preference``."""
@@ -112,6 +113,10 @@ class TrainConfig:
     """``stage: dpo``: add this multiple of the chosen responses' SFT loss (mean token NLL); 0: off."""
     simpo_gamma: float = 0.5
     """``pref_loss: simpo``: the target reward margin."""
+    kto_chosen_weight: float = 1.0
+    """``stage: kto``: the weight of the desirable examples' losses (LLaMA-Factory's name)."""
+    kto_rejected_weight: float = 1.0
+    """``stage: kto``: the weight of the undesirable examples' losses."""
     dpo_label_smoothing: float = 0.0
     """``pref_loss: sigmoid``: the probability that a pair's preference is flipped (conservative DPO;
     LLaMA-Factory's ``dpo_label_smoothing``), in [0, 0.5); 0: off."""
@@ -335,8 +340,16 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         if routed:
             raise ConfigError(f"train.packing cannot train MiLoRA ({', '.join(routed)}) beside other adapters: a batch "
                               "of several adapters routes each row once; train it alone, or unpacked")
-    if t.stage not in ("sft", "dpo"):
-        raise ConfigError(f"train.stage must be sft or dpo, got {t.stage!r}")
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage must be one of {', '.join(STAGES)}, got {t.stage!r}{did_you_mean(t.stage, STAGES)}")
+    if t.stage == "kto":
+        if t.pref_loss != "sigmoid" or t.dpo_label_smoothing:
+            raise ConfigError("train.pref_loss and train.dpo_label_smoothing apply to train.stage: dpo, not kto")
+        if t.batch_size < 2:
+            raise ConfigError("train.stage: kto estimates its KL term from mismatched examples of each batch: "
+                              "train.batch_size must be >= 2")
+    if not (t.kto_chosen_weight > 0 and t.kto_rejected_weight > 0):
+        raise ConfigError("train.kto_chosen_weight and train.kto_rejected_weight must be > 0")
     if t.pref_loss not in PREF_LOSSES:
         raise ConfigError(f"train.pref_loss must be one of {', '.join(PREF_LOSSES)}, got {t.pref_loss!r}"
                           f"{did_you_mean(t.pref_loss, PREF_LOSSES)}")
@@ -348,12 +361,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"train.dpo_label_smoothing applies to pref_loss: sigmoid, not {t.pref_loss}")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise ConfigError(f"train.eval_batch_size must be >= 1 (or null: batch_size), got {t.eval_batch_size}")
-    if t.ref_adapter is not None and (t.stage != "dpo" or t.pref_loss not in ("sigmoid", "hinge", "ipo")):
-        raise ConfigError(f"train.ref_adapter is the reference of train.stage: dpo with pref_loss sigmoid, hinge or "
-                          f"ipo (this run: stage {t.stage}, pref_loss {t.pref_loss})")
-    if t.stage == "dpo" and t.packing:
-        raise ConfigError("train.packing does not apply to train.stage: dpo (each pair is a chosen and a rejected "
-                          "row, compared with each other); turn one of them off")
+    if t.ref_adapter is not None and (t.stage == "sft" or (t.stage == "dpo" and t.pref_loss not in ("sigmoid", "hinge",
+                                                                                                  "ipo"))):
+        raise ConfigError(f"train.ref_adapter is the reference of train.stage: kto, and of dpo with pref_loss sigmoid, "
+                          f"hinge or ipo (this run: stage {t.stage}, pref_loss {t.pref_loss})")
+    if t.stage != "sft" and t.packing:
+        raise ConfigError(f"train.packing does not apply to train.stage: {t.stage} (each response is compared with "
+                          "another one); turn one of them off")
     validating = t.val_size > 0 or bool(run.val_data)
     for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
         if getattr(t, name) and not validating:

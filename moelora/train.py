@@ -20,7 +20,9 @@ A NaN or infinite loss stops the run with ``TrainingError`` before anything is s
 ``train.stage: dpo`` trains on preference pairs instead (``moelora.preference``): a micro-batch of
 ``batch_size`` pairs is one forward of their chosen and rejected rows, after a gradient-free
 forward of the same rows through the base model (adapters off) for the losses with a reference;
-the loss is the mean over the global micro-batch's pairs.
+the loss is the mean over the global micro-batch's pairs. ``train.stage: kto`` trains on labelled
+responses: a gradient-free forward of the batch's mismatched rows (``data.kto_kl_rows``) gives the
+KL estimate, the reference forward covers both, and the loss is the mean over the examples.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import TrainData, collate, collate_packed, end_token_ids, preference_rows
+from .data import TrainData, collate, collate_packed, end_token_ids, kto_kl_rows, preference_rows
 from .inject import adapter_of, attach, get_context, set_adapter, use_adapter
-from .preference import needs_reference, preference_loss, sequence_logps
+from .preference import kto_loss, needs_reference, preference_loss, sequence_logps
 from .runconfig import RunConfig
 from .sharding import accelerate_fsdp, deepspeed_config, deepspeed_source, shard_model
 from .stats import count_parameters, expert_load, param_groups
@@ -290,9 +292,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         model.to(accelerator.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    dpo = t.stage == "dpo"
+    dpo, kto = t.stage == "dpo", t.stage == "kto"
+    pref = dpo or kto  # compared with a reference: the reference's forward, reward metrics
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed, val_size=t.val_size,
-                     val_sources=run.val_data, preference=dpo)
+                     val_sources=run.val_data, stage=t.stage)
     files = _CheckpointFiles(names if multi else None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -342,7 +345,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     counts = {name: count_parameters(model, name) for name in names}
 
     step, start_epoch, position = 0, 0, 0
-    validation = _Validation(names, "reward accuracy" if dpo else "token accuracy")
+    validation = _Validation(names, "reward accuracy" if pref else "token accuracy")
     if ckpt is not None:
         for name in names:
             if ds_cfg is not None:  # the engine's own files: adapter weights and this process's optimizer partition
@@ -380,11 +383,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                   f"adapter parameters")
         if run.adapter_name_or_path is not None:
             print(f"starting from the adapter {run.adapter_name_or_path}")
-        if dpo:
-            print(f"{t.pref_loss} preference loss (beta {t.pref_beta}); reference: " + (
+        if pref:
+            print(f"{t.pref_loss if dpo else 'kto'} preference loss (beta {t.pref_beta}); reference: " + (
                 f"the base model with the adapter {t.ref_adapter}" if reference else
-                "the base model (adapters off)" if needs_reference(t.pref_loss) else "none"))
-        unit = "preference pairs" if dpo else "examples"
+                "the base model (adapters off)" if kto or needs_reference(t.pref_loss) else "none"))
+        unit = {"dpo": "preference pairs", "kto": "labelled examples"}.get(t.stage, "examples")
         if t.packing:
             rows0 = epoch_rows(0)
             fill = sum(len(data[i]["input_ids"]) for r in rows0 for i in r) / (len(rows0) * t.cutoff_len)
@@ -403,7 +406,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         while step < total:
             loss_sum = dict.fromkeys(names, 0.0)
             router_sum = dict.fromkeys(names, 0.0)
-            extra_sum = {name: dict.fromkeys(PREF_METRICS if dpo else (), 0.0) for name in names}
+            extra_sum = {name: dict.fromkeys(PREF_METRICS if dpo else KTO_METRICS if kto else (), 0.0)
+                         for name in names}
             for _ in range(t.gradient_accumulation):
                 if position + micro > len(order):
                     epoch, position = epoch + 1, 0
@@ -412,10 +416,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 position += micro
                 mine = rows[rank * t.batch_size : (rank + 1) * t.batch_size]
                 extras = {}
-                if dpo:  # the mean over the pairs: every process has batch_size of them, DDP averages
-                    outputs, pair = _preference_losses(ddp_model, model, [data[i] for i in mine], names,
-                                                       tokenizer.pad_token_id, accelerator, keeps_logits, t, reference)
-                    lm, extras = pair["loss"].mean(-1), _preference_metrics(pair)
+                if pref:  # the mean over the pairs / examples: every process has batch_size of them, DDP averages
+                    losses_of = _preference_losses if dpo else _kto_losses
+                    outputs, pair = losses_of(ddp_model, model, [data[i] for i in mine], names, tokenizer.pad_token_id,
+                                              accelerator, keeps_logits, t, reference)
+                    lm = pair["loss"].mean(-1)
+                    extras = _preference_metrics(pair) if dpo else _kto_metrics(pair, accelerator)
                     n_seen = pair["tokens"]
                 else:
                     if t.packing:
@@ -490,7 +496,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             stop = False
             if data.validation and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
                 size = t.eval_batch_size or t.batch_size
-                if dpo:
+                if pref:
                     losses = preference_validation(ddp_model, model, data.validation, names, size,
                                                    tokenizer.pad_token_id, accelerator, keeps_logits, t, reference)
                 else:
@@ -811,41 +817,105 @@ def _load_reference(model: torch.nn.Module, path: str | None, names: list[str]) 
     return REFERENCE
 
 
-def _preference_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int, accelerator,
-                       keeps_logits: bool, t, reference: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """One micro-batch of preference pairs (``feats``, ``B`` of them) for every adapter: the reference
-    forward (in eval mode and without gradient: the base model with the adapter ``reference``, or
-    with none) when ``t.pref_loss`` has one, then one forward of every adapter's chosen and rejected
-    rows. Returns the outputs and
-    ``{"loss", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"}``, each
-    ``(adapters, B)``, plus ``"tokens"`` (the policy batch's)."""
-    B, A = len(feats), len(names)
-    rows = preference_rows(feats)  # B chosen, then B rejected
-    ref = None
-    if needs_reference(t.pref_loss):
-        batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_token_id).items()}
-        labels = batch.pop("labels")
-        was_training = ddp_model.training
-        ddp_model.eval()
-        try:
-            with torch.no_grad(), use_adapter(model, reference):
-                _, token_ce, at = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
-        finally:
-            ddp_model.train(was_training)
-        ref = sequence_logps(token_ce, at, 2 * B)[0].view(2, B)
+def _reference_logps(ddp_model, model, rows: list[dict], reference: str | None, pad_token_id: int, accelerator,
+                     keeps_logits: bool) -> torch.Tensor:
+    """The reference's summed response log-probs of ``rows`` (``(len(rows),)``): one forward in eval
+    mode, without gradient, of the base model with the adapter ``reference`` (None: with none)."""
+    batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_token_id).items()}
+    labels = batch.pop("labels")
+    was_training = ddp_model.training
+    ddp_model.eval()
+    try:
+        with torch.no_grad(), use_adapter(model, reference):
+            _, token_ce, at = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
+    finally:
+        ddp_model.train(was_training)
+    return sequence_logps(token_ce, at, len(rows))[0]
+
+
+def _policy_logps(ddp_model, rows: list[dict], names: list[str], pad_token_id: int, accelerator,
+                  keeps_logits: bool) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
+    """One forward of ``rows`` for every adapter of ``names`` (a mixed batch when several): the
+    outputs, the summed response log-probs and token counts (each ``(adapters, len(rows))``) and
+    the batch's token count."""
+    A = len(names)
     batch = {k: v.to(accelerator.device) for k, v in collate(rows * A, pad_token_id).items()}
     labels = batch.pop("labels")
     if A > 1:
         batch["adapter_names"] = [n for n in names for _ in rows]
     tokens = int(batch["attention_mask"].sum())
     outputs, token_ce, at = _token_losses(ddp_model, batch, labels, keeps_logits, accelerator)
-    logps, counts = (x.view(A, 2, B) for x in sequence_logps(token_ce, at, 2 * A * B))
+    logps, counts = (x.view(A, len(rows)) for x in sequence_logps(token_ce, at, A * len(rows)))
+    return outputs, logps, counts, tokens
+
+
+def _preference_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int, accelerator,
+                       keeps_logits: bool, t, reference: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """One micro-batch of preference pairs (``feats``, ``B`` of them) for every adapter: the reference
+    forward (:func:`_reference_logps`) when ``t.pref_loss`` has one, then one forward of every
+    adapter's chosen and rejected rows. Returns the outputs and ``{"loss", "reward_chosen",
+    "reward_rejected", "logps_chosen", "logps_rejected"}``, each ``(adapters, B)``, plus ``"tokens"``
+    (the policy batch's)."""
+    B = len(feats)
+    rows = preference_rows(feats)  # B chosen, then B rejected
+    ref = None
+    if needs_reference(t.pref_loss):
+        ref = _reference_logps(ddp_model, model, rows, reference, pad_token_id, accelerator, keeps_logits).view(2, B)
+    outputs, logps, counts, tokens = _policy_logps(ddp_model, rows, names, pad_token_id, accelerator, keeps_logits)
+    logps, counts = logps.view(-1, 2, B), counts.view(-1, 2, B)
     loss, reward_c, reward_r = preference_loss(
         t.pref_loss, t.pref_beta, (logps[:, 0], counts[:, 0]), (logps[:, 1], counts[:, 1]),
         None if ref is None else ref[0], None if ref is None else ref[1], gamma=t.simpo_gamma, ftx=t.pref_ftx,
         label_smoothing=t.dpo_label_smoothing)
     return outputs, {"loss": loss, "reward_chosen": reward_c, "reward_rejected": reward_r,
                      "logps_chosen": logps[:, 0].detach(), "logps_rejected": logps[:, 1].detach(), "tokens": tokens}
+
+
+KTO_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def _kto_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int, accelerator,
+                keeps_logits: bool, t, reference: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """One micro-batch of labelled examples (``feats``, ``B``) for every adapter (``moelora.preference``'s
+    KTO): the reference forward of the examples and of their mismatched rows
+    (``data.kto_kl_rows``), a gradient-free forward of the mismatched rows for every adapter (train
+    mode, as TRL), then the examples' forward. The KL estimate is each adapter's mean over the
+    mismatched rows, averaged over the processes and clamped at 0. Returns the outputs and
+    ``{"loss", "reward", "logps"}`` (``(adapters, B)``), ``"kl"`` (``(adapters,)``), ``"desirable"``
+    (``(B,)``) and ``"tokens"``."""
+    B = len(feats)
+    mismatched = kto_kl_rows(feats, t.cutoff_len)
+    ref = _reference_logps(ddp_model, model, [*feats, *mismatched], reference, pad_token_id, accelerator,
+                           keeps_logits)
+    with torch.no_grad():
+        _, kl_logps, _, _ = _policy_logps(ddp_model, mismatched, names, pad_token_id, accelerator, keeps_logits)
+    kl = accelerator.reduce((kl_logps - ref[B:]).mean(-1), reduction="mean").clamp_min(0)
+    outputs, logps, counts, tokens = _policy_logps(ddp_model, feats, names, pad_token_id, accelerator, keeps_logits)
+    desirable = torch.tensor([bool(f["desirable"]) for f in feats], device=logps.device)
+    loss, reward = kto_loss(t.pref_beta, logps, ref[:B], desirable, kl[:, None], t.kto_chosen_weight,
+                            t.kto_rejected_weight)
+    if t.pref_ftx:  # the desirable responses' SFT loss (mean token NLL)
+        loss = loss + t.pref_ftx * torch.where(desirable, -logps / counts.clamp_min(1), 0.0)
+    return outputs, {"loss": loss, "reward": reward, "logps": logps.detach(), "kl": kl, "desirable": desirable,
+                     "tokens": tokens}
+
+
+def _kto_metrics(pair: dict[str, Any], accelerator) -> dict[str, torch.Tensor]:
+    """:data:`KTO_METRICS` of a micro-batch, one per adapter: the means over the desirable
+    (``chosen``) and the undesirable (``rejected``) examples of all processes. The loop divides what
+    it is given by the processes and sums it over them: the sums are scaled to that."""
+    d = pair["desirable"].float()
+    counts = accelerator.reduce(torch.stack([d.sum(), (1 - d).sum()]), reduction="sum").clamp_min(1)
+    world = accelerator.num_processes
+
+    def mean(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return (x * w).sum(-1) / n * world
+
+    out = {"kl": pair["kl"],
+           "rewards/chosen": mean(pair["reward"], d, counts[0]), "rewards/rejected": mean(pair["reward"], 1 - d, counts[1]),
+           "logps/chosen": mean(pair["logps"], d, counts[0]), "logps/rejected": mean(pair["logps"], 1 - d, counts[1])}
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
 
 
 def _preference_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -860,21 +930,32 @@ def _preference_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
 def preference_validation(ddp_model, model, features: list[dict], names: list[str], batch_size: int,
                           pad_token_id: int, accelerator, keeps_logits: bool, t,
                           reference: str | None = None) -> dict[str, dict[str, Any]]:
-    """``train.stage: dpo``'s validation: each adapter's mean preference loss over the pairs and its
-    reward accuracy (the share of pairs whose chosen reward is above the rejected one), overall and
-    per task, in :func:`validation_loss`'s layout and batches (``batch_size`` pairs)."""
+    """``train.stage: dpo``/``kto``'s validation: each adapter's mean preference loss over the pairs
+    (examples) and its reward accuracy, overall and per task, in :func:`validation_loss`'s layout and
+    batches (``batch_size`` pairs or examples). DPO's reward accuracy is the share of pairs whose
+    chosen reward is above the rejected one; KTO's the share of examples on their label's side of
+    the batch's KL estimate (a desirable one's log-ratio above it, an undesirable one's below)."""
     tasks = sorted({f["task"] for f in features})
     A = len(names)
     sums = torch.zeros(2 * A + 1, len(tasks), dtype=torch.float64, device=accelerator.device)
+    kto = t.stage == "kto"
     for feats, real in _validation_batches(ddp_model, features, batch_size, accelerator):
-        _, pair = _preference_losses(ddp_model, model, feats, names, pad_token_id, accelerator, keeps_logits, t,
-                                     reference)
+        n = len(feats)
+        losses_of = _kto_losses if kto else _preference_losses
+        # (KTO: a last batch of one has no mismatched row of its own: it is paired with itself)
+        _, pair = losses_of(ddp_model, model, feats * 2 if kto and n == 1 else feats, names, pad_token_id,
+                            accelerator, keeps_logits, t, reference)
         if not real:
             continue
+        if kto:
+            above = pair["reward"][:, :n] > t.pref_beta * pair["kl"][:, None]
+            right = torch.where(pair["desirable"][:n], above, ~above)
+        else:
+            right = pair["reward_chosen"] > pair["reward_rejected"]
         task = torch.tensor([tasks.index(f["task"]) for f in feats], device=accelerator.device)
         for i in range(A):
-            sums[i].index_add_(0, task, pair["loss"][i].double())
-            sums[A + i].index_add_(0, task, (pair["reward_chosen"][i] > pair["reward_rejected"][i]).double())
+            sums[i].index_add_(0, task, pair["loss"][i, :n].double())
+            sums[A + i].index_add_(0, task, right[i].double())
         sums[-1].index_add_(0, task, torch.ones(len(feats), dtype=torch.float64, device=accelerator.device))
     return _validation_means(accelerator.reduce(sums, reduction="sum").cpu(), names, tasks)
 

@@ -117,7 +117,7 @@ def tiny_model_dir(tmp_path_factory):
     toy = Path(__file__).resolve().parents[1] / "examples" / "toy"
     corpus = [PROMPT_TEMPLATES["prompt_no_input"], PROMPT_TEMPLATES["prompt_input"]]
     for f in sorted(toy.glob("*/train.jsonl")):
-        if f.parent.name == "addition_pairs":  # the corpus (and so the tokenizer) as before that set
+        if f.parent.name in ("addition_pairs", "addition_labelled"):  # the corpus (the tokenizer) as before them
             continue
         for line in f.read_text().splitlines()[:50]:
             item = json.loads(line)
