@@ -19,6 +19,7 @@ then against the config file's directory.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -97,6 +98,12 @@ class TrainConfig:
     load_best_model_at_end: bool = False
     """The final adapter is the one of the validation with the lowest loss (kept in ``output_dir/best``
     as it improves), not the last step's."""
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    """Where the metrics go besides ``metrics.jsonl``: ``tensorboard`` (``output_dir/tensorboard``),
+    ``wandb`` (Weights & Biases: ``pip install wandb``; the project is ``$WANDB_PROJECT``, default
+    ``moelora``; ``WANDB_MODE=offline`` works without a network), or ``[]`` / ``none``."""
+    run_name: str | None = None
+    """The W&B run's name (default: the output directory's name)."""
     eval_batch_size: int | None = None
     """Examples (pairs with ``stage: dpo``) per validation batch and process; default ``batch_size``."""
     stage: str = "sft"
@@ -359,6 +366,15 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"train.dpo_label_smoothing must be in [0, 0.5), got {t.dpo_label_smoothing}")
     if t.dpo_label_smoothing and t.pref_loss != "sigmoid":
         raise ConfigError(f"train.dpo_label_smoothing applies to pref_loss: sigmoid, not {t.pref_loss}")
+    if isinstance(t.report_to, str):  # `report_to: wandb`, as HF and LLaMA-Factory write it
+        t.report_to = [t.report_to]
+    t.report_to = [x for x in t.report_to if x != "none"]
+    for x in t.report_to:
+        if x not in ("tensorboard", "wandb"):
+            raise ConfigError(f"train.report_to: unknown {x!r}{did_you_mean(x, ('tensorboard', 'wandb'))}; "
+                              "valid: tensorboard, wandb, none")
+    if "wandb" in t.report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to: wandb needs the wandb package: pip install wandb")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise ConfigError(f"train.eval_batch_size must be >= 1 (or null: batch_size), got {t.eval_batch_size}")
     if t.ref_adapter is not None and (t.stage == "sft" or (t.stage == "dpo" and t.pref_loss not in ("sigmoid", "hinge",

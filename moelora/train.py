@@ -189,12 +189,16 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, names: list[str]
 
 
 class _Logger:
-    """Metrics to ``metrics.jsonl`` (for ``moelora plot loss``) and TensorBoard when available."""
+    """Metrics to ``metrics.jsonl`` (for ``moelora plot loss``), and to TensorBoard (when available)
+    and Weights & Biases as ``train.report_to`` asks. A resumed run continues its W&B run (its id is
+    kept in ``output_dir/wandb_run_id``)."""
 
-    def __init__(self, out: Path, enabled: bool, start_step: int) -> None:
+    def __init__(self, out: Path, enabled: bool, start_step: int, report_to: list[str] = ("tensorboard",),
+                 run_name: str | None = None, config: dict | None = None) -> None:
         self.enabled = enabled
         self.file = None
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         path = out / "metrics.jsonl"
@@ -210,8 +214,16 @@ class _Logger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 SummaryWriter = None
-        if SummaryWriter is not None:
+        if SummaryWriter is not None and "tensorboard" in report_to:
             self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moelora"), name=run_name or out.name,
+                                    id=run_id, resume="allow" if run_id else None, config=config, dir=str(out))
+            id_file.write_text(self.wandb.id)
 
     def log(self, step: int, scalars: dict[str, float], load: dict[int, torch.Tensor], section: str = "train") -> None:
         if not self.enabled:
@@ -221,19 +233,24 @@ class _Logger:
             record["expert_load"] = {str(k): v.tolist() for k, v in load.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        flat = {f"{section}/{k}": v for k, v in scalars.items()}
+        for layer, frac in load.items():
+            for e, f in enumerate(frac.tolist()):
+                where = f"layer{layer:02d}" if isinstance(layer, int) else layer  # "adapter/layer" (several)
+                flat[f"expert_load/{where}/expert{e}"] = f
         if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{section}/{k}", v, step)
-            for layer, frac in load.items():
-                for e, f in enumerate(frac.tolist()):
-                    where = f"layer{layer:02d}" if isinstance(layer, int) else layer  # "adapter/layer" (several)
-                    self.tb.add_scalar(f"expert_load/{where}/expert{e}", f, step)
+            for k, v in flat.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(flat, step=step)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def neftune_hook(alpha: float):
@@ -374,7 +391,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if main:
             print(f"resuming from {ckpt} (step {step})")
 
-    metrics = _Logger(out, main, step)
+    metrics = _Logger(out, main, step, t.report_to, t.run_name, asdict(run))
     if main:
         (out / "run_config.json").write_text(json.dumps(asdict(run), indent=2, default=str))
         for name, cfg in configs.items():
