@@ -893,10 +893,13 @@ class TrainData:
     With ``stage="dpo"`` every item is a chosen/rejected pair, an example is one pair (its features
     have ``rejected_input_ids``/``rejected_labels`` too) and ``stats`` counts the tokens of both
     sides; with ``stage="kto"`` every feature has ``desirable`` (its label). Neither is packed.
+    ``train_on_prompt`` (supervised only) puts the labels on every token, the prompt's too
+    (``prompt_length`` still marks the prompt, for MiLoRA's routing).
     """
 
     def __init__(self, sources: list[DataSource], tokenizer, cutoff_len: int, seed: int, *,
-                 val_size: float = 0, val_sources: list[DataSource] = (), stage: str = "sft"):
+                 val_size: float = 0, val_sources: list[DataSource] = (), stage: str = "sft",
+                 train_on_prompt: bool = False):
         if not sources:
             raise DataError("no data sources given")
         if tokenizer is None:
@@ -914,10 +917,20 @@ class TrainData:
         self.stage = stage
         preference = stage == "dpo"
         _check_cutoff(cutoff_len, len(_special_prefix(tokenizer)))
+        if train_on_prompt and stage != "sft":
+            raise DataError(f"train_on_prompt applies to supervised training, not train.stage: {stage}")
+
+        def encode(examples: list[Example]) -> list[dict]:
+            out = _encode_many(examples, tokenizer, cutoff_len)
+            if train_on_prompt:  # the loss on every token (LLaMA-Factory's train_on_prompt)
+                for enc in out:
+                    enc["labels"] = list(enc["input_ids"])
+            return out
+
         read = [_read(src, tokenizer, stage) for src in self.sources]
         held = _held_out([len(examples) for examples, _ in read], val_size, seed, [s.path for s in self.sources])
         for src, (examples, skipped), out in zip(self.sources, read, held, strict=True):
-            encoded = _encode_many(examples, tokenizer, cutoff_len)
+            encoded = encode(examples)
             for j in sorted(out):
                 enc = {k: v for k, v in encoded[j].items() if not k.startswith("_")}
                 self.validation.append({**enc, "task": src.name})
@@ -943,7 +956,7 @@ class TrainData:
             self.source_ranges.append(range(start, len(self.features)))
         for src in val_sources:
             src = src if isinstance(src, DataSource) else DataSource.from_dict(src)
-            for enc in _encode_many(_read(src, tokenizer, stage)[0], tokenizer, cutoff_len):
+            for enc in encode(_read(src, tokenizer, stage)[0]):
                 enc = {k: v for k, v in enc.items() if not k.startswith("_")}
                 self.validation.append({**enc, "task": src.name})
         self._passes: dict[int, dict[int, list[int]]] = {}

@@ -98,6 +98,9 @@ class TrainConfig:
     load_best_model_at_end: bool = False
     """The final adapter is the one of the validation with the lowest loss (kept in ``output_dir/best``
     as it improves), not the last step's."""
+    train_on_prompt: bool = False
+    """The loss on the prompt tokens too, not only the response's (LLaMA-Factory's ``train_on_prompt``;
+    supervised training only)."""
     report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
     """Where the metrics go besides ``metrics.jsonl``: ``tensorboard`` (``output_dir/tensorboard``),
     ``wandb`` (Weights & Biases: ``pip install wandb``; the project is ``$WANDB_PROJECT``, default
@@ -381,6 +384,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
                                                                                                   "ipo"))):
         raise ConfigError(f"train.ref_adapter is the reference of train.stage: kto, and of dpo with pref_loss sigmoid, "
                           f"hinge or ipo (this run: stage {t.stage}, pref_loss {t.pref_loss})")
+    if t.stage != "sft" and t.train_on_prompt:
+        raise ConfigError(f"train.train_on_prompt applies to supervised training, not train.stage: {t.stage}")
     if t.stage != "sft" and t.packing:
         raise ConfigError(f"train.packing does not apply to train.stage: {t.stage} (each response is compared with "
                           "another one); turn one of them off")

@@ -312,7 +312,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     dpo, kto = t.stage == "dpo", t.stage == "kto"
     pref = dpo or kto  # compared with a reference: the reference's forward, reward metrics
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed, val_size=t.val_size,
-                     val_sources=run.val_data, stage=t.stage)
+                     val_sources=run.val_data, stage=t.stage, train_on_prompt=t.train_on_prompt)
     files = _CheckpointFiles(names if multi else None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:

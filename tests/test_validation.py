@@ -265,3 +265,26 @@ def test_validation_config_errors(tmp_path, tiny_model_dir):
         load_run_config(cfg, ["val_data=[{path: x.json, weigth: 2}]"])
     run = load_run_config(cfg, ["val_data=[examples/toy/letters/test.jsonl]", "train.eval_steps=3"])
     assert Path(run.val_data[0].path).is_file()
+
+
+def test_train_on_prompt_puts_the_labels_on_every_token(tmp_path, tiny_model_dir, tok):
+    """LLaMA-Factory's train_on_prompt: labels = input ids (validation examples too); the prompt
+    length is kept for MiLoRA; a run's loss is then over every token."""
+    sources = [DataSource(str(TOY / "addition" / "train.jsonl"), max_samples=20)]
+    plain = TrainData(sources, tok, 128, seed=0, val_size=4)
+    full = TrainData(sources, tok, 128, seed=0, val_size=4, train_on_prompt=True)
+    for a, b in zip(plain.features + plain.validation, full.features + full.validation, strict=True):
+        assert b["labels"] == b["input_ids"] == a["input_ids"] and b["prompt_length"] == a["prompt_length"]
+        assert a["labels"][: a["prompt_length"]] == [-100] * a["prompt_length"]
+    assert full.stats["addition"]["response_tokens"] == full.stats["addition"]["tokens"]
+    with pytest.raises(DataError, match="not train.stage: dpo"):
+        TrainData(sources, tok, 128, seed=0, stage="dpo", train_on_prompt=True)
+    losses = []
+    for name, kw in (("a", {}), ("b", {"train_on_prompt": True})):
+        out = train(load_run_config(write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name,
+                                                 max_steps=1, save_steps=0, **kw)), progress=False)
+        losses.append(rows(out)[0]["loss"])
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+    with pytest.raises(ConfigError, match="train_on_prompt applies to supervised training"):
+        load_run_config(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "c", train_on_prompt=True,
+                                     stage="dpo"))
