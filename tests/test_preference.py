@@ -294,8 +294,8 @@ def test_dpo_resume_and_several_adapters_equal_the_single_run(tmp_path, tiny_mod
 
 
 def test_two_processes_match_one(tmp_path, tiny_model_dir):
-    """DDP on CPU (gloo): 2 processes x 2 pairs = 1 process x 4 pairs, with validation (LoRA: a
-    router loss is each process's own, so MixLoRA's would differ by design)."""
+    """DDP, FSDP2 and ZeRO-3 on CPU (gloo): 2 processes x 2 pairs = 1 process x 4 pairs, with
+    validation (LoRA: a router loss is each process's own, so MixLoRA's would differ by design)."""
     lora = {"type": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
     one = write_config(tmp_path / "one.json", tiny_model_dir, tmp_path / "one", lora, max_steps=3, save_steps=0,
                        val_size=9, eval_steps=3)
@@ -303,7 +303,10 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
                        val_size=9, eval_steps=3, batch_size=2)
     run_cli_train(one)
     run_cli_train(two, processes=2)
-    runs = ["one", "two"]
+    runs = ["one", "two", "fsdp"]
+    fsdp = write_config(tmp_path / "f.json", tiny_model_dir, tmp_path / "fsdp", lora, max_steps=3, save_steps=0,
+                        val_size=9, eval_steps=3, batch_size=2, fsdp=True)  # the reference forward through FSDP2
+    run_cli_train(fsdp, processes=2)
     if find_spec("deepspeed") is not None:  # ZeRO-3: the reference forward gathers the partitioned base too
         zero3 = write_config(tmp_path / "z.json", tiny_model_dir, tmp_path / "zero3", lora, max_steps=3, save_steps=0,
                              val_size=9, eval_steps=3, batch_size=2)
