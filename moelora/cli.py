@@ -214,6 +214,8 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool, eng
             kw["top_k"] = args.top_k
     else:
         kw.update(do_sample=False, num_beams=args.num_beams)
+    if getattr(args, "prompt_lookup", None):  # transformers' prompt lookup decoding (n-gram speculation)
+        kw["prompt_lookup_num_tokens"] = args.prompt_lookup
     with torch.no_grad():
         out = model.generate(**enc, **kw)
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -253,6 +255,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt_lookup is not None:
+        if args.prompt_lookup < 1:
+            raise ValueError(f"--prompt-lookup must be >= 1 (tokens proposed per step), got {args.prompt_lookup}")
+        if _guide(args) or args.num_beams > 1:
+            raise ValueError("--prompt-lookup applies to plain greedy or sampled generation, not with guided "
+                             "generation or beam search")
     model, tok = _load(args.model, args.adapter)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     print(_generate(model, tok, prompt, args, chat=args.chat))
@@ -416,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="prompt lookup decoding: propose up to N tokens per step from n-grams of the prompt, "
+                        "verified in one forward (same output, fewer forwards when the reply copies the prompt)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")

@@ -44,6 +44,25 @@ def test_cached_greedy_equals_recompute(method, arch):
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_prompt_lookup_decoding_equals_greedy(method):
+    """transformers' prompt lookup decoding (``prompt_lookup_num_tokens``) verifies several proposed
+    tokens in one forward after prefill: the adapters (MiLoRA's cached gates, MixLoRA's per-token
+    routing) must give the greedy output exactly. The prompt repeats itself so that n-grams match."""
+    model = _model(method)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]])
+    plain = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        looked = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                                prompt_lookup_num_tokens=3)
+    finally:
+        hook.remove()
+    assert torch.equal(looked, plain)
+    assert max(widths[1:]) > 1  # some decoding step verified proposed tokens
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_cache_on_and_off_agree_for_greedy_sampling_and_beams(method):
     model = _model(method)
     ids, mask = batch(model, B=2, T=5)

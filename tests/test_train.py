@@ -519,6 +519,11 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
             ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, **kw)
         assert texts[tuple(extra)] == tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert texts[()] != texts[("--repetition-penalty", "4")]
+    assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
+                "--max-new-tokens", "8", "--prompt-lookup", "3"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == texts[()]  # prompt lookup decoding: the same greedy text
+    assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--prompt-lookup", "3", "--json"]) == 2
+    assert "--prompt-lookup applies to plain" in capsys.readouterr().err
     hot = ["--temperature", "1.5", "--seed", "3", "--max-new-tokens", "8"]
     assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "is 3 even?", *hot, "--top-k", "1"]) == 0
     top1 = capsys.readouterr().out
