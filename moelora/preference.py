@@ -13,6 +13,9 @@ and definitions):
   ``loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)``.
 - ``hinge`` (SLiC, Zhao et al. 2023): ``loss = max(0, 1 - beta h)``.
 - ``ipo`` (Azar et al. 2023): ``h`` from per-token *mean* log-probs, ``loss = (h - 1 / (2 beta))^2``.
+- ``kto_pair`` (KTO on pairs, TRL's former ``kto_pair``): with ``r_c = pi_c - ref_c``, ``r_r =
+  pi_r - ref_r`` and their batch means clamped at 0, without gradient, ``z_c``, ``z_r``:
+  ``loss = (1 - sigma(beta (r_c - z_r)) + 1 - sigma(beta (z_c - r_r))) / 2``.
 - ``orpo`` (Hong et al. 2024; no reference): with mean log-probs ``a_c``, ``a_r``,
   ``log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))``,
   ``loss = -a_c - beta log sigma(log_odds)``.
@@ -42,9 +45,9 @@ import torch.nn.functional as F
 
 __all__ = ["PREF_LOSSES", "kto_loss", "needs_reference", "preference_loss", "sequence_logps"]
 
-PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")
 _MEAN_LOGPS = ("ipo", "orpo", "simpo")  # per-token means instead of sums
-_REFERENCE = ("sigmoid", "hinge", "ipo")
+_REFERENCE = ("sigmoid", "hinge", "ipo", "kto_pair")
 
 
 def needs_reference(kind: str) -> bool:
@@ -66,7 +69,8 @@ def preference_loss(kind: str, beta: float, chosen: tuple[torch.Tensor, torch.Te
                     ftx: float = 0.0, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair ``(loss, chosen reward, rejected reward)`` of the module docstring. ``chosen`` and
     ``rejected`` are ``(summed log-probs, token counts)`` of the policy; ``ref_*`` the reference's
-    summed log-probs (needed by ``sigmoid``, ``hinge`` and ``ipo`` only). Any leading shape."""
+    summed log-probs (needed by all but ``orpo`` and ``simpo``). Any leading shape; the last one is
+    the batch (``kto_pair`` averages over it)."""
     if kind not in PREF_LOSSES:
         raise ValueError(f"unknown preference loss {kind!r}; valid: {', '.join(PREF_LOSSES)}")
     (pi_c, n_c), (pi_r, n_r) = chosen, rejected
@@ -83,6 +87,11 @@ def preference_loss(kind: str, beta: float, chosen: tuple[torch.Tensor, torch.Te
             loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
         elif kind == "hinge":
             loss = torch.relu(1 - beta * h)
+        elif kind == "kto_pair":  # the batch's KL estimates: the means over its last dimension
+            r_c, r_r = pi_c - ref_c, pi_r - ref_r
+            z_c = r_c.detach().mean(-1, keepdim=True).clamp_min(0)
+            z_r = r_r.detach().mean(-1, keepdim=True).clamp_min(0)
+            loss = (2 - torch.sigmoid(beta * (r_c - z_r)) - torch.sigmoid(beta * (z_c - r_r))) / 2
         else:  # ipo
             loss = (h - 1 / (2 * beta)) ** 2
         reward_c, reward_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()

@@ -115,8 +115,8 @@ class TrainConfig:
     ``moelora.data``; the reference is the base model, adapters off) or ``kto`` (responses labelled
     desirable or not, ``kto_tag``/``label``: LLaMA-Factory's ``stage: kto``, TRL's KTO loss)."""
     pref_loss: str = "sigmoid"
-    """``stage: dpo``: ``sigmoid`` (DPO), ``hinge``, ``ipo``, ``orpo`` or ``simpo`` (the last two need no
-    reference forward); the definitions are in ``moelora.preference``."""
+    """``stage: dpo``: ``sigmoid`` (DPO), ``hinge``, ``ipo``, ``kto_pair``, ``orpo`` or ``simpo`` (the last
+    two need no reference forward); the definitions are in ``moelora.preference``."""
     pref_beta: float = 0.1
     """``stage: dpo``: the loss's beta (DPO's KL coefficient)."""
     pref_ftx: float = 0.0
@@ -380,10 +380,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError("train.report_to: wandb needs the wandb package: pip install wandb")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         raise ConfigError(f"train.eval_batch_size must be >= 1 (or null: batch_size), got {t.eval_batch_size}")
-    if t.ref_adapter is not None and (t.stage == "sft" or (t.stage == "dpo" and t.pref_loss not in ("sigmoid", "hinge",
-                                                                                                  "ipo"))):
+    if t.ref_adapter is not None and (t.stage == "sft" or (t.stage == "dpo" and t.pref_loss in ("orpo", "simpo"))):
         raise ConfigError(f"train.ref_adapter is the reference of train.stage: kto, and of dpo with pref_loss sigmoid, "
-                          f"hinge or ipo (this run: stage {t.stage}, pref_loss {t.pref_loss})")
+                          f"hinge, ipo or kto_pair (this run: stage {t.stage}, pref_loss {t.pref_loss})")
     if t.stage != "sft" and t.train_on_prompt:
         raise ConfigError(f"train.train_on_prompt applies to supervised training, not train.stage: {t.stage}")
     if t.stage != "sft" and t.packing:

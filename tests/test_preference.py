@@ -36,7 +36,7 @@ def _sig(x: float) -> float:
 def test_each_loss_is_its_formula():
     """Two pairs, by hand: sums of log-probs and token counts, reference sums, beta 0.5."""
     pc, nc, pr, nr = [-3.0, -8.0], [3.0, 4.0], [-6.0, -5.0], [2.0, 5.0]
-    rc, rr = [-4.0, -7.0], [-5.0, -6.0]
+    rc, rr = [-4.0, -8.5], [-5.0, -6.5]  # kto_pair: batch log-ratio means 0.75 and 0.25
     beta, gamma = 0.5, 0.3
     T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     args = ((T(pc), T(nc)), (T(pr), T(nr)), T(rc), T(rr))
@@ -52,7 +52,10 @@ def test_each_loss_is_its_formula():
             "orpo": -a_c - beta * math.log(_sig(log_odds)),
             "simpo": -math.log(_sig(beta * (a_c - a_r) - gamma)),
         }
-        rewards = {k: (beta * (pc[j] - rc[j]), beta * (pr[j] - rr[j])) for k in ("sigmoid", "hinge")}
+        z_c = max(0.0, sum(pc[i] - rc[i] for i in range(2)) / 2)  # kto_pair: the batch's KL estimates
+        z_r = max(0.0, sum(pr[i] - rr[i] for i in range(2)) / 2)
+        expected["kto_pair"] = (2 - _sig(beta * (pc[j] - rc[j] - z_r)) - _sig(beta * (z_c - (pr[j] - rr[j])))) / 2
+        rewards = {k: (beta * (pc[j] - rc[j]), beta * (pr[j] - rr[j])) for k in ("sigmoid", "hinge", "kto_pair")}
         rewards |= {"ipo": (beta * (a_c - rc[j] / nc[j]), beta * (a_r - rr[j] / nr[j])),
                     "orpo": (beta * a_c, beta * a_r), "simpo": (beta * a_c, beta * a_r)}
         for kind in PREF_LOSSES:
@@ -212,7 +215,7 @@ def sequence_logp(model, ids: list[int], labels: list[int]) -> float:
     return sum(logp[t, labels[t + 1]].item() for t in range(len(ids) - 1) if labels[t + 1] != -100)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "simpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "simpo", "kto_pair"])
 def test_batched_pair_losses_equal_each_pair_alone(tiny_model_dir, tok, kind):
     """The padded batch of chosen and rejected rows (and the reference forward, adapters off) gives
     each pair the loss of its formula on log-probs computed one sequence at a time."""
@@ -226,13 +229,22 @@ def test_batched_pair_losses_equal_each_pair_alone(tiny_model_dir, tok, kind):
     with torch.no_grad():
         _, pair = _preference_losses(model, model, feats, ["default"], tok.pad_token_id, Accelerator(cpu=True),
                                      True, t)
-        for j, f in enumerate(feats):
+        alone = []
+        for f in feats:
             sides = [(f["input_ids"], f["labels"]), (f["rejected_input_ids"], f["rejected_labels"])]
             pi = [sequence_logp(model, *s) for s in sides]
-            n = [sum(x != -100 for x in s[1][1:]) for s in sides]
             with moelora.disable_adapter(model):
-                ref = [sequence_logp(model, *s) for s in sides]
-            if kind == "sigmoid":
+                alone.append((pi, [sequence_logp(model, *s) for s in sides]))  # the policy's, the reference's
+        z_c = max(0.0, sum(pi[0] - ref[0] for pi, ref in alone) / len(alone))  # kto_pair's batch KL estimates
+        z_r = max(0.0, sum(pi[1] - ref[1] for pi, ref in alone) / len(alone))
+        for j, f in enumerate(feats):
+            sides = [(f["input_ids"], f["labels"]), (f["rejected_input_ids"], f["rejected_labels"])]
+            pi, ref = alone[j]
+            n = [sum(x != -100 for x in s[1][1:]) for s in sides]
+            if kind == "kto_pair":
+                r_c, r_r = pi[0] - ref[0], pi[1] - ref[1]
+                want, reward = (2 - _sig(0.3 * (r_c - z_r)) - _sig(0.3 * (z_c - r_r))) / 2, 0.3 * r_c
+            elif kind == "sigmoid":
                 h = (pi[0] - ref[0]) - (pi[1] - ref[1])
                 want, reward = -F.logsigmoid(torch.tensor(0.3 * h)).item(), 0.3 * (pi[0] - ref[0])
             else:
