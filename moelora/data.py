@@ -180,6 +180,10 @@ class DataSource:
     read (default ``train``; a directory saved with one split needs none)."""
     max_samples: int | None = None
     """Read only the first this many items (LLaMA-Factory's ``max_samples``)."""
+    columns: dict[str, str] | None = None
+    """The items' own names for the format's fields (LLaMA-Factory's ``columns`` of
+    ``dataset_info.json``): ``{field: column}``, e.g. ``{instruction: question, output: answer}``
+    reads ``question``/``answer`` columns as ``instruction``/``output``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -202,6 +206,9 @@ class DataSource:
         if self.max_samples is not None and (isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int)
                                              or self.max_samples < 1):
             raise DataError(f"{self.path}: max_samples must be a positive integer, got {self.max_samples!r}")
+        if self.columns is not None and (not isinstance(self.columns, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.columns.items())):
+            raise DataError(f"{self.path}: columns must map field names to column names, got {self.columns!r}")
         if self.split is not None and (not isinstance(self.split, str) or not self.split):
             raise DataError(f"{self.path}: split must be a non-empty string, got {self.split!r}")
         if self.name is None:
@@ -449,6 +456,8 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
     skipped = 0
     items = _load_dataset(source) if _is_dataset(source) else _load_items(path, fmt)
     for loc, item in items[: source.max_samples]:
+        if source.columns and isinstance(item, dict):
+            item = _rename(path, loc, item, source.columns)
         if preference:
             ex = _pair(path, loc, item, fmt, tokenizer, task)
             if not (ex.response.strip() and ex.rejected.strip()):
@@ -503,6 +512,17 @@ def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, tu
         return _conversation(path, loc, messages[: last + 1], tokenizer, task)
     prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True)
     return Example(prompt=prompt, response=messages[last]["content"], task=task)
+
+
+def _rename(path: Path, loc: str, item: dict, columns: dict[str, str]) -> dict:
+    """``item`` with each mapped column under its field's name (``DataSource.columns``)."""
+    missing = [c for c in columns.values() if c not in item]
+    if missing:
+        raise DataError(f"{path}, {loc}: no column {missing[0]!r} (mapped by columns; the item has "
+                        f"{', '.join(map(repr, item)) or 'none'})")
+    out = {k: v for k, v in item.items() if k not in columns.values()}
+    out.update({field: item[column] for field, column in columns.items()})
+    return out
 
 
 def _label(path: Path, loc: str, item: dict) -> bool:

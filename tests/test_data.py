@@ -680,3 +680,24 @@ def test_hugging_face_datasets_and_max_samples(tmp_path, tok):
         read_examples(DataSource("hf:no-such-owner/no-such-dataset"), tok)
     with pytest.raises(DataError, match="max_samples must be a positive integer"):
         DataSource(file, max_samples=0)
+
+
+def test_columns_map_an_items_own_names_to_the_formats_fields(tmp_path, tok):
+    """`columns` (LLaMA-Factory's column mapping): a dataset with `question`/`answer` columns reads
+    as instruction/output; a mapped column an item lacks is named; bad mappings are refused."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i + 1}", "id": i} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "gsm"))
+    mapped = read_examples(DataSource(str(tmp_path / "gsm"), columns={"instruction": "question", "output": "answer"}),
+                           tok)
+    plain = read_examples(DataSource(write_jsonl(tmp_path / "p.jsonl", [
+        {"instruction": r["question"], "output": r["answer"]} for r in rows])), tok)
+    assert [(e.prompt, e.response) for e in mapped] == [(e.prompt, e.response) for e in plain]
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"turns": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "hello"}]}])
+    assert read_examples(DataSource(str(chat), format="messages", columns={"messages": "turns"}), tok)[0].response == "hello"
+    with pytest.raises(DataError, match=r"item 1: no column 'answer' \(mapped by columns"):
+        read_examples(DataSource(write_json(tmp_path / "b.json", [{"question": "x"}]),
+                                 columns={"instruction": "question", "output": "answer"}), tok)
+    with pytest.raises(DataError, match="columns must map field names to column names"):
+        DataSource(str(chat), columns={"messages": 3})
