@@ -26,7 +26,10 @@ Formats (``DataSource.format``):
   and FastChat's layout; ``from``: ``human``/``user``, ``gpt``/``assistant``, ``system``), read as
   ``messages`` (``turns`` applies the same way).
 - ``text``: ``{"text": ...}`` objects in JSON/JSONL, or any other file (``.txt``) read as one
-  example per non-empty line. The prompt is empty: the loss is on every token.
+  example per non-empty line. The prompt is empty: the loss is on every token. TRL's
+  prompt-completion items ``{"prompt", "completion"}`` (raw strings) put the loss on the completion;
+  in the ``messages`` format, ``{"prompt": [...], "completion": [...]}`` message lists are read as
+  ``messages``.
 
 Preference data (``train.stage: dpo``; TRL's and LLaMA-Factory's layouts): every item is a pair
 of responses to one prompt, ``chosen`` and ``rejected``, in place of the response:
@@ -468,10 +471,10 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
         try:
             if stage == "kto":
                 item = _object(path, loc, item, "a label ('kto_tag' or 'label')")
-                ex = _example(path, loc, _trl_completion(path, loc, item, fmt), fmt, tokenizer, task, source.turns)
+            trl = _trl_completion(path, loc, item, fmt) if isinstance(item, dict) else item
+            ex = _example(path, loc, trl, fmt, tokenizer, task, source.turns)
+            if stage == "kto":
                 ex.desirable = _label(path, loc, item)
-            else:
-                ex = _example(path, loc, item, fmt, tokenizer, task, source.turns)
         except DataError as e:
             if isinstance(item, dict) and "chosen" in item and "rejected" in item and "missing required" in str(e):
                 raise DataError(f"{e} (the item is a preference pair, chosen/rejected: train it with "

@@ -701,3 +701,17 @@ def test_columns_map_an_items_own_names_to_the_formats_fields(tmp_path, tok):
                                  columns={"instruction": "question", "output": "answer"}), tok)
     with pytest.raises(DataError, match="columns must map field names to column names"):
         DataSource(str(chat), columns={"messages": 3})
+
+
+def test_trl_prompt_completion_items_train_on_the_completion(tmp_path, tok):
+    """TRL's prompt-completion layout in supervised training: text items (raw strings) and message lists."""
+    (ex,) = read_examples(DataSource(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}]),
+                                     format="text"), tok)
+    assert (ex.prompt, ex.response) == ("Q: 2+2?\nA:", " 4")
+    enc = encode_example(ex, tok, 64)
+    assert enc["labels"][: enc["prompt_length"]] == [-100] * enc["prompt_length"] and enc["prompt_length"] > 1
+    user = [{"role": "user", "content": "2+2?"}]
+    (chat,) = read_examples(DataSource(write_jsonl(tmp_path / "m.jsonl", [
+        {"prompt": user, "completion": [{"role": "assistant", "content": "4"}]}]), format="messages"), tok)
+    assert chat.response == "4" and chat.prompt == tok.apply_chat_template(user, tokenize=False,
+                                                                           add_generation_prompt=True)
