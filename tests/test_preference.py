@@ -215,16 +215,20 @@ def sequence_logp(model, ids: list[int], labels: list[int]) -> float:
     return sum(logp[t, labels[t + 1]].item() for t in range(len(ids) - 1) if labels[t + 1] != -100)
 
 
+def random_mixlora_and_features(model_dir, tok, toy: Path, n: int, cutoff_len: int, stage: str):
+    """The tiny model with a random MixLoRA adapter (eval mode), and the first ``n`` examples of a toy set."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.0))
+    randomize_adapters(model)
+    data = TrainData([DataSource(str(toy / "train.jsonl"), max_samples=n)], tok, cutoff_len, seed=0, stage=stage)
+    return model.eval(), [data[i] for i in range(len(data))]
+
+
 @pytest.mark.parametrize("kind", ["sigmoid", "simpo", "kto_pair"])
 def test_batched_pair_losses_equal_each_pair_alone(tiny_model_dir, tok, kind):
     """The padded batch of chosen and rejected rows (and the reference forward, adapters off) gives
     each pair the loss of its formula on log-probs computed one sequence at a time."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.0))
-    randomize_adapters(model)
-    model.eval()
-    data = TrainData([DataSource(str(PAIRS / "train.jsonl"), max_samples=6)], tok, 96, seed=0, stage="dpo")
-    feats = [data[i] for i in range(len(data))]
+    model, feats = random_mixlora_and_features(tiny_model_dir, tok, PAIRS, 6, 96, "dpo")
     t = load_run_config(None, ["train.stage=dpo", f"train.pref_loss={kind}", "train.pref_beta=0.3"]).train
     with torch.no_grad():
         _, pair = _preference_losses(model, model, feats, ["default"], tok.pad_token_id, Accelerator(cpu=True),
@@ -510,12 +514,7 @@ def test_batched_kto_losses_equal_each_example_alone(tiny_model_dir, tok):
     sequence at a time and the formula."""
     from moelora.data import kto_kl_rows
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    moelora.attach(model, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.0))
-    randomize_adapters(model)
-    model.eval()
-    data = TrainData([DataSource(str(LABELLED / "train.jsonl"), max_samples=5)], tok, 256, seed=0, stage="kto")
-    feats = [data[i] for i in range(len(data))]
+    model, feats = random_mixlora_and_features(tiny_model_dir, tok, LABELLED, 5, 256, "kto")
     t = load_run_config(None, ["train.stage=kto", "train.pref_beta=0.3", "train.kto_rejected_weight=1.5",
                                "train.cutoff_len=256"]).train
     from moelora.train import _kto_losses
