@@ -504,8 +504,10 @@ def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, tu
         return Example(prompt=prompt, response=output, task=task, answer=_answer(path, loc, item))
     if fmt == "text":
         item = _object(path, loc, item, "'text'")
-        text, prompt = _field(path, loc, item, "text", required=True), item.get("_prompt", "")
-        return Example(prompt=prompt, response=text[len(prompt):], task=task)
+        if "completion" in item and "text" not in item:  # TRL's prompt-completion: the loss on the completion
+            return Example(prompt=_field(path, loc, item, "prompt", required=False) or "",
+                           response=_field(path, loc, item, "completion", required=True), task=task)
+        return Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
     # messages, sharegpt
     messages = _messages(path, loc, item) if fmt == "messages" else _sharegpt(path, loc, item)
     last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -541,12 +543,9 @@ def _label(path: Path, loc: str, item: dict) -> bool:
 
 
 def _trl_completion(path: Path, loc: str, item: dict, fmt: str) -> dict:
-    """TRL's prompt-completion layout as the supervised item of ``fmt``: ``text`` items
-    ``{"prompt" (optional), "completion"}``; ``messages`` items ``{"prompt": [...], "completion":
-    [...]}`` (message lists); others unchanged."""
-    if fmt == "text" and "completion" in item and "text" not in item:
-        prompt = _field(path, loc, item, "prompt", required=False) or ""
-        return {"text": prompt + _field(path, loc, item, "completion", required=True), "_prompt": prompt}
+    """TRL's conversational prompt-completion layout as a ``messages`` item: ``{"prompt": [...],
+    "completion": [...]}`` (message lists) -> ``{"messages": prompt + completion}``; other items
+    unchanged (``text`` reads TRL's ``{"prompt", "completion"}`` strings itself)."""
     if fmt == "messages" and "messages" not in item and "completion" in item:
         prompt = item.get("prompt", [])
         completion = item["completion"]
