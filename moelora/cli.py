@@ -364,13 +364,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if args.enable_prefix_caching is False:  # vLLM's --no-enable-prefix-caching
         args.prefix_cache_mb = 0
+    speculative = None
+    if args.speculative_config is not None:
+        from .speculative import SpeculativeConfig
+
+        try:
+            spec = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config is not valid JSON: {e}") from e
+        speculative = SpeculativeConfig.from_dict(spec)
     engine = Engine.from_pretrained(args.model, adapters=adapters, max_batch=args.max_num_seqs or args.max_batch,
                                     max_queue=args.max_queue, device=device, adapter_budget_bytes=budget,
                                     dtype=args.dtype, max_model_len=args.max_model_len,
                                     base_name=args.served_model_name,
                                     prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                                     max_prefill_tokens=args.max_num_batched_tokens,
-                                    chunked_prefill=args.enable_chunked_prefill is not False)
+                                    chunked_prefill=args.enable_chunked_prefill is not False,
+                                    speculative=speculative)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
                tool_parser=args.tool_call_parser)
     return 0
@@ -483,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--no-enable-chunked-prefill: a prompt longer than --max-num-batched-tokens is prefilled "
                         "alone in one step (chunked by default)")
     v.add_argument("--enable-lora", action="store_true", help="accepted and ignored: adapters are always enabled")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='vLLM\'s n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4}\' (also prompt_lookup_min, disable_by_batch_size): drafts from '
+                        "each request's own text, verified in one forward; outputs unchanged (default: off)")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")

@@ -55,6 +55,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .config import MiLoraConfig
+from .speculative import NgramProposer, SpeculativeConfig
 from .structured import JsonPrefix, RegexPrefix, check_guides, guide_for
 
 __all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore",
@@ -188,6 +189,7 @@ class _Request:
     done: int = 0  # chunked prefill: prompt tokens whose keys and values are computed
     partial: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # ... those keys and values, per layer
     chain: list | None = None  # ... the prefix cache's blocks it started from
+    proposer: NgramProposer | None = None  # speculative decoding: its token history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +321,45 @@ class KVStore:
         self.rows = n
         self.compact()
 
-    def step_mask(self) -> torch.Tensor:
-        """The attention mask of one decoding step: the live columns plus the new one."""
-        if self.length + 1 > self.capacity[1]:
+    def step_mask(self, valid: list[int] | None = None, width: int = 1) -> torch.Tensor:
+        """The attention mask of one decoding step: the live columns plus ``width`` new ones (row ``i``'s
+        first ``valid[i]`` of them; all of them by default)."""
+        if self.length + width > self.capacity[1]:
             self.compact()
-            self._ensure(self.rows, self.length + 1, self.keys)
-        self.mask[: self.rows, self.length] = 1
-        return self.mask[: self.rows, : self.length + 1]
+            self._ensure(self.rows, self.length + width, self.keys)
+        new = self.mask[: self.rows, self.length : self.length + width]
+        if valid is None:
+            new.fill_(1)
+        else:
+            new.copy_(torch.arange(width) < torch.tensor(valid)[:, None])
+        return self.mask[: self.rows, : self.length + width]
+
+    def reject(self, keep: list[int], width: int) -> None:
+        """After a speculative step of ``width`` columns: row ``i`` keeps the first ``keep[i]`` of them,
+        the others become holes (masked out; ``align`` removes them)."""
+        new = self.mask[: self.rows, self.length : self.length + width]
+        new.copy_(torch.arange(width) < torch.tensor(keep)[:, None])
+        self.length += width
+
+    def row_columns(self, row: int, n: int) -> torch.Tensor:
+        """The columns of row ``row``'s last ``n`` tokens (holes left by speculation skipped)."""
+        return self.mask[row, : self.length].nonzero().squeeze(1)[-n:]
+
+    def align(self) -> None:
+        """Remove holes: every row's tokens contiguous and right-aligned again (column distances are
+        token distances, as sliding-window attention needs)."""
+        if self.rows == 0:
+            self.length = 0
+            return
+        L, n = self.length, self.rows
+        mask = self.mask[:n, :L]
+        width = int(mask.sum(1).max())
+        order = mask.argsort(dim=1, stable=True)[:, L - width :]  # each row's padding first, then its tokens in order
+        for buf in (*self.keys, *self.values):
+            at = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+            buf[:n, :, :width] = buf[:n, :, :L].gather(2, at)
+        self.mask[:n, :width] = mask.gather(1, order)
+        self.length = width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +555,7 @@ class Engine:
         prefix_cache_bytes: int = 256 * 2**20,
         max_prefill_tokens: int = 8192,
         chunked_prefill: bool = True,
+        speculative: SpeculativeConfig | dict | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -551,6 +586,16 @@ class Engine:
         self.steps = 0
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None  # 0: off
         self._adapter_params: dict[str, tuple[int, list[torch.Tensor]]] = {}  # name -> (ctx epoch, params)
+        if isinstance(speculative, dict):
+            speculative = SpeculativeConfig.from_dict(speculative)
+        elif speculative is not None:
+            speculative.validate()
+        self.speculative = speculative  # n-gram speculative decoding (None: off)
+        self.spec_stats = {"steps": 0, "drafts": 0, "proposed": 0, "accepted": 0}
+        cfg = model.config
+        types = getattr(cfg, "layer_types", None)
+        # sliding-window attention counts distances in cache columns: speculation's holes are removed every step
+        self._sliding = bool(getattr(cfg, "sliding_window", None)) and (types is None or "sliding_attention" in types)
 
     @classmethod
     def from_pretrained(
@@ -839,14 +884,14 @@ class Engine:
         return outputs
 
     def _remember(self, tokens: list[int], scope: tuple | None, chain: list[_Block], keys: list[torch.Tensor],
-                  values: list[torch.Tensor], row: int, col0: int) -> None:
+                  values: list[torch.Tensor], row: int, col0: int | torch.Tensor) -> None:
         """Cache the full blocks of ``tokens`` after ``chain`` from per-layer ``keys``/``values`` (row
-        ``row``, the first token in column ``col0``)."""
+        ``row``, the first token in column ``col0``, or token ``t`` in column ``col0[t]``)."""
         if scope is None:
             return
         B, chain = self.prefix.block, list(chain)
         for j in range(len(chain), len(tokens) // B):
-            cols = slice(col0 + j * B, col0 + (j + 1) * B)
+            cols = slice(col0 + j * B, col0 + (j + 1) * B) if isinstance(col0, int) else col0[j * B : (j + 1) * B]
             if not self.prefix.add(scope, tokens, chain, [k[row, :, cols].clone() for k in keys],
                                    [v[row, :, cols].clone() for v in values]):
                 break
@@ -862,7 +907,8 @@ class Engine:
             if self._prefix_scope(r.adapter) != r.scope:  # its adapter changed while it decoded
                 continue
             chain = self.prefix.lookup(r.scope, tokens, len(r.prompt) // B * B)
-            self._remember(tokens, r.scope, chain, self.store.keys, self.store.values, i, L - len(tokens))
+            cols = self.store.row_columns(i, len(tokens)) if self.speculative is not None else L - len(tokens)
+            self._remember(tokens, r.scope, chain, self.store.keys, self.store.values, i, cols)
 
     def _prefill_cold(self, reqs: list[_Request], scopes: list[tuple | None]) -> list[StepOutput]:
         width = max(len(r.prompt) for r in reqs)
@@ -983,8 +1029,14 @@ class Engine:
                                       for li in group[0].gates}
 
     def _decode(self) -> list[StepOutput]:
-        """Feed every running row its last token (not yet cached) and sample the next one."""
+        """Feed every running row its last token (not yet cached) and sample the next one (or, with
+        speculation and drafts, its last token and its drafts: ``_decode_speculative``)."""
         reqs = self.running
+        spec = self.speculative
+        if spec is not None and (spec.disable_by_batch_size is None or len(reqs) <= spec.disable_by_batch_size):
+            drafts = [d[: r.params.max_tokens - len(r.output) - 1] for r, d in zip(reqs, self._drafts(reqs))]
+            if any(drafts):
+                return self._decode_speculative(reqs, drafts)
         last = torch.tensor([[r.output[-1]] for r in reqs], dtype=torch.long, device=self.device)
         positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in reqs], device=self.device)
         mask = self.store.step_mask()
@@ -1000,12 +1052,72 @@ class Engine:
         )
         self.store.length += 1
         outputs = self._sample(reqs, out.logits[:, -1])
+        self._leave(reqs)
+        return outputs
+
+    def _leave(self, reqs: list[_Request]) -> None:
+        """Drop the finished rows (their prompt + output goes to the prefix cache first)."""
         keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if len(keep) < len(reqs):
             if self.prefix is not None:
                 self._remember_finished(reqs)
             self.store.keep(keep)
             self.running = [reqs[i] for i in keep]
+
+    def _drafts(self, reqs: list[_Request]) -> list[list[int]]:
+        """Each running request's n-gram drafts (at most the tokens it may still produce, less one: a
+        step also samples one token after its accepted drafts)."""
+        drafts = []
+        for r in reqs:
+            if r.proposer is None:
+                r.proposer = NgramProposer(r.prompt, self.speculative.num_speculative_tokens)
+            r.proposer.extend(r.output[len(r.proposer.tokens) - len(r.prompt):])
+            drafts.append(r.proposer.propose(self.speculative, r.params.max_tokens - len(r.output) - 1))
+        return drafts
+
+    def _decode_speculative(self, reqs: list[_Request], drafts: list[list[int]]) -> list[StepOutput]:
+        """One forward over every row's last token and drafts (padded to the longest), then each row
+        samples position by position as a plain step would, going on while the sampled token is the
+        draft there; rejected drafts' columns become holes in the store (see ``moelora.speculative``)."""
+        K = 1 + max(len(d) for d in drafts)
+        ids = torch.full((len(reqs), K), self.pad_id, dtype=torch.long)
+        for i, (r, d) in enumerate(zip(reqs, drafts)):
+            ids[i, : 1 + len(d)] = torch.tensor([r.output[-1], *d])
+        start = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in reqs])
+        positions = start[:, None] + torch.arange(K)
+        mask = self.store.step_mask([1 + len(d) for d in drafts], K)
+        self._load_gates(reqs)
+        L = self.store.length
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask,
+            position_ids=positions.to(self.device),
+            past_key_values=self.store.cache(),
+            cache_position=torch.arange(L, L + K, device=self.device),
+            use_cache=True,
+            **self._adapter_kwargs(reqs),
+        )
+        logits = out.logits.float().cpu()
+        outputs, keep = [], []
+        st = self.spec_stats
+        st["steps"] += 1
+        for i, (r, d) in enumerate(zip(reqs, drafts)):
+            steps = []
+            for j in range(len(d) + 1):
+                steps += self._sample([r], logits[i, j : j + 1])
+                if r.finish_reason is not None or j == len(d) or r.output[-1] != d[j]:
+                    break
+            keep.append(len(steps))  # the last token and the accepted drafts are cached
+            if r.proposer is not None:
+                r.proposer.accepted(self.speculative, len(d), len(steps) - 1)
+            st["drafts"] += bool(d)
+            st["proposed"] += len(d)
+            st["accepted"] += len(steps) - 1
+            outputs.append(_merge(steps))
+        self.store.reject(keep, K)
+        self._leave(reqs)
+        if self._sliding or self.store.length > 2 * max((len(r.prompt) + len(r.output) for r in self.running), default=0) + 64:
+            self.store.align()  # true distances for sliding windows; otherwise when holes take too much room
         return outputs
 
     # -- sampling and text -----------------------------------------------------------------
@@ -1236,6 +1348,16 @@ class Engine:
                     if o.finished:
                         res["finish_reason"] = o.finish_reason
         return [results[rid] for rid in ids]
+
+
+def _merge(steps: list[StepOutput]) -> StepOutput:
+    """One request's outputs of a speculative step as one (its tokens and text in order)."""
+    if len(steps) == 1:
+        return steps[0]
+    last = steps[-1]
+    lps = [e for o in steps for e in (o.logprobs or [])] if last.logprobs is not None else None
+    return StepOutput(last.request_id, [t for o in steps for t in o.token_ids], "".join(o.text for o in steps),
+                      last.finished, last.finish_reason, last.prompt_tokens, last.completion_tokens, lps)
 
 
 def _pending_cut(text: str) -> str:

@@ -1215,9 +1215,9 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
         return web.Response(text="moelora_up 0\n", content_type="text/plain")
-    running, waiting, adapters, prefix = await worker.run(
+    running, waiting, adapters, prefix, spec = await worker.run(
         lambda e: (len(e.running) + len(getattr(e, "prefilling", ())), len(e.waiting), len(list(e.adapter_names())),
-                   getattr(e, "prefix", None)))
+                   getattr(e, "prefix", None), dict(getattr(e, "spec_stats", None) or {})))
     queries, hits, cache_bytes = (prefix.queries, prefix.hits, prefix.bytes) if prefix is not None else (0, 0, 0)
     lines = [
         "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
@@ -1244,6 +1244,16 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE moelora_prefix_cache_hits_total counter", f"moelora_prefix_cache_hits_total {hits}",
         "# HELP moelora_prefix_cache_bytes Bytes of keys and values held by the prefix cache.",
         "# TYPE moelora_prefix_cache_bytes gauge", f"moelora_prefix_cache_bytes {cache_bytes}",
+        # vLLM's spec_decode counter names: drafts (requests that proposed in a step), draft and accepted tokens
+        "# HELP moelora_spec_decode_num_drafts_total Speculative drafts proposed (one per request and step).",
+        "# TYPE moelora_spec_decode_num_drafts_total counter",
+        f"moelora_spec_decode_num_drafts_total {spec.get('drafts', 0)}",
+        "# HELP moelora_spec_decode_num_draft_tokens_total Draft tokens proposed.",
+        "# TYPE moelora_spec_decode_num_draft_tokens_total counter",
+        f"moelora_spec_decode_num_draft_tokens_total {spec.get('proposed', 0)}",
+        "# HELP moelora_spec_decode_num_accepted_tokens_total Draft tokens accepted.",
+        "# TYPE moelora_spec_decode_num_accepted_tokens_total counter",
+        f"moelora_spec_decode_num_accepted_tokens_total {spec.get('accepted', 0)}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
