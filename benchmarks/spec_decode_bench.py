@@ -1,7 +1,8 @@
 """N-gram speculative decoding in the engine (``Engine(speculative=...)``, ``moelora serve
 --speculative-config``) against the same engine without it, on the embedded SmolLM2-135M-Instruct.
 
-    python benchmarks/spec_decode_bench.py [--tokens 96] [--k 3 5 8] [--repeats 2] [--threads 2]
+    python benchmarks/spec_decode_bench.py [--tokens 96] [--k 3 5 8] [--min 2] [--repeats 2] [--threads 2]
+                                           [--device cpu|cuda] [--model DIR]
 
 Workloads: prompts the reply mostly copies (rewrite a paragraph: what n-gram drafts are for) and
 open-ended prompts (a story: drafts mostly rejected, the cost of trying), each at batch 1 (MixLoRA)
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--min", type=int, default=2, help="prompt_lookup_min (prompt_lookup_max is 4)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
+    ap.add_argument("--model", default=None, help="a chat model directory (default: the embedded SmolLM2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -57,10 +60,11 @@ def main() -> None:
     from moelora.embedded import resolve_model
     from moelora.engine import Engine, SamplingParams
 
-    path = resolve_model(None)
+    path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     configs = {"lora": moelora.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0),
                "mixlora": moelora.MixLoraConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.0),
                "milora": moelora.MiLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0)}
@@ -90,11 +94,11 @@ def main() -> None:
     def run(eng: Engine, prompts, adapters) -> tuple[float, list, int]:
         steps0 = eng.steps
         t0 = time.perf_counter()
-        out = eng.generate(prompts, adapters, sp)
+        out = eng.generate(prompts, adapters, sp)  # synchronised: sampling reads the logits on the host
         return time.perf_counter() - t0, [o["token_ids"] for o in out], eng.steps - steps0
 
-    print(f"n-gram speculative decoding in the engine, SmolLM2-135M fp32, {args.tokens} new tokens, greedy, "
-          f"{args.threads} threads")
+    print(f"n-gram speculative decoding in the engine, {Path(path).name} {str(dtype)[6:]} on {args.device}, "
+          f"{args.tokens} new tokens, greedy, {args.threads} threads, prompt_lookup 4..{args.min}")
     print(f"{'workload':<8} {'k':>3} {'plain s':>8} {'spec s':>7} {'steps':>11} {'accepted':>9} {'spec / plain':>13}")
     plain_engine = build(None)
     for wname, (prompts, adapters) in workloads.items():

@@ -26,6 +26,11 @@ decoding, MixLoRA rows route per token.
   weights (a shared system prompt, a chat's earlier turns) prefills only the rest. Not for MiLoRA
   adapters, whose routing of every prompt token depends on the whole prompt, nor for requests that
   ask for the prompt's log-probabilities.
+- **Speculative decoding** (``speculative=``, vLLM's n-gram ``speculative_config``; see
+  ``moelora.speculative``): requests draft tokens by prompt lookup in their own text; one forward
+  verifies every row's drafts and each row samples position by position as a plain step would, so
+  outputs do not change. Rejected drafts leave holes in the ``KVStore`` (masked columns), aligned
+  away now and then, and after every step for sliding-window models.
 - **Adapter pool.** ``AdapterPool``: adapters are registered by name and directory, loaded on first
   use, kept resident up to a byte budget, and the least recently used one that no running request
   needs is evicted.
@@ -1097,14 +1102,16 @@ class Engine:
             use_cache=True,
             **self._adapter_kwargs(reqs),
         )
-        logits = out.logits.float().cpu()
+        fed = torch.tensor([1 + len(d) for d in drafts])
+        logits = out.logits[(torch.arange(K) < fed[:, None]).to(self.device)].float().cpu()  # fed positions only
+        first = (fed.cumsum(0) - fed).tolist()  # row i's positions start at logits[first[i]]
         outputs, keep = [], []
         st = self.spec_stats
         st["steps"] += 1
         for i, (r, d) in enumerate(zip(reqs, drafts)):
             steps = []
             for j in range(len(d) + 1):
-                steps += self._sample([r], logits[i, j : j + 1])
+                steps += self._sample([r], logits[first[i] + j : first[i] + j + 1])
                 if r.finish_reason is not None or j == len(d) or r.output[-1] != d[j]:
                     break
             keep.append(len(steps))  # the last token and the accepted drafts are cached

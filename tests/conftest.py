@@ -131,3 +131,24 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory):
+    """Saved adapters of every method (``test_mixed.CONFIGS``, random weights) for tiny Llama, Gemma-2
+    and Phi-3 bases: ``{(arch, method): dir}`` (the engine's tests load them by name)."""
+    from test_mixed import CONFIGS  # imported here: test_mixed imports this module
+
+    import moelora
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for arch in ("llama", "gemma2", "phi3"):
+        src = tiny_model(arch)
+        for n in ("lora", "mixlora", "milora", "dora"):
+            moelora.attach(src, CONFIGS[n], n)
+        randomize_adapters(src)
+        for n in ("lora", "mixlora", "milora", "dora"):
+            moelora.save_adapter(src, root / arch / n, n)
+            out[arch, n] = root / arch / n
+    return out

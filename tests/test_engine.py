@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_model
-from test_mixed import CONFIGS
+from conftest import tiny_model
 
 import moelora
 from moelora.engine import Engine, QueueFull, SamplingParams
@@ -24,22 +23,6 @@ class ToyTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f" {i}" for i in ids)
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    out = {}
-    for arch in ("llama", "gemma2", "phi3"):
-        src = tiny_model(arch)
-        for n in METHODS:
-            cfg = CONFIGS[n]
-            moelora.attach(src, cfg, n)
-        randomize_adapters(src)
-        for n in METHODS:
-            moelora.save_adapter(src, root / arch / n, n)
-            out[arch, n] = root / arch / n
-    return out
 
 
 def prompts(n: int, seed: int = 0, vocab: int = 128):

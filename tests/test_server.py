@@ -749,6 +749,17 @@ def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monke
                  "--max-num-batched-tokens", "512"]) == 0
     assert served[1][0].prefix.budget == 2**19 and served[2][0].prefix is None
     assert served[2][0].max_prefill_tokens == 512
+    assert served[0][0].speculative is None  # off by default
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--speculative-config",
+                 '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}']) == 0
+    spec = served[3][0].speculative
+    assert (spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == (3, 4, 4)
+    for bad, msg in [("{nope", "--speculative-config is not valid JSON"),
+                     ('{"method": "eagle", "num_speculative_tokens": 3}', "only 'ngram'"),
+                     ('{"num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}', "unknown speculative config")]:
+        assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--speculative-config", bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert len(served) == 4
 
 
 # ------------------------------------------------------------------------------------------- real engine
@@ -824,6 +835,30 @@ def test_real_engine_prefix_cache_reports_cached_tokens(real_server):
     metrics = httpx.get(url + "/metrics").text
     assert f"moelora_prefix_cache_hits_total {2 * ((n - 1) // 16 * 16)}" in metrics
     assert f"moelora_prefix_cache_queries_total {3 * n}" in metrics
+
+
+@pytest.mark.slow
+def test_real_engine_speculative_decoding_answers_as_without_it(start, real_server, tiny_model_dir, real_adapters):
+    """A server started with n-gram speculation answers what the plain server answers (greedy and
+    seeded sampling, streamed or not), and /metrics counts the drafts and accepted tokens."""
+    url_plain, _ = real_server
+    engine = _real_engine_cls().from_pretrained(
+        str(tiny_model_dir), adapters=real_adapters, max_batch=4, device="cpu",
+        speculative={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    url, _ = start(engine)
+    bodies = [{"model": "lora-a", "prompt": "Below is an instruction " * 4, "max_tokens": 40, "temperature": 0},
+              {"model": "lora-b", "prompt": "Write a response", "max_tokens": 30, "temperature": 0.8, "seed": 3},
+              {"model": engine.base_name, "prompt": "a b c a b c a b", "max_tokens": 30, "temperature": 0,
+               "ignore_eos": True}]
+    for body in bodies:
+        want = post(url_plain, "/v1/completions", body).json()["choices"]
+        assert post(url, "/v1/completions", body).json()["choices"] == want
+        events = stream(url, "/v1/completions", {**body, "stream": True})
+        assert "".join(e["choices"][0]["text"] for e in events) == want[0]["text"]
+    m = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+         if line and not line.startswith("#")}
+    assert 0 < m["moelora_spec_decode_num_accepted_tokens_total"] <= m["moelora_spec_decode_num_draft_tokens_total"]
+    assert m["moelora_spec_decode_num_drafts_total"] > 0
 
 
 @pytest.mark.slow

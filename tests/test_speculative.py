@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from test_engine import METHODS, ByteTokenizer, adapter_dirs, prompts, sharp_engine  # noqa: F401
+from test_engine import METHODS, ByteTokenizer, prompts, sharp_engine
 
 from moelora.engine import Engine, SamplingParams
 from moelora.speculative import NgramProposer, SpeculativeConfig
@@ -189,12 +189,13 @@ def test_holes_are_aligned_away_and_sliding_windows_see_true_distances(adapter_d
         plain = collect(sharp_engine(arch, adapter_dirs), ps, adapters, [sp] * 3)
         eng = planted(arch, adapter_dirs, [(p, r["token_ids"]) for p, r in zip(ps, plain)], wrong=1)
         widths = []
-        real = eng.store.align
+        store = eng.store
+        real = store.align
 
-        def align(real=real):
+        def align(real=real, store=store, widths=widths):
             real()
-            widths.append(eng.store.length)
-        eng.store.align = align
+            widths.append(store.length)
+        store.align = align
         assert_same(plain, collect(eng, ps, adapters, [sp] * 3))
         assert eng.spec_stats["accepted"] == 0 and eng.spec_stats["proposed"] > 100
         if arch == "gemma2":
