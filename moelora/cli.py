@@ -170,12 +170,15 @@ def _guide(args: argparse.Namespace) -> dict:
     return guide
 
 
-def _engine_for(model, tok):
-    """A one-request engine over ``model`` (its active adapter attached as is) -> (engine, adapter name)."""
+def _engine_for(model, tok, prompt_lookup: int | None = None):
+    """A one-request engine over ``model`` (its active adapter attached as is) -> (engine, adapter name);
+    ``prompt_lookup`` N: the engine's n-gram speculation, up to N draft tokens from 4- to 2-token matches."""
     from .engine import Engine
     from .inject import get_context
 
-    engine = Engine(model, tok, max_batch=1)
+    spec = {"num_speculative_tokens": prompt_lookup, "prompt_lookup_max": 4, "prompt_lookup_min": 2} \
+        if prompt_lookup else None
+    engine = Engine(model, tok, max_batch=1, speculative=spec)
     adapter = get_context(model).active if getattr(model, "_moelora_ctx", None) is not None else None
     if adapter is not None:
         engine.add_attached(adapter)
@@ -203,7 +206,8 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool, eng
     guide = _guide(args)
     if guide or engine is not None:
         ids = list(tok(text, add_special_tokens=not chat)["input_ids"])
-        return _generate_engine(engine or _engine_for(model, tok), ids, args, guide)
+        return _generate_engine(engine or _engine_for(model, tok, getattr(args, "prompt_lookup", None)), ids, args,
+                                guide)
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
     kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
               repetition_penalty=args.repetition_penalty)
@@ -254,13 +258,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _check_lookup(args: argparse.Namespace) -> None:
     if args.prompt_lookup is not None:
-        if args.prompt_lookup < 1:
-            raise ValueError(f"--prompt-lookup must be >= 1 (tokens proposed per step), got {args.prompt_lookup}")
-        if _guide(args) or args.num_beams > 1:
-            raise ValueError("--prompt-lookup applies to plain greedy or sampled generation, not with guided "
-                             "generation or beam search")
+        if not 1 <= args.prompt_lookup <= 64:
+            raise ValueError(f"--prompt-lookup must be in [1, 64] (tokens proposed per step), got {args.prompt_lookup}")
+        if args.num_beams > 1:
+            raise ValueError("--prompt-lookup applies to greedy or sampled generation, not to beam search")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_lookup(args)
     model, tok = _load(args.model, args.adapter)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     print(_generate(model, tok, prompt, args, chat=args.chat))
@@ -268,11 +275,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_lookup(args)
     model, tok = _load(args.model, args.adapter)
     _guide(args)  # a bad guide fails before the first turn
     # through the engine (one per session, so each turn reuses the previous turns' keys and values
     # from its prefix cache), unless beam search is asked for (model.generate then)
-    engine = _engine_for(model, tok) if args.num_beams == 1 else None
+    engine = _engine_for(model, tok, args.prompt_lookup) if args.num_beams == 1 else None
     history: list[dict] = []
     print("moelora chat: empty line or Ctrl-D to quit, /reset to clear the history")
     while True:
@@ -386,6 +394,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lookup_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="prompt lookup decoding: propose up to N tokens per step from n-grams of the prompt and "
+                        "reply, verified in one forward (same output, fewer forwards when the reply copies the "
+                        "prompt); transformers' for plain generate, the engine's n-gram speculation for chat "
+                        "and guided generation")
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter directory")
@@ -434,13 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                   help="prompt lookup decoding: propose up to N tokens per step from n-grams of the prompt, "
-                        "verified in one forward (same output, fewer forwards when the reply copies the prompt)")
+    _lookup_arg(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
     _gen_args(p)
+    _lookup_arg(p)
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("plot", help="routing heatmaps and training curves")

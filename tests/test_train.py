@@ -522,8 +522,10 @@ def test_cli_eval_generate_and_plots(tmp_path, tiny_model_dir, capsys):
     assert cli(["generate", "--model", str(tiny_model_dir), "--adapter", str(out), "--prompt", "is 3 even?",
                 "--max-new-tokens", "8", "--prompt-lookup", "3"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == texts[()]  # prompt lookup decoding: the same greedy text
-    assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--prompt-lookup", "3", "--json"]) == 2
-    assert "--prompt-lookup applies to plain" in capsys.readouterr().err
+    for bad, msg in [(["--num-beams", "2"], "not to beam search"), ([], "must be in [1, 64]")]:
+        assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "x",
+                    "--prompt-lookup", "3" if bad else "0", *bad]) == 2
+        assert msg in capsys.readouterr().err
     hot = ["--temperature", "1.5", "--seed", "3", "--max-new-tokens", "8"]
     assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "is 3 even?", *hot, "--top-k", "1"]) == 0
     top1 = capsys.readouterr().out
@@ -724,6 +726,7 @@ def test_cli_generate_guided_outputs_obey_their_guide(tmp_path, tiny_model_dir, 
 
     text = gen("--json", "--max-new-tokens", "30")
     assert text.startswith("{") and JsonPrefix().feed(text)
+    assert gen("--json", "--max-new-tokens", "30", "--prompt-lookup", "3") == text  # the engine's speculation
     assert gen("--choice", "yes", "--choice", "no", "--max-new-tokens", "5") in ("yes", "no")
     assert regex.fullmatch(r"[0-9]{3}", gen("--regex", "[0-9]{3}", "--max-new-tokens", "10"))
     assert gen("--choice", "yes", "--choice", "no", "--temperature", "1.2", "--seed", "1") in ("yes", "no")
@@ -772,27 +775,33 @@ def test_neftune_noise_is_bounded_and_training_only_and_loraplus_speeds_up_b(tmp
     assert 10 < moved[16.0] / moved[0.0] < 20, moved
 
 
-def test_chat_reuses_earlier_turns_and_answers_like_generate(tiny_model_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("lookup", [[], ["--prompt-lookup", "4"]])
+def test_chat_reuses_earlier_turns_and_answers_like_generate(lookup, tiny_model_dir, monkeypatch, capsys):
     """``moelora chat`` runs through one engine: turn 2 reuses turn 1's prompt and reply from the prefix
-    cache, and every reply equals ``model.generate`` (greedy) on the same history."""
+    cache, and every reply equals ``model.generate`` (greedy) on the same history; with
+    ``--prompt-lookup`` too (the engine's n-gram speculation, which drafted and had drafts accepted)."""
     import builtins
 
     from moelora.engine import Engine
 
     lines = iter(["what is two plus two? " * 3, "and three plus three? " * 2, ""])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
-    cached = []
+    cached, engines = [], []
     real = Engine.generate
 
     def spy(self, *a, **kw):
         out = real(self, *a, **kw)
         cached.append(out[0]["cached_tokens"])
+        engines.append(self)
         return out
 
     monkeypatch.setattr(Engine, "generate", spy)
-    assert cli(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "12"]) == 0
+    n = 40 if lookup else 12
+    assert cli(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", str(n), *lookup]) == 0
     replies = [line[len("model> "):] for line in capsys.readouterr().out.splitlines() if line.startswith("model> ")]
     assert len(replies) == 2 and cached[0] == 0 and cached[1] >= 16
+    if lookup:
+        assert engines[0].speculative.num_speculative_tokens == 4 and engines[0].spec_stats["accepted"] > 0
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -803,7 +812,7 @@ def test_chat_reuses_earlier_turns_and_answers_like_generate(tiny_model_dir, mon
         ids = tok(tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True),
                   add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
         assert reply == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})
 
