@@ -187,6 +187,9 @@ class DataSource:
     """The items' own names for the format's fields (LLaMA-Factory's ``columns`` of
     ``dataset_info.json``): ``{field: column}``, e.g. ``{instruction: question, output: answer}``
     reads ``question``/``answer`` columns as ``instruction``/``output``."""
+    llamafactory: dict | None = None
+    """Set by ``{dataset: NAME, dataset_dir: DIR}`` (``moelora.dataset_info``): the dataset_info.json
+    entry's layout, columns and tags; each item is converted to the ``messages`` layout."""
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -222,10 +225,16 @@ class DataSource:
             raise DataError(f"{self.path}: name must be a non-empty string, got {self.name!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> DataSource:
-        """From a config mapping (``{path, format, weight, name}``); unknown keys are refused."""
+    def from_dict(cls, d: dict, base_dir: Path | None = None) -> DataSource:
+        """From a config mapping (``{path, format, weight, name}``, or ``{dataset: NAME, dataset_dir: DIR}``
+        for a dataset of LLaMA-Factory's dataset_info.json, looked up from ``base_dir``, default the
+        working directory); unknown keys are refused."""
         if not isinstance(d, dict):
             raise DataError(f"a data source must be a mapping with 'path', got {type(d).__name__}")
+        if "dataset" in d:
+            from .dataset_info import expand
+
+            d = expand(d, base_dir or Path.cwd())
         valid = tuple(f.name for f in dataclasses.fields(cls))
         for key in d:
             if key not in valid:
@@ -440,6 +449,9 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
                             "items in format 'llm-adapters'")
         if source.turns != "last":
             raise DataError(f"{path}: turns: all does not apply to preference pairs (the loss is on chosen/rejected)")
+    if source.llamafactory is not None and source.llamafactory.get("ranking") and not preference:
+        raise DataError(f"{source.llamafactory.get('where', path)}: a ranking dataset holds preference pairs: "
+                        "train it with train.stage: dpo")
         if fmt == "text" and not _is_dataset(source) and path.suffix.lower() not in (".json", ".jsonl"):
             raise DataError(f"{path}: a plain text file holds no preference pairs: give JSON or JSONL objects "
                             "{\"prompt\", \"chosen\", \"rejected\"}")
@@ -458,9 +470,13 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
     examples: list[Example] = []
     skipped = 0
     items = _load_dataset(source) if _is_dataset(source) else _load_items(path, fmt)
+    if source.llamafactory is not None:
+        from .dataset_info import convert
     for loc, item in items[: source.max_samples]:
         if source.columns and isinstance(item, dict):
             item = _rename(path, loc, item, source.columns)
+        if source.llamafactory is not None:
+            item = convert(source.llamafactory, loc, item)
         if preference:
             ex = _pair(path, loc, item, fmt, tokenizer, task)
             if not (ex.response.strip() and ex.rejected.strip()):

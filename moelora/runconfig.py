@@ -32,6 +32,7 @@ import yaml
 from .checkpoint import CheckpointError, read_adapter_config
 from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
 from .data import STAGES, DataSource
+from .dataset_info import expand
 from .engine import ADAPTER_NAME
 from .evaluate import PROTOCOLS
 from .preference import PREF_LOSSES
@@ -321,6 +322,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raise ConfigError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
         base_dir = p.resolve().parent
     d = apply_overrides(d, list(overrides))
+    d = _dataset_info_entries(d, base_dir)
     if d.get("adapters") is not None and "method" in d:
         raise ConfigError("give either `method` (one adapter) or `adapters` (several trained together), not both")
     if d.get("adapter_name_or_path") is not None and ("method" in d or d.get("adapters") is not None):
@@ -411,6 +413,35 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     if run.eval is not None:
         run.eval.data = [_resolve(x, base_dir) for x in run.eval.data]
     return run
+
+
+def _dataset_info_entries(d: dict, base_dir: Path) -> dict:
+    """LLaMA-Factory's top-level ``dataset: a,b`` / ``eval_dataset`` / ``dataset_dir`` become ``data`` /
+    ``val_data`` entries, and every ``{dataset: NAME, ...}`` entry is looked up in its directory's
+    dataset_info.json (``moelora.dataset_info``; directories relative to the working directory, then
+    to the config's)."""
+    d = dict(d)
+    ddir = d.pop("dataset_dir", None)
+    for key, target in (("dataset", "data"), ("eval_dataset", "val_data")):
+        names = d.pop(key, None)
+        if names is None:
+            continue
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"{key} must be dataset names of dataset_info.json, as 'a,b' or a list, got {names!r}")
+        existing = d.get(target) or []
+        if not isinstance(existing, list):
+            raise ConfigError(f"{target} must be a list of {{path, format, weight}} entries")
+        d[target] = existing + [{"dataset": n, **({"dataset_dir": ddir} if ddir else {})} for n in names]
+    named = [e for target in ("data", "val_data") if isinstance(d.get(target), list)
+             for e in d[target] if isinstance(e, dict) and "dataset" in e]
+    if ddir is not None and not named:
+        raise ConfigError("dataset_dir applies to datasets named by `dataset:` (LLaMA-Factory's dataset_info.json)")
+    for target in ("data", "val_data"):
+        if isinstance(d.get(target), list):
+            d[target] = [expand(e, base_dir) if isinstance(e, dict) and "dataset" in e else e for e in d[target]]
+    return d
 
 
 def _resolve(path: str, base_dir: Path) -> str:

@@ -1,0 +1,220 @@
+"""LLaMA-Factory's ``dataset_info.json``: its named datasets as training sources.
+
+A LLaMA-Factory data directory (``dataset_dir``, default ``data``) registers each dataset in
+``dataset_info.json``: where it is (``file_name`` in the directory, or ``hf_hub_url``), its layout
+(``formatting``: ``alpaca`` or ``sharegpt``), whether it holds preference pairs (``ranking``), its
+own column names (``columns``) and, for ``sharegpt``, its role and content keys (``tags``).
+:func:`expand` turns a ``{dataset: NAME, dataset_dir: DIR, ...}`` entry of a run config into a
+:class:`moelora.data.DataSource` mapping, and :func:`convert` turns each item into the ``messages``
+layout as LLaMA-Factory reads it:
+
+- ``alpaca``: ``[system] + history turns + user(prompt + "\\n" + query) + assistant(response)``
+  (the prompt alone when the query is empty); ``ranking``: the same prompt with ``chosen`` and
+  ``rejected`` strings; ``kto_tag``: kept as the label.
+- ``sharegpt``: the ``messages`` column's turns, roles read through ``tags`` (``from``/``value``,
+  ``human``/``gpt``/``system`` by default; OpenAI's ``role``/``content`` with tags); a ``system``
+  column comes first; ``ranking``: ``chosen``/``rejected`` are assistant messages.
+
+The chat template is the tokenizer's (LLaMA-Factory's ``template:`` is not read). LLaMA-Factory
+learns every assistant turn of a conversation by default: set ``turns: all`` for that (the default
+here is the last turn). Refused by name, not skipped: tool turns and ``tools`` (function calling
+data), images/videos/audios, ``ms_hub_url``/``script_url``/``cloud_file_name``-only datasets,
+``subset`` and ``folder``. ``num_samples`` keeps the first N items (LLaMA-Factory samples N at random).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import did_you_mean
+from .data import HUB_PREFIX, DataError
+
+__all__ = ["expand", "convert", "load_info"]
+
+ENTRY_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "file_sha1",
+              "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags", "load_from")
+COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos", "audios",
+               "chosen", "rejected", "kto_tag")
+TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+DEFAULT_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "chosen": "chosen",
+               "rejected": "rejected"},
+    "sharegpt": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+}
+DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+SOURCE_KEYS = ("weight", "name", "turns", "max_samples")  # what a `dataset:` entry may add
+
+
+def load_info(dataset_dir: Path) -> dict:
+    path = dataset_dir / "dataset_info.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (LLaMA-Factory's dataset registry; dataset_dir is {dataset_dir})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object of datasets, got {type(info).__name__}")
+    return info
+
+
+def _find_dir(dataset_dir: str | Path, base_dir: Path) -> Path:
+    """``dataset_dir`` as given, relative to the working directory, else to the config's directory."""
+    p = Path(dataset_dir).expanduser()
+    if p.is_absolute() or p.is_dir():
+        return p
+    alt = base_dir / p
+    return alt if alt.is_dir() else p
+
+
+def expand(entry: dict, base_dir: Path = Path(".")) -> dict:
+    """``{dataset: NAME, dataset_dir: DIR (default "data"), weight, name, turns, max_samples}`` -> the
+    mapping of a :class:`moelora.data.DataSource` reading that dataset (``format: messages`` with the
+    entry's conversion in ``llamafactory``)."""
+    extra = sorted(set(entry) - {"dataset", "dataset_dir", *SOURCE_KEYS})
+    name = entry.get("dataset")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"data source {entry!r}: 'dataset' must be a dataset name of dataset_info.json")
+    if extra:
+        raise DataError(f"dataset {name!r}: key(s) {extra} do not apply to a dataset_info.json entry (its file, "
+                        f"format and columns come from there); valid keys: dataset, dataset_dir, {', '.join(SOURCE_KEYS)}")
+    ddir = _find_dir(entry.get("dataset_dir") or "data", base_dir)
+    info = load_info(ddir)
+    where = f"{ddir / 'dataset_info.json'}, dataset {name!r}"
+    if name not in info:
+        raise DataError(f"{ddir / 'dataset_info.json'}: no dataset {name!r}{did_you_mean(name, list(info))} "
+                        f"(it has {len(info)}: {', '.join(list(info)[:20])}{', ...' if len(info) > 20 else ''})")
+    spec = info[name]
+    if not isinstance(spec, dict):
+        raise DataError(f"{where}: expected an object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(ENTRY_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; known: {', '.join(ENTRY_KEYS)}")
+    for key in ("subset", "folder"):
+        if spec.get(key):
+            raise DataError(f"{where}: '{key}' is not supported (save that subset/folder as a file or a dataset "
+                            "directory and give its file_name)")
+    fmt = spec.get("formatting", "alpaca")
+    if fmt not in DEFAULT_COLUMNS:
+        raise DataError(f"{where}: formatting must be 'alpaca' or 'sharegpt', got {fmt!r}")
+    if spec.get("hf_hub_url"):
+        path = HUB_PREFIX + spec["hf_hub_url"]
+    elif spec.get("file_name"):
+        path = str(ddir / spec["file_name"])
+    else:
+        given = [k for k in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if spec.get(k)]
+        raise DataError(f"{where}: " + (f"{given[0]} is not supported (ModelScope/Modelers hubs, loading scripts and "
+                                        "cloud files): give file_name or hf_hub_url" if given else
+                                        "needs file_name (a file or directory in dataset_dir) or hf_hub_url"))
+    columns = spec.get("columns") or {}
+    tags = spec.get("tags") or {}
+    for what, d, keys in (("columns", columns, COLUMN_KEYS), ("tags", tags, TAG_KEYS)):
+        if not isinstance(d, dict) or not all(isinstance(v, str) and v for v in d.values()):
+            raise DataError(f"{where}: '{what}' must map names to strings, got {d!r}")
+        bad = sorted(set(d) - set(keys))
+        if bad:
+            raise DataError(f"{where}: unknown {what} key(s) {bad}; known: {', '.join(keys)}")
+    if tags and fmt != "sharegpt":
+        raise DataError(f"{where}: 'tags' apply to formatting 'sharegpt' only")
+    ranking = spec.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise DataError(f"{where}: ranking must be true or false, got {ranking!r}")
+    n = spec.get("num_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DataError(f"{where}: num_samples must be a positive integer, got {n!r}")
+    out = {"path": path, "format": "messages", "name": name,
+           "llamafactory": {"where": where, "formatting": fmt, "ranking": ranking,
+                            "columns": {**DEFAULT_COLUMNS[fmt], **columns}, "tags": {**DEFAULT_TAGS, **tags}}}
+    if spec.get("split"):
+        out["split"] = spec["split"]
+    if n is not None:
+        out["max_samples"] = n
+    out.update({k: entry[k] for k in SOURCE_KEYS if k in entry})
+    return out
+
+
+def _text(where: str, item: dict, column: str, required: bool = True) -> str | None:
+    value = item.get(column)
+    if value is None or value == "":
+        if required:
+            raise DataError(f"{where}: missing column {column!r} (the item has {', '.join(map(repr, item)) or 'none'})")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def convert(spec: dict, loc: str, item: Any) -> dict:
+    """One item of a ``dataset_info.json`` dataset in the ``messages`` layout of ``moelora.data``
+    (``{"messages"}`` + ``chosen``/``rejected`` strings for ranking, + ``kto_tag`` when mapped)."""
+    where = f"{spec['where']}, {loc}"
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object, got {type(item).__name__}")
+    cols, tags = spec["columns"], spec["tags"]
+    for key in ("tools", "images", "videos", "audios"):
+        if key in cols and item.get(cols[key]):
+            raise DataError(f"{where}: column {cols[key]!r} ({key}) is not supported (text-only training without "
+                            "function calling)")
+    messages: list[dict] = []
+    system = _text(where, item, cols["system"], required=False) if "system" in cols else None
+    if spec["formatting"] == "alpaca":
+        if system:
+            messages.append({"role": "system", "content": system})
+        history = item.get(cols["history"]) if "history" in cols else None
+        if history:
+            if not isinstance(history, list) or not all(
+                    isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+                raise DataError(f"{where}: column {cols['history']!r} (history) must be a list of [prompt, response] "
+                                "string pairs")
+            for q, a in history:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        prompt = _text(where, item, cols["prompt"])
+        query = _text(where, item, cols["query"], required=False)
+        messages.append({"role": "user", "content": f"{prompt}\n{query}" if query else prompt})
+        if spec["ranking"]:
+            return {"messages": messages, "chosen": _text(where, item, cols["chosen"]),
+                    "rejected": _text(where, item, cols["rejected"])}
+        messages.append({"role": "assistant", "content": _text(where, item, cols["response"])})
+    else:
+        turns = item.get(cols["messages"])
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: column {cols['messages']!r} (messages) must be a list of messages")
+        roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+        for j, turn in enumerate(turns, 1):
+            role, content = _turn(f"{where}, message {j}", turn, tags, roles)
+            if role == "system" and j != 1:
+                raise DataError(f"{where}, message {j}: a system message must come first")
+            messages.append({"role": role, "content": content})
+        if system and not (messages and messages[0]["role"] == "system"):  # a system turn overrides the column
+            messages.insert(0, {"role": "system", "content": system})
+        if spec["ranking"]:
+            sides = {}
+            for key in ("chosen", "rejected"):
+                role, content = _turn(f"{where}, {key}", item.get(cols[key]), tags, roles)
+                if role != "assistant":
+                    raise DataError(f"{where}: {key} must be an assistant message ({tags['role_tag']}: "
+                                    f"{tags['assistant_tag']!r}), got {role!r}")
+                sides[key] = content
+            return {"messages": messages, **sides}
+    out = {"messages": messages}
+    if "kto_tag" in cols:
+        out["kto_tag"] = item.get(cols["kto_tag"])
+    return out
+
+
+def _turn(where: str, turn: Any, tags: dict, roles: dict) -> tuple[str, str]:
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: expected a message object with {tags['role_tag']!r} and {tags['content_tag']!r}")
+    who, content = turn.get(tags["role_tag"]), turn.get(tags["content_tag"])
+    if who in (tags["observation_tag"], tags["function_tag"]):
+        raise DataError(f"{where}: {tags['role_tag']} {who!r} is a tool turn, which is not supported")
+    if who not in roles:
+        raise DataError(f"{where}: {tags['role_tag']} must be one of {sorted(roles)} (the dataset's tags), got {who!r}")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: {tags['content_tag']} must be a string, got {type(content).__name__}")
+    return roles[who], content
