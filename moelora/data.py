@@ -449,12 +449,12 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
                             "items in format 'llm-adapters'")
         if source.turns != "last":
             raise DataError(f"{path}: turns: all does not apply to preference pairs (the loss is on chosen/rejected)")
-    if source.llamafactory is not None and source.llamafactory.get("ranking") and not preference:
-        raise DataError(f"{source.llamafactory.get('where', path)}: a ranking dataset holds preference pairs: "
-                        "train it with train.stage: dpo")
         if fmt == "text" and not _is_dataset(source) and path.suffix.lower() not in (".json", ".jsonl"):
             raise DataError(f"{path}: a plain text file holds no preference pairs: give JSON or JSONL objects "
                             "{\"prompt\", \"chosen\", \"rejected\"}")
+    if source.llamafactory is not None and source.llamafactory.get("ranking") and not preference:
+        raise DataError(f"{source.llamafactory.get('where', path)}: a ranking dataset holds preference pairs: "
+                        "train it with train.stage: dpo")
     if fmt in CHAT_FORMATS:
         if tokenizer is None:
             raise DataError(f"{path}: format {fmt!r} needs a tokenizer (for its chat template)")
