@@ -372,6 +372,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if args.enable_prefix_caching is False:  # vLLM's --no-enable-prefix-caching
         args.prefix_cache_mb = 0
+    kv_bytes = None
+    if args.kv_cache_mb is not None and args.kv_cache_memory_bytes is not None:
+        raise ValueError("give --kv-cache-mb or --kv-cache-memory-bytes, not both")
+    if args.kv_cache_mb is not None:
+        if not args.kv_cache_mb > 0:
+            raise ValueError(f"--kv-cache-mb must be positive, got {args.kv_cache_mb}")
+        kv_bytes = int(args.kv_cache_mb * 2**20)
+    elif args.kv_cache_memory_bytes is not None:
+        if args.kv_cache_memory_bytes < 1:
+            raise ValueError(f"--kv-cache-memory-bytes must be positive, got {args.kv_cache_memory_bytes}")
+        kv_bytes = args.kv_cache_memory_bytes
     speculative = None
     if args.speculative_config is not None:
         from .speculative import SpeculativeConfig
@@ -388,7 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                                     max_prefill_tokens=args.max_num_batched_tokens,
                                     chunked_prefill=args.enable_chunked_prefill is not False,
-                                    speculative=speculative)
+                                    speculative=speculative, kv_cache_bytes=kv_bytes)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
                tool_parser=args.tool_call_parser)
     return 0
@@ -508,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--no-enable-chunked-prefill: a prompt longer than --max-num-batched-tokens is prefilled "
                         "alone in one step (chunked by default)")
     v.add_argument("--enable-lora", action="store_true", help="accepted and ignored: adapters are always enabled")
+    p.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for the running requests' keys and values: a request is admitted only while every "
+                        "running one fits to its end (rows x the longest prompt + max_tokens); the others wait "
+                        "(default: no limit)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, metavar="N",
+                   help="vLLM's name: --kv-cache-mb in bytes")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='vLLM\'s n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4}\' (also prompt_lookup_min, disable_by_batch_size): drafts from '

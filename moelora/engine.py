@@ -227,13 +227,15 @@ class KVStore:
     and are compacted (dropping columns that are padding for every row) before growing.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, limit: int | None = None) -> None:
         self.num_layers = num_layers
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.mask: torch.Tensor | None = None  # (row capacity, column capacity) long
         self.rows = 0
         self.length = 0
+        self.limit = limit  # at most this many slots (row capacity x column capacity); None: no limit
+        self.holes = False  # speculation left masked columns between some row's tokens
 
     def cache(self) -> Cache:
         return Cache(layers=[_StoreLayer(self, i) for i in range(self.num_layers)])
@@ -254,7 +256,12 @@ class KVStore:
         cap_rows, cap_cols = self.capacity
         if rows <= cap_rows and cols <= cap_cols:
             return
-        rows, cols = max(rows, 2 * cap_rows), max(cols, 2 * cap_cols, 16)
+        need_rows, need_cols = rows, cols
+        rows = max(rows, 2 * cap_rows) if rows > cap_rows else cap_rows  # a dimension that grows doubles
+        cols = max(cols, 2 * cap_cols, 16) if cols > cap_cols else cap_cols
+        if self.limit is not None:  # ... up to the limit (rows may shrink to the live ones; never below the need)
+            rows = max(need_rows, min(rows, self.limit // max(need_cols, 1)))
+            cols = max(need_cols, min(cols, self.limit // max(rows, 1)))
 
         def grow(old: torch.Tensor | None, proto: torch.Tensor) -> torch.Tensor:
             new = torch.zeros((rows, proto.shape[1], cols, proto.shape[3]), dtype=proto.dtype, device=proto.device)
@@ -331,6 +338,8 @@ class KVStore:
         first ``valid[i]`` of them; all of them by default)."""
         if self.length + width > self.capacity[1]:
             self.compact()
+            if self.holes and self.limit is not None and self.rows * (self.length + width) > self.limit:
+                self.align()  # within the limit without the holes
             self._ensure(self.rows, self.length + width, self.keys)
         new = self.mask[: self.rows, self.length : self.length + width]
         if valid is None:
@@ -345,6 +354,7 @@ class KVStore:
         new = self.mask[: self.rows, self.length : self.length + width]
         new.copy_(torch.arange(width) < torch.tensor(keep)[:, None])
         self.length += width
+        self.holes = self.holes or min(keep) < width
 
     def row_columns(self, row: int, n: int) -> torch.Tensor:
         """The columns of row ``row``'s last ``n`` tokens (holes left by speculation skipped)."""
@@ -365,6 +375,7 @@ class KVStore:
             buf[:n, :, :width] = buf[:n, :, :L].gather(2, at)
         self.mask[:n, :width] = mask.gather(1, order)
         self.length = width
+        self.holes = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,6 +572,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         chunked_prefill: bool = True,
         speculative: SpeculativeConfig | dict | None = None,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -586,7 +598,19 @@ class Engine:
         self.running: list[_Request] = []
         self.prefilling: list[_Request] = []  # long prompts prefilled a chunk per step (first: the current one)
         self.ids: set[str] = set()
-        self.store = KVStore(self.num_layers)
+        cfg = model.config
+        heads = getattr(cfg, "num_attention_heads", 1)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        dtype = getattr(model, "dtype", None) or torch.float32
+        # keys and values of one token of one row, every layer
+        self.kv_bytes_per_token = 2 * self.num_layers * (getattr(cfg, "num_key_value_heads", None) or heads) \
+            * head_dim * torch.empty((), dtype=dtype).element_size()
+        if kv_cache_bytes is not None and (isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int)
+                                           or kv_cache_bytes < self.kv_bytes_per_token):
+            raise ValueError(f"kv_cache_bytes must be an integer of at least one token's keys and values "
+                             f"({self.kv_bytes_per_token} bytes here), got {kv_cache_bytes!r}")
+        self.kv_slots = None if kv_cache_bytes is None else kv_cache_bytes // self.kv_bytes_per_token  # rows x columns
+        self.store = KVStore(self.num_layers, self.kv_slots)
         self.pending: list[StepOutput] = []  # aborts to report at the next step
         self.steps = 0
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None  # 0: off
@@ -597,7 +621,6 @@ class Engine:
             speculative.validate()
         self.speculative = speculative  # n-gram speculative decoding (None: off)
         self.spec_stats = {"steps": 0, "drafts": 0, "proposed": 0, "accepted": 0}
-        cfg = model.config
         types = getattr(cfg, "layer_types", None)
         # sliding-window attention counts distances in cache columns: speculation's holes are removed every step
         self._sliding = bool(getattr(cfg, "sliding_window", None)) and (types is None or "sliding_attention" in types)
@@ -684,6 +707,11 @@ class Engine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.max_model_len} tokens"
             )
+        if self.kv_slots is not None and self._reserve(len(prompt_ids), params) > self.kv_slots:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) needs "
+                f"{self._reserve(len(prompt_ids), params)} token slots of KV cache, more than the engine's "
+                f"kv_cache_bytes hold ({self.kv_slots} slots of {self.kv_bytes_per_token} bytes)")
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
         gen = None
@@ -751,6 +779,8 @@ class Engine:
         width = 0  # the prefill's padded size is rows x the longest prompt: at most the budget
         while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch:
             req = self.waiting[0]
+            if not self._kv_fits([*self.running, *self.prefilling, *admitted, req]):
+                break  # it waits for running requests to finish (first come, first served)
             fits = (len(admitted) + 1) * max(width, len(req.prompt)) <= budget
             alone = not admitted and budget == self.max_prefill_tokens  # nothing else prefills in this step
             if not fits and (self.prefilling or budget - len(admitted) * width <= 0):
@@ -773,6 +803,19 @@ class Engine:
             admitted.append(self.waiting.popleft())
             width = max(width, len(req.prompt))
         return admitted, budget - len(admitted) * width
+
+    def _reserve(self, prompt_len: int, params: SamplingParams) -> int:
+        """The KV store columns a request may take by its end (its prompt, its output but the last token,
+        and a speculative step's columns)."""
+        spec = self.speculative.num_speculative_tokens + 1 if self.speculative is not None else 0
+        return prompt_len + params.max_tokens + spec
+
+    def _kv_fits(self, reqs: list[_Request]) -> bool:
+        """Whether these requests together stay within ``kv_cache_bytes`` to their ends: the store holds
+        rows x columns, and each row's column count only grows up to its own reservation."""
+        if self.kv_slots is None or not reqs:
+            return True
+        return len(reqs) * max(self._reserve(len(r.prompt), r.params) for r in reqs) <= self.kv_slots
 
     def _chunkable(self, req: _Request) -> bool:
         """Whether a prompt can be prefilled in chunks: not for MiLoRA (its routers read the whole

@@ -155,6 +155,42 @@ def test_kv_store_grows_compacts_and_keeps_long_generations_exact(adapter_dirs):
     assert eng.store.capacity[1] >= 16 and eng.store.rows == 0
 
 
+@pytest.mark.parametrize("speculative", [None, {"num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                                                 "prompt_lookup_min": 1}])
+def test_kv_cache_budget_queues_requests_and_never_exceeds_it(speculative, adapter_dirs):
+    """``kv_cache_bytes``: requests are admitted only while every running request fits to its end
+    (rows x the longest prompt + max_tokens); the others wait, in order, and the store's buffers
+    never hold more slots than the budget, with speculation's extra columns too. Outputs equal
+    those of an engine without a budget; a request that could never fit is refused at once."""
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(3, 128, (8,), generator=g).tolist() for _ in range(6)]
+    adapters = ["lora", "mixlora", None, "milora", "dora", "lora"]
+    params = [SamplingParams(max_tokens=20, ignore_eos=True)] * 6
+    free = engine("llama", adapter_dirs, max_batch=8, speculative=speculative)
+    assert free.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # 2 x layers x KV heads x head size x 4 bytes (fp32)
+    expected = free.generate(ps, adapters, params)
+    slots = 3 * (8 + 20 + (4 if speculative else 0))  # three requests at a time
+    eng = engine("llama", adapter_dirs, max_batch=8, speculative=speculative,
+                 kv_cache_bytes=slots * free.kv_bytes_per_token + 5)
+    assert eng.kv_slots == slots
+    for i, (p, a, sp) in enumerate(zip(ps, adapters, params)):
+        eng.add_request(str(i), p, a, sp)
+    got, most = {str(i): [] for i in range(6)}, 0
+    while eng.has_work():
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+        most = max(most, len(eng.running))
+        rows, cols = eng.store.capacity
+        assert rows * cols <= slots
+        assert eng._kv_fits(eng.running)
+    assert [got[str(i)] for i in range(6)] == [r["token_ids"] for r in expected]
+    assert most == 3
+    with pytest.raises(ValueError, match=r"needs \d+ token slots of KV cache, more than the engine's kv_cache_bytes"):
+        eng.add_request("big", list(range(3, 40)), None, SamplingParams(max_tokens=slots))
+    with pytest.raises(ValueError, match="kv_cache_bytes must be an integer of at least one token"):
+        engine("llama", adapter_dirs, kv_cache_bytes=10)
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(adapter_dirs):
     eng = engine("llama", adapter_dirs, max_batch=8)
     ps = prompts(4, seed=5)

@@ -760,6 +760,15 @@ def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monke
         assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--speculative-config", bad]) == 2
         assert msg in capsys.readouterr().err
     assert len(served) == 4
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-mb", "2"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-memory-bytes", "65536"]) == 0
+    assert served[4][0].kv_slots == 2 * 2**20 // served[4][0].kv_bytes_per_token and served[3][0].kv_slots is None
+    assert served[5][0].kv_slots == 65536 // served[5][0].kv_bytes_per_token
+    for bad, msg in [(["--kv-cache-mb", "0"], "--kv-cache-mb must be positive"),
+                     (["--kv-cache-mb", "1", "--kv-cache-memory-bytes", "9"], "not both"),
+                     (["--kv-cache-memory-bytes", "1"], "kv_cache_bytes must be an integer of at least one token")]:
+        assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", *bad]) == 2
+        assert msg in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- real engine
@@ -859,6 +868,28 @@ def test_real_engine_speculative_decoding_answers_as_without_it(start, real_serv
          if line and not line.startswith("#")}
     assert 0 < m["moelora_spec_decode_num_accepted_tokens_total"] <= m["moelora_spec_decode_num_draft_tokens_total"]
     assert m["moelora_spec_decode_num_drafts_total"] > 0
+
+
+@pytest.mark.slow
+def test_real_engine_kv_cache_budget_queues_and_refuses_what_never_fits(start, real_server, tiny_model_dir,
+                                                                       real_adapters):
+    """With ``kv_cache_bytes`` for 80 tokens, four concurrent requests of about 25 (prompt + max_tokens)
+    cannot all run at once; all finish with the plain server's answers, and one that could never fit
+    is a 400 naming the budget."""
+    url_plain, _ = real_server
+    Engine = _real_engine_cls()
+    per_token = Engine.from_pretrained(str(tiny_model_dir), device="cpu").kv_bytes_per_token
+    engine = Engine.from_pretrained(str(tiny_model_dir), adapters=real_adapters, max_batch=4, device="cpu",
+                                    kv_cache_bytes=2 * 40 * per_token)
+    url, _ = start(engine)
+    bodies = [{"model": m, "prompt": p, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+              for m, p in [("lora-a", "Below is"), ("lora-b", "an instruction"), ("lora-a", "that"), ("lora-b", "a b")]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: post(url, "/v1/completions", b).json()["choices"], bodies))
+    assert got == [post(url_plain, "/v1/completions", b).json()["choices"] for b in bodies]
+    r = post(url, "/v1/completions", {**bodies[0], "max_tokens": 90})
+    assert_error(r, 400, code="invalid_value")
+    assert "token slots of KV cache" in r.json()["error"]["message"]
 
 
 @pytest.mark.slow
