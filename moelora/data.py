@@ -188,7 +188,7 @@ class DataSource:
     ``dataset_info.json``): ``{field: column}``, e.g. ``{instruction: question, output: answer}``
     reads ``question``/``answer`` columns as ``instruction``/``output``."""
     llamafactory: dict | None = None
-    """Set by ``{dataset: NAME, dataset_dir: DIR}`` (``moelora.dataset_info``): the dataset_info.json
+    """Set by ``{dataset: NAME, dataset_dir: DIR}`` (``moelora.llamafactory``): the dataset_info.json
     entry's layout, columns and tags; each item is converted to the ``messages`` layout."""
 
     def __post_init__(self) -> None:
@@ -232,7 +232,7 @@ class DataSource:
         if not isinstance(d, dict):
             raise DataError(f"a data source must be a mapping with 'path', got {type(d).__name__}")
         if "dataset" in d:
-            from .dataset_info import expand
+            from .llamafactory import expand
 
             d = expand(d, base_dir or Path.cwd())
         valid = tuple(f.name for f in dataclasses.fields(cls))
@@ -471,7 +471,7 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
     skipped = 0
     items = _load_dataset(source) if _is_dataset(source) else _load_items(path, fmt)
     if source.llamafactory is not None:
-        from .dataset_info import convert
+        from .llamafactory import convert
     for loc, item in items[: source.max_samples]:
         if source.columns and isinstance(item, dict):
             item = _rename(path, loc, item, source.columns)

@@ -29,12 +29,13 @@ from typing import Any
 
 import yaml
 
+from . import llamafactory as lf
 from .checkpoint import CheckpointError, read_adapter_config
 from .config import AdapterConfig, ConfigError, config_from_dict, did_you_mean
 from .data import STAGES, DataSource
-from .dataset_info import expand
 from .engine import ADAPTER_NAME
 from .evaluate import PROTOCOLS
+from .llamafactory import expand
 from .preference import PREF_LOSSES
 
 __all__ = ["TrainConfig", "EvalConfig", "RunConfig", "load_run_config", "apply_overrides"]
@@ -51,6 +52,9 @@ class TrainConfig:
     lr: float = 2.0e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of the run's optimizer steps, rounded up (HF's and LLaMA-Factory's
+    ``warmup_ratio``), when ``warmup_steps`` is 0."""
     lr_scheduler: str = "linear"
     """linear (warm-up then linear decay to 0), cosine, or constant (after warm-up)."""
     max_grad_norm: float = 1.0
@@ -321,6 +325,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
         base_dir = p.resolve().parent
+    if lf.is_llamafactory(d):  # a LLaMA-Factory YAML: its own keys (and overrides of them) first
+        known = set(lf.KEYS) | set(lf.SPECIAL) | set(lf.IGNORED)
+        own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in known]
+        d = lf.translate(apply_overrides(d, own))
+        overrides = [o for o in overrides if o not in own]
     d = apply_overrides(d, list(overrides))
     d = _dataset_info_entries(d, base_dir)
     if d.get("adapters") is not None and "method" in d:
@@ -340,6 +349,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         raise ConfigError(f"train.max_steps must be -1 (use num_epochs) or >= 1, got {t.max_steps}")
     if t.lr <= 0 or t.warmup_steps < 0 or t.save_steps < 0 or t.save_total_limit < 0:
         raise ConfigError("train.lr must be > 0 and warmup_steps, save_steps, save_total_limit >= 0")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     for name in ("loraplus_lr_ratio", "neftune_noise_alpha"):
         if not getattr(t, name) >= 0:
             raise ConfigError(f"train.{name} must be >= 0 (0: off), got {getattr(t, name)}")
@@ -418,7 +429,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 def _dataset_info_entries(d: dict, base_dir: Path) -> dict:
     """LLaMA-Factory's top-level ``dataset: a,b`` / ``eval_dataset`` / ``dataset_dir`` become ``data`` /
     ``val_data`` entries, and every ``{dataset: NAME, ...}`` entry is looked up in its directory's
-    dataset_info.json (``moelora.dataset_info``; directories relative to the working directory, then
+    dataset_info.json (``moelora.llamafactory``; directories relative to the working directory, then
     to the config's)."""
     d = dict(d)
     ddir = d.pop("dataset_dir", None)

@@ -346,18 +346,19 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         shard_model(model)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # transformers >= 4.50
     optimizers, schedulers = {}, {}  # one per adapter: each trains exactly as it would alone
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)
     if ds_cfg is not None:  # the engine takes the model and its one optimizer together; steps, clips, reduces
         [name] = names
         opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
                                              loraplus_lr_ratio=t.loraplus_lr_ratio), lr=t.lr)
-        schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)  # moves the lr of `opt`'s groups
+        schedulers[name] = _scheduler(opt, t.lr_scheduler, warmup, total)  # moves the lr of `opt`'s groups
         ddp_model, optimizers[name] = accelerator.prepare(model, opt)
     else:
         ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
         for name in names:
             opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
                                                  loraplus_lr_ratio=t.loraplus_lr_ratio), lr=t.lr)
-            schedulers[name] = _scheduler(opt, t.lr_scheduler, t.warmup_steps, total)
+            schedulers[name] = _scheduler(opt, t.lr_scheduler, warmup, total)
             optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
     counts = {name: count_parameters(model, name) for name in names}
 

@@ -191,3 +191,124 @@ def test_moelora_train_on_a_llamafactory_data_dir(data_dir, tmp_path, tiny_model
                                          "save_steps": 0}}))
     assert cli(["train", "--config", str(dpo), "--no-progress"]) == 0
     assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaMA-Factory training YAMLs
+
+LF_SFT = """\
+### model
+model_name_or_path: {model}
+trust_remote_code: true
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+### dataset
+dataset: alpaca_demo,sharegpt_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+dataset_dir: {data}
+### output
+output_dir: {out}
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+def lf_config(tmp_path, data_dir, text=LF_SFT, model="some/model", **extra):
+    path = tmp_path / "lf.yaml"
+    path.write_text(text.format(model=model, data=data_dir, out=tmp_path / "out")
+                    + "".join(f"{k}: {json.dumps(v)}\n" for k, v in extra.items()))
+    return path
+
+
+def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
+    """LLaMA-Factory's own example (llama3_lora_sft.yaml, paths changed) maps key by key; what it
+    leaves out takes LLaMA-Factory's / HF's defaults (LoRA alpha 2 x rank, dropout 0, gradient
+    checkpointing on, every turn learned)."""
+    run = load_run_config(lf_config(tmp_path, data_dir))
+    assert run.model == "some/model" and run.output_dir == str(tmp_path / "out")
+    cfg = run.adapter_configs()["default"]
+    assert (cfg.method, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == ("lora", 8, 16, 0.0, None)
+    t = run.train
+    assert (t.stage, t.batch_size, t.gradient_accumulation, t.lr, t.num_epochs, t.lr_scheduler, t.warmup_ratio) == \
+        ("sft", 1, 8, 1e-4, 3, "cosine", 0.1)
+    assert (t.precision, t.gradient_checkpointing, t.log_steps, t.save_steps, t.save_total_limit, t.cutoff_len) == \
+        ("bf16", True, 10, 500, 0, 2048)
+    assert t.report_to == [] and t.max_steps == -1
+    assert [(s.name, s.max_samples, s.turns) for s in run.data] == [("alpaca_demo", 1000, "all"),
+                                                                     ("sharegpt_demo", 1000, "all")]
+    dpo = load_run_config(lf_config(tmp_path, data_dir, LF_SFT.replace("stage: sft", "stage: dpo").replace(
+        "alpaca_demo,sharegpt_demo", "dpo_demo"), pref_beta=0.2, pref_loss="simpo", lora_target="q_proj,v_proj",
+        mask_history=True, eval_dataset="dpo_sharegpt", val_size=0.0))
+    assert (dpo.train.stage, dpo.train.pref_beta, dpo.train.pref_loss) == ("dpo", 0.2, "simpo")
+    assert dpo.adapter_configs()["default"].target_modules == ["q_proj", "v_proj"]
+    assert [(s.name, s.turns) for s in dpo.data + dpo.val_data] == [("dpo_demo", "last"), ("dpo_sharegpt", "last")]
+
+
+def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
+    path = lf_config(tmp_path, data_dir)
+    run = load_run_config(path, ["learning_rate=3e-4", "train.max_steps=2", "lora_rank=4"])
+    assert (run.train.lr, run.train.max_steps, run.adapter_configs()["default"].r) == (3e-4, 2, 4)
+    mix = LF_SFT.replace("lora_rank: 8\nlora_target: all\n", "method: {{type: mixlora, num_experts: 4, r: 4}}\n")
+    assert load_run_config(lf_config(tmp_path, data_dir, mix)).adapter_configs()["default"].method == "mixlora"
+    for extra, msg in [({"finetuning_type": "full"}, "finetuning_type: 'full'"),
+                       ({"stage": "rm"}, "stage: 'rm' is not supported"),
+                       ({"num_train_epochs": 1.5}, "a whole number of epochs"),
+                       ({"lr_scheduler_type": "polynomial"}, "'polynomial' is not supported"),
+                       ({"pissa_init": True}, r"\['pissa_init'\] are not read by moelora"),
+                       ({"lora_dropot": 0.1}, "did you mean 'lora_dropout'"),
+                       ({"do_predict": True}, "do_predict"),
+                       ({"save_strategy": "epoch"}, "save_strategy"),
+                       ({"quantization_bit": 3}, "quantization_bit"),
+                       ({"method": {"type": "mixlora"}}, "give either LLaMA-Factory's LoRA keys")]:
+        text = LF_SFT
+        if "finetuning_type" in extra or "stage" in extra or "num_train_epochs" in extra:
+            key = next(iter(extra))
+            text = "\n".join(line for line in LF_SFT.splitlines() if not line.startswith(key + ":")) + "\n"
+        with pytest.raises(ConfigError, match=msg):
+            load_run_config(lf_config(tmp_path, data_dir, text, **extra))
+    no_data = "\n".join(line for line in LF_SFT.splitlines() if not line.startswith("dataset:")) + "\n"
+    with pytest.raises(ConfigError, match="dataset: missing"):
+        load_run_config(lf_config(tmp_path, data_dir, no_data))
+
+
+def test_moelora_train_runs_a_llamafactory_yaml(data_dir, tmp_path, tiny_model_dir):
+    """``moelora train --config`` on LLaMA-Factory's example YAML (fp32 here: no bf16 on this CPU
+    test), with its warmup_ratio: the learning rates equal a run with the same warm-up in steps."""
+    from moelora.cli import main as cli
+
+    text = LF_SFT.replace("bf16: true", "bf16: false").replace("gradient_accumulation_steps: 8",
+                                                               "gradient_accumulation_steps: 1")
+    path = lf_config(tmp_path, data_dir, text, model=str(tiny_model_dir))
+    assert cli(["train", "--config", str(path), "--no-progress", "train.max_steps=8", "logging_steps=1",
+                "train.cutoff_len=96", "warmup_ratio=0.3"]) == 0
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+           if '"lr"' in line]
+    assert len(lrs) == 8
+    assert cli(["train", "--config", str(path), "--no-progress", "train.max_steps=8", "logging_steps=1",
+                "train.cutoff_len=96", "warmup_steps=3", f"output_dir={tmp_path / 'out2'}"]) == 0
+    lrs2 = [json.loads(line)["lr"] for line in (tmp_path / "out2" / "metrics.jsonl").read_text().splitlines()
+            if '"lr"' in line]
+    assert lrs == pytest.approx(lrs2) and lrs[0] < lrs[2]  # ceil(0.3 x 8) = 3 warm-up steps

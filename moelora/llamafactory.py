@@ -1,4 +1,15 @@
-"""LLaMA-Factory's ``dataset_info.json``: its named datasets as training sources.
+"""LLaMA-Factory compatibility: its YAML training configs and its ``dataset_info.json`` datasets.
+
+**Configs.** :func:`translate` turns a LLaMA-Factory training YAML (flat keys: ``model_name_or_path``,
+``stage``, ``finetuning_type: lora``, ``lora_rank``, ``dataset``, ``per_device_train_batch_size``,
+``learning_rate``, ...) into a ``moelora train`` config, with LLaMA-Factory's and HF
+``TrainingArguments``' defaults for what it leaves out (``KEYS`` lists every key read). A key that
+changes the training and is not supported (``finetuning_type: full``, ``stage: rm``,
+``pissa_init``, ...) is refused by name; keys that only concern LLaMA-Factory's process (workers,
+caches, ``template``, ...) are listed in ``IGNORED`` and skipped. ``method:`` (moelora's) may replace
+the ``lora_*`` keys to train MixLoRA or MiLoRA from the same YAML.
+
+**Datasets.**
 
 A LLaMA-Factory data directory (``dataset_dir``, default ``data``) registers each dataset in
 ``dataset_info.json``: where it is (``file_name`` in the directory, or ``hf_hub_url``), its layout
@@ -28,10 +39,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import did_you_mean
+from .config import ConfigError, did_you_mean
 from .data import HUB_PREFIX, DataError
 
-__all__ = ["expand", "convert", "load_info"]
+__all__ = ["expand", "convert", "load_info", "translate", "is_llamafactory"]
 
 ENTRY_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "file_sha1",
               "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags", "load_from")
@@ -218,3 +229,164 @@ def _turn(where: str, turn: Any, tags: dict, roles: dict) -> tuple[str, str]:
     if not isinstance(content, str):
         raise DataError(f"{where}: {tags['content_tag']} must be a string, got {type(content).__name__}")
     return roles[who], content
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configs
+
+# LLaMA-Factory key -> (section, moelora key); section "" is the top level, "method" the adapter
+KEYS: dict[str, tuple[str, str]] = {
+    "model_name_or_path": ("", "model"), "adapter_name_or_path": ("", "adapter_name_or_path"),
+    "output_dir": ("", "output_dir"),
+    "stage": ("train", "stage"), "cutoff_len": ("train", "cutoff_len"), "val_size": ("train", "val_size"),
+    "train_on_prompt": ("train", "train_on_prompt"), "per_device_train_batch_size": ("train", "batch_size"),
+    "per_device_eval_batch_size": ("train", "eval_batch_size"),
+    "gradient_accumulation_steps": ("train", "gradient_accumulation"), "learning_rate": ("train", "lr"),
+    "max_steps": ("train", "max_steps"), "warmup_ratio": ("train", "warmup_ratio"),
+    "warmup_steps": ("train", "warmup_steps"), "weight_decay": ("train", "weight_decay"),
+    "max_grad_norm": ("train", "max_grad_norm"), "seed": ("train", "seed"), "logging_steps": ("train", "log_steps"),
+    "save_steps": ("train", "save_steps"), "eval_steps": ("train", "eval_steps"), "run_name": ("train", "run_name"),
+    "load_best_model_at_end": ("train", "load_best_model_at_end"), "deepspeed": ("train", "deepspeed"),
+    "loraplus_lr_ratio": ("train", "loraplus_lr_ratio"), "neftune_noise_alpha": ("train", "neftune_noise_alpha"),
+    "pref_beta": ("train", "pref_beta"), "pref_ftx": ("train", "pref_ftx"), "pref_loss": ("train", "pref_loss"),
+    "dpo_label_smoothing": ("train", "dpo_label_smoothing"), "simpo_gamma": ("train", "simpo_gamma"),
+    "kto_chosen_weight": ("train", "kto_chosen_weight"), "kto_rejected_weight": ("train", "kto_rejected_weight"),
+    "lora_rank": ("method", "r"), "lora_alpha": ("method", "lora_alpha"), "lora_dropout": ("method", "lora_dropout"),
+    "use_rslora": ("method", "use_rslora"), "use_dora": ("method", "use_dora"),
+}
+# read and turned into something else below
+SPECIAL = ("finetuning_type", "lora_target", "dataset", "eval_dataset", "dataset_dir", "max_samples", "mask_history",
+           "num_train_epochs", "lr_scheduler_type", "bf16", "fp16", "disable_gradient_checkpointing", "packing",
+           "neat_packing", "report_to", "save_total_limit", "save_strategy", "eval_strategy", "evaluation_strategy",
+           "quantization_bit", "quantization_method", "do_train", "do_eval", "do_predict", "method",
+           "ref_model_adapters")
+# LLaMA-Factory's process, caching, logging and template keys: they do not change what is trained here
+IGNORED = ("template", "trust_remote_code", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
+           "plot_loss", "overwrite_output_dir", "save_only_model", "ddp_timeout", "flash_attn", "resume_from_checkpoint",
+           "include_num_input_tokens_seen", "logging_first_step", "enable_thinking", "use_unsloth",
+           "enable_liger_kernel", "tokenized_path", "streaming", "report_to_none", "bf16_full_eval",
+           "upcast_layernorm", "upcast_lmhead_output", "print_param_status", "use_fast_tokenizer",
+           "dataloader_pin_memory", "remove_unused_columns", "ddp_find_unused_parameters", "push_to_hub",
+           "infer_backend", "export_dir", "cache_dir", "hf_hub_token", "low_cpu_mem_usage")
+LF_ONLY = ("model_name_or_path", "finetuning_type", "stage", "per_device_train_batch_size", "learning_rate",
+           "num_train_epochs", "lora_rank", "lora_target", "do_train")
+
+
+def is_llamafactory(d: dict) -> bool:
+    """Whether a config mapping is a LLaMA-Factory YAML (it has one of its flat training keys)."""
+    return any(k in d for k in LF_ONLY)
+
+
+def translate(d: dict) -> dict:
+    """A LLaMA-Factory training YAML as a ``moelora train`` config mapping (see the module docstring)."""
+    unknown = sorted(k for k in d if k not in KEYS and k not in SPECIAL and k not in IGNORED)
+    if unknown:
+        known = list(KEYS) + list(SPECIAL)
+        raise ConfigError(f"LLaMA-Factory config: key(s) {unknown} are not read by moelora"
+                          f"{did_you_mean(unknown[0], known)} (supported: {', '.join(sorted(known))}; "
+                          f"ignored as process-only: {', '.join(IGNORED)})")
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"LLaMA-Factory config: {key}: {why}")
+
+    if d.get("do_predict"):
+        refuse("do_predict", "prediction is not a training stage here: use `moelora eval` or `moelora generate`")
+    if d.get("do_train") is False:
+        refuse("do_train", "false: nothing to train")
+    stage = d.get("stage", "sft")
+    if stage not in ("sft", "dpo", "kto"):
+        refuse("stage", f"{stage!r} is not supported (sft, dpo and kto are; not pt, rm or ppo)")
+    ft = d.get("finetuning_type", "lora")
+    if ft != "lora":
+        refuse("finetuning_type", f"{ft!r}: moelora trains adapters (lora, with use_dora for DoRA; or give "
+               "moelora's `method:` for MixLoRA / MiLoRA)")
+    out: dict = {"train": {
+        # HF TrainingArguments' and LLaMA-Factory's defaults, where moelora's differ
+        "lr": 5e-5, "num_epochs": 3, "batch_size": 8, "log_steps": 500, "save_steps": 500, "save_total_limit": 0,
+        "cutoff_len": 2048, "precision": "fp32", "gradient_checkpointing": True, "stage": stage,
+    }}
+    lora_keys = [k for k in d if KEYS.get(k, ("",))[0] == "method" or k == "lora_target"]
+    if "method" in d:
+        if lora_keys:
+            refuse("method", f"give either LLaMA-Factory's LoRA keys ({', '.join(lora_keys)}) or moelora's method")
+        out["method"] = d["method"]
+    else:
+        rank = d.get("lora_rank", 8)
+        method = {"type": "lora", "r": rank, "lora_alpha": d.get("lora_alpha") or 2 * rank, "lora_dropout": 0.0}
+        target = d.get("lora_target", "all")
+        if not isinstance(target, str) or not target.strip():
+            refuse("lora_target", f"must be 'all' or comma-separated module names, got {target!r}")
+        names = [t.strip() for t in target.split(",") if t.strip()]
+        if names != ["all"]:
+            method["target_modules"] = names
+        out["method"] = method
+    for key, value in d.items():
+        if key in KEYS:
+            section, name = KEYS[key]
+            if section == "":
+                out[name] = value
+            elif section == "method":
+                if "method" not in d:
+                    out["method"][name] = value
+            else:
+                out["train"][name] = value
+    t = out["train"]
+    if "num_train_epochs" in d:
+        n = d["num_train_epochs"]
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0 or float(n) != int(n):
+            refuse("num_train_epochs", f"{n!r}: a whole number of epochs is supported (or set max_steps)")
+        t["num_epochs"] = int(n)
+    sched = d.get("lr_scheduler_type", "linear")
+    if sched not in ("linear", "cosine", "constant", "constant_with_warmup"):
+        refuse("lr_scheduler_type", f"{sched!r} is not supported (linear, cosine, constant, constant_with_warmup)")
+    t["lr_scheduler"] = "constant" if sched == "constant_with_warmup" else sched  # moelora's constant warms up
+    if d.get("bf16") and d.get("fp16"):
+        refuse("bf16", "and fp16 are both true")
+    if d.get("bf16") or d.get("fp16"):
+        t["precision"] = "bf16" if d.get("bf16") else "fp16"
+    t["gradient_checkpointing"] = not d.get("disable_gradient_checkpointing", False)
+    if d.get("packing") or d.get("neat_packing"):
+        t["packing"] = True  # moelora's packing is LLaMA-Factory's neat_packing (each example attends to itself)
+    if "report_to" in d:
+        r = d["report_to"]
+        t["report_to"] = [] if r in ("none", None, []) else r
+    if d.get("save_total_limit") is not None:
+        t["save_total_limit"] = d["save_total_limit"]
+    if d.get("save_strategy", "steps") not in ("steps", "no"):
+        refuse("save_strategy", f"{d['save_strategy']!r}: steps (save_steps) or no")
+    if d.get("save_strategy") == "no":
+        t["save_steps"] = 0
+    strategy = d.get("eval_strategy", d.get("evaluation_strategy", "no" if "eval_steps" not in d else "steps"))
+    if strategy not in ("steps", "no"):
+        refuse("eval_strategy", f"{strategy!r}: steps (eval_steps) or no")
+    if strategy == "no":
+        t.pop("eval_steps", None)  # validation (val_size / eval_dataset) after the last step only
+    q = d.get("quantization_bit")
+    if q is not None:
+        if q not in (4, 8) or d.get("quantization_method", "bnb") not in ("bnb", "bitsandbytes"):
+            refuse("quantization_bit", f"{q!r} with {d.get('quantization_method', 'bnb')}: 4 or 8 with bitsandbytes")
+        out["quantization"] = f"{q}bit"
+    if d.get("ref_model_adapters"):
+        t["ref_adapter"] = d["ref_model_adapters"]
+    # datasets: one entry per name, with max_samples, and every turn learned unless mask_history (LF's default)
+    turns = "last" if d.get("mask_history") or stage != "sft" else "all"
+    for key, target in (("dataset", "data"), ("eval_dataset", "val_data")):
+        names = d.get(key)
+        if names is None:
+            continue
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            refuse(key, f"dataset names of dataset_info.json, as 'a,b' or a list, got {names!r}")
+        entries = []
+        for n in names:
+            e = {"dataset": n, "turns": turns}
+            if d.get("dataset_dir"):
+                e["dataset_dir"] = d["dataset_dir"]
+            if d.get("max_samples") is not None and target == "data":
+                e["max_samples"] = d["max_samples"]
+            entries.append(e)
+        out[target] = entries
+    if "data" not in out:
+        refuse("dataset", "missing: name the training datasets of dataset_info.json")
+    return out
