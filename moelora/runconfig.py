@@ -40,6 +40,9 @@ from .preference import PREF_LOSSES
 
 __all__ = ["TrainConfig", "EvalConfig", "RunConfig", "load_run_config", "apply_overrides"]
 
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit")
+
 
 @dataclass
 class TrainConfig:
@@ -57,6 +60,13 @@ class TrainConfig:
     ``warmup_ratio``), when ``warmup_steps`` is 0."""
     lr_scheduler: str = "linear"
     """linear (warm-up then linear decay to 0), cosine, or constant (after warm-up)."""
+    optim: str = "adamw"
+    """The optimizer (HF's and LLaMA-Factory's ``optim`` names): ``adamw`` (= ``adamw_torch``),
+    ``adamw_torch_fused``, ``sgd``, ``adafactor`` (transformers', with a fixed lr), or through
+    bitsandbytes on a GPU ``adamw_8bit``, ``paged_adamw_8bit``, ``paged_adamw_32bit``."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     cutoff_len: int = 512
@@ -405,6 +415,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
         if getattr(t, name) and not validating:
             raise ConfigError(f"train.{name} needs validation data: set train.val_size or give val_data files")
+    if t.optim not in OPTIMIZERS:
+        raise ConfigError(f"train.optim must be one of {', '.join(OPTIMIZERS)}, got {t.optim!r}"
+                          f"{did_you_mean(t.optim, OPTIMIZERS)}")
+    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1 and t.adam_epsilon > 0):
+        raise ConfigError("train.adam_beta1 and adam_beta2 must be in [0, 1) and adam_epsilon > 0")
     if t.lr_scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"train.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -138,6 +138,33 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def make_optimizer(groups: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optim``'s optimizer over ``groups`` (``moelora.param_groups``: each with its lr and weight
+    decay), with HF ``TrainingArguments``' settings for each name."""
+    betas, eps = (t.adam_beta1, t.adam_beta2), t.adam_epsilon
+    if t.optim in ("adamw", "adamw_torch"):
+        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=eps)
+    if t.optim == "adamw_torch_fused":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=eps, fused=True)
+    if t.optim == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr)
+    if t.optim == "adafactor":  # HF's: a fixed learning rate, no relative step or parameter scaling
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=t.lr, scale_parameter=False, relative_step=False)
+    # bitsandbytes' 8-bit / paged optimizers keep their states on the GPU
+    if device.type != "cuda":
+        raise TrainingError(f"train.optim: {t.optim} (bitsandbytes) needs a CUDA GPU; this run is on {device.type}: "
+                            "use adamw")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise TrainingError(f"train.optim: {t.optim} needs bitsandbytes: pip install bitsandbytes") from None
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[t.optim]
+    return cls(groups, lr=t.lr, betas=betas, eps=eps)
+
+
 def _scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -349,15 +376,15 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)
     if ds_cfg is not None:  # the engine takes the model and its one optimizer together; steps, clips, reduces
         [name] = names
-        opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
-                                             loraplus_lr_ratio=t.loraplus_lr_ratio), lr=t.lr)
+        opt = make_optimizer(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
+                                          loraplus_lr_ratio=t.loraplus_lr_ratio), t, accelerator.device)
         schedulers[name] = _scheduler(opt, t.lr_scheduler, warmup, total)  # moves the lr of `opt`'s groups
         ddp_model, optimizers[name] = accelerator.prepare(model, opt)
     else:
         ddp_model = model if sharded else accelerator.prepare_model(model)  # before the optimizer, as accelerate asks
         for name in names:
-            opt = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
-                                                 loraplus_lr_ratio=t.loraplus_lr_ratio), lr=t.lr)
+            opt = make_optimizer(param_groups(model, t.lr, t.weight_decay, adapter_name=name,
+                                              loraplus_lr_ratio=t.loraplus_lr_ratio), t, accelerator.device)
             schedulers[name] = _scheduler(opt, t.lr_scheduler, warmup, total)
             optimizers[name] = accelerator.prepare_optimizer(opt)  # fp16 loss scaling needs the wrapped optimizer
     counts = {name: count_parameters(model, name) for name in names}

@@ -265,6 +265,10 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
     assert (dpo.train.stage, dpo.train.pref_beta, dpo.train.pref_loss) == ("dpo", 0.2, "simpo")
     assert dpo.adapter_configs()["default"].target_modules == ["q_proj", "v_proj"]
     assert [(s.name, s.turns) for s in dpo.data + dpo.val_data] == [("dpo_demo", "last"), ("dpo_sharegpt", "last")]
+    qlora = load_run_config(lf_config(tmp_path, data_dir, quantization_bit=4, optim="paged_adamw_8bit",
+                                      adam_beta2=0.95, lr_scheduler_type="constant_with_warmup"))
+    assert (qlora.quantization, qlora.train.optim, qlora.train.adam_beta2, qlora.train.lr_scheduler) == \
+        ("4bit", "paged_adamw_8bit", 0.95, "constant")
 
 
 def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):

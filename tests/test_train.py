@@ -865,3 +865,40 @@ def test_report_to_wandb_logs_every_metric_and_a_resumed_run_continues_it(tmp_pa
 
 
 find_spec = importlib.util.find_spec
+
+
+def test_optim_names_build_hf_s_optimizers(tmp_path, tiny_model_dir):
+    """``train.optim`` (HF's / LLaMA-Factory's names) builds the optimizer with HF's settings; the
+    bitsandbytes ones are a clear error without a GPU; a run trains with each torch one."""
+    from types import SimpleNamespace
+
+    from transformers.optimization import Adafactor
+
+    from moelora.train import make_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    t = SimpleNamespace(lr=1e-3, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, optim="adamw")
+    cpu = torch.device("cpu")
+    opt = make_optimizer([{"params": [w], "lr": 1e-3}], t, cpu)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-6
+    t.optim = "adamw_torch_fused"
+    assert make_optimizer([{"params": [w]}], t, cpu).defaults["fused"] is True
+    t.optim = "sgd"
+    assert type(make_optimizer([{"params": [w]}], t, cpu)) is torch.optim.SGD
+    t.optim = "adafactor"
+    ada = make_optimizer([{"params": [w]}], t, cpu)
+    assert isinstance(ada, Adafactor) and ada.defaults["relative_step"] is False and ada.defaults["lr"] == 1e-3
+    for name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        t.optim = name
+        with pytest.raises(TrainingError, match=f"train.optim: {name} .bitsandbytes. needs a CUDA GPU"):
+            make_optimizer([{"params": [w]}], t, cpu)
+    for override, msg in [("train.optim=adam_w", "did you mean 'adamw'"), ("train.adam_beta2=1.0", "adam_beta1")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_run_config(write_config(tmp_path / "bad.yaml", tiny_model_dir, tmp_path / "bad"), [override])
+    moved = {}
+    for name in ("sgd", "adafactor"):
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name, max_steps=2, save_steps=0,
+                           optim=name)
+        assert cli(["train", "--config", str(cfg), "--no-progress"]) == 0
+        moved[name] = sum(float(v.abs().sum()) for k, v in adapter(tmp_path / name).items() if "lora_B" in k)
+    assert moved["sgd"] > 0 and moved["adafactor"] > 0 and moved["sgd"] != moved["adafactor"]
