@@ -399,7 +399,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                                     max_prefill_tokens=args.max_num_batched_tokens,
                                     chunked_prefill=args.enable_chunked_prefill is not False,
-                                    speculative=speculative, kv_cache_bytes=kv_bytes)
+                                    speculative=speculative, kv_cache_bytes=kv_bytes,
+                                    scheduling_policy=args.scheduling_policy)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
                tool_parser=args.tool_call_parser)
     return 0
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--no-enable-chunked-prefill: a prompt longer than --max-num-batched-tokens is prefilled "
                         "alone in one step (chunked by default)")
     v.add_argument("--enable-lora", action="store_true", help="accepted and ignored: adapters are always enabled")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="vLLM's: admit waiting requests in arrival order, or by their 'priority' field (lower "
+                        "first; equal ones in arrival order). Running requests are never preempted")
     p.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
                    help="memory for the running requests' keys and values: a request is admitted only while every "
                         "running one fits to its end (rows x the longest prompt + max_tokens); the others wait "

@@ -97,6 +97,7 @@ class SamplingParams:
     json_object: bool = False  # JSON mode: the output is one JSON object (moelora.structured), then it ends
     guided_regex: str | None = None  # the output must match this regular expression entirely (``regex`` syntax)
     guided_choice: list[str] | None = None  # the output must be one of these strings
+    priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are admitted first
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -138,6 +139,8 @@ class SamplingParams:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         check_guides(self.json_object, self.guided_regex, self.guided_choice)
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool) or abs(self.priority) > 2**31:
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
 
 
 @dataclass
@@ -571,6 +574,7 @@ class Engine:
         prefix_cache_bytes: int = 256 * 2**20,
         max_prefill_tokens: int = 8192,
         chunked_prefill: bool = True,
+        scheduling_policy: str = "fcfs",
         speculative: SpeculativeConfig | dict | None = None,
         kv_cache_bytes: int | None = None,
     ) -> None:
@@ -581,6 +585,9 @@ class Engine:
             raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
         self.max_prefill_tokens = max_prefill_tokens  # vLLM's max_num_batched_tokens, for admissions
         self.chunked_prefill = chunked_prefill  # vLLM's enable_chunked_prefill: longer prompts in chunks
+        if scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {scheduling_policy!r}")
+        self.scheduling_policy = scheduling_policy  # vLLM's: the waiting queue's order
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ValueError(f"max_model_len must be between 2 and the model's {limit} positions, got {max_model_len}")
@@ -712,15 +719,22 @@ class Engine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) needs "
                 f"{self._reserve(len(prompt_ids), params)} token slots of KV cache, more than the engine's "
                 f"kv_cache_bytes hold ({self.kv_slots} slots of {self.kv_bytes_per_token} bytes)")
+        if params.priority and self.scheduling_policy != "priority":
+            raise ValueError("priority is only used with scheduling_policy 'priority' (serve --scheduling-policy "
+                             "priority); this engine admits in arrival order")
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
         gen = None
         if params.temperature > 0:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
-        self.waiting.append(_Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic(),
-                                     guide=guide_for(params.json_object, params.guided_regex, params.guided_choice,
-                                                     JSON_MAX_WS)))
+        req = _Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic(),
+                       guide=guide_for(params.json_object, params.guided_regex, params.guided_choice, JSON_MAX_WS))
+        if self.scheduling_policy == "priority":  # before the first waiting request of a higher value
+            at = next((i for i, w in enumerate(self.waiting) if w.params.priority > params.priority), len(self.waiting))
+            self.waiting.insert(at, req)
+        else:
+            self.waiting.append(req)
         self.ids.add(request_id)
 
     def abort(self, request_id: str) -> None:

@@ -467,13 +467,14 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         raise _bad(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0",
                    param="stop_token_ids", code="invalid_value")
     ignore_eos = _opt_bool(body, "ignore_eos")
+    priority = _opt_int(body, "priority", lo=-(2**31), hi=2**31) or 0
     include_stop = _opt_bool(body, "include_stop_str_in_output")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
                             stop=list(stop), logprobs=logprobs, top_k=max(top_k or 0, 0),
                             presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias,
                             repetition_penalty=repetition, min_p=min_p, min_tokens=min_tokens,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
-                            include_stop_str_in_output=include_stop,
+                            include_stop_str_in_output=include_stop, priority=priority,
                             json_object=body.get("response_format") == {"type": "json_object"},
                             guided_regex=body.get("guided_regex"), guided_choice=body.get("guided_choice"))
     body = _structured_outputs(body)

@@ -191,6 +191,35 @@ def test_kv_cache_budget_queues_requests_and_never_exceeds_it(speculative, adapt
         engine("llama", adapter_dirs, kv_cache_bytes=10)
 
 
+def test_priority_scheduling_admits_lower_values_first(adapter_dirs):
+    """``scheduling_policy="priority"`` (vLLM's): waiting requests are admitted by their priority,
+    lower first, equal ones in arrival order; running ones are not preempted. Outputs are those of
+    each request alone. The default policy refuses a priority rather than ignoring it."""
+    eng = engine("llama", adapter_dirs, max_batch=1, scheduling_policy="priority")
+    ps = prompts(6, seed=6)
+    prio = {"a": 5, "b": 0, "c": 3, "d": 0, "e": -1}
+    sp = {k: SamplingParams(max_tokens=3, ignore_eos=True, priority=v) for k, v in prio.items()}
+    eng.add_request("first", ps[5], "lora", SamplingParams(max_tokens=3, ignore_eos=True, priority=9))
+    got = {"first": [t for o in eng.step() for t in o.token_ids]}  # running alone: the others will not preempt it
+    for (k, params), p in zip(sp.items(), ps):
+        eng.add_request(k, p, "mixlora", params)
+    order = []
+    while eng.has_work():
+        for o in eng.step():
+            if o.request_id not in got:
+                order.append(o.request_id)
+                got[o.request_id] = []
+            got[o.request_id] += o.token_ids
+    assert order == ["e", "b", "d", "c", "a"] and len(got["first"]) == 3
+    for k, p in zip(sp, ps):
+        assert got[k] == hf_alone(eng.model, p, "mixlora", 3)
+    fcfs = engine("llama", adapter_dirs)
+    with pytest.raises(ValueError, match="priority is only used with scheduling_policy 'priority'"):
+        fcfs.add_request("x", [5, 6], None, SamplingParams(priority=1))
+    with pytest.raises(ValueError, match="scheduling_policy must be"):
+        engine("llama", adapter_dirs, scheduling_policy="lifo")
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(adapter_dirs):
     eng = engine("llama", adapter_dirs, max_batch=8)
     ps = prompts(4, seed=5)

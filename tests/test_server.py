@@ -760,7 +760,9 @@ def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monke
         assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--speculative-config", bad]) == 2
         assert msg in capsys.readouterr().err
     assert len(served) == 4
-    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-mb", "2"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-mb", "2",
+                 "--scheduling-policy", "priority"]) == 0
+    assert served[4][0].scheduling_policy == "priority" and served[3][0].scheduling_policy == "fcfs"
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-memory-bytes", "65536"]) == 0
     assert served[4][0].kv_slots == 2 * 2**20 // served[4][0].kv_bytes_per_token and served[3][0].kv_slots is None
     assert served[5][0].kv_slots == 65536 // served[5][0].kv_bytes_per_token
@@ -887,6 +889,9 @@ def test_real_engine_kv_cache_budget_queues_and_refuses_what_never_fits(start, r
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda b: post(url, "/v1/completions", b).json()["choices"], bodies))
     assert got == [post(url_plain, "/v1/completions", b).json()["choices"] for b in bodies]
+    r = post(url, "/v1/completions", {**bodies[0], "priority": 2})  # fcfs: a priority is refused, not ignored
+    assert_error(r, 400, code="invalid_value")
+    assert "scheduling_policy 'priority'" in r.json()["error"]["message"]
     r = post(url, "/v1/completions", {**bodies[0], "max_tokens": 90})
     assert_error(r, 400, code="invalid_value")
     assert "token slots of KV cache" in r.json()["error"]["message"]
