@@ -22,6 +22,8 @@ layout as LLaMA-Factory reads it:
 - ``alpaca``: ``[system] + history turns + user(prompt + "\\n" + query) + assistant(response)``
   (the prompt alone when the query is empty); ``ranking``: the same prompt with ``chosen`` and
   ``rejected`` strings; ``kto_tag``: kept as the label.
+- ``pretraining`` (LLaMA-Factory's ``stage: pt``; an ``alpaca`` dataset): the prompt column
+  (default ``text``) as plain text, the loss on every token.
 - ``sharegpt``: the ``messages`` column's turns, roles read through ``tags`` (``from``/``value``,
   ``human``/``gpt``/``system`` by default; OpenAI's ``role``/``content`` with tags); a ``system``
   column comes first; ``ranking``: ``chosen``/``rejected`` are assistant messages.
@@ -87,13 +89,14 @@ def expand(entry: dict, base_dir: Path = Path(".")) -> dict:
     """``{dataset: NAME, dataset_dir: DIR (default "data"), weight, name, turns, max_samples}`` -> the
     mapping of a :class:`moelora.data.DataSource` reading that dataset (``format: messages`` with the
     entry's conversion in ``llamafactory``)."""
-    extra = sorted(set(entry) - {"dataset", "dataset_dir", *SOURCE_KEYS})
+    extra = sorted(set(entry) - {"dataset", "dataset_dir", "pretraining", *SOURCE_KEYS})
     name = entry.get("dataset")
     if not isinstance(name, str) or not name:
         raise DataError(f"data source {entry!r}: 'dataset' must be a dataset name of dataset_info.json")
     if extra:
         raise DataError(f"dataset {name!r}: key(s) {extra} do not apply to a dataset_info.json entry (its file, "
-                        f"format and columns come from there); valid keys: dataset, dataset_dir, {', '.join(SOURCE_KEYS)}")
+                        f"format and columns come from there); valid keys: dataset, dataset_dir, pretraining, "
+                        f"{', '.join(SOURCE_KEYS)}")
     ddir = _find_dir(entry.get("dataset_dir") or "data", base_dir)
     info = load_info(ddir)
     where = f"{ddir / 'dataset_info.json'}, dataset {name!r}"
@@ -138,8 +141,16 @@ def expand(entry: dict, base_dir: Path = Path(".")) -> dict:
     n = spec.get("num_samples")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise DataError(f"{where}: num_samples must be a positive integer, got {n!r}")
-    out = {"path": path, "format": "messages", "name": name,
-           "llamafactory": {"where": where, "formatting": fmt, "ranking": ranking,
+    pretraining = entry.get("pretraining", False)
+    if not isinstance(pretraining, bool):
+        raise DataError(f"dataset {name!r}: pretraining must be true or false, got {pretraining!r}")
+    if pretraining and (fmt != "alpaca" or ranking):
+        raise DataError(f"{where}: pretraining (LLaMA-Factory's stage: pt) reads plain text: the dataset must be "
+                        "formatting 'alpaca' without ranking")
+    if pretraining:  # the prompt column is the text (LLaMA-Factory's pt datasets map it to `text`)
+        columns = {"prompt": "text", **columns}
+    out = {"path": path, "format": "text" if pretraining else "messages", "name": name,
+           "llamafactory": {"where": where, "formatting": fmt, "ranking": ranking, "pretraining": pretraining,
                             "columns": {**DEFAULT_COLUMNS[fmt], **columns}, "tags": {**DEFAULT_TAGS, **tags}}}
     if spec.get("split"):
         out["split"] = spec["split"]
@@ -171,6 +182,8 @@ def convert(spec: dict, loc: str, item: Any) -> dict:
         if key in cols and item.get(cols[key]):
             raise DataError(f"{where}: column {cols[key]!r} ({key}) is not supported (text-only training without "
                             "function calling)")
+    if spec.get("pretraining"):  # stage pt: the prompt column is a document, the loss on all of it
+        return {"text": _text(where, item, cols["prompt"])}
     messages: list[dict] = []
     system = _text(where, item, cols["system"], required=False) if "system" in cols else None
     if spec["formatting"] == "alpaca":
@@ -238,7 +251,7 @@ def _turn(where: str, turn: Any, tags: dict, roles: dict) -> tuple[str, str]:
 KEYS: dict[str, tuple[str, str]] = {
     "model_name_or_path": ("", "model"), "adapter_name_or_path": ("", "adapter_name_or_path"),
     "output_dir": ("", "output_dir"),
-    "stage": ("train", "stage"), "cutoff_len": ("train", "cutoff_len"), "val_size": ("train", "val_size"),
+    "cutoff_len": ("train", "cutoff_len"), "val_size": ("train", "val_size"),
     "train_on_prompt": ("train", "train_on_prompt"), "per_device_train_batch_size": ("train", "batch_size"),
     "per_device_eval_batch_size": ("train", "eval_batch_size"),
     "gradient_accumulation_steps": ("train", "gradient_accumulation"), "learning_rate": ("train", "lr"),
@@ -257,7 +270,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "use_rslora": ("method", "use_rslora"), "use_dora": ("method", "use_dora"),
 }
 # read and turned into something else below
-SPECIAL = ("finetuning_type", "lora_target", "dataset", "eval_dataset", "dataset_dir", "max_samples", "mask_history",
+SPECIAL = ("stage", "finetuning_type", "lora_target", "dataset", "eval_dataset", "dataset_dir", "max_samples", "mask_history",
            "num_train_epochs", "lr_scheduler_type", "bf16", "fp16", "disable_gradient_checkpointing", "packing",
            "neat_packing", "report_to", "save_total_limit", "save_strategy", "eval_strategy", "evaluation_strategy",
            "quantization_bit", "quantization_method", "do_train", "do_eval", "do_predict", "method",
@@ -296,8 +309,8 @@ def translate(d: dict) -> dict:
     if d.get("do_train") is False:
         refuse("do_train", "false: nothing to train")
     stage = d.get("stage", "sft")
-    if stage not in ("sft", "dpo", "kto"):
-        refuse("stage", f"{stage!r} is not supported (sft, dpo and kto are; not pt, rm or ppo)")
+    if stage not in ("pt", "sft", "dpo", "kto"):
+        refuse("stage", f"{stage!r} is not supported (pt, sft, dpo and kto are; not rm or ppo)")
     ft = d.get("finetuning_type", "lora")
     if ft != "lora":
         refuse("finetuning_type", f"{ft!r}: moelora trains adapters (lora, with use_dora for DoRA; or give "
@@ -305,7 +318,8 @@ def translate(d: dict) -> dict:
     out: dict = {"train": {
         # HF TrainingArguments' and LLaMA-Factory's defaults, where moelora's differ
         "lr": 5e-5, "num_epochs": 3, "batch_size": 8, "log_steps": 500, "save_steps": 500, "save_total_limit": 0,
-        "cutoff_len": 2048, "precision": "fp32", "gradient_checkpointing": True, "stage": stage,
+        "cutoff_len": 2048, "precision": "fp32", "gradient_checkpointing": True,
+        "stage": "sft" if stage == "pt" else stage,  # pt: the loss on every token of plain text
     }}
     lora_keys = [k for k in d if KEYS.get(k, ("",))[0] == "method" or k == "lora_target"]
     if "method" in d:
@@ -347,7 +361,7 @@ def translate(d: dict) -> dict:
     if d.get("bf16") or d.get("fp16"):
         t["precision"] = "bf16" if d.get("bf16") else "fp16"
     t["gradient_checkpointing"] = not d.get("disable_gradient_checkpointing", False)
-    if d.get("packing") or d.get("neat_packing"):
+    if d.get("packing", stage == "pt") or d.get("neat_packing"):  # LLaMA-Factory packs pt data by default
         t["packing"] = True  # moelora's packing is LLaMA-Factory's neat_packing (each example attends to itself)
     if "report_to" in d:
         r = d["report_to"]
@@ -382,7 +396,7 @@ def translate(d: dict) -> dict:
             refuse(key, f"dataset names of dataset_info.json, as 'a,b' or a list, got {names!r}")
         entries = []
         for n in names:
-            e = {"dataset": n, "turns": turns}
+            e = {"dataset": n, "pretraining": True} if stage == "pt" else {"dataset": n, "turns": turns}
             if d.get("dataset_dir"):
                 e["dataset_dir"] = d["dataset_dir"]
             if d.get("max_samples") is not None and target == "data":

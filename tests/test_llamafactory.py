@@ -41,6 +41,8 @@ INFO = {
     "dpo_demo": {"file_name": "dpo.json", "ranking": True},
     "dpo_sharegpt": {"file_name": "dpo_sharegpt.json", "ranking": True, "formatting": "sharegpt",
                      "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    "pt_demo": {"file_name": "pt.json", "columns": {"prompt": "text"}},
+    "pt_txt": {"file_name": "pt.txt"},
     "kto_demo": {"file_name": "kto.json", "num_samples": 1,
                  "columns": {"prompt": "q", "response": "a", "kto_tag": "tag"}},
 }
@@ -59,6 +61,8 @@ def data_dir(tmp_path):
                         ("dpo_sharegpt.json", DPO_SHAREGPT), ("kto.json", KTO)]:
         (d / name).write_text(json.dumps(items))
     (d / "openai.jsonl").write_text("".join(json.dumps(x) + "\n" for x in OPENAI))
+    (d / "pt.json").write_text(json.dumps([{"text": "First document."}, {"text": "Second one."}]))
+    (d / "pt.txt").write_text("line one\n\nline two\n")
     (d / "dataset_info.json").write_text(json.dumps(INFO))
     return d
 
@@ -96,6 +100,11 @@ def test_each_layout_reads_as_llamafactory_builds_its_messages(tok, data_dir, tm
     kto = read(tok, data_dir, "kto_demo", "kto")  # num_samples: 1 keeps the first item
     same(kto, oracle(tok, tmp_path, [{"messages": [m("user", "Is 2 even?"), m("assistant", "yes")], "kto_tag": True}],
                      "kto"))
+    for name, texts in (("pt_demo", ["First document.", "Second one."]), ("pt_txt", ["line one", "line two"])):
+        pt = read(tok, data_dir, name, pretraining=True)  # stage pt: plain text, the loss on all of it
+        assert [(e.prompt, e.response) for e in pt] == [("", t) for t in texts]
+    with pytest.raises(DataError, match="pretraining .* must be formatting 'alpaca' without ranking"):
+        read(tok, data_dir, "sharegpt_demo", pretraining=True)
     src = DataSource.from_dict({"dataset": "alpaca_demo", "dataset_dir": str(data_dir), "weight": 2.0})
     assert (src.name, src.format, src.weight, src.path) == ("alpaca_demo", "messages", 2.0, str(data_dir / "alpaca.json"))
 
@@ -265,6 +274,11 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
     assert (dpo.train.stage, dpo.train.pref_beta, dpo.train.pref_loss) == ("dpo", 0.2, "simpo")
     assert dpo.adapter_configs()["default"].target_modules == ["q_proj", "v_proj"]
     assert [(s.name, s.turns) for s in dpo.data + dpo.val_data] == [("dpo_demo", "last"), ("dpo_sharegpt", "last")]
+    pt = load_run_config(lf_config(tmp_path, data_dir, LF_SFT.replace("stage: sft", "stage: pt").replace(
+        "alpaca_demo,sharegpt_demo", "pt_demo,pt_txt")))
+    assert (pt.train.stage, pt.train.packing) == ("sft", True)  # LLaMA-Factory packs pt data by default
+    assert [(s.name, s.format, s.llamafactory["pretraining"]) for s in pt.data] == [("pt_demo", "text", True),
+                                                                                    ("pt_txt", "text", True)]
     qlora = load_run_config(lf_config(tmp_path, data_dir, quantization_bit=4, optim="paged_adamw_8bit",
                                       adam_beta2=0.95, lr_scheduler_type="constant_with_warmup"))
     assert (qlora.quantization, qlora.train.optim, qlora.train.adam_beta2, qlora.train.lr_scheduler) == \
@@ -278,7 +292,7 @@ def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
     mix = LF_SFT.replace("lora_rank: 8\nlora_target: all\n", "method: {{type: mixlora, num_experts: 4, r: 4}}\n")
     assert load_run_config(lf_config(tmp_path, data_dir, mix)).adapter_configs()["default"].method == "mixlora"
     for extra, msg in [({"finetuning_type": "full"}, "finetuning_type: 'full'"),
-                       ({"stage": "rm"}, "stage: 'rm' is not supported"),
+                       ({"stage": "rm"}, "stage: 'rm' is not supported .pt, sft, dpo and kto are"),
                        ({"num_train_epochs": 1.5}, "a whole number of epochs"),
                        ({"lr_scheduler_type": "polynomial"}, "'polynomial' is not supported"),
                        ({"pissa_init": True}, r"\['pissa_init'\] are not read by moelora"),
