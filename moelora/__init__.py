@@ -23,6 +23,7 @@ from .inject import (  # noqa: E402
     set_recompute,
     use_adapter,
 )
+from .reward import load_value_head, reward_scores, save_value_head  # noqa: E402
 from .stats import count_parameters, expert_load, param_groups  # noqa: E402
 
 __all__ = [
@@ -47,5 +48,8 @@ __all__ = [
     "count_parameters",
     "expert_load",
     "param_groups",
+    "reward_scores",
+    "load_value_head",
+    "save_value_head",
     "ARCHITECTURES",
 ]

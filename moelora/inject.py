@@ -321,7 +321,7 @@ def is_adapter_parameter(name: str) -> bool:
 
 def adapter_of(name: str) -> str | None:
     """The adapter a parameter belongs to (``...adapters.{adapter}.…``), or ``None`` for the base."""
-    for holder in (".adapters.", ".moelora_routers."):
+    for holder in (".adapters.", ".moelora_routers.", "moelora_value_heads."):  # (a reward model's value head)
         if holder in name:
             return name.split(holder, 1)[1].split(".", 1)[0]
     return None

@@ -309,8 +309,8 @@ def translate(d: dict) -> dict:
     if d.get("do_train") is False:
         refuse("do_train", "false: nothing to train")
     stage = d.get("stage", "sft")
-    if stage not in ("pt", "sft", "dpo", "kto"):
-        refuse("stage", f"{stage!r} is not supported (pt, sft, dpo and kto are; not rm or ppo)")
+    if stage not in ("pt", "sft", "rm", "dpo", "kto"):
+        refuse("stage", f"{stage!r} is not supported (pt, sft, rm, dpo and kto are; not ppo)")
     ft = d.get("finetuning_type", "lora")
     if ft != "lora":
         refuse("finetuning_type", f"{ft!r}: moelora trains adapters (lora, with use_dora for DoRA; or give "

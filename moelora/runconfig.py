@@ -125,7 +125,8 @@ class TrainConfig:
     eval_batch_size: int | None = None
     """Examples (pairs with ``stage: dpo``) per validation batch and process; default ``batch_size``."""
     stage: str = "sft"
-    """``sft`` (supervised: the loss on the responses), ``dpo`` (preference pairs: LLaMA-Factory's
+    """``sft`` (supervised: the loss on the responses), ``rm`` (a reward model on preference pairs:
+    a value head on the adapted model, ``moelora.reward``), ``dpo`` (preference pairs: LLaMA-Factory's
     ``stage: dpo``, with the loss of ``pref_loss``; the data give ``chosen``/``rejected`` responses, see
     ``moelora.data``; the reference is the base model, adapters off) or ``kto`` (responses labelled
     desirable or not, ``kto_tag``/``label``: LLaMA-Factory's ``stage: kto``, TRL's KTO loss)."""
@@ -373,8 +374,15 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         if routed:
             raise ConfigError(f"train.packing cannot train MiLoRA ({', '.join(routed)}) beside other adapters: a batch "
                               "of several adapters routes each row once; train it alone, or unpacked")
-    if t.stage not in STAGES:
-        raise ConfigError(f"train.stage must be one of {', '.join(STAGES)}, got {t.stage!r}{did_you_mean(t.stage, STAGES)}")
+    stages = (*STAGES, "rm")
+    if t.stage not in stages:
+        raise ConfigError(f"train.stage must be one of {', '.join(stages)}, got {t.stage!r}{did_you_mean(t.stage, stages)}")
+    if t.stage == "rm":
+        for bad, why in ((run.adapters is not None, "several adapters (`adapters:`)"), (t.fsdp, "train.fsdp"),
+                         (t.deepspeed is not None, "train.deepspeed"), (t.ref_adapter is not None, "train.ref_adapter")):
+            if bad:
+                raise ConfigError(f"train.stage: rm does not support {why}: train one reward model per run, "
+                                  "unsharded")
     if t.stage == "kto":
         if t.pref_loss != "sigmoid" or t.dpo_label_smoothing:
             raise ConfigError("train.pref_loss and train.dpo_label_smoothing apply to train.stage: dpo, not kto")

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, reward
 from .data import TrainData, collate, collate_packed, end_token_ids, kto_kl_rows, preference_rows
 from .inject import adapter_of, attach, get_context, set_adapter, use_adapter
 from .preference import kto_loss, needs_reference, preference_loss, sequence_logps
@@ -331,15 +331,20 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             checkpoint.load_adapter(model, run.adapter_name_or_path, adapter_name=name)
         else:
             attach(model, cfg, name)
+    if t.stage == "rm":  # a value head per adapter (from the starting adapter's directory when it has one)
+        for name in names:
+            set_seed(t.seed)
+            if run.adapter_name_or_path is None or not reward.load_value_head(model, run.adapter_name_or_path, name):
+                reward.attach_value_head(model, name)
     reference = _load_reference(model, t.ref_adapter, names)
     if run.quantization is None and not zero3:  # bitsandbytes places at load time; ZeRO-3 places shards itself
         model.to(accelerator.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    dpo, kto = t.stage == "dpo", t.stage == "kto"
+    dpo, kto, rm = t.stage == "dpo", t.stage == "kto", t.stage == "rm"
     pref = dpo or kto  # compared with a reference: the reference's forward, reward metrics
     data = TrainData(run.data, tokenizer, cutoff_len=t.cutoff_len, seed=t.seed, val_size=t.val_size,
-                     val_sources=run.val_data, stage=t.stage, train_on_prompt=t.train_on_prompt)
+                     val_sources=run.val_data, stage="dpo" if rm else t.stage, train_on_prompt=t.train_on_prompt)
     files = _CheckpointFiles(names if multi else None)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -348,6 +353,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if ckpt is not None:  # adapters before any sharding: each process loads the full tensors
         for name in names:
             checkpoint.load_adapter(model, ckpt / files.adapter(name), adapter_name=name)
+            reward.load_value_head(model, ckpt / files.adapter(name), name)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     sharded = fsdp and world > 1
@@ -390,7 +396,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     counts = {name: count_parameters(model, name) for name in names}
 
     step, start_epoch, position = 0, 0, 0
-    validation = _Validation(names, "reward accuracy" if pref else "token accuracy")
+    validation = _Validation(names, "reward accuracy" if pref or rm else "token accuracy")
     if ckpt is not None:
         for name in names:
             if ds_cfg is not None:  # the engine's own files: adapter weights and this process's optimizer partition
@@ -428,6 +434,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                   f"adapter parameters")
         if run.adapter_name_or_path is not None:
             print(f"starting from the adapter {run.adapter_name_or_path}")
+        if rm:
+            print("reward model: a value head on the adapted model, pairwise loss -log sigmoid(r_chosen - r_rejected)")
         if pref:
             print(f"{t.pref_loss if dpo else 'kto'} preference loss (beta {t.pref_beta}); reference: " + (
                 f"the base model with the adapter {t.ref_adapter}" if reference else
@@ -437,7 +445,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             rows0 = epoch_rows(0)
             fill = sum(len(data[i]["input_ids"]) for r in rows0 for i in r) / (len(rows0) * t.cutoff_len)
             unit = f"packed rows (epoch 0: {data.epoch_size} examples in {len(rows0)} rows, {fill:.0%} filled)"
-        print(f"{len(data)} {'pairs' if dpo else 'examples'}, {total} steps of {per_step} {unit}"
+        print(f"{len(data)} {'pairs' if dpo or rm else 'examples'}, {total} steps of {per_step} {unit}"
               + (f" for each of {len(names)} adapters in one batch" if multi else ""))
     bar = tqdm(total=total, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     neftune = (model.get_input_embeddings().register_forward_hook(neftune_hook(t.neftune_noise_alpha))
@@ -451,8 +459,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         while step < total:
             loss_sum = dict.fromkeys(names, 0.0)
             router_sum = dict.fromkeys(names, 0.0)
-            extra_sum = {name: dict.fromkeys(PREF_METRICS if dpo else KTO_METRICS if kto else (), 0.0)
-                         for name in names}
+            extra_sum = {name: dict.fromkeys(PREF_METRICS if dpo else KTO_METRICS if kto else RM_METRICS if rm else (),
+                                             0.0) for name in names}
             for _ in range(t.gradient_accumulation):
                 if position + micro > len(order):
                     epoch, position = epoch + 1, 0
@@ -461,7 +469,13 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 position += micro
                 mine = rows[rank * t.batch_size : (rank + 1) * t.batch_size]
                 extras = {}
-                if pref:  # the mean over the pairs / examples: every process has batch_size of them, DDP averages
+                if rm:  # the mean over this process's pairs; DDP averages over the processes
+                    outputs, pair = _reward_losses(ddp_model, model, [data[i] for i in mine], names,
+                                                   tokenizer.pad_token_id, accelerator)
+                    lm = pair["loss"].mean(-1)
+                    extras = _reward_metrics(pair)
+                    n_seen = pair["tokens"]
+                elif pref:  # the mean over the pairs / examples: every process has batch_size of them, DDP averages
                     losses_of = _preference_losses if dpo else _kto_losses
                     outputs, pair = losses_of(ddp_model, model, [data[i] for i in mine], names, tokenizer.pad_token_id,
                                               accelerator, keeps_logits, t, reference)
@@ -541,7 +555,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             stop = False
             if data.validation and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
                 size = t.eval_batch_size or t.batch_size
-                if pref:
+                if pref or rm:
                     losses = preference_validation(ddp_model, model, data.validation, names, size,
                                                    tokenizer.pad_token_id, accelerator, keeps_logits, t, reference)
                 else:
@@ -578,10 +592,12 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         for name in names:
             target = out / name if multi else out
             checkpoint.save_adapter(model, target, name, tensors=tensors[name])
+            reward.save_value_head(model, target, name)
             if t.load_best_model_at_end and data.validation:  # the best validation's adapter replaces it
                 best = _best_dir(out, name, multi)
-                checkpoint.write_adapter_dir(target, {f: (best / f).read_bytes()
-                                                      for f in (checkpoint.SAFETENSORS_NAME, checkpoint.CONFIG_NAME)})
+                kept = [f for f in (reward.VALUE_HEAD_NAME, checkpoint.SAFETENSORS_NAME, checkpoint.CONFIG_NAME)
+                        if (best / f).is_file()]
+                checkpoint.write_adapter_dir(target, {f: (best / f).read_bytes() for f in kept})
                 print(f"{name if multi else 'final adapter'}: the best validation's (step "
                       f"{validation.state[name]['best_step']}, loss {validation.state[name]['best_loss']:.4f})")
         _write_summary(out, names, total, time.time() - t_start, accelerator.device,
@@ -715,6 +731,7 @@ def _save_best(model, names: list[str], out: Path, multi: bool, main: bool, shar
     for name in names:
         where = _best_dir(out, name, multi)
         checkpoint.save_adapter(model, where, name, tensors=tensors[name])
+        reward.save_value_head(model, where, name)
         tmp = where / ".best.json.tmp"
         tmp.write_text(json.dumps({"step": step, "val_loss": losses[name]["loss"]}))
         os.replace(tmp, where / "best.json")
@@ -986,6 +1003,15 @@ def preference_validation(ddp_model, model, features: list[dict], names: list[st
     kto = t.stage == "kto"
     for feats, real in _validation_batches(ddp_model, features, batch_size, accelerator):
         n = len(feats)
+        if t.stage == "rm":
+            _, pair = _reward_losses(ddp_model, model, feats, names, pad_token_id, accelerator)
+            right = pair["reward_chosen"] > pair["reward_rejected"]
+            if real:
+                task = torch.tensor([tasks.index(f["task"]) for f in feats], device=accelerator.device)
+                sums[0].index_add_(0, task, pair["loss"][0].double())
+                sums[A].index_add_(0, task, right[0].double())
+                sums[-1].index_add_(0, task, torch.ones(n, dtype=torch.float64, device=accelerator.device))
+            continue
         losses_of = _kto_losses if kto else _preference_losses
         # (KTO: a last batch of one has no mismatched row of its own: it is paired with itself)
         _, pair = losses_of(ddp_model, model, feats * 2 if kto and n == 1 else feats, names, pad_token_id,
@@ -1003,6 +1029,32 @@ def preference_validation(ddp_model, model, features: list[dict], names: list[st
             sums[A + i].index_add_(0, task, right[i].double())
         sums[-1].index_add_(0, task, torch.ones(len(feats), dtype=torch.float64, device=accelerator.device))
     return _validation_means(accelerator.reduce(sums, reduction="sum").cpu(), names, tasks)
+
+
+RM_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def _reward_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int,
+                   accelerator) -> tuple[Any, dict[str, Any]]:
+    """``train.stage: rm``: one forward of the pairs' chosen then rejected rows, the value head's reward
+    of each (``moelora.reward``) and LLaMA-Factory's pairwise loss ``-log sigmoid(r_c - r_r)``. Returns
+    the outputs and ``{"loss", "reward_chosen", "reward_rejected"}`` (``(1, B)``) and ``"tokens"``."""
+    [name] = names
+    B = len(feats)
+    batch = {k: v.to(accelerator.device) for k, v in collate(preference_rows(feats), pad_token_id).items()}
+    batch.pop("labels")
+    with accelerator.autocast():
+        r, outputs = reward.sequence_rewards(ddp_model, model, batch, name, return_outputs=True)
+    chosen, rejected = r[:B], r[B:]
+    loss = -F.logsigmoid(chosen - rejected)
+    return outputs, {"loss": loss[None], "reward_chosen": chosen[None].detach(), "reward_rejected": rejected[None].detach(),
+                  "tokens": int(batch["attention_mask"].sum())}
+
+
+def _reward_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
+    c, r = pair["reward_chosen"], pair["reward_rejected"]
+    return {"rewards/chosen": c.mean(-1), "rewards/rejected": r.mean(-1),
+            "rewards/accuracies": (c > r).float().mean(-1), "rewards/margins": (c - r).mean(-1)}
 
 
 def _adapter_params(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
@@ -1103,6 +1155,7 @@ def _save_checkpoint(accelerator, model, optimizers, schedulers, files, out: Pat
     if accelerator.is_main_process:
         for name in optimizers:
             checkpoint.save_adapter(model, tmp / files.adapter(name), name, tensors=tensors[name])
+            reward.save_value_head(model, tmp / files.adapter(name), name)
             if name in optim_states:
                 torch.save(optim_states[name], tmp / files.optimizer(name))
             torch.save(schedulers[name].state_dict(), tmp / files.scheduler(name))

@@ -279,6 +279,9 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
     assert (pt.train.stage, pt.train.packing) == ("sft", True)  # LLaMA-Factory packs pt data by default
     assert [(s.name, s.format, s.llamafactory["pretraining"]) for s in pt.data] == [("pt_demo", "text", True),
                                                                                     ("pt_txt", "text", True)]
+    rm = load_run_config(lf_config(tmp_path, data_dir, LF_SFT.replace("stage: sft", "stage: rm").replace(
+        "alpaca_demo,sharegpt_demo", "dpo_demo")))
+    assert (rm.train.stage, rm.data[0].turns) == ("rm", "last")
     qlora = load_run_config(lf_config(tmp_path, data_dir, quantization_bit=4, optim="paged_adamw_8bit",
                                       adam_beta2=0.95, lr_scheduler_type="constant_with_warmup"))
     assert (qlora.quantization, qlora.train.optim, qlora.train.adam_beta2, qlora.train.lr_scheduler) == \
@@ -292,7 +295,7 @@ def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
     mix = LF_SFT.replace("lora_rank: 8\nlora_target: all\n", "method: {{type: mixlora, num_experts: 4, r: 4}}\n")
     assert load_run_config(lf_config(tmp_path, data_dir, mix)).adapter_configs()["default"].method == "mixlora"
     for extra, msg in [({"finetuning_type": "full"}, "finetuning_type: 'full'"),
-                       ({"stage": "rm"}, "stage: 'rm' is not supported .pt, sft, dpo and kto are"),
+                       ({"stage": "ppo"}, "stage: 'ppo' is not supported .pt, sft, rm, dpo and kto are"),
                        ({"num_train_epochs": 1.5}, "a whole number of epochs"),
                        ({"lr_scheduler_type": "polynomial"}, "'polynomial' is not supported"),
                        ({"pissa_init": True}, r"\['pissa_init'\] are not read by moelora"),

@@ -1,0 +1,157 @@
+"""Reward models (``train.stage: rm``, LLaMA-Factory's and TRL's pairwise reward modelling).
+
+A value head (TRL's ``ValueHead``: dropout, then ``Linear(hidden, 1)``) reads the decoder's final
+hidden states (after the last norm); a sequence's reward is its value at its last token. Training
+minimises ``-log sigmoid(r(chosen) - r(rejected))`` over preference pairs (LLaMA-Factory's
+``PairwiseTrainer``), with any adapter of this library underneath. Each adapter has its own head,
+saved beside it as ``value_head.safetensors`` with LLaMA-Factory's tensor names
+(``v_head.summary.weight`` ``(1, hidden)``, ``v_head.summary.bias`` ``(1,)``, float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from .checkpoint import CheckpointError, write_adapter_dir
+
+__all__ = ["ValueHead", "attach_value_head", "value_head", "sequence_rewards", "save_value_head", "load_value_head",
+           "reward_scores", "VALUE_HEAD_NAME"]
+
+VALUE_HEAD_NAME = "value_head.safetensors"
+HOLDER = "moelora_value_heads"  # model.moelora_value_heads[adapter]: parameters belong to that adapter
+
+
+class ValueHead(nn.Module):
+    def __init__(self, hidden: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(..., hidden)`` -> ``(...)`` values (float32)."""
+        return self.summary(self.dropout(hidden_states.to(self.summary.weight.dtype))).squeeze(-1)
+
+
+def value_head(model: nn.Module, adapter_name: str) -> ValueHead | None:
+    heads = getattr(model, HOLDER, None)
+    return heads[adapter_name] if heads is not None and adapter_name in heads else None
+
+
+def attach_value_head(model: nn.Module, adapter_name: str) -> ValueHead:
+    """A new float32 value head for ``adapter_name`` (trainable), on the model's device."""
+    if not hasattr(model, HOLDER):
+        model.add_module(HOLDER, nn.ModuleDict())
+    device = next(model.parameters()).device
+    head = ValueHead(model.config.hidden_size).to(device=device, dtype=torch.float32)
+    getattr(model, HOLDER)[adapter_name] = head
+    return head
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(decoder, "norm", None)
+    if norm is None:
+        raise ValueError(f"{type(model).__name__}: no final norm found (decoder.norm) to read the hidden states from")
+    return norm
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module):
+    """The final norm's output of the forwards run inside (the last one in ``box[0]``)."""
+    box: list[torch.Tensor] = []
+    hook = _final_norm(model).register_forward_hook(lambda m, args, out: box.__setitem__(slice(None), [out]))
+    try:
+        yield box
+    finally:
+        hook.remove()
+
+
+def sequence_rewards(forward_model: nn.Module, model: nn.Module, batch: dict, adapter_name: str,
+                     return_outputs: bool = False):
+    """``(B,)`` float32 rewards of a right-padded ``batch`` (``input_ids``, ``attention_mask``, ...):
+    ``forward_model`` (``model`` or its DDP wrapper) runs the forward (logits for the last position
+    only), ``model``'s value head of ``adapter_name`` reads the hidden state of each row's last token.
+    With ``return_outputs``: ``(rewards, the forward's outputs)`` (their ``router_loss``)."""
+    head = value_head(model, adapter_name)
+    if head is None:
+        raise ValueError(f"adapter {adapter_name!r} has no value head (train.stage: rm attaches one)")
+    with _capture(model) as box:
+        outputs = forward_model(**batch, use_cache=False, logits_to_keep=1)
+    last = batch["attention_mask"].sum(-1) - 1
+    hidden = box[0][torch.arange(len(last), device=last.device), last]  # (B, hidden)
+    rewards = head(hidden).float()
+    return (rewards, outputs) if return_outputs else rewards
+
+
+def save_value_head(model: nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
+    """Write ``adapter_name``'s head into the adapter directory ``path`` (atomically; no-op without one)."""
+    head = value_head(model, adapter_name)
+    if head is None:
+        return
+    tensors = {"v_head.summary.weight": head.summary.weight.detach().float().cpu().contiguous(),
+               "v_head.summary.bias": head.summary.bias.detach().float().cpu().contiguous()}
+    write_adapter_dir(path, {VALUE_HEAD_NAME: save_safetensors_bytes(tensors, metadata={"format": "pt"})})
+
+
+def load_value_head(model: nn.Module, path: str | os.PathLike, adapter_name: str) -> bool:
+    """Load ``path/value_head.safetensors`` (ours or LLaMA-Factory's) as ``adapter_name``'s head,
+    attaching one if needed; False when the directory has none. Shapes are checked first."""
+    f = Path(path) / VALUE_HEAD_NAME
+    if not f.is_file():
+        return False
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    hidden = model.config.hidden_size
+    want = {"v_head.summary.weight": (1, hidden), "v_head.summary.bias": (1,)}
+    for key, shape in want.items():
+        if key not in tensors:
+            raise CheckpointError(f"{f}: missing tensor {key!r} (has {sorted(tensors)})")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{f}: {key} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
+    head = value_head(model, adapter_name) or attach_value_head(model, adapter_name)
+    with torch.no_grad():
+        head.summary.weight.copy_(tensors["v_head.summary.weight"])
+        head.summary.bias.copy_(tensors["v_head.summary.bias"])
+    return True
+
+
+@torch.no_grad()
+def reward_scores(model: nn.Module, tokenizer, prompts: list[str], responses: list[str], adapter_name: str = "default",
+                  batch_size: int = 8, chat: bool = True) -> list[float]:
+    """The rewards of ``responses`` to ``prompts``, encoded as training encodes them (the prompt as one
+    user message through the chat template when ``chat`` and the tokenizer has one, else raw text;
+    the response and EOS after it), with ``adapter_name`` active and its value head, in eval mode."""
+    from .data import Example, collate, encode_example
+    from .inject import use_adapter
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    template = chat and getattr(tokenizer, "chat_template", None)
+    feats = []
+    for p, r in zip(prompts, responses):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) if template else p
+        feats.append(encode_example(Example(prompt=text, response=r, task="score"), tokenizer,
+                                    cutoff_len=1 << 30))
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    try:
+        with use_adapter(model, adapter_name):
+            for i in range(0, len(feats), batch_size):
+                batch = collate(feats[i : i + batch_size], tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                out += sequence_rewards(model, model, batch, adapter_name).tolist()
+    finally:
+        model.train(was)
+    return out
