@@ -28,12 +28,11 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-PARAGRAPH = ("The river starts in the mountains, where snow melts every spring and feeds a hundred small "
-             "streams. It runs through three valleys and two towns before it reaches the sea, and its water "
-             "turns the wheels of an old mill that still grinds flour for the bakery in the square.")
-COPY = [f"Repeat the following text exactly, word for word:\n\n{PARAGRAPH}",
-        f"Copy this paragraph, then stop:\n\n{PARAGRAPH}",
+from prompt_lookup_bench import PARAGRAPH, PROMPTS  # noqa: E402  (the same copy prompts)
+
+COPY = [*PROMPTS,
         f"Rewrite this text, keeping every sentence:\n\n{PARAGRAPH}",
         f"Here is a paragraph:\n\n{PARAGRAPH}\n\nWrite it again exactly."]
 OPEN = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",

@@ -377,6 +377,8 @@ def translate(d: dict) -> dict:
         refuse("eval_strategy", f"{strategy!r}: steps (eval_steps) or no")
     if strategy == "no":
         t.pop("eval_steps", None)  # validation (val_size / eval_dataset) after the last step only
+    elif "eval_steps" not in t:
+        t["eval_steps"] = t["log_steps"]  # HF: eval_steps defaults to logging_steps
     q = d.get("quantization_bit")
     if q is not None:
         if q not in (4, 8) or d.get("quantization_method", "bnb") not in ("bnb", "bitsandbytes"):

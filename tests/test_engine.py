@@ -314,14 +314,12 @@ def test_bad_requests_are_clear_errors(adapter_dirs, tmp_path):
         eng.unload_adapter("lora")
 
 
-def test_abort_removes_a_running_request_and_the_rest_stay_exact(adapter_dirs):
-    eng = engine("llama", adapter_dirs)
-    ps = prompts(3, seed=11)
-    sp = SamplingParams(max_tokens=8)
-    for i, (p, a) in enumerate(zip(ps, ["lora", "mixlora", "milora"])):
+def run_aborting_the_second(eng, ps, adapters, sp):
+    """Requests "0", "1", "2" added at once, "1" aborted before the third step: the tokens of "0" and
+    "2" and every request's finish reason."""
+    for i, (p, a) in enumerate(zip(ps, adapters)):
         eng.add_request(str(i), p, a, sp)
-    reasons, tokens = {}, {"0": [], "2": []}
-    step = 0
+    tokens, reasons, step = {"0": [], "2": []}, {}, 0
     while eng.has_work():
         if step == 2:
             eng.abort("1")
@@ -331,6 +329,13 @@ def test_abort_removes_a_running_request_and_the_rest_stay_exact(adapter_dirs):
                 tokens[o.request_id] += o.token_ids
             if o.finished:
                 reasons[o.request_id] = o.finish_reason
+    return tokens, reasons
+
+
+def test_abort_removes_a_running_request_and_the_rest_stay_exact(adapter_dirs):
+    eng = engine("llama", adapter_dirs)
+    ps = prompts(3, seed=11)
+    tokens, reasons = run_aborting_the_second(eng, ps, ["lora", "mixlora", "milora"], SamplingParams(max_tokens=8))
     assert reasons["1"] == "abort" and reasons["0"] == reasons["2"] == "length"
     assert eng.store.rows == 0
     for i, a in ((0, "lora"), (2, "milora")):

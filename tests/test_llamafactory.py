@@ -272,6 +272,9 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
         "alpaca_demo,sharegpt_demo", "dpo_demo"), pref_beta=0.2, pref_loss="simpo", lora_target="q_proj,v_proj",
         mask_history=True, eval_dataset="dpo_sharegpt", val_size=0.0))
     assert (dpo.train.stage, dpo.train.pref_beta, dpo.train.pref_loss) == ("dpo", 0.2, "simpo")
+    assert run.train.eval_steps == 0  # no eval_strategy: validation after the last step only
+    steps = load_run_config(lf_config(tmp_path, data_dir, eval_strategy="steps", val_size=0.1))
+    assert steps.train.eval_steps == 10  # HF: eval_steps defaults to logging_steps
     assert dpo.adapter_configs()["default"].target_modules == ["q_proj", "v_proj"]
     assert [(s.name, s.turns) for s in dpo.data + dpo.val_data] == [("dpo_demo", "last"), ("dpo_sharegpt", "last")]
     pt = load_run_config(lf_config(tmp_path, data_dir, LF_SFT.replace("stage: sft", "stage: pt").replace(

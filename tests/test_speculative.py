@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from test_engine import METHODS, ByteTokenizer, prompts, sharp_engine
+from test_engine import METHODS, ByteTokenizer, prompts, run_aborting_the_second, sharp_engine
 
 from moelora.engine import Engine, SamplingParams
 from moelora.speculative import NgramProposer, SpeculativeConfig
@@ -262,18 +262,7 @@ def test_abort_and_disable_by_batch_size(adapter_dirs):
     sp = SamplingParams(max_tokens=20, ignore_eos=True)
     plain = collect(sharp_engine("llama", adapter_dirs), ps, ["lora", "mixlora", "milora"], [sp] * 3)
     eng = planted("llama", adapter_dirs, [(p, r["token_ids"]) for p, r in zip(ps, plain)], wrong=3)
-    for i, (p, a) in enumerate(zip(ps, ["lora", "mixlora", "milora"])):
-        eng.add_request(str(i), p, a, sp)
-    tokens, reasons, step = {"0": [], "2": []}, {}, 0
-    while eng.has_work():
-        if step == 2:
-            eng.abort("1")
-        step += 1
-        for o in eng.step():
-            if o.request_id in tokens:
-                tokens[o.request_id] += o.token_ids
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason
+    tokens, reasons = run_aborting_the_second(eng, ps, ["lora", "mixlora", "milora"], sp)
     assert reasons == {"0": "length", "1": "abort", "2": "length"}
     assert tokens["0"] == plain[0]["token_ids"] and tokens["2"] == plain[2]["token_ids"]
     # vLLM's disable_by_batch_size: no speculation while more requests run
