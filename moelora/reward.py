@@ -126,20 +126,28 @@ def load_value_head(model: nn.Module, path: str | os.PathLike, adapter_name: str
 
 @torch.no_grad()
 def reward_scores(model: nn.Module, tokenizer, prompts: list[str], responses: list[str], adapter_name: str = "default",
-                  batch_size: int = 8, chat: bool = True) -> list[float]:
-    """The rewards of ``responses`` to ``prompts``, encoded as training encodes them (the prompt as one
-    user message through the chat template when ``chat`` and the tokenizer has one, else raw text;
-    the response and EOS after it), with ``adapter_name`` active and its value head, in eval mode."""
-    from .data import Example, collate, encode_example
+                  batch_size: int = 8, format: str = "messages") -> list[float]:
+    """The rewards of ``responses`` to ``prompts``, encoded as training encodes pairs of that data
+    ``format``: ``messages`` / ``sharegpt`` (the prompt as one user message through the chat
+    template), ``alpaca`` / ``llm-adapters`` (the prompt as the instruction of LLM-Adapters' Alpaca
+    template) or ``text`` (the prompt as raw text); the response and EOS after it. ``adapter_name``
+    is active with its value head, in eval mode."""
+    from .data import PROMPT_TEMPLATES, Example, collate, encode_example
     from .inject import use_adapter
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-    template = chat and getattr(tokenizer, "chat_template", None)
+    if format not in ("messages", "sharegpt", "alpaca", "llm-adapters", "text"):
+        raise ValueError(f"format must be messages, sharegpt, alpaca, llm-adapters or text, got {format!r}")
     feats = []
     for p, r in zip(prompts, responses):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) if template else p
+        if format in ("messages", "sharegpt"):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True)
+        elif format == "text":
+            text = p
+        else:
+            text = PROMPT_TEMPLATES["prompt_no_input"].format(instruction=p)
         feats.append(encode_example(Example(prompt=text, response=r, task="score"), tokenizer,
                                     cutoff_len=1 << 30))
     was = model.training

@@ -105,13 +105,16 @@ def test_reward_model_trains_saves_in_llamafactory_layout_and_scores(tmp_path, t
     prompts = [f"Say something about {i}." for i in (100, 101)]
     scores = moelora.reward_scores(model, tok, prompts * 2, ["A kind and true sentence about 100.",
                                                              "A kind and true sentence about 101.", "no 100 no",
-                                                             "no 101 no"], chat=False)
+                                                             "no 101 no"], format="alpaca")  # as it trained
     assert scores[0] > scores[2] and scores[1] > scores[3]
-    again = moelora.reward_scores(model, tok, prompts, ["x", "y"], chat=False)
-    assert again == moelora.reward_scores(model, tok, prompts, ["x", "y"], chat=False)  # eval mode: no dropout
+    again = moelora.reward_scores(model, tok, prompts, ["x", "y"], format="alpaca")
+    assert again == moelora.reward_scores(model, tok, prompts, ["x", "y"], format="alpaca")  # eval: no dropout
+    assert again != moelora.reward_scores(model, tok, prompts, ["x", "y"], format="text")
     assert value_head(model, "default").training is False
     with pytest.raises(ValueError, match="2 prompts for 1 responses"):
         moelora.reward_scores(model, tok, prompts, ["x"])
+    with pytest.raises(ValueError, match="format must be"):
+        moelora.reward_scores(model, tok, prompts, ["x", "y"], format="chat")
 
 
 def test_reward_model_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
