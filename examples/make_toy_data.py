@@ -73,6 +73,15 @@ def main() -> None:
             (root / name).mkdir(parents=True, exist_ok=True)
             with open(root / name / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(it) + "\n" for it in items)
+    # the same files registered as LLaMA-Factory's dataset_info.json does (configs/llamafactory_sft.yaml)
+    alpaca = {"prompt": "instruction", "query": "input", "response": "output"}
+    info = {name: {"file_name": f"{name}/train.jsonl", "columns": alpaca} for name in ("addition", "successor", "letters")}
+    info["addition_test"] = {"file_name": "addition/test.jsonl", "columns": alpaca}
+    info["addition_pairs"] = {"file_name": "addition_pairs/train.jsonl", "ranking": True,
+                              "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                          "rejected": "rejected"}}
+    info["addition_labelled"] = {"file_name": "addition_labelled/train.jsonl", "columns": {**alpaca, "kto_tag": "kto_tag"}}
+    (root / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

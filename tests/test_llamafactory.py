@@ -336,3 +336,18 @@ def test_moelora_train_runs_a_llamafactory_yaml(data_dir, tmp_path, tiny_model_d
     lrs2 = [json.loads(line)["lr"] for line in (tmp_path / "out2" / "metrics.jsonl").read_text().splitlines()
             if '"lr"' in line]
     assert lrs == pytest.approx(lrs2) and lrs[0] < lrs[2]  # ceil(0.3 x 8) = 3 warm-up steps
+
+
+def test_the_shipped_llamafactory_config_and_toy_registry_read(tok, monkeypatch):
+    """``configs/llamafactory_sft.yaml`` over ``examples/toy/dataset_info.json`` (written by
+    ``examples/make_toy_data.py``): the toy tasks as LLaMA-Factory-style chat examples."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # dataset_dir: examples/toy, relative to the working directory (as LLaMA-Factory)
+    run = load_run_config(root / "configs" / "llamafactory_sft.yaml")
+    assert run.model is None and [s.name for s in run.data] == ["addition", "successor", "letters"]
+    assert (run.train.max_steps, run.train.warmup_ratio, run.train.gradient_checkpointing, run.train.eval_steps) == \
+        (40, 0.1, False, 20)
+    ex = _read(run.data[0], tok)[0][0]
+    first = json.loads((root / "examples" / "toy" / "addition" / "train.jsonl").read_text().splitlines()[0])
+    assert ex.response == first["output"] and first["instruction"] in ex.prompt
+    assert len(_read(run.data[0], tok)[0]) == 200  # max_samples
