@@ -305,7 +305,7 @@ def _unsupported(body: dict, chat: bool) -> None:
     neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                "tools": (None, []), "functions": (None, []), "guided_grammar": (None,)}
     for key, ok in neutral.items():
-        if (key == "echo" and not chat) or (key == "tools" and chat):  # implemented there
+        if (key in ("echo", "best_of") and not chat) or (key == "tools" and chat):  # implemented there
             continue
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in ok):
             raise _bad(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
@@ -375,7 +375,9 @@ class _Req:
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
-    n: int = 1  # choices per prompt
+    n: int = 1  # choices per prompt (engine requests: with best_of, the candidates)
+    keep: int | None = None  # completions' best_of: the n choices returned per prompt out of the n above
+    hide_logprobs: bool = False  # best_of ranks by log-probabilities the client did not ask for
     echo: bool = False  # completions: the prompt's text (and with logprobs its tokens') before the completion
     echo_texts: list[str] | None = None  # per choice, set by _submit
     prompts: list[str | list[int]] | None = None  # completions: one or more prompts (a batch)
@@ -520,10 +522,20 @@ def _parse_completion(body: dict) -> _Req:
     else:
         req.prompts = [_check_prompt(prompt)]
     req.echo = _opt_bool(body, "echo")
+    best_of = _opt_int(body, "best_of", lo=1, hi=MAX_CHOICES)
+    if best_of is not None and best_of > 1:  # best_of candidates per prompt, the n best returned
+        if best_of < req.n:
+            raise _bad(f"best_of ({best_of}) must be >= n ({req.n})", param="best_of", code="invalid_value")
+        if req.stream:
+            raise _bad("best_of > 1 cannot be streamed (the best are known at the end)", param="best_of",
+                       code="invalid_value")
+        req.keep, req.n = req.n, best_of
+        if req.params.logprobs is None:
+            req.params.logprobs, req.hide_logprobs = 0, True
     if req.echo:
-        req.params.prompt_logprobs = req.params.logprobs
+        req.params.prompt_logprobs = None if req.hide_logprobs else req.params.logprobs
     if req.num_choices > MAX_CHOICES:
-        raise _bad(f"a request may ask for at most {MAX_CHOICES} completions (prompts x n), got "
+        raise _bad(f"a request may ask for at most {MAX_CHOICES} completions (prompts x n, or x best_of), got "
                    f"{len(req.prompts)} x {req.n}", param="n" if len(req.prompts) == 1 else "prompt",
                    code="invalid_value")
     return req
@@ -749,6 +761,22 @@ def _resolve_adapter(engine: Any, model: str) -> str | None:
     if model not in engine.adapter_names():
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
     return model
+
+
+def _best_of(choices: list[dict], lps: list[list], req: _Req) -> list[dict]:
+    """``best_of``: for each prompt, the ``req.keep`` candidates with the highest mean log-probability
+    per token (OpenAI's "highest log probability per token"; EOS is not counted, an empty completion
+    ranks last; ties keep the candidates' order), indexed ``prompt x keep + j``."""
+    def score(i: int) -> float:
+        return sum(e.logprob for e in lps[i]) / len(lps[i]) if lps[i] else float("-inf")
+
+    out = []
+    for p in range(len(choices) // req.n):
+        group = sorted(range(p * req.n, (p + 1) * req.n), key=lambda i: -score(i))[: req.keep]
+        for j, i in enumerate(group):
+            out.append({**choices[i], "index": p * req.keep + j,
+                        "logprobs": None if req.hide_logprobs else choices[i]["logprobs"]})
+    return out
 
 
 def _choice_ids(rid: str, req: _Req) -> list[str]:
@@ -994,6 +1022,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             shifts = [len(t) for t in req.echo_texts] if req.echo else [0] * len(rids)
             choices = [{"index": i, "text": "".join(t), "logprobs": _logprobs(lp, chat, k, plp, sh), "finish_reason": r}
                        for i, (t, lp, plp, sh, r) in enumerate(zip(texts, lps, plps, shifts, reasons))]
+            if req.keep is not None:
+                choices = _best_of(choices, lps, req)
             obj = "text_completion"
         return web.json_response({"id": rid, "object": obj, "created": created, "model": req.model,
                                   "system_fingerprint": None, "choices": choices, "usage": usage})

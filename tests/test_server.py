@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import json
+import re
 import sys
 import threading
 import time
@@ -942,6 +943,41 @@ def test_real_engine_batched_prompts_and_seeded_n_equal_single_requests(real_ser
     seeded = [post(url, "/v1/completions", {**sample, "seed": 7 + j}).json()["choices"][0]["text"] for j in range(3)]
     assert [c["text"] for c in d["choices"]] == seeded
     assert len(set(seeded)) > 1  # the copies really sample differently
+
+
+@pytest.mark.slow
+def test_real_engine_best_of_returns_the_best_candidates_per_token(real_server):
+    """``best_of`` (completions): best_of seeded candidates per prompt (the ``n`` copies' seeds), the
+    ``n`` with the highest mean log-probability per token returned, in that order; usage counts every
+    candidate's tokens; logprobs only when asked."""
+    url, _ = real_server
+    sample = {"model": "lora-b", "max_tokens": 8, "temperature": 1.5, "seed": 11}
+    prompts = ["Below is an instruction", "hi"]
+    cands = post(url, "/v1/completions", {**sample, "prompt": prompts, "n": 4, "logprobs": 0}).json()
+
+    def mean(c):
+        lp = c["logprobs"]["token_logprobs"]
+        return sum(lp) / len(lp) if lp else float("-inf")
+
+    want = []
+    for p in range(2):
+        group = sorted(cands["choices"][4 * p : 4 * p + 4], key=lambda c: -mean(c))[:2]
+        want += [c["text"] for c in group]
+    d = post(url, "/v1/completions", {**sample, "prompt": prompts, "n": 2, "best_of": 4}).json()
+    assert [c["text"] for c in d["choices"]] == want and [c["index"] for c in d["choices"]] == [0, 1, 2, 3]
+    assert all(c["logprobs"] is None for c in d["choices"])
+    assert d["usage"]["completion_tokens"] == cands["usage"]["completion_tokens"]
+    one = post(url, "/v1/completions", {**sample, "prompt": prompts[0], "best_of": 4, "logprobs": 1}).json()
+    assert [c["text"] for c in one["choices"]] == want[:1] and one["choices"][0]["logprobs"]["top_logprobs"]
+    for body, msg in [({"n": 3, "best_of": 2}, "best_of .2. must be >= n .3."),
+                      ({"best_of": 2, "stream": True}, "cannot be streamed"),
+                      ({"prompt": ["a"] * 17, "best_of": 4}, "at most 64 completions")]:
+        r = post(url, "/v1/completions", {**sample, "prompt": "hi", **body})
+        assert_error(r, 400, code="invalid_value")
+        assert re.search(msg, r.json()["error"]["message"]), r.json()
+    r = post(url, "/v1/chat/completions", {"model": "lora-b", "messages": [{"role": "user", "content": "hi"}],
+                                           "best_of": 2})
+    assert_error(r, 400, code="unsupported_parameter")
 
 
 @pytest.mark.slow
