@@ -55,8 +55,9 @@ with a boolean label, ``kto_tag`` (LLaMA-Factory's) or ``label`` (TRL's), true w
 desirable; also TRL's ``{"prompt", "completion", "label"}`` (``text``: raw strings; ``messages``:
 lists of messages). ``turns: all`` does not apply.
 
-Sources are files, or Hugging Face datasets (``path: hf:owner/name`` through ``datasets``, or a
-local dataset directory; ``DataSource.split``) whose rows are read as the items above;
+Sources are files, or Hugging Face datasets (``path: hf:owner/name`` through ``datasets``, a local
+dataset directory, or a ``.csv`` / ``.parquet`` / ``.arrow`` file; ``DataSource.split``) whose rows are
+read as the items above;
 ``DataSource.max_samples`` keeps the first N items of any source.
 
 Items whose response is empty (or only whitespace) are skipped; a source left with no example is
@@ -316,10 +317,14 @@ def _load_items(path: Path, fmt: str) -> list[tuple[str, Any]]:
     return items
 
 
+TABLE_FILES = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}  # read through `datasets` (its builders)
+
+
 def _is_dataset(source: DataSource) -> bool:
-    """A Hugging Face dataset: ``hf:owner/name``, or a directory (a dataset repository's files, or
-    one saved with ``save_to_disk``) rather than a file."""
-    return source.path.startswith(HUB_PREFIX) or Path(source.path).is_dir()
+    """A Hugging Face dataset: ``hf:owner/name``, a directory (a dataset repository's files, or one
+    saved with ``save_to_disk``), or a CSV / Parquet / Arrow file (rows as items)."""
+    return (source.path.startswith(HUB_PREFIX) or Path(source.path).is_dir()
+            or Path(source.path).suffix.lower() in TABLE_FILES)
 
 
 def _load_dataset(source: DataSource) -> list[tuple[str, Any]]:
@@ -334,7 +339,13 @@ def _load_dataset(source: DataSource) -> list[tuple[str, Any]]:
     name = source.path.removeprefix(HUB_PREFIX)
     local = Path(name)
     try:
-        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+        if local.suffix.lower() in TABLE_FILES and not source.path.startswith(HUB_PREFIX):
+            if not local.is_file():
+                raise DataError(f"{source.path}: data file not found")
+            if source.split not in (None, "train"):
+                raise DataError(f"{source.path}: a single file has one split; remove split: {source.split}")
+            ds = datasets.load_dataset(TABLE_FILES[local.suffix.lower()], data_files=str(local), split="train")
+        elif local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
                 split = source.split or ("train" if "train" in ds or len(ds) != 1 else next(iter(ds)))

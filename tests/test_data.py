@@ -715,3 +715,27 @@ def test_trl_prompt_completion_items_train_on_the_completion(tmp_path, tok):
         {"prompt": user, "completion": [{"role": "assistant", "content": "4"}]}]), format="messages"), tok)
     assert chat.response == "4" and chat.prompt == tok.apply_chat_template(user, tokenize=False,
                                                                            add_generation_prompt=True)
+
+
+def test_csv_parquet_and_arrow_files_read_as_their_rows(tmp_path, tok):
+    """A .csv / .parquet / .arrow file is read through `datasets` (LLaMA-Factory reads those types too):
+    its rows are the items, with the same examples as the JSON file (an empty CSV cell is an empty
+    field); a missing file and a split other than train are named."""
+    pytest.importorskip("datasets")
+    import datasets
+
+    items = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+             {"instruction": "Translate", "input": "chat", "output": "cat"}]
+    want = read_examples(DataSource(write_json(tmp_path / "x.json", items)), tok)
+    ds = datasets.Dataset.from_list(items)
+    ds.to_csv(str(tmp_path / "x.csv"), index=False)
+    ds.to_parquet(str(tmp_path / "x.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path in (tmp_path / "x.csv", tmp_path / "x.parquet", arrow):
+        got = read_examples(DataSource(str(path)), tok)
+        assert [(e.prompt, e.response) for e in got] == [(e.prompt, e.response) for e in want], path
+    with pytest.raises(DataError, match="nope.csv: data file not found"):
+        read_examples(DataSource(str(tmp_path / "nope.csv")), tok)
+    with pytest.raises(DataError, match="a single file has one split"):
+        read_examples(DataSource(str(tmp_path / "x.csv"), split="test"), tok)
