@@ -225,6 +225,30 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool, eng
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """A reward model's pairwise accuracy on preference pairs (``train.stage: rm``'s value head)."""
+    from .data import DataSource
+    from .reward import VALUE_HEAD_NAME, load_value_head, pairwise_accuracy
+
+    if not (Path(args.adapter) / VALUE_HEAD_NAME).is_file():
+        raise ValueError(f"--adapter {args.adapter}: no {VALUE_HEAD_NAME} (a reward model trained with "
+                         "train.stage: rm has one)")
+    model, tok = _load(args.model, args.adapter)
+    load_value_head(model, args.adapter, "default")
+    results = {}
+    for path in args.data:
+        src = DataSource(path, format=args.format)
+        results[src.name] = pairwise_accuracy(model, tok, src, batch_size=args.batch_size, cutoff_len=args.cutoff_len,
+                                              limit=args.limit)
+        r = results[src.name]
+        print(f"{src.name}: {r['pairs']} pairs, accuracy {r['accuracy']:.1%}, margin {r['margin']:.4f} "
+              f"(chosen {r['chosen']:.4f}, rejected {r['rejected']:.4f})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Merge a LoRA/DoRA adapter into the base and save a plain transformers model (with its tokenizer)."""
     import shutil
@@ -537,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("score", help="a reward model's pairwise accuracy on preference pairs (train.stage: rm)")
+    p.add_argument("--adapter", required=True, help="the reward model's directory (adapter + value_head.safetensors)")
+    p.add_argument("--data", required=True, nargs="+", help="preference pair files (chosen/rejected)")
+    p.add_argument("--format", default="llm-adapters", help="their data format (llm-adapters, alpaca, messages, "
+                                                            "sharegpt, text), as in training")
+    p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--cutoff-len", type=int, default=1024, help="encode pairs as training with this cutoff_len")
+    p.add_argument("--limit", type=int, default=None, help="the first N pairs of each file")
+    p.add_argument("--output", default=None, help="also write the figures as JSON")
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("export", help="merge a LoRA/DoRA adapter into the base and save a plain transformers model")
     p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")

@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import CheckpointError, write_adapter_dir
 
 __all__ = ["ValueHead", "attach_value_head", "value_head", "sequence_rewards", "save_value_head", "load_value_head",
-           "reward_scores", "VALUE_HEAD_NAME"]
+           "reward_scores", "pairwise_accuracy", "VALUE_HEAD_NAME"]
 
 VALUE_HEAD_NAME = "value_head.safetensors"
 HOLDER = "moelora_value_heads"  # model.moelora_value_heads[adapter]: parameters belong to that adapter
@@ -163,3 +163,36 @@ def reward_scores(model: nn.Module, tokenizer, prompts: list[str], responses: li
     finally:
         model.train(was)
     return out
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: nn.Module, tokenizer, source, adapter_name: str = "default", batch_size: int = 8,
+                      cutoff_len: int = 1024, limit: int | None = None) -> dict:
+    """A reward model on preference pairs (``source``: a :class:`moelora.data.DataSource` of pairs, read
+    and encoded as ``train.stage: rm`` reads them): ``{"pairs", "accuracy"`` (chosen reward above the
+    rejected one), ``"margin"``, ``"chosen"``, ``"rejected"`` (means)``}``, in eval mode."""
+    from .data import _encode_many, _read, collate, preference_rows
+    from .inject import use_adapter
+
+    examples = _read(source, tokenizer, "dpo")[0][:limit]
+    feats = _encode_many(examples, tokenizer, cutoff_len)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    chosen: list[float] = []
+    rejected: list[float] = []
+    try:
+        with use_adapter(model, adapter_name):
+            for i in range(0, len(feats), batch_size):
+                part = feats[i : i + batch_size]
+                batch = collate(preference_rows(part), tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                r = sequence_rewards(model, model, batch, adapter_name).tolist()
+                chosen += r[: len(part)]
+                rejected += r[len(part):]
+    finally:
+        model.train(was)
+    n = len(chosen)
+    return {"pairs": n, "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+            "margin": sum(c - r for c, r in zip(chosen, rejected)) / n, "chosen": sum(chosen) / n,
+            "rejected": sum(rejected) / n}

@@ -115,6 +115,21 @@ def test_reward_model_trains_saves_in_llamafactory_layout_and_scores(tmp_path, t
         moelora.reward_scores(model, tok, prompts, ["x"])
     with pytest.raises(ValueError, match="format must be"):
         moelora.reward_scores(model, tok, prompts, ["x", "y"], format="chat")
+    # `moelora score`: the pairwise accuracy on pair files, encoded as training encodes them
+    from moelora.cli import main as cli
+
+    pairs = json.loads((tmp_path / "pairs.json").read_text())[:8]
+    assert cli(["score", "--adapter", str(out), "--model", str(tiny_model_dir), "--data", str(tmp_path / "pairs.json"),
+                "--format", "alpaca", "--limit", "8", "--output", str(tmp_path / "score.json")]) == 0
+    got = json.loads((tmp_path / "score.json").read_text())["pairs"]
+    chosen = moelora.reward_scores(model, tok, [x["instruction"] for x in pairs], [x["chosen"] for x in pairs],
+                                   format="alpaca")
+    rejected = moelora.reward_scores(model, tok, [x["instruction"] for x in pairs], [x["rejected"] for x in pairs],
+                                     format="alpaca")
+    assert got["pairs"] == 8 and got["accuracy"] == sum(c > r for c, r in zip(chosen, rejected)) / 8
+    assert got["chosen"] == pytest.approx(sum(chosen) / 8, abs=1e-5)
+    assert got["margin"] == pytest.approx((sum(chosen) - sum(rejected)) / 8, abs=1e-5)
+    assert cli(["score", "--adapter", str(tmp_path), "--data", str(tmp_path / "pairs.json")]) == 2
 
 
 def test_reward_model_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
