@@ -1246,9 +1246,9 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
         return web.Response(text="moelora_up 0\n", content_type="text/plain")
-    running, waiting, adapters, prefix, spec = await worker.run(
+    running, waiting, adapters, prefix, spec, kv = await worker.run(
         lambda e: (len(e.running) + len(getattr(e, "prefilling", ())), len(e.waiting), len(list(e.adapter_names())),
-                   getattr(e, "prefix", None), dict(getattr(e, "spec_stats", None) or {})))
+                   getattr(e, "prefix", None), dict(getattr(e, "spec_stats", None) or {}), _kv_usage(e)))
     queries, hits, cache_bytes = (prefix.queries, prefix.hits, prefix.bytes) if prefix is not None else (0, 0, 0)
     lines = [
         "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
@@ -1275,6 +1275,10 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE moelora_prefix_cache_hits_total counter", f"moelora_prefix_cache_hits_total {hits}",
         "# HELP moelora_prefix_cache_bytes Bytes of keys and values held by the prefix cache.",
         "# TYPE moelora_prefix_cache_bytes gauge", f"moelora_prefix_cache_bytes {cache_bytes}",
+        "# HELP moelora_kv_cache_bytes Bytes of the running requests' key/value buffers (allocated).",
+        "# TYPE moelora_kv_cache_bytes gauge", f"moelora_kv_cache_bytes {kv[0]}",
+        "# HELP moelora_kv_cache_usage_perc The KV buffers' share of --kv-cache-mb (vLLM's name; 0 without a budget).",
+        "# TYPE moelora_kv_cache_usage_perc gauge", f"moelora_kv_cache_usage_perc {kv[1]}",
         # vLLM's spec_decode counter names: drafts (requests that proposed in a step), draft and accepted tokens
         "# HELP moelora_spec_decode_num_drafts_total Speculative drafts proposed (one per request and step).",
         "# TYPE moelora_spec_decode_num_drafts_total counter",
@@ -1288,6 +1292,16 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _kv_usage(engine: Any) -> tuple[int, float]:
+    """The engine's KV store buffers in bytes, and their share of its ``kv_cache_bytes`` budget (0: none)."""
+    store, per = getattr(engine, "store", None), getattr(engine, "kv_bytes_per_token", None)
+    if store is None or per is None:
+        return 0, 0.0
+    rows, cols = store.capacity
+    slots = getattr(engine, "kv_slots", None)
+    return rows * cols * per, round(rows * cols / slots, 6) if slots else 0.0
 
 
 def _check_name(name: Any, param: str = "name") -> str:

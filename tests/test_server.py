@@ -871,6 +871,9 @@ def test_real_engine_speculative_decoding_answers_as_without_it(start, real_serv
          if line and not line.startswith("#")}
     assert 0 < m["moelora_spec_decode_num_accepted_tokens_total"] <= m["moelora_spec_decode_num_draft_tokens_total"]
     assert m["moelora_spec_decode_num_drafts_total"] > 0
+    rows, cols = engine.store.capacity  # buffers kept after the requests finished; no budget: usage 0
+    assert m["moelora_kv_cache_bytes"] == rows * cols * engine.kv_bytes_per_token > 0
+    assert m["moelora_kv_cache_usage_perc"] == 0
 
 
 @pytest.mark.slow
@@ -890,6 +893,9 @@ def test_real_engine_kv_cache_budget_queues_and_refuses_what_never_fits(start, r
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda b: post(url, "/v1/completions", b).json()["choices"], bodies))
     assert got == [post(url_plain, "/v1/completions", b).json()["choices"] for b in bodies]
+    m = httpx.get(url + "/metrics").text
+    rows, cols = engine.store.capacity
+    assert f"moelora_kv_cache_usage_perc {round(rows * cols / engine.kv_slots, 6)}" in m and 0 < rows * cols <= 80
     r = post(url, "/v1/completions", {**bodies[0], "priority": 2})  # fcfs: a priority is refused, not ignored
     assert_error(r, 400, code="invalid_value")
     assert "scheduling_policy 'priority'" in r.json()["error"]["message"]
