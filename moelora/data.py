@@ -188,6 +188,10 @@ class DataSource:
     """The items' own names for the format's fields (LLaMA-Factory's ``columns`` of
     ``dataset_info.json``): ``{field: column}``, e.g. ``{instruction: question, output: answer}``
     reads ``question``/``answer`` columns as ``instruction``/``output``."""
+    split_long: bool = False
+    """``text`` format: a document longer than ``cutoff_len`` becomes consecutive pieces of at most
+    ``cutoff_len`` tokens, each its own example (continued pretraining keeps all of it; EOS only after
+    the last piece), instead of being cut at its end. Needs a fast tokenizer (token offsets)."""
     llamafactory: dict | None = None
     """Set by ``{dataset: NAME, dataset_dir: DIR}`` (``moelora.llamafactory``): the dataset_info.json
     entry's layout, columns and tags; each item is converted to the ``messages`` layout."""
@@ -216,6 +220,10 @@ class DataSource:
         if self.columns is not None and (not isinstance(self.columns, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.columns.items())):
             raise DataError(f"{self.path}: columns must map field names to column names, got {self.columns!r}")
+        if not isinstance(self.split_long, bool):
+            raise DataError(f"{self.path}: split_long must be true or false, got {self.split_long!r}")
+        if self.split_long and self.format != "text":
+            raise DataError(f"{self.path}: split_long applies to format 'text' (plain documents), not {self.format!r}")
         if self.split is not None and (not isinstance(self.split, str) or not self.split):
             raise DataError(f"{self.path}: split must be a non-empty string, got {self.split!r}")
         if self.name is None:
@@ -263,6 +271,8 @@ class Example:
     """Preference data (``train.stage: dpo``): the rejected response (``response`` is the chosen one)."""
     desirable: bool | None = None
     """Unpaired preference data (``train.stage: kto``): whether ``response`` is a desirable one."""
+    eos: bool = True
+    """Whether EOS follows the response (not after a piece of a split document but its last)."""
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -439,7 +449,8 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[Example], int]:
+def _read(source: DataSource, tokenizer=None, stage: str = "sft", cutoff_len: int | None = None
+          ) -> tuple[list[Example], int]:
     """The usable examples of ``source`` and the number of items skipped (empty response). With
     ``stage="dpo"``, items are pairs (``chosen``/``rejected``; the module docstring's "Preference
     data") and each example's ``rejected`` is set; with ``stage="kto"`` each item is labelled
@@ -514,7 +525,35 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft") -> tuple[list[
     if not examples:
         why = f" ({skipped} item(s) with an empty response skipped)" if skipped else " (the file has no items)"
         raise DataError(f"{path}: no usable examples{why}")
+    if source.split_long and cutoff_len is not None:
+        examples = _split_documents(path, examples, tokenizer, cutoff_len)
     return examples, skipped
+
+
+SPLIT_SLACK = 8  # tokens left free in each piece: re-tokenizing a piece's text may merge differently at its ends
+
+
+def _split_documents(path: Path, examples: list[Example], tokenizer, cutoff_len: int) -> list[Example]:
+    """``split_long``: each plain-text example longer than a row becomes consecutive pieces, cut at token
+    boundaries (the tokenizer's character offsets), EOS after the last piece only."""
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{path}: split_long cuts documents at token offsets, which needs a fast tokenizer")
+    piece = cutoff_len - len(_special_prefix(tokenizer)) - 1 - SPLIT_SLACK
+    if piece < 1:
+        raise DataError(f"{path}: cutoff_len {cutoff_len} leaves no room for a piece of a split document")
+    out = []
+    for ex in examples:
+        enc = tokenizer(ex.response, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [a for a, _ in enc["offset_mapping"]]
+        if ex.prompt or len(starts) <= piece:
+            out.append(ex)
+            continue
+        cuts = [starts[k] for k in range(0, len(starts), piece)][1:]
+        bounds = [0, *cuts, len(ex.response)]
+        for j in range(len(bounds) - 1):
+            out.append(dataclasses.replace(ex, response=ex.response[bounds[j] : bounds[j + 1]],
+                                           eos=j == len(bounds) - 2))
+    return out
 
 
 def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, turns: str) -> Example:
@@ -751,14 +790,14 @@ def _check_cutoff(cutoff_len: int, head: int) -> None:
         )
 
 
-def _assemble(prompt_raw: list[int], resp_ids: list[int], prefix: list[int], eos: int, cutoff_len: int,
+def _assemble(prompt_raw: list[int], resp_ids: list[int], prefix: list[int], eos: int | None, cutoff_len: int,
               reserve: int = 0) -> dict:
     """Prompt + response + EOS, truncated (left of the prompt first, then the end of the response).
     The prompt is cut as if the response had at least ``reserve`` tokens (a preference pair's longer
     side: both sides then keep the same prompt)."""
     h = len(prefix)
     body = prompt_raw[h:] if h and prompt_raw[:h] == prefix else prompt_raw
-    resp = list(resp_ids) + [eos]
+    resp = list(resp_ids) + ([] if eos is None else [eos])
     drop_prompt = min(max(h + len(body) + max(len(resp), reserve + 1) - cutoff_len, 0), len(body))
     body = body[drop_prompt:]
     drop_response = max(h + len(body) + len(resp) - cutoff_len, 0)
@@ -841,7 +880,8 @@ def _encode_many(examples: list[Example], tokenizer, cutoff_len: int) -> list[di
                         "truncated": a["truncated"] + b["truncated"],
                         "_dropped_response": a["_dropped_response"] + b["_dropped_response"]})
         return out
-    out = [_assemble(p, r, prefix, eos, cutoff_len) for p, r in zip(prompts, responses, strict=True)]
+    out = [_assemble(p, r, prefix, eos if ex.eos else None, cutoff_len)
+           for p, r, ex in zip(prompts, responses, examples, strict=True)]
     for enc, ex in zip(out, examples, strict=True):
         if ex.desirable is not None:
             enc["desirable"] = ex.desirable
@@ -976,7 +1016,7 @@ class TrainData:
                     enc["labels"] = list(enc["input_ids"])
             return out
 
-        read = [_read(src, tokenizer, stage) for src in self.sources]
+        read = [_read(src, tokenizer, stage, cutoff_len) for src in self.sources]
         held = _held_out([len(examples) for examples, _ in read], val_size, seed, [s.path for s in self.sources])
         for src, (examples, skipped), out in zip(self.sources, read, held, strict=True):
             encoded = encode(examples)
@@ -1005,7 +1045,7 @@ class TrainData:
             self.source_ranges.append(range(start, len(self.features)))
         for src in val_sources:
             src = src if isinstance(src, DataSource) else DataSource.from_dict(src)
-            for enc in encode(_read(src, tokenizer, stage)[0]):
+            for enc in encode(_read(src, tokenizer, stage, cutoff_len)[0]):
                 enc = {k: v for k, v in enc.items() if not k.startswith("_")}
                 self.validation.append({**enc, "task": src.name})
         self._passes: dict[int, dict[int, list[int]]] = {}

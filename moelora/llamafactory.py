@@ -58,7 +58,7 @@ DEFAULT_COLUMNS = {
 }
 DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-SOURCE_KEYS = ("weight", "name", "turns", "max_samples")  # what a `dataset:` entry may add
+SOURCE_KEYS = ("weight", "name", "turns", "max_samples", "split_long")  # what a `dataset:` entry may add
 
 
 def load_info(dataset_dir: Path) -> dict:
@@ -398,7 +398,9 @@ def translate(d: dict) -> dict:
             refuse(key, f"dataset names of dataset_info.json, as 'a,b' or a list, got {names!r}")
         entries = []
         for n in names:
-            e = {"dataset": n, "pretraining": True} if stage == "pt" else {"dataset": n, "turns": turns}
+            # pt: long documents in cutoff_len pieces, as LLaMA-Factory's block splitting keeps all of them
+            e = {"dataset": n, "pretraining": True, "split_long": True} if stage == "pt" else {"dataset": n,
+                                                                                               "turns": turns}
             if d.get("dataset_dir"):
                 e["dataset_dir"] = d["dataset_dir"]
             if d.get("max_samples") is not None and target == "data":

@@ -739,3 +739,23 @@ def test_csv_parquet_and_arrow_files_read_as_their_rows(tmp_path, tok):
         read_examples(DataSource(str(tmp_path / "nope.csv")), tok)
     with pytest.raises(DataError, match="a single file has one split"):
         read_examples(DataSource(str(tmp_path / "x.csv"), split="test"), tok)
+
+
+def test_split_long_documents_keep_every_token_in_pieces(tmp_path, tok):
+    """``split_long`` (continued pretraining): a document longer than a row becomes consecutive pieces
+    cut at token offsets; their texts concatenate to the document, each row fits ``cutoff_len`` with
+    nothing truncated, and only the last piece ends with EOS. Short documents are unchanged."""
+    words = " ".join(f"word{i % 37} and more text {i}" for i in range(120))
+    path = write_json(tmp_path / "docs.json", [{"text": words}, {"text": "a short one"}])
+    data = TrainData([DataSource(path, format="text", split_long=True)], tok, cutoff_len=48, seed=0)
+    pieces = [ex.response for ex in data.examples]
+    assert len(pieces) > 5 and "".join(pieces[:-1]) == words and pieces[-1] == "a short one"
+    assert data.stats["docs"]["truncated_examples"] == 0
+    eos = tok.eos_token_id
+    ends = [f["input_ids"][-1] == eos for f in data.features]
+    assert ends == [False] * (len(pieces) - 2) + [True, True]
+    assert all(len(f["input_ids"]) <= 48 and f["labels"][1:] == f["input_ids"][1:] for f in data.features)
+    whole = TrainData([DataSource(path, format="text")], tok, cutoff_len=48, seed=0)
+    assert len(whole.features) == 2 and whole.stats["docs"]["truncated_examples"] == 1  # cut at its end
+    with pytest.raises(DataError, match="split_long applies to format 'text'"):
+        DataSource(path, format="alpaca", split_long=True)

@@ -280,8 +280,8 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
     pt = load_run_config(lf_config(tmp_path, data_dir, LF_SFT.replace("stage: sft", "stage: pt").replace(
         "alpaca_demo,sharegpt_demo", "pt_demo,pt_txt")))
     assert (pt.train.stage, pt.train.packing) == ("sft", True)  # LLaMA-Factory packs pt data by default
-    assert [(s.name, s.format, s.llamafactory["pretraining"]) for s in pt.data] == [("pt_demo", "text", True),
-                                                                                    ("pt_txt", "text", True)]
+    assert [(s.name, s.format, s.llamafactory["pretraining"], s.split_long) for s in pt.data] == [
+        ("pt_demo", "text", True, True), ("pt_txt", "text", True, True)]
     rm = load_run_config(lf_config(tmp_path, data_dir, LF_SFT.replace("stage: sft", "stage: rm").replace(
         "alpaca_demo,sharegpt_demo", "dpo_demo")))
     assert (rm.train.stage, rm.data[0].turns) == ("rm", "last")
