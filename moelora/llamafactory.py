@@ -365,7 +365,7 @@ def translate(d: dict) -> dict:
         t["packing"] = True  # moelora's packing is LLaMA-Factory's neat_packing (each example attends to itself)
     if "report_to" in d:
         r = d["report_to"]
-        t["report_to"] = [] if r in ("none", None, []) else r
+        t["report_to"] = [] if r in ("none", None, []) else ["tensorboard"] if r == "all" else r  # HF's "all"
     if d.get("save_total_limit") is not None:
         t["save_total_limit"] = d["save_total_limit"]
     if d.get("save_strategy", "steps") not in ("steps", "no"):

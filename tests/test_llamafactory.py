@@ -289,6 +289,7 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
                                       adam_beta2=0.95, lr_scheduler_type="constant_with_warmup"))
     assert (qlora.quantization, qlora.train.optim, qlora.train.adam_beta2, qlora.train.lr_scheduler) == \
         ("4bit", "paged_adamw_8bit", 0.95, "constant")
+    assert load_run_config(lf_config(tmp_path, data_dir, report_to="all")).train.report_to == ["tensorboard"]
 
 
 def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
