@@ -226,20 +226,22 @@ def _generate(model, tok, prompt: str, args: argparse.Namespace, chat: bool, eng
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """A reward model's pairwise accuracy on preference pairs (``train.stage: rm``'s value head)."""
+    """Preference pairs scored by an adapter: a reward model's value head (``train.stage: rm``), or
+    DPO's implicit reward against the base model for an adapter without one."""
     from .data import DataSource
     from .reward import VALUE_HEAD_NAME, load_value_head, pairwise_accuracy
 
-    if not (Path(args.adapter) / VALUE_HEAD_NAME).is_file():
-        raise ValueError(f"--adapter {args.adapter}: no {VALUE_HEAD_NAME} (a reward model trained with "
-                         "train.stage: rm has one)")
+    if not args.beta > 0:
+        raise ValueError(f"--beta must be > 0, got {args.beta}")
     model, tok = _load(args.model, args.adapter)
-    load_value_head(model, args.adapter, "default")
+    rm = load_value_head(model, args.adapter, "default")
+    print(f"scores: the reward model's value head ({VALUE_HEAD_NAME})" if rm else
+          f"scores: DPO's implicit reward, {args.beta} x (log p_adapter - log p_base) of each response")
     results = {}
     for path in args.data:
         src = DataSource(path, format=args.format)
         results[src.name] = pairwise_accuracy(model, tok, src, batch_size=args.batch_size, cutoff_len=args.cutoff_len,
-                                              limit=args.limit)
+                                              limit=args.limit, beta=None if rm else args.beta)
         r = results[src.name]
         print(f"{src.name}: {r['pairs']} pairs, accuracy {r['accuracy']:.1%}, margin {r['margin']:.4f} "
               f"(chosen {r['chosen']:.4f}, rejected {r['rejected']:.4f})")
@@ -562,8 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("score", help="a reward model's pairwise accuracy on preference pairs (train.stage: rm)")
-    p.add_argument("--adapter", required=True, help="the reward model's directory (adapter + value_head.safetensors)")
+    p = sub.add_parser("score", help="pairwise accuracy on preference pairs: a reward model (train.stage: rm), "
+                                     "or a DPO adapter's implicit reward")
+    p.add_argument("--adapter", required=True, help="a reward model's directory (with value_head.safetensors), or "
+                                                    "any adapter (DPO's implicit reward against the base model)")
+    p.add_argument("--beta", type=float, default=0.1, help="the implicit reward's beta (pref_beta; no effect on "
+                                                             "the accuracy)")
     p.add_argument("--data", required=True, nargs="+", help="preference pair files (chosen/rejected)")
     p.add_argument("--format", default="llm-adapters", help="their data format (llm-adapters, alpaca, messages, "
                                                             "sharegpt, text), as in training")

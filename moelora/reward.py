@@ -165,12 +165,23 @@ def reward_scores(model: nn.Module, tokenizer, prompts: list[str], responses: li
     return out
 
 
+def _response_logps(model: nn.Module, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` summed log-probabilities of each row's response tokens (``labels`` != -100)."""
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    lp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (lp * (targets != -100)).sum(-1)
+
+
 @torch.no_grad()
 def pairwise_accuracy(model: nn.Module, tokenizer, source, adapter_name: str = "default", batch_size: int = 8,
-                      cutoff_len: int = 1024, limit: int | None = None) -> dict:
-    """A reward model on preference pairs (``source``: a :class:`moelora.data.DataSource` of pairs, read
-    and encoded as ``train.stage: rm`` reads them): ``{"pairs", "accuracy"`` (chosen reward above the
-    rejected one), ``"margin"``, ``"chosen"``, ``"rejected"`` (means)``}``, in eval mode."""
+                      cutoff_len: int = 1024, limit: int | None = None, beta: float | None = None) -> dict:
+    """Preference pairs scored by ``adapter_name`` (``source``: a :class:`moelora.data.DataSource` of
+    pairs, read and encoded as ``train.stage: rm`` / ``dpo`` read them): ``{"pairs", "accuracy"``
+    (the chosen side scores above the rejected one), ``"margin"``, ``"chosen"``, ``"rejected"``
+    (means)``}``, in eval mode. The score is the value head's reward (a reward model) or, with
+    ``beta``, DPO's implicit reward ``beta x (log p_adapter - log p_base)`` of the response, the base
+    model (adapters off) as the reference (TRL's ``rewards/accuracies``)."""
     from .data import _encode_many, _read, collate, preference_rows
     from .inject import use_adapter
 
@@ -182,14 +193,20 @@ def pairwise_accuracy(model: nn.Module, tokenizer, source, adapter_name: str = "
     chosen: list[float] = []
     rejected: list[float] = []
     try:
-        with use_adapter(model, adapter_name):
-            for i in range(0, len(feats), batch_size):
-                part = feats[i : i + batch_size]
-                batch = collate(preference_rows(part), tokenizer.pad_token_id)
-                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                r = sequence_rewards(model, model, batch, adapter_name).tolist()
-                chosen += r[: len(part)]
-                rejected += r[len(part):]
+        for i in range(0, len(feats), batch_size):
+            part = feats[i : i + batch_size]
+            batch = collate(preference_rows(part), tokenizer.pad_token_id)
+            labels = batch.pop("labels")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with use_adapter(model, adapter_name):
+                r = sequence_rewards(model, model, batch, adapter_name) if beta is None else \
+                    _response_logps(model, batch, labels)
+            if beta is not None:
+                with use_adapter(model, None):
+                    r = beta * (r - _response_logps(model, batch, labels))
+            r = r.tolist()
+            chosen += r[: len(part)]
+            rejected += r[len(part):]
     finally:
         model.train(was)
     n = len(chosen)

@@ -157,3 +157,44 @@ def test_reward_model_config_errors(tmp_path, tiny_model_dir):
     cfg.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"train.stage: rm does not support several adapters"):
         load_run_config(cfg)
+
+
+def test_score_without_a_value_head_is_dpos_implicit_reward(tmp_path, tiny_model_dir):
+    """``moelora score`` on an adapter without a value head: DPO's implicit reward,
+    ``beta x (log p_adapter - log p_base)`` of each response (TRL's reward accuracy), batched and
+    padded; the oracle scores each side alone, unpadded, with the adapter switched on and off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moelora.cli import main as cli
+    from moelora.data import PROMPT_TEMPLATES, Example, encode_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moelora.attach(model, moelora.LoraConfig(r=4, lora_alpha=8))
+    randomize_adapters(model, seed=3, scale=0.5)
+    moelora.save_adapter(model, tmp_path / "dpo")
+    pairs = json.loads(write_pairs(tmp_path / "pairs.json", n=6).read_text())
+    assert cli(["score", "--adapter", str(tmp_path / "dpo"), "--model", str(tiny_model_dir), "--data",
+                str(tmp_path / "pairs.json"), "--format", "alpaca", "--beta", "0.5", "--batch-size", "4",
+                "--output", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())["pairs"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.eval()
+
+    def logp(text_prompt, response, adapter):
+        f = encode_example(Example(prompt=text_prompt, response=response, task="t"), tok, 1024)
+        ids, labels = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"])
+        with torch.no_grad(), moelora.use_adapter(model, adapter):
+            lp = model(ids).logits[0, :-1].log_softmax(-1)
+        keep = labels[1:] != -100
+        return float(lp[torch.arange(len(keep)), labels[1:].clamp(min=0)][keep].sum())
+
+    scores = []
+    for x in pairs:
+        prompt = PROMPT_TEMPLATES["prompt_no_input"].format(instruction=x["instruction"])
+        scores.append([0.5 * (logp(prompt, x[k], "default") - logp(prompt, x[k], None)) for k in ("chosen", "rejected")])
+    assert got["pairs"] == 6
+    assert got["chosen"] == pytest.approx(sum(c for c, _ in scores) / 6, abs=1e-4)
+    assert got["margin"] == pytest.approx(sum(c - r for c, r in scores) / 6, abs=1e-4)
+    assert got["accuracy"] == sum(c > r for c, r in scores) / 6
+    assert cli(["score", "--adapter", str(tmp_path / "dpo"), "--model", str(tiny_model_dir), "--data",
+                str(tmp_path / "pairs.json"), "--beta", "0"]) == 2
