@@ -277,12 +277,17 @@ SPECIAL = ("stage", "finetuning_type", "lora_target", "dataset", "eval_dataset",
            "ref_model_adapters")
 # LLaMA-Factory's process, caching, logging and template keys: they do not change what is trained here
 IGNORED = ("template", "trust_remote_code", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
-           "plot_loss", "overwrite_output_dir", "save_only_model", "ddp_timeout", "flash_attn", "resume_from_checkpoint",
-           "include_num_input_tokens_seen", "logging_first_step", "enable_thinking", "use_unsloth",
-           "enable_liger_kernel", "tokenized_path", "streaming", "report_to_none", "bf16_full_eval",
-           "upcast_layernorm", "upcast_lmhead_output", "print_param_status", "use_fast_tokenizer",
-           "dataloader_pin_memory", "remove_unused_columns", "ddp_find_unused_parameters", "push_to_hub",
-           "infer_backend", "export_dir", "cache_dir", "hf_hub_token", "low_cpu_mem_usage")
+           "plot_loss", "overwrite_output_dir", "save_only_model", "ddp_timeout", "flash_attn",
+           "include_num_input_tokens_seen", "logging_first_step", "enable_thinking", "enable_liger_kernel",
+           "tokenized_path", "streaming", "bf16_full_eval", "print_param_status", "use_fast_tokenizer",
+           "dataloader_pin_memory", "remove_unused_columns", "ddp_find_unused_parameters", "infer_backend",
+           "export_dir", "cache_dir", "hf_hub_token", "low_cpu_mem_usage")
+# accepted when false / null (as LLaMA-Factory's examples write them), refused when set: they would change the run
+OFF_ONLY = {"resume_from_checkpoint": "resume with `moelora train --resume` (the newest checkpoint of output_dir)",
+            "upcast_layernorm": "norms are not upcast here", "upcast_lmhead_output": "the lm_head is not upcast here",
+            "use_unsloth": "unsloth's kernels are not used", "push_to_hub": "nothing is pushed to the hub",
+            "pissa_init": "PiSSA is not supported", "use_galore": "GaLore is not supported",
+            "use_badam": "BAdam is not supported", "use_apollo": "APOLLO is not supported"}
 LF_ONLY = ("model_name_or_path", "finetuning_type", "stage", "per_device_train_batch_size", "learning_rate",
            "num_train_epochs", "lora_rank", "lora_target", "do_train")
 
@@ -294,7 +299,11 @@ def is_llamafactory(d: dict) -> bool:
 
 def translate(d: dict) -> dict:
     """A LLaMA-Factory training YAML as a ``moelora train`` config mapping (see the module docstring)."""
-    unknown = sorted(k for k in d if k not in KEYS and k not in SPECIAL and k not in IGNORED)
+    for key, why in OFF_ONLY.items():
+        if d.get(key):
+            raise ConfigError(f"LLaMA-Factory config: {key}: {d[key]!r} is not supported ({why}); leave it out or "
+                              "false")
+    unknown = sorted(k for k in d if k not in KEYS and k not in SPECIAL and k not in IGNORED and k not in OFF_ONLY)
     if unknown:
         known = list(KEYS) + list(SPECIAL)
         raise ConfigError(f"LLaMA-Factory config: key(s) {unknown} are not read by moelora"
