@@ -166,11 +166,16 @@ def reward_scores(model: nn.Module, tokenizer, prompts: list[str], responses: li
 
 
 def _response_logps(model: nn.Module, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` summed log-probabilities of each row's response tokens (``labels`` != -100)."""
-    logits = model(**batch, use_cache=False).logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
-    lp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (lp * (targets != -100)).sum(-1)
+    """``(B,)`` summed log-probabilities of each row's response tokens (``labels`` != -100), as DPO's
+    training computes them (logits only where a response token is predicted)."""
+    import inspect
+
+    from .preference import sequence_logps
+    from .train import _token_losses  # (train imports this module)
+
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+    _, token_ce, rows = _token_losses(model, dict(batch), labels.to(batch["input_ids"].device), keeps, None)
+    return sequence_logps(token_ce, rows, len(labels))[0]
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ KL estimate, the reference forward covers both, and the loss is the mean over th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -780,7 +781,8 @@ def check_packing(model: torch.nn.Module, probe: bool = True) -> None:
 
 def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bool, accelerator, accuracy: bool = False):
     """Forward ``batch``; returns the outputs, the float32 cross-entropy of every response token
-    (``(tokens,)``) and the row of each (and with ``accuracy``, whether the argmax is that token)."""
+    (``(tokens,)``) and the row of each (and with ``accuracy``, whether the argmax is that token).
+    ``accelerator`` None: no autocast (evaluation outside a run)."""
     # logits only at the positions some row predicts a response token from (not the prompt):
     # with a large vocabulary the (rows, length, vocab) logits are most of a step's memory
     targets = labels[:, 1:]
@@ -788,7 +790,7 @@ def _token_losses(ddp_model, batch: dict, labels: torch.Tensor, keeps_logits: bo
     keep = torch.unique(cols) if keeps_logits else None  # sorted positions
     if keep is not None:
         batch["logits_to_keep"] = keep
-    with accelerator.autocast():
+    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         outputs = ddp_model(**batch, use_cache=False)
     at = torch.searchsorted(keep, cols) if keep is not None else cols
     # float32 logits of the response tokens only: (tokens, vocab), not (rows, length, vocab)
@@ -982,20 +984,18 @@ def _kto_metrics(pair: dict[str, Any], accelerator) -> dict[str, torch.Tensor]:
 
 def _preference_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The micro-batch means of :data:`PREF_METRICS`, one per adapter."""
-    c, r = pair["reward_chosen"], pair["reward_rejected"]
-    return {"rewards/chosen": c.mean(-1), "rewards/rejected": r.mean(-1),
-            "rewards/accuracies": (c > r).float().mean(-1), "rewards/margins": (c - r).mean(-1),
-            "logps/chosen": pair["logps_chosen"].mean(-1), "logps/rejected": pair["logps_rejected"].mean(-1)}
+    return {**_reward_metrics(pair), "logps/chosen": pair["logps_chosen"].mean(-1),
+            "logps/rejected": pair["logps_rejected"].mean(-1)}
 
 
 @torch.no_grad()
 def preference_validation(ddp_model, model, features: list[dict], names: list[str], batch_size: int,
                           pad_token_id: int, accelerator, keeps_logits: bool, t,
                           reference: str | None = None) -> dict[str, dict[str, Any]]:
-    """``train.stage: dpo``/``kto``'s validation: each adapter's mean preference loss over the pairs
+    """``train.stage: dpo``/``kto``/``rm``'s validation: each adapter's mean preference loss over the pairs
     (examples) and its reward accuracy, overall and per task, in :func:`validation_loss`'s layout and
-    batches (``batch_size`` pairs or examples). DPO's reward accuracy is the share of pairs whose
-    chosen reward is above the rejected one; KTO's the share of examples on their label's side of
+    batches (``batch_size`` pairs or examples). DPO's (and a reward model's) reward accuracy is the
+    share of pairs whose chosen reward is above the rejected one; KTO's the share of examples on their label's side of
     the batch's KL estimate (a desirable one's log-ratio above it, an undesirable one's below)."""
     tasks = sorted({f["task"] for f in features})
     A = len(names)
@@ -1005,17 +1005,11 @@ def preference_validation(ddp_model, model, features: list[dict], names: list[st
         n = len(feats)
         if t.stage == "rm":
             _, pair = _reward_losses(ddp_model, model, feats, names, pad_token_id, accelerator)
-            right = pair["reward_chosen"] > pair["reward_rejected"]
-            if real:
-                task = torch.tensor([tasks.index(f["task"]) for f in feats], device=accelerator.device)
-                sums[0].index_add_(0, task, pair["loss"][0].double())
-                sums[A].index_add_(0, task, right[0].double())
-                sums[-1].index_add_(0, task, torch.ones(n, dtype=torch.float64, device=accelerator.device))
-            continue
-        losses_of = _kto_losses if kto else _preference_losses
-        # (KTO: a last batch of one has no mismatched row of its own: it is paired with itself)
-        _, pair = losses_of(ddp_model, model, feats * 2 if kto and n == 1 else feats, names, pad_token_id,
-                            accelerator, keeps_logits, t, reference)
+        else:
+            losses_of = _kto_losses if kto else _preference_losses
+            # (KTO: a last batch of one has no mismatched row of its own: it is paired with itself)
+            _, pair = losses_of(ddp_model, model, feats * 2 if kto and n == 1 else feats, names, pad_token_id,
+                                accelerator, keeps_logits, t, reference)
         if not real:
             continue
         if kto:
@@ -1052,6 +1046,7 @@ def _reward_losses(ddp_model, model, feats: list[dict], names: list[str], pad_to
 
 
 def _reward_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The micro-batch means of :data:`RM_METRICS` (the rewards of DPO's and a reward model's pairs)."""
     c, r = pair["reward_chosen"], pair["reward_rejected"]
     return {"rewards/chosen": c.mean(-1), "rewards/rejected": r.mean(-1),
             "rewards/accuracies": (c > r).float().mean(-1), "rewards/margins": (c - r).mean(-1)}
