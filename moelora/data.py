@@ -476,7 +476,7 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft", cutoff_len: in
                             "{\"prompt\", \"chosen\", \"rejected\"}")
     if source.llamafactory is not None and source.llamafactory.get("ranking") and not preference:
         raise DataError(f"{source.llamafactory.get('where', path)}: a ranking dataset holds preference pairs: "
-                        "train it with train.stage: dpo")
+                        "train it with train.stage: dpo (or rm, a reward model)")
     if fmt in CHAT_FORMATS:
         if tokenizer is None:
             raise DataError(f"{path}: format {fmt!r} needs a tokenizer (for its chat template)")
