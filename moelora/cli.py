@@ -425,7 +425,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                                     max_prefill_tokens=args.max_num_batched_tokens,
                                     chunked_prefill=args.enable_chunked_prefill is not False,
-                                    speculative=speculative, kv_cache_bytes=kv_bytes,
+                                    speculative=speculative, kv_cache_bytes=kv_bytes, preemption=args.preemption,
                                     scheduling_policy=args.scheduling_policy)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
                tool_parser=args.tool_call_parser)
@@ -548,11 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--enable-lora", action="store_true", help="accepted and ignored: adapters are always enabled")
     p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                    help="vLLM's: admit waiting requests in arrival order, or by their 'priority' field (lower "
-                        "first; equal ones in arrival order). Running requests are never preempted")
+                        "first; equal ones in arrival order). With --kv-cache-mb, the last to arrive (or the highest "
+                        "priority value) is the one preempted")
     p.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
-                   help="memory for the running requests' keys and values: a request is admitted only while every "
-                        "running one fits to its end (rows x the longest prompt + max_tokens); the others wait "
+                   help="memory for the running requests' keys and values (rows x the longest prompt + output so "
+                        "far): requests are admitted while it fits, and when running ones outgrow it the last to "
+                        "arrive is preempted and recomputed later, its output unchanged (vLLM's); the others wait "
                         "(default: no limit)")
+    p.add_argument("--no-preemption", dest="preemption", action="store_false",
+                   help="with --kv-cache-mb: admit a request only while every running one fits to its end (prompt "
+                        "+ max_tokens), so none is ever preempted (fewer run at once)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, metavar="N",
                    help="vLLM's name: --kv-cache-mb in bytes")
     p.add_argument("--speculative-config", default=None, metavar="JSON",

@@ -62,6 +62,9 @@ class AdapterContext:
     # string, not a step counter: a compiled decoding step guards on it, and a counter would recompile
     generate_phase: str | None = None
     decoding: bool = False  # a KV cache already holds the prompt: reuse cached routing
+    # the engine's recomputation of a preempted request's keys and values: a multi-token forward that
+    # reuses the MiLoRA gates its prefill chose (``Engine._prefill``), as decoding does
+    reuse_routing: bool = False
     records: dict[str, list[RouterRecord]] = field(default_factory=dict)
     # MiLoRA gates cached at prefill: adapter -> layer -> (B, E)
     gates: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)

@@ -19,7 +19,11 @@ decoding, MixLoRA rows route per token.
   requests: those go in alone when the budget is untouched, however long.
 - **KV cache.** ``KVStore``: per layer one preallocated ``(rows, kv_heads, capacity, head_dim)``
   buffer that grows by doubling (rows and columns) and is compacted in place; rows are
-  right-aligned (left padding), so a decoding step writes one column for all rows.
+  right-aligned (left padding), so a decoding step writes one column for all rows. Within
+  ``kv_cache_bytes``, requests are admitted by what they hold now, and when the running ones
+  outgrow it the last to arrive is preempted and later recomputed (vLLM's recompute preemption:
+  its prompt and output so far prefilled again, its sampling state kept, so its output does not
+  change); ``preemption=False`` instead admits only what fits to the end of every request.
 - **Prefix caching.** ``PrefixCache`` (vLLM's automatic prefix caching, per adapter): the keys and
   values of prompts' full 16-token blocks (and of prompt + output when a request finishes) stay
   over a byte budget, and a prompt that starts with blocks already seen under the same adapter
@@ -198,6 +202,12 @@ class _Request:
     partial: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # ... those keys and values, per layer
     chain: list | None = None  # ... the prefix cache's blocks it started from
     proposer: NgramProposer | None = None  # speculative decoding: its token history
+
+    @property
+    def feed(self) -> list[int]:
+        """The tokens a prefill computes keys and values for: the prompt or, for a request preempted and
+        resumed by recomputation, its prompt and its output but the last token (the next step feeds it)."""
+        return self.prompt + self.output[:-1] if self.output else self.prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,6 +587,7 @@ class Engine:
         scheduling_policy: str = "fcfs",
         speculative: SpeculativeConfig | dict | None = None,
         kv_cache_bytes: int | None = None,
+        preemption: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -618,6 +629,10 @@ class Engine:
                              f"({self.kv_bytes_per_token} bytes here), got {kv_cache_bytes!r}")
         self.kv_slots = None if kv_cache_bytes is None else kv_cache_bytes // self.kv_bytes_per_token  # rows x columns
         self.store = KVStore(self.num_layers, self.kv_slots)
+        # within kv_cache_bytes: admit by what requests hold now and preempt when they outgrow it (vLLM's
+        # recompute preemption), or (False) admit only what fits to the end of every running request
+        self.preemption = preemption
+        self.num_preemptions = 0
         self.pending: list[StepOutput] = []  # aborts to report at the next step
         self.steps = 0
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None  # 0: off
@@ -769,6 +784,8 @@ class Engine:
         outputs: list[StepOutput] = []
         budget = self.max_prefill_tokens
         with torch.inference_mode():
+            if self.kv_slots is not None and self.preemption:
+                self._preempt()
             if self.prefilling:
                 budget, outputs = self._prefill_chunk(budget)
         admitted, budget = self._admit(budget)  # outside inference mode: loaded adapters stay normal parameters
@@ -793,9 +810,9 @@ class Engine:
         width = 0  # the prefill's padded size is rows x the longest prompt: at most the budget
         while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch:
             req = self.waiting[0]
-            if not self._kv_fits([*self.running, *self.prefilling, *admitted, req]):
+            if not self._kv_fits([*self.running, *self.prefilling, *admitted, req], admission=True):
                 break  # it waits for running requests to finish (first come, first served)
-            fits = (len(admitted) + 1) * max(width, len(req.prompt)) <= budget
+            fits = (len(admitted) + 1) * max(width, len(req.feed)) <= budget
             alone = not admitted and budget == self.max_prefill_tokens  # nothing else prefills in this step
             if not fits and (self.prefilling or budget - len(admitted) * width <= 0):
                 break  # the next step admits it (first come, first served: no overtaking)
@@ -805,7 +822,8 @@ class Engine:
                 except Exception as e:  # the adapter could not be (re)loaded: fail this request only
                     self.waiting.popleft()
                     self.ids.discard(req.id)
-                    self.pending.append(StepOutput(req.id, [], f"[error: {e}]", True, "error", len(req.prompt), 0))
+                    self.pending.append(StepOutput(req.id, [], f"[error: {e}]", True, "error", len(req.prompt),
+                                                   len(req.output)))
                     continue
                 in_use.add(req.adapter)
             if not fits and self._chunkable(req):  # a long prompt: prefilled a chunk per step from now on
@@ -815,7 +833,7 @@ class Engine:
             if not fits and not alone:
                 break
             admitted.append(self.waiting.popleft())
-            width = max(width, len(req.prompt))
+            width = max(width, len(req.feed))
         return admitted, budget - len(admitted) * width
 
     def _reserve(self, prompt_len: int, params: SamplingParams) -> int:
@@ -824,12 +842,42 @@ class Engine:
         spec = self.speculative.num_speculative_tokens + 1 if self.speculative is not None else 0
         return prompt_len + params.max_tokens + spec
 
-    def _kv_fits(self, reqs: list[_Request]) -> bool:
-        """Whether these requests together stay within ``kv_cache_bytes`` to their ends: the store holds
-        rows x columns, and each row's column count only grows up to its own reservation."""
+    def _kv_fits(self, reqs: list[_Request], admission: bool = False) -> bool:
+        """Whether these requests together fit in ``kv_cache_bytes`` (the store holds rows x columns).
+        With preemption: at their next decoding step (each row's prompt and output so far, and at least
+        one token), a newcomer only with 1% of the budget to spare (vLLM's watermark: it is not preempted
+        at once) unless it would run alone. Without: to their ends (each row's reservation)."""
         if self.kv_slots is None or not reqs:
             return True
-        return len(reqs) * max(self._reserve(len(r.prompt), r.params) for r in reqs) <= self.kv_slots
+        if not self.preemption:
+            return len(reqs) * max(self._reserve(len(r.prompt), r.params) for r in reqs) <= self.kv_slots
+        spare = self.kv_slots // 100 if admission and len(reqs) > 1 else 0
+        return len(reqs) * max(len(r.prompt) + max(len(r.output), 1) for r in reqs) <= self.kv_slots - spare
+
+    def _preempt(self) -> None:
+        """Recompute preemption (vLLM's): while the running requests' next step would not fit in
+        ``kv_cache_bytes``, the last to arrive (with ``scheduling_policy="priority"``: the one of the
+        highest priority value, then the last) gives its keys and values up and goes back to the head of
+        the queue. Readmitted, its prompt and output are prefilled again (from the prefix cache's blocks,
+        where its own were just cached) and it goes on where it stopped: sampling state, penalties,
+        guides and MiLoRA gates are kept, so its output does not change."""
+        while self.running and not self._kv_fits([*self.running, *self.prefilling]):
+            victims = [*self.running, *self.prefilling]
+            r = max(victims, key=lambda q: (q.params.priority, q.arrival))
+            if r in self.prefilling:
+                self.prefilling.remove(r)
+                r.done, r.partial, r.chain = 0, None, None
+            else:
+                i = self.running.index(r)
+                if self.prefix is not None:
+                    self._remember_row(i, r)
+                self.running.pop(i)
+                self.store.keep([j for j in range(self.store.rows) if j != i])
+            r.scope = None
+            at = next((k for k, w in enumerate(self.waiting)
+                       if (w.params.priority, w.arrival) > (r.params.priority, r.arrival)), len(self.waiting))
+            self.waiting.insert(at, r)
+            self.num_preemptions += 1
 
     def _chunkable(self, req: _Request) -> bool:
         """Whether a prompt can be prefilled in chunks: not for MiLoRA (its routers read the whole
@@ -840,9 +888,9 @@ class Engine:
 
     def _start_chunks(self, r: _Request) -> None:
         r.scope = self._prefix_scope(r.adapter) if self.prefix is not None else None
-        r.chain = self.prefix.lookup(r.scope, r.prompt, len(r.prompt) - 1) if r.scope is not None else []
+        r.chain = self.prefix.lookup(r.scope, r.feed, len(r.feed) - 1) if r.scope is not None else []
         if r.scope is not None:
-            self.prefix.queries += len(r.prompt)
+            self.prefix.queries += len(r.feed)
             self.prefix.hits += len(r.chain) * self.prefix.block
         r.done, r.partial = 0, None
 
@@ -857,13 +905,13 @@ class Engine:
             r.partial = [(torch.cat([b.keys[i] for b in r.chain], 1)[None], torch.cat([b.values[i] for b in r.chain], 1)[None])
                          for i in range(self.num_layers)]
             r.done = len(r.chain) * self.prefix.block
-        P = r.done
-        S = min(budget, len(r.prompt) - P)
+        P, feed = r.done, r.feed
+        S = min(budget, len(feed) - P)
         cache = DynamicCache()  # full layers, as every prefill: sliding windows come from the mask
         for layer, (k, v) in enumerate(r.partial or []):
             cache.update(k, v, layer)
         out = self.model(
-            input_ids=torch.tensor([r.prompt[P : P + S]], device=self.device),
+            input_ids=torch.tensor([feed[P : P + S]], device=self.device),
             attention_mask=torch.ones(1, P + S, dtype=torch.long, device=self.device),
             position_ids=torch.arange(P, P + S, device=self.device)[None],
             past_key_values=cache,
@@ -873,17 +921,18 @@ class Engine:
             **self._adapter_kwargs([r]),
         )
         r.done = P + S
-        if r.done < len(r.prompt):
+        if r.done < len(feed):
             r.partial = [(la.keys, la.values) for la in cache.layers]
             return budget - S, []
         self.prefilling.pop(0)
         r.partial = None
-        outputs = self._sample([r], out.logits[:, -1])
-        outputs[0].cached_tokens = len(r.chain) * self.prefix.block if r.chain else 0
-        self._remember(r.prompt, r.scope, r.chain or [], [la.keys for la in cache.layers],
+        outputs = [o for o in self._sample_first([r], out.logits[:, -1]) if o is not None]
+        if outputs:
+            outputs[0].cached_tokens = len(r.chain) * self.prefix.block if r.chain else 0
+        self._remember(feed, r.scope, r.chain or [], [la.keys for la in cache.layers],
                        [la.values for la in cache.layers], 0, 0)
         r.chain = None
-        self._join([r], cache, torch.ones(1, len(r.prompt), dtype=torch.long, device=self.device))
+        self._join([r], cache, torch.ones(1, len(feed), dtype=torch.long, device=self.device))
         return budget - S, outputs
 
     def _adapter_kwargs(self, reqs: list[_Request]) -> dict:
@@ -913,27 +962,40 @@ class Engine:
         """Prefill the admitted requests: those whose prompt starts with cached blocks in one forward
         that continues from them, the others in one forward from scratch. A request whose next
         uncached block another admitted request is about to compute (the same system prompt
-        arriving in a burst, ``n`` copies of a prompt) waits for it, in a second round."""
+        arriving in a burst, ``n`` copies of a prompt) waits for it, in a second round. Preempted
+        MiLoRA requests are recomputed in a forward of their own that reuses their gates."""
+        rerouted = [r for r in reqs if r.output and r.gates is not None]
+        outputs: list[StepOutput] = []
+        if rerouted:
+            reqs = [r for r in reqs if not (r.output and r.gates is not None)]
+            ctx = self.model._moelora_ctx
+            self._load_gates(rerouted)
+            ctx.reuse_routing = True
+            try:
+                self._prefill_cold(rerouted, [None] * len(rerouted))
+            finally:
+                ctx.reuse_routing = False
+            if not reqs:
+                return outputs
         if self.prefix is None:
             return self._prefill_cold(reqs, [None] * len(reqs))
         B = self.prefix.block
         by_adapter = {a: self._prefix_scope(a) for a in {r.adapter for r in reqs}}  # once per adapter, not per row
-        scopes = [by_adapter[r.adapter] if r.params.prompt_logprobs is None else None for r in reqs]
-        outputs: list[StepOutput] = []
+        scopes = [by_adapter[r.adapter] if r.params.prompt_logprobs is None or r.output else None for r in reqs]
         while reqs:
-            chains = [self.prefix.lookup(sc, r.prompt, len(r.prompt) - 1) if sc is not None else []
+            chains = [self.prefix.lookup(sc, r.feed, len(r.feed) - 1) if sc is not None else []
                       for r, sc in zip(reqs, scopes)]
             lead: list[int] = []
             later: list[int] = []
             for i, (r, sc, c) in enumerate(zip(reqs, scopes, chains)):
                 need = (len(c) + 1) * B  # its next block, if an earlier request computes it now
-                if sc is not None and len(r.prompt) > need and any(
-                        scopes[j] == sc and reqs[j].prompt[:need] == r.prompt[:need] for j in lead):
+                if sc is not None and len(r.feed) > need and any(
+                        scopes[j] == sc and reqs[j].feed[:need] == r.feed[:need] for j in lead):
                     later.append(i)
                     continue
                 lead.append(i)
                 if sc is not None:
-                    self.prefix.queries += len(r.prompt)
+                    self.prefix.queries += len(r.feed)
                     self.prefix.hits += len(c) * B
             cold = [i for i in lead if not chains[i]]
             warm = [i for i in lead if chains[i]]
@@ -959,26 +1021,30 @@ class Engine:
                 break
 
     def _remember_finished(self, reqs: list[_Request]) -> None:
-        """Cache the blocks of finished rows' prompt + output (all but the last token, never fed), so a
-        chat's next turn, which repeats them, reuses them too."""
-        B, L = self.prefix.block, self.store.length
+        """Cache the blocks of finished rows' prompt + output, so a chat's next turn, which repeats them,
+        reuses them too."""
+        B = self.prefix.block
         for i, r in enumerate(reqs):
-            tokens = r.prompt + r.output[:-1]
-            if r.finish_reason is None or r.scope is None or len(tokens) // B <= len(r.prompt) // B:
-                continue
-            if self._prefix_scope(r.adapter) != r.scope:  # its adapter changed while it decoded
-                continue
-            chain = self.prefix.lookup(r.scope, tokens, len(r.prompt) // B * B)
-            cols = self.store.row_columns(i, len(tokens)) if self.speculative is not None else L - len(tokens)
-            self._remember(tokens, r.scope, chain, self.store.keys, self.store.values, i, cols)
+            if r.finish_reason is not None and (len(r.prompt) + len(r.output) - 1) // B > len(r.prompt) // B:
+                self._remember_row(i, r)
+
+    def _remember_row(self, i: int, r: _Request) -> None:
+        """Cache the blocks of running row ``i``'s prompt + output (all but the last token, never fed)."""
+        tokens = r.feed
+        if r.scope is None or self._prefix_scope(r.adapter) != r.scope:  # its adapter changed while it decoded
+            return
+        chain = self.prefix.lookup(r.scope, tokens, len(r.prompt) // self.prefix.block * self.prefix.block)
+        cols = self.store.row_columns(i, len(tokens)) if self.speculative is not None else self.store.length - len(tokens)
+        self._remember(tokens, r.scope, chain, self.store.keys, self.store.values, i, cols)
 
     def _prefill_cold(self, reqs: list[_Request], scopes: list[tuple | None]) -> list[StepOutput]:
-        width = max(len(r.prompt) for r in reqs)
+        feeds = [r.feed for r in reqs]
+        width = max(len(f) for f in feeds)
         ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(reqs), width, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt) :] = 1
+        for i, f in enumerate(feeds):
+            ids[i, width - len(f) :] = torch.tensor(f)
+            mask[i, width - len(f) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()  # full layers: the store keeps every column (sliding windows via the mask)
         out = self.model(
@@ -987,33 +1053,34 @@ class Engine:
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=0 if any(r.params.prompt_logprobs is not None for r in reqs) else 1,  # 0: all
+            logits_to_keep=0 if any(r.params.prompt_logprobs is not None and not r.output for r in reqs) else 1,  # 0: all
             **self._adapter_kwargs(reqs),
         )
         self._save_gates(reqs)
-        outputs = self._sample(reqs, out.logits[:, -1])
-        for i, r in enumerate(reqs):
-            if r.params.prompt_logprobs is not None:
+        outputs = self._sample_first(reqs, out.logits[:, -1])
+        for i, (r, f) in enumerate(zip(reqs, feeds)):
+            if outputs[i] is not None and r.params.prompt_logprobs is not None:
                 outputs[i].prompt_logprobs = self._prompt_logprobs(r, out.logits[i, width - len(r.prompt):])
             r.scope = scopes[i]
-            self._remember(r.prompt, r.scope, [], [la.keys for la in cache.layers], [la.values for la in cache.layers],
-                           i, width - len(r.prompt))
+            self._remember(f, r.scope, [], [la.keys for la in cache.layers], [la.values for la in cache.layers],
+                           i, width - len(f))
         self._join(reqs, cache, mask)
-        return outputs
+        return [o for o in outputs if o is not None]
 
     def _prefill_warm(self, reqs: list[_Request], scopes: list[tuple], chains: list[list[_Block]]) -> list[StepOutput]:
         """Prefill the prompts' uncached rest on top of their cached blocks. Each row is contiguous,
         ``[padding][cached prefix][rest][padding]`` (so sliding windows see true distances), and is
         moved right-aligned into the store afterwards."""
         B, n = self.prefix.block, len(reqs)
+        feeds = [r.feed for r in reqs]
         pre = [len(c) * B for c in chains]
-        rest = [len(r.prompt) - p for r, p in zip(reqs, pre)]
+        rest = [len(f) - p for f, p in zip(feeds, pre)]
         P, S = max(pre), max(rest)
         ids = torch.full((n, S), self.pad_id, dtype=torch.long)
         mask = torch.zeros(n, P + S, dtype=torch.long)
         pos = torch.zeros(n, S, dtype=torch.long)
-        for i, (r, p, s) in enumerate(zip(reqs, pre, rest)):
-            ids[i, :s] = torch.tensor(r.prompt[p:])
+        for i, (f, p, s) in enumerate(zip(feeds, pre, rest)):
+            ids[i, :s] = torch.tensor(f[p:])
             mask[i, P - p : P + s] = 1
             pos[i] = (p + torch.arange(S)).clamp(max=p + s - 1)  # right padding: the last position again
         cache = DynamicCache()
@@ -1038,11 +1105,12 @@ class Engine:
             **self._adapter_kwargs(reqs),
         )
         logits = out.logits[torch.arange(n), [last.index(s - 1) for s in rest]]
-        outputs = self._sample(reqs, logits)
-        for i, (r, c, p) in enumerate(zip(reqs, chains, pre)):
-            outputs[i].cached_tokens = p
+        outputs = self._sample_first(reqs, logits)
+        for i, (r, f, c, p) in enumerate(zip(reqs, feeds, chains, pre)):
+            if outputs[i] is not None:
+                outputs[i].cached_tokens = p
             r.scope = scopes[i]
-            self._remember(r.prompt, r.scope, c, [la.keys for la in cache.layers], [la.values for la in cache.layers],
+            self._remember(f, r.scope, c, [la.keys for la in cache.layers], [la.values for la in cache.layers],
                            i, P - p)
         if S > min(rest):  # right-align every row: column c takes column c - (S - rest) (mod the width)
             W = P + S
@@ -1053,7 +1121,7 @@ class Engine:
                 layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
             mask = mask.gather(1, idx)
         self._join(reqs, cache, mask)
-        return outputs
+        return [o for o in outputs if o is not None]
 
     def _join(self, reqs: list[_Request], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Move the prefilled rows still running into the store (right-aligned ``cache`` and ``mask``)."""
@@ -1097,6 +1165,9 @@ class Engine:
         spec = self.speculative
         if spec is not None and (spec.disable_by_batch_size is None or len(reqs) <= spec.disable_by_batch_size):
             drafts = [d[: r.params.max_tokens - len(r.output) - 1] for r, d in zip(reqs, self._drafts(reqs))]
+            if any(drafts) and self.kv_slots is not None and len(reqs) * (
+                    max(len(r.prompt) + len(r.output) for r in reqs) + max(map(len, drafts))) > self.kv_slots:
+                drafts = []  # the drafts' columns would not fit in kv_cache_bytes: a plain step
             if any(drafts):
                 return self._decode_speculative(reqs, drafts)
         last = torch.tensor([[r.output[-1]] for r in reqs], dtype=torch.long, device=self.device)
@@ -1185,6 +1256,13 @@ class Engine:
         return outputs
 
     # -- sampling and text -----------------------------------------------------------------
+
+    def _sample_first(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput | None]:
+        """A prefill's first token for each new request (``logits[i]``: row ``i``'s last position);
+        ``None`` for a resumed one (its next token is already chosen: the next step feeds it)."""
+        fresh = [i for i, r in enumerate(reqs) if not r.output]
+        got = dict(zip(fresh, self._sample([reqs[i] for i in fresh], logits[fresh]) if fresh else []))
+        return [got.get(i) for i in range(len(reqs))]
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
         logits = logits.float().cpu()

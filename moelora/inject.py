@@ -180,8 +180,8 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     ctx.checkpointed_layers = _checkpointed_layers(module, ctx) if module.training and torch.is_grad_enabled() else frozenset()
     # generate()'s decoding steps are known without reading the cache's length (a host sync, and a
     # graph break in a compiled step); its prefill may itself continue a cache the caller passed
-    ctx.decoding = ctx.generate_phase == "decode" or _past_length(kwargs.get("past_key_values")) > 0
-    if not ctx.decoding or ctx.generate_phase == "prefill":  # weight caches are checked again (weights_cache)
+    ctx.decoding = ctx.reuse_routing or ctx.generate_phase == "decode" or _past_length(kwargs.get("past_key_values")) > 0
+    if not ctx.decoding or ctx.generate_phase == "prefill" or ctx.reuse_routing:  # weight caches are checked again
         ctx.weights_serial += 1
     return args, kwargs
 

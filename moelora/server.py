@@ -1246,9 +1246,10 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
         return web.Response(text="moelora_up 0\n", content_type="text/plain")
-    running, waiting, adapters, prefix, spec, kv = await worker.run(
+    running, waiting, adapters, prefix, spec, kv, preemptions = await worker.run(
         lambda e: (len(e.running) + len(getattr(e, "prefilling", ())), len(e.waiting), len(list(e.adapter_names())),
-                   getattr(e, "prefix", None), dict(getattr(e, "spec_stats", None) or {}), _kv_usage(e)))
+                   getattr(e, "prefix", None), dict(getattr(e, "spec_stats", None) or {}), _kv_usage(e),
+                   getattr(e, "num_preemptions", 0)))
     queries, hits, cache_bytes = (prefix.queries, prefix.hits, prefix.bytes) if prefix is not None else (0, 0, 0)
     lines = [
         "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
@@ -1279,6 +1280,8 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE moelora_kv_cache_bytes gauge", f"moelora_kv_cache_bytes {kv[0]}",
         "# HELP moelora_kv_cache_usage_perc The KV buffers' share of --kv-cache-mb (vLLM's name; 0 without a budget).",
         "# TYPE moelora_kv_cache_usage_perc gauge", f"moelora_kv_cache_usage_perc {kv[1]}",
+        "# HELP moelora_num_preemptions_total Requests preempted to stay within --kv-cache-mb (recomputed later).",
+        "# TYPE moelora_num_preemptions_total counter", f"moelora_num_preemptions_total {preemptions}",
         # vLLM's spec_decode counter names: drafts (requests that proposed in a step), draft and accepted tokens
         "# HELP moelora_spec_decode_num_drafts_total Speculative drafts proposed (one per request and step).",
         "# TYPE moelora_spec_decode_num_drafts_total counter",

@@ -1,5 +1,5 @@
 """Smoke tests of benchmarks/bench.py (the tiny CPU mode runs, passes its gate, and reports everything)
-and benchmarks/prefix_bench.py."""
+and benchmarks/prefix_bench.py, benchmarks/preemption_bench.py."""
 
 from __future__ import annotations
 
@@ -129,3 +129,16 @@ def test_prefix_bench_tiny_checks_outputs_and_reports_hits(tmp_path):
     assert figures["lora/single"]["hit_tokens"] > 0 and figures["mixlora/single"]["hit_tokens"] > 0
     assert figures["milora/single"]["hit_tokens"] == 0  # its routing depends on the whole prompt
     assert all(f["off_ms"] > 0 and f["on_ms"] > 0 for f in figures.values())
+
+
+def test_preemption_bench_tiny_checks_outputs_and_preempts(tmp_path):
+    spec = importlib.util.spec_from_file_location("moelora_preemption_bench", BENCH.parent / "preemption_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "preempt.json"
+    assert mod.main(["--mode", "tiny", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    reserve, preempt = report["figures"]["reserve"], report["figures"]["preempt"]
+    assert reserve["preemptions"] == 0 and preempt["preemptions"] > 0 and preempt["recomputed_tokens"] > 0
+    assert preempt["mean_running"] > reserve["mean_running"] and reserve["tokens"] == preempt["tokens"]
+    assert report["ratio"] == reserve["seconds"] / preempt["seconds"]

@@ -155,13 +155,26 @@ def test_kv_store_grows_compacts_and_keeps_long_generations_exact(adapter_dirs):
     assert eng.store.capacity[1] >= 16 and eng.store.rows == 0
 
 
-@pytest.mark.parametrize("speculative", [None, {"num_speculative_tokens": 3, "prompt_lookup_max": 2,
-                                                 "prompt_lookup_min": 1}])
-def test_kv_cache_budget_queues_requests_and_never_exceeds_it(speculative, adapter_dirs):
-    """``kv_cache_bytes``: requests are admitted only while every running request fits to its end
-    (rows x the longest prompt + max_tokens); the others wait, in order, and the store's buffers
-    never hold more slots than the budget, with speculation's extra columns too. Outputs equal
-    those of an engine without a budget; a request that could never fit is refused at once."""
+SPEC = {"num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+
+
+def run_steps(eng, check=None) -> dict[str, list[int]]:
+    """Step ``eng`` until it is idle: each request's tokens (``check(eng)`` after every step)."""
+    got: dict[str, list[int]] = {}
+    while eng.has_work():
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+        if check is not None:
+            check(eng)
+    return got
+
+
+@pytest.mark.parametrize("speculative", [None, SPEC])
+def test_kv_cache_budget_without_preemption_reserves_to_the_end(speculative, adapter_dirs):
+    """``kv_cache_bytes`` with ``preemption=False``: requests are admitted only while every running
+    request fits to its end (rows x the longest prompt + max_tokens); the others wait, in order, and
+    the store's buffers never hold more slots than the budget, with speculation's extra columns too.
+    Outputs equal those of an engine without a budget; a request that could never fit is refused."""
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(3, 128, (8,), generator=g).tolist() for _ in range(6)]
     adapters = ["lora", "mixlora", None, "milora", "dora", "lora"]
@@ -170,25 +183,97 @@ def test_kv_cache_budget_queues_requests_and_never_exceeds_it(speculative, adapt
     assert free.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # 2 x layers x KV heads x head size x 4 bytes (fp32)
     expected = free.generate(ps, adapters, params)
     slots = 3 * (8 + 20 + (4 if speculative else 0))  # three requests at a time
-    eng = engine("llama", adapter_dirs, max_batch=8, speculative=speculative,
+    eng = engine("llama", adapter_dirs, max_batch=8, speculative=speculative, preemption=False,
                  kv_cache_bytes=slots * free.kv_bytes_per_token + 5)
     assert eng.kv_slots == slots
     for i, (p, a, sp) in enumerate(zip(ps, adapters, params)):
         eng.add_request(str(i), p, a, sp)
-    got, most = {str(i): [] for i in range(6)}, 0
-    while eng.has_work():
-        for o in eng.step():
-            got[o.request_id] += o.token_ids
-        most = max(most, len(eng.running))
-        rows, cols = eng.store.capacity
+    most = []
+
+    def check(e):
+        most.append(len(e.running))
+        rows, cols = e.store.capacity
         assert rows * cols <= slots
-        assert eng._kv_fits(eng.running)
+        assert e._kv_fits(e.running)
+
+    got = run_steps(eng, check)
     assert [got[str(i)] for i in range(6)] == [r["token_ids"] for r in expected]
-    assert most == 3
+    assert max(most) == 3 and eng.num_preemptions == 0
     with pytest.raises(ValueError, match=r"needs \d+ token slots of KV cache, more than the engine's kv_cache_bytes"):
         eng.add_request("big", list(range(3, 40)), None, SamplingParams(max_tokens=slots))
     with pytest.raises(ValueError, match="kv_cache_bytes must be an integer of at least one token"):
         engine("llama", adapter_dirs, kv_cache_bytes=10)
+
+
+@pytest.mark.parametrize(("speculative", "prefix_mb"), [(None, 1), (SPEC, 1), (None, 0)])
+def test_kv_cache_budget_preempts_and_recomputes_without_changing_outputs(speculative, prefix_mb, adapter_dirs):
+    """``kv_cache_bytes`` with preemption (the default, vLLM's): requests are admitted by what they
+    hold now, so more run at once than a reservation to their ends allows; when the running rows
+    outgrow the budget the last to arrive is preempted and later recomputed (prompt + output so far,
+    MiLoRA with its prefill's gates, the others through the prefix cache). Every request, of every
+    method, greedy or seeded sampling with penalties, gets the tokens of an engine without a budget,
+    and the buffers never exceed the budget."""
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(3, 128, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(8)]
+    adapters = ["lora", "mixlora", None, "milora", "dora", "milora", "mixlora", "lora"]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, seed=i, presence_penalty=0.5)
+              for i in range(8)]
+    free = engine("llama", adapter_dirs, max_batch=8, speculative=speculative)
+    expected = free.generate(ps, adapters, params)
+    slots = 4 * 30  # four requests of 30 tokens at a time; a reservation to their ends admits 2 or 3
+    eng = engine("llama", adapter_dirs, max_batch=8, speculative=speculative, prefix_cache_bytes=prefix_mb * 2**20,
+                 kv_cache_bytes=slots * free.kv_bytes_per_token)
+    for i, (p, a, sp) in enumerate(zip(ps, adapters, params)):
+        eng.add_request(str(i), p, a, sp)
+    most, preempted = [], set()
+
+    def check(e):
+        most.append(len(e.running))
+        rows, cols = e.store.capacity
+        assert rows * cols <= slots
+        assert len(e.running) * max((len(r.prompt) + len(r.output) - 1 for r in e.running), default=0) <= slots
+        preempted.update(r.id for r in e.waiting if r.output)
+
+    got = run_steps(eng, check)
+    assert [got[str(i)] for i in range(8)] == [r["token_ids"] for r in expected]
+    assert max(most) >= 4 and eng.num_preemptions >= 3
+    methods = {adapters[int(i)] for i in preempted}
+    assert "milora" in methods and methods - {"milora"}, methods  # both resume paths ran
+    assert (eng.prefix.hits > 0) if prefix_mb else eng.prefix is None
+    assert not eng.waiting and eng.store.rows == 0
+
+
+def test_preemption_takes_the_highest_priority_value_and_a_prefilling_request_too(adapter_dirs):
+    """The victim is the request of the highest ``priority`` value (then the last to arrive), even one
+    still prefilling in chunks (its partial keys and values are dropped; it starts over). Outputs
+    do not change."""
+    p_a, p_b, p_c = [5, 6, 7, 8], [9, 10, 11, 12], list(range(20, 44))  # c: 24 tokens
+    jobs = {"a": (p_a, "lora", 0, 40), "b": (p_b, "mixlora", 7, 40), "c": (p_c, "dora", 1, 30)}
+    params = {n: SamplingParams(max_tokens=m, ignore_eos=True, priority=prio) for n, (_, _, prio, m) in jobs.items()}
+    free = engine("llama", adapter_dirs, scheduling_policy="priority")
+    expected = {n: free.generate([p], [a], params[n])[0]["token_ids"] for n, (p, a, _, _) in jobs.items()}
+    eng = engine("llama", adapter_dirs, scheduling_policy="priority", kv_cache_bytes=3 * 25 * free.kv_bytes_per_token)
+    got: dict[str, list[int]] = {}
+
+    def step():
+        where = {r.id: "running" for r in eng.running} | {r.id: "prefilling" for r in eng.prefilling}
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+        victims.extend((r.id, where[r.id]) for r in eng.waiting if r.id in where)
+
+    victims: list[tuple[str, str]] = []
+    for n in "ab":
+        eng.add_request(n, jobs[n][0], jobs[n][1], params[n])
+    while len(got.get("a", [])) < 18:  # a's next step needs 4 + 18 = 22 columns; c's prefill needs 25
+        step()
+    eng.max_prefill_tokens = 1  # c is prefilled a token a step: a outgrows the budget meanwhile
+    eng.add_request("c", p_c, "dora", params["c"])
+    while eng.has_work():
+        step()
+    assert got == expected
+    assert victims[:2] == [("b", "running"), ("c", "prefilling")], victims  # b: priority 7; c arrived last
+    assert eng.num_preemptions == len(victims)
 
 
 def test_priority_scheduling_admits_lower_values_first(adapter_dirs):

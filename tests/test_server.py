@@ -764,9 +764,11 @@ def test_cli_serve_options_reach_the_engine(tiny_model_dir, real_adapters, monke
     assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-mb", "2",
                  "--scheduling-policy", "priority"]) == 0
     assert served[4][0].scheduling_policy == "priority" and served[3][0].scheduling_policy == "fcfs"
-    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-memory-bytes", "65536"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-memory-bytes", "65536",
+                 "--no-preemption"]) == 0
     assert served[4][0].kv_slots == 2 * 2**20 // served[4][0].kv_bytes_per_token and served[3][0].kv_slots is None
     assert served[5][0].kv_slots == 65536 // served[5][0].kv_bytes_per_token
+    assert served[4][0].preemption is True and served[5][0].preemption is False
     for bad, msg in [(["--kv-cache-mb", "0"], "--kv-cache-mb must be positive"),
                      (["--kv-cache-mb", "1", "--kv-cache-memory-bytes", "9"], "not both"),
                      (["--kv-cache-memory-bytes", "1"], "kv_cache_bytes must be an integer of at least one token")]:
@@ -880,8 +882,9 @@ def test_real_engine_speculative_decoding_answers_as_without_it(start, real_serv
 def test_real_engine_kv_cache_budget_queues_and_refuses_what_never_fits(start, real_server, tiny_model_dir,
                                                                        real_adapters):
     """With ``kv_cache_bytes`` for 80 tokens, four concurrent requests of about 25 (prompt + max_tokens)
-    cannot all run at once; all finish with the plain server's answers, and one that could never fit
-    is a 400 naming the budget."""
+    cannot all run to their ends at once: some are preempted and recomputed (counted in /metrics);
+    all finish with the plain server's answers, and one that could never fit is a 400 naming the
+    budget."""
     url_plain, _ = real_server
     Engine = _real_engine_cls()
     per_token = Engine.from_pretrained(str(tiny_model_dir), device="cpu").kv_bytes_per_token
@@ -896,6 +899,7 @@ def test_real_engine_kv_cache_budget_queues_and_refuses_what_never_fits(start, r
     m = httpx.get(url + "/metrics").text
     rows, cols = engine.store.capacity
     assert f"moelora_kv_cache_usage_perc {round(rows * cols / engine.kv_slots, 6)}" in m and 0 < rows * cols <= 80
+    assert f"moelora_num_preemptions_total {engine.num_preemptions}" in m and engine.num_preemptions > 0
     r = post(url, "/v1/completions", {**bodies[0], "priority": 2})  # fcfs: a priority is refused, not ignored
     assert_error(r, 400, code="invalid_value")
     assert "scheduling_policy 'priority'" in r.json()["error"]["message"]
