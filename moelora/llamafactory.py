@@ -358,9 +358,9 @@ def translate(d: dict) -> dict:
     t = out["train"]
     if "num_train_epochs" in d:
         n = d["num_train_epochs"]
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0 or float(n) != int(n):
-            refuse("num_train_epochs", f"{n!r}: a whole number of epochs is supported (or set max_steps)")
-        t["num_epochs"] = int(n)
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 < n < float("inf"):
+            refuse("num_train_epochs", f"{n!r}: it must be a positive number")
+        t["num_epochs"] = int(n) if float(n).is_integer() else float(n)  # a fraction: that share of the steps
     sched = d.get("lr_scheduler_type", "linear")
     if sched not in ("linear", "cosine", "constant", "constant_with_warmup"):
         refuse("lr_scheduler_type", f"{sched!r} is not supported (linear, cosine, constant, constant_with_warmup)")

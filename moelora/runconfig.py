@@ -48,7 +48,9 @@ OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "
 class TrainConfig:
     max_steps: int = -1
     """Optimizer steps; -1 runs ``num_epochs`` epochs."""
-    num_epochs: int = 1
+    num_epochs: int | float = 1
+    """Epochs when ``max_steps`` is -1; a fraction (``0.5``, ``1.5``) runs that share of the steps,
+    rounded up (as HF's Trainer's ``num_train_epochs``)."""
     batch_size: int = 8
     """Examples per device per micro-step (the global batch is this x processes x accumulation)."""
     gradient_accumulation: int = 1
@@ -353,9 +355,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         run.adapter_name_or_path = _resolve(run.adapter_name_or_path, base_dir)
     run.adapter_configs()  # validates the method block(s) (or the saved adapter's) now, not after the model is loaded
     t = run.train
-    for name in ("num_epochs", "batch_size", "gradient_accumulation", "cutoff_len", "log_steps"):
+    for name in ("batch_size", "gradient_accumulation", "cutoff_len", "log_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if not 0 < t.num_epochs < float("inf"):
+        raise ConfigError(f"train.num_epochs must be > 0, got {t.num_epochs}")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"train.max_steps must be -1 (use num_epochs) or >= 1, got {t.max_steps}")
     if t.lr <= 0 or t.warmup_steps < 0 or t.save_steps < 0 or t.save_total_limit < 0:

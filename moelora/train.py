@@ -373,7 +373,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     per_step = micro * t.gradient_accumulation
     epoch_rows = (lambda e: data.packed_order(e)) if t.packing else data.epoch_order  # noqa: E731
     steps_per_epoch = max(1, len(epoch_rows(0)) // per_step)
-    total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
+    total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.num_epochs)  # HF's rounding
     if t.packing:  # (ZeRO-3's partitioned model cannot run the probe's forwards before its engine exists)
         check_packing(model, probe=not zero3)
     if sharded:  # FSDP2: each process keeps 1/world of every parameter, frozen base included

@@ -290,6 +290,8 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
     assert (qlora.quantization, qlora.train.optim, qlora.train.adam_beta2, qlora.train.lr_scheduler) == \
         ("4bit", "paged_adamw_8bit", 0.95, "constant")
     assert load_run_config(lf_config(tmp_path, data_dir, report_to="all")).train.report_to == ["tensorboard"]
+    half = "\n".join(line for line in LF_SFT.splitlines() if not line.startswith("num_train_epochs:")) + "\n"
+    assert load_run_config(lf_config(tmp_path, data_dir, half, num_train_epochs=1.5)).train.num_epochs == 1.5
 
 
 def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
@@ -300,7 +302,7 @@ def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
     assert load_run_config(lf_config(tmp_path, data_dir, mix)).adapter_configs()["default"].method == "mixlora"
     for extra, msg in [({"finetuning_type": "full"}, "finetuning_type: 'full'"),
                        ({"stage": "ppo"}, "stage: 'ppo' is not supported .pt, sft, rm, dpo and kto are"),
-                       ({"num_train_epochs": 1.5}, "a whole number of epochs"),
+                       ({"num_train_epochs": 0}, "num_train_epochs: 0: it must be a positive number"),
                        ({"lr_scheduler_type": "polynomial"}, "'polynomial' is not supported"),
                        ({"pissa_init": True}, "pissa_init: True is not supported .PiSSA"),
                        ({"resume_from_checkpoint": "out/checkpoint-5"}, "moelora train --resume"),

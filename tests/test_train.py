@@ -117,6 +117,25 @@ def test_train_writes_adapter_checkpoints_and_logs(tmp_path, tiny_model_dir):
     assert moelora.get_context(model).configs["default"].num_experts == 4
 
 
+@pytest.mark.parametrize(("epochs", "steps"), [(0.5, 3), (1.5, 8)])
+def test_fractional_epochs_run_that_share_of_the_steps_rounded_up(tmp_path, tiny_model_dir, epochs, steps):
+    """``num_epochs: 1.5`` with 10 examples in batches of 2 (5 steps an epoch) runs ceil(7.5) = 8
+    steps, HF's Trainer's rounding (LLaMA-Factory's ``num_train_epochs``)."""
+    data = tmp_path / "ten.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {i} + 1?", "output": str(i + 1)}) + "\n"
+                            for i in range(10)))
+    path = write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=-1, num_epochs=epochs,
+                        save_steps=0)
+    cfg = json.loads(path.read_text())
+    cfg["data"] = [{"path": str(data)}]
+    path.write_text(json.dumps(cfg))
+    out = train(load_run_config(path), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    with pytest.raises(ConfigError, match="train.num_epochs must be > 0, got 0"):
+        load_run_config(path, ["train.num_epochs=0"])
+
+
 def transformers_model(path):
     from transformers import AutoModelForCausalLM
 
