@@ -28,10 +28,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from . import __version__
+from . import __version__, pissa
 from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig
 from .inject import attach, decoder_layers, detach, get_context, set_adapter
 from .methods import checkpoint_entries
+from .pissa import is_pissa
 
 __all__ = ["save_adapter", "load_adapter", "export_mixlora", "CheckpointError"]
 
@@ -353,10 +354,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     ``tensors``: the adapter's ``adapter_tensors``, when already gathered (sharded training)."""
     cfg = _config_of(model, adapter_name)
-    config = checkpoint_config(model, cfg)
-    metadata = {"format": "pt", "adapter_config": json.dumps(config)}  # the weights carry their own config
     if tensors is None:
         tensors = adapter_tensors(model, adapter_name)
+    original = None
+    if is_pissa(cfg):  # saved as the plain rank-2r LoRA it is relative to the original base
+        from .methods.lora import pissa_initial
+
+        tensors = pissa.convert(tensors, pissa_initial(model, adapter_name))
+        cfg, original = pissa.converted_config(cfg), cfg
+    config = checkpoint_config(model, cfg)
+    if original is not None:
+        config["moelora"]["pissa"] = original.to_dict()  # what resuming the training splits it back into
+    metadata = {"format": "pt", "adapter_config": json.dumps(config)}  # the weights carry their own config
     weights = save_safetensors_bytes(tensors, metadata=metadata)
     config["moelora"]["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     write_adapter_dir(path, {SAFETENSORS_NAME: weights, CONFIG_NAME: json.dumps(config, indent=2).encode()})
@@ -470,6 +479,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     attached_here = ctx is None or adapter_name not in ctx.configs
     if attached_here:
         attach(model, cfg, adapter_name)
+    elif is_pissa(ctx.configs[adapter_name]):  # resuming a PiSSA training from its (converted) checkpoint
+        tensors = _pissa_tensors(model, adapter_name, raw, tensors, where)
     else:
         _check_same_config(ctx.configs[adapter_name], cfg, adapter_name, where)
     try:
@@ -482,6 +493,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise
     set_adapter(model, adapter_name)
     return model
+
+
+def _pissa_tensors(model: nn.Module, name: str, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   where: Path) -> dict[str, torch.Tensor]:
+    """A converted PiSSA checkpoint split back into the attached PiSSA adapter's ``A``/``B``, after
+    checking that it was saved from the same settings and the same initial ``A0``/``B0``."""
+    from .methods.lora import pissa_initial
+
+    saved = raw.get("moelora", {}).get("pissa") if isinstance(raw.get("moelora"), dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"adapter {name!r} is attached as a PiSSA adapter, but {where} is not a PiSSA "
+                              "checkpoint; load it on the base model (detach the PiSSA adapter first)")
+    try:
+        original = LoraConfig.from_dict(saved)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid PiSSA config: {e}") from e
+    _check_same_config(get_context(model).configs[name], original, name, where)
+    trained, init = pissa.split(tensors, original.r)
+    mine = pissa_initial(model, name)
+    if init.keys() != mine.keys() or any(
+            not torch.equal(init[k][0].to(mine[k][0].dtype), mine[k][0])
+            or not torch.equal(init[k][1].to(mine[k][1].dtype), mine[k][1]) for k in mine):
+        raise CheckpointError(f"{where}: its PiSSA initialisation (A0, B0) differs from the one just computed from "
+                              "this base model: another base, or another seed for pissa_niter's random start")
+    return trained
 
 
 def _check_same_config(attached: AdapterConfig, saved: AdapterConfig, name: str, where: Path) -> None:

@@ -117,6 +117,34 @@ class LoraConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
     use_dora: bool = False
     """Weight-decomposed LoRA: ``W' = m * (W + s B A) / ||W + s B A||_row`` with a trained magnitude ``m``."""
+    init_lora_weights: bool | str = True
+    """PEFT's names. ``True``: ``A`` Kaiming-uniform, ``B = 0``; ``"gaussian"``: ``A ~ N(0, 1/r)``,
+    ``B = 0``; ``"pissa"`` (exact SVD) or ``"pissa_niter_N"`` (``torch.svd_lowrank``, N subspace
+    iterations): PiSSA (Meng et al. 2024), ``B A`` the top-``r`` singular part of ``W / s`` and the
+    base weight replaced by the residual ``W - s B A``; saved as a plain rank-``2r`` LoRA relative to
+    the original base (``moelora.pissa``). Not with ``use_dora``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        init = self.init_lora_weights
+        if init is not True and init != "gaussian" and pissa_iterations(init) is None:
+            raise ConfigError(f"init_lora_weights must be true, 'gaussian', 'pissa' or 'pissa_niter_N' (N >= 1), "
+                              f"got {init!r}")
+        if self.use_dora and self.is_pissa:
+            raise ConfigError("init_lora_weights: PiSSA is for LoRA, not DoRA (use_dora: false)")
+
+    @property
+    def is_pissa(self) -> bool:
+        return pissa_iterations(self.init_lora_weights) is not None
+
+
+def pissa_iterations(init: Any) -> int | None:
+    """``init_lora_weights``' PiSSA form: 0 for ``"pissa"`` (exact SVD), N for ``"pissa_niter_N"``; else None."""
+    if init == "pissa":
+        return 0
+    if isinstance(init, str) and init.startswith("pissa_niter_") and init[12:].isdigit() and int(init[12:]) >= 1:
+        return int(init[12:])
+    return None
 
 
 @dataclass

@@ -65,6 +65,8 @@ class AdapterContext:
     # the engine's recomputation of a preempted request's keys and values: a multi-token forward that
     # reuses the MiLoRA gates its prefill chose (``Engine._prefill``), as decoding does
     reuse_routing: bool = False
+    # the PiSSA adapter whose residual the base weights hold (moelora.pissa): no base-model forward
+    residual_base: str | None = None
     records: dict[str, list[RouterRecord]] = field(default_factory=dict)
     # MiLoRA gates cached at prefill: adapter -> layer -> (B, E)
     gates: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)

@@ -689,6 +689,11 @@ class Engine:
         """Serve an adapter already attached to ``self.model`` (``moelora.attach``); never evicted."""
         if name == self.base_name:
             raise ValueError(f"adapter name {name!r} is the base model's name")
+        residual = getattr(getattr(self.model, "_moelora_ctx", None), "residual_base", None)
+        if residual is not None:
+            raise ValueError(f"adapter {residual!r} is PiSSA: the base weights hold its residual, so this model cannot "
+                             "serve the base or other adapters; save it (a plain LoRA) and load that "
+                             "(engine.load_adapter)")
         self.pool.adopt(name)
         self.model.eval()
 

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import pissa
 from .config import AdapterConfig, ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig, did_you_mean
 from .context import AdapterContext
 from .lora import AdaptedLinear, LoraWeights, base_linear
+from .pissa import is_pissa
 
 __all__ = ["Architecture", "ARCHITECTURES", "attach", "detach", "set_adapter", "set_backend", "get_context"]
 
@@ -162,6 +164,10 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     if adapter_names is not None and torch.is_tensor(ids) and len(adapter_names) != ids.shape[0]:
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {ids.shape[0]} rows")
     ctx.set_groups(adapter_names, ids.device if torch.is_tensor(ids) else torch.device("cpu"))
+    if ctx.residual_base is not None and (ctx.current is None if ctx.groups is None else
+                                          any(n is None for n, _ in ctx.groups)):
+        raise ValueError(f"adapter {ctx.residual_base!r} is PiSSA: the base weights hold its residual, so the base "
+                         "model cannot run while it is attached (save it, a plain LoRA, and load that on the base)")
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     token_mask = kwargs.pop("token_mask", None)  # packed rows (collate_packed): no attention mask, only this
     segment_prompt = kwargs.pop("segment_prompt", None)
@@ -338,6 +344,12 @@ def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     existing = getattr(model, "_moelora_ctx", None)
     if existing is not None and adapter_name in existing.configs:
         raise ValueError(f"an adapter named {adapter_name!r} is already attached; detach it first or pick another name")
+    if existing is not None and existing.configs and (is_pissa(config) or any(map(is_pissa, existing.configs.values()))):
+        raise ValueError("a PiSSA adapter replaces the base weights by its residual, so it is its model's only adapter: "
+                         f"{list(existing.configs)} already attached" if is_pissa(config) else
+                         f"adapter {next(n for n, c in existing.configs.items() if is_pissa(c))!r} is PiSSA (the base "
+                         "weights hold its residual): attach other adapters to another copy of the base model, or save "
+                         "it (a plain LoRA) and load that")
     cfg = copy.deepcopy(config)
     cfg.target_modules = resolve_targets(model, cfg)
     if isinstance(cfg, MiLoraConfig) and cfg.top_k > len(cfg.target_modules):
@@ -356,6 +368,7 @@ def attach(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     ctx.configs[adapter_name] = cfg
     ctx.adapter_epoch += 1
     ctx.active = adapter_name
+    ctx.residual_base = adapter_name if is_pissa(cfg) else None
     _freeze_base(model)
     model.train(model.training)  # new adapter modules follow the model's train/eval mode
     return model
@@ -365,6 +378,9 @@ def _remove(model: nn.Module, adapter_name: str) -> None:
     """Drop every module entry of ``adapter_name``; unwrap wrappers left without adapters."""
     from .methods.mixlora import MixLoraFFN
 
+    for module in list(model.modules()):  # a PiSSA adapter gives the base its weights back first
+        if isinstance(module, AdaptedLinear) and adapter_name in module.adapters:
+            pissa.restore(base_linear(module), module.adapters[adapter_name].lora)
     for module in list(model.modules()):
         for attr in ("adapters", "moelora_routers"):
             holder = getattr(module, attr, None)
@@ -388,6 +404,8 @@ def detach(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         _remove(model, name)
         ctx.adapter_epoch += 1
         del ctx.configs[name]
+        if ctx.residual_base == name:
+            ctx.residual_base = None
         ctx.gates.pop(name, None)
         ctx.gate_buffers = {k: v for k, v in ctx.gate_buffers.items() if k[0] != name}
         ctx.gate_any.pop(name, None)
@@ -433,6 +451,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
         if entry.variant is not None:
             w = w * (entry.variant.magnitude / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
         base.weight.copy_(w.to(base.weight.dtype))
+        if is_pissa(cfg):  # PiSSA: W_res + s B A is the merged weight; nothing to give back on removal
+            del lora.init_A, lora.init_B
     return detach(model)
 
 

@@ -4,8 +4,8 @@
 ``stage``, ``finetuning_type: lora``, ``lora_rank``, ``dataset``, ``per_device_train_batch_size``,
 ``learning_rate``, ...) into a ``moelora train`` config, with LLaMA-Factory's and HF
 ``TrainingArguments``' defaults for what it leaves out (``KEYS`` lists every key read). A key that
-changes the training and is not supported (``finetuning_type: full``, ``stage: rm``,
-``pissa_init``, ...) is refused by name; keys that only concern LLaMA-Factory's process (workers,
+changes the training and is not supported (``finetuning_type: full``, ``stage: ppo``,
+``use_galore``, ...) is refused by name (``pissa_init`` is PiSSA: ``moelora.pissa``); keys that only concern LLaMA-Factory's process (workers,
 caches, ``template``, ...) are listed in ``IGNORED`` and skipped. ``method:`` (moelora's) may replace
 the ``lora_*`` keys to train MixLoRA or MiLoRA from the same YAML.
 
@@ -270,7 +270,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "use_rslora": ("method", "use_rslora"), "use_dora": ("method", "use_dora"),
 }
 # read and turned into something else below
-SPECIAL = ("stage", "finetuning_type", "lora_target", "dataset", "eval_dataset", "dataset_dir", "max_samples", "mask_history",
+SPECIAL = ("stage", "finetuning_type", "lora_target", "pissa_init", "pissa_iter", "pissa_convert", "dataset", "eval_dataset", "dataset_dir", "max_samples", "mask_history",
            "num_train_epochs", "lr_scheduler_type", "bf16", "fp16", "disable_gradient_checkpointing", "packing",
            "neat_packing", "report_to", "save_total_limit", "save_strategy", "eval_strategy", "evaluation_strategy",
            "quantization_bit", "quantization_method", "do_train", "do_eval", "do_predict", "method",
@@ -286,7 +286,7 @@ IGNORED = ("template", "trust_remote_code", "overwrite_cache", "preprocessing_nu
 OFF_ONLY = {"resume_from_checkpoint": "resume with `moelora train --resume` (the newest checkpoint of output_dir)",
             "upcast_layernorm": "norms are not upcast here", "upcast_lmhead_output": "the lm_head is not upcast here",
             "use_unsloth": "unsloth's kernels are not used", "push_to_hub": "nothing is pushed to the hub",
-            "pissa_init": "PiSSA is not supported", "use_galore": "GaLore is not supported",
+            "use_galore": "GaLore is not supported",
             "use_badam": "BAdam is not supported", "use_apollo": "APOLLO is not supported"}
 LF_ONLY = ("model_name_or_path", "finetuning_type", "stage", "per_device_train_batch_size", "learning_rate",
            "num_train_epochs", "lora_rank", "lora_target", "do_train")
@@ -345,6 +345,13 @@ def translate(d: dict) -> dict:
         if names != ["all"]:
             method["target_modules"] = names
         out["method"] = method
+    if d.get("pissa_init"):  # saved converted to a plain LoRA whatever pissa_convert says (moelora.pissa)
+        if "method" in d:
+            refuse("pissa_init", "with `method:`, set its init_lora_weights ('pissa' or 'pissa_niter_N') instead")
+        it = d.get("pissa_iter", 16)
+        if isinstance(it, bool) or not isinstance(it, int) or (it < 1 and it != -1):
+            refuse("pissa_iter", f"must be -1 (an exact SVD) or a positive integer, got {it!r}")
+        out["method"]["init_lora_weights"] = "pissa" if it == -1 else f"pissa_niter_{it}"
     for key, value in d.items():
         if key in KEYS:
             section, name = KEYS[key]

@@ -450,7 +450,25 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raise ConfigError(f"train.ref_adapter: {e}") from None
     if run.eval is not None:
         run.eval.data = [_resolve(x, base_dir) for x in run.eval.data]
+    _check_pissa(run)
     return run
+
+
+def _check_pissa(run: RunConfig) -> None:
+    """PiSSA replaces the base weights by its residual (``moelora.pissa``): what needs the original
+    base beside it, or shards or quantizes it, is refused before anything is loaded."""
+    if run.adapter_name_or_path is not None:
+        return  # a saved adapter is never PiSSA (saved PiSSA adapters are plain LoRAs)
+    configs = run.adapter_configs()
+    if not any(getattr(c, "is_pissa", False) for c in configs.values()):
+        return
+    t = run.train
+    why = ("several adapters share its base" if len(configs) > 1 else
+           f"stage {t.stage} compares it with the base model (its reference)" if t.stage in ("dpo", "kto") else
+           "FSDP/DeepSpeed shard the base" if t.fsdp or t.deepspeed else
+           f"a {run.quantization} base cannot be decomposed" if run.quantization else None)
+    if why:
+        raise ConfigError(f"init_lora_weights: PiSSA replaces the base weights by its residual, so not here: {why}")
 
 
 def _dataset_info_entries(d: dict, base_dir: Path) -> dict:

@@ -312,6 +312,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if not run.data:
         raise TrainingError("the config has no data: add at least one entry under `data:`")
     fsdp = t.fsdp or accelerate_fsdp()
+    if fsdp and any(getattr(c, "is_pissa", False) for c in configs.values()):
+        raise TrainingError("init_lora_weights: PiSSA replaces the base weights by its residual: not with FSDP")
     ds_cfg = _deepspeed_config(run, fsdp)  # None without DeepSpeed; checked before anything is loaded
     if ds_cfg is not None:
         accelerator = _deepspeed_accelerator(ds_cfg, t)

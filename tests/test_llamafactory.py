@@ -292,6 +292,9 @@ def test_llamafactory_sft_yaml_reads_with_its_defaults(data_dir, tmp_path):
     assert load_run_config(lf_config(tmp_path, data_dir, report_to="all")).train.report_to == ["tensorboard"]
     half = "\n".join(line for line in LF_SFT.splitlines() if not line.startswith("num_train_epochs:")) + "\n"
     assert load_run_config(lf_config(tmp_path, data_dir, half, num_train_epochs=1.5)).train.num_epochs == 1.5
+    for extra, init in [({"pissa_init": True}, "pissa_niter_16"), ({"pissa_init": True, "pissa_iter": -1}, "pissa"),
+                        ({"pissa_init": False, "pissa_convert": True}, True)]:  # LLaMA-Factory's pissa_iter default: 16
+        assert load_run_config(lf_config(tmp_path, data_dir, **extra)).adapter_configs()["default"].init_lora_weights == init
 
 
 def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
@@ -304,7 +307,7 @@ def test_llamafactory_yaml_overrides_method_and_refusals(data_dir, tmp_path):
                        ({"stage": "ppo"}, "stage: 'ppo' is not supported .pt, sft, rm, dpo and kto are"),
                        ({"num_train_epochs": 0}, "num_train_epochs: 0: it must be a positive number"),
                        ({"lr_scheduler_type": "polynomial"}, "'polynomial' is not supported"),
-                       ({"pissa_init": True}, "pissa_init: True is not supported .PiSSA"),
+                       ({"pissa_init": True, "pissa_iter": 0}, "pissa_iter: must be -1 .an exact SVD. or a positive"),
                        ({"resume_from_checkpoint": "out/checkpoint-5"}, "moelora train --resume"),
                        ({"upcast_layernorm": True}, "norms are not upcast"),
                        ({"lora_bf16_mode": True}, r"\['lora_bf16_mode'\] are not read by moelora"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import pissa
 from ..config import LoraConfig
 from ..context import AdapterContext, RouterRecord
 from ..lora import AdaptedLinear, DoraVariant, LinearAdapter, base_linear
@@ -46,6 +47,10 @@ def attach(model: nn.Module, cfg: LoraConfig, name: str, ctx: AdapterContext) ->
         wrapper = wrap_linear(parent, attr, ctx)
         base = base_linear(wrapper)
         lora = new_lora(base, cfg.r, cfg.scaling(), cfg.lora_dropout)
+        if cfg.init_lora_weights == "gaussian":  # PEFT's
+            nn.init.normal_(lora.lora_A.data[0], std=1 / cfg.r)
+        elif cfg.is_pissa:  # the base weight becomes the residual (moelora.pissa)
+            pissa.initialise(base, lora, cfg.init_lora_weights)
         wrapper.adapters[name] = LinearAdapter(lora, DoraVariant(base, lora) if cfg.use_dora else None)
 
 
@@ -60,6 +65,14 @@ def checkpoint_entries(model: nn.Module, cfg: LoraConfig, name: str) -> list[tup
             if ad.variant is not None:
                 entries.append((f"{key}.lora_magnitude_vector", ad.variant.magnitude, None))
     return entries
+
+
+def pissa_initial(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A PiSSA adapter's initial ``(A0, B0)`` per module, by checkpoint key prefix (``moelora.pissa``)."""
+    return {PEFT_PREFIX + canonical_name(module_name): (module.adapters[name].lora.init_A.detach().cpu(),
+                                                        module.adapters[name].lora.init_B.detach().cpu())
+            for module_name, module in model.named_modules()
+            if isinstance(module, AdaptedLinear) and name in module.adapters}
 
 
 def router_loss(cfg: LoraConfig, records: list[RouterRecord]) -> torch.Tensor | None:
