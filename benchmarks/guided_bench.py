@@ -2,8 +2,8 @@
 
 The embedded SmolLM2-135M-Instruct (or ``--model DIR``) answers a few chat prompts greedily through
 the engine, unguided and then with each guide: JSON mode (``json_object``), a JSON schema (as a
-``guided_regex`` through ``moelora.structured.schema_regex``), ``guided_choice`` and a
-``guided_regex``. For each: decode ms per generated token (the whole ``generate`` call / tokens,
+``guided_regex`` through ``moelora.structured.schema_regex``), ``guided_choice``, a
+``guided_regex``, and ``guided_grammar`` (a JSON grammar in GBNF, and a small SQL grammar). For each: decode ms per generated token (the whole ``generate`` call / tokens,
 prefill included; each request alone, median of ``--repeats``), how many outputs finished
 (``stop``), and whether every finished output obeys its guide (JSON parses to an object, validates
 the schema's shape, is one of the choices, matches the pattern). Prints the outputs too.
@@ -27,8 +27,26 @@ import regex  # noqa: E402
 import torch  # noqa: E402
 
 from moelora.engine import Engine, SamplingParams  # noqa: E402
+from moelora.grammar import GrammarPrefix, compile_grammar  # noqa: E402
 from moelora.structured import schema_regex  # noqa: E402
 
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= "-"? ([0-9] | [1-9] [0-9]{0,15}) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,3})? ws
+ws     ::= ([ \t\n] ws)?
+"""  # JSON in the style of llama.cpp's json.gbnf (whitespace unbounded: the grammar, not the engine, decides)
+SQL_GBNF = r"""
+root      ::= "SELECT " columns " FROM " name (" WHERE " condition)? ";"
+columns   ::= "*" | name (", " name)*
+condition ::= name " " op " " value (" AND " condition)?
+op        ::= "=" | ">" | "<" | ">=" | "<="
+value     ::= [0-9]+ | "'" [a-zA-Z ]* "'"
+name      ::= [a-z_]+
+"""
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
                                            "color": {"enum": ["black", "white", "orange", "grey"]}}}
 CASES = [  # (name, prompt, sampling options, check of a finished output)
@@ -41,6 +59,10 @@ CASES = [  # (name, prompt, sampling options, check of a finished output)
      lambda t: t in ("yes", "no")),
     ("guided_regex", "Give a US phone number.", {"guided_regex": r"\(\d{3}\) \d{3}-\d{4}"},
      lambda t: regex.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", t) is not None),
+    ("grammar_json", "Describe a cat as JSON with keys name, age and color.", {"guided_grammar": JSON_GBNF},
+     lambda t: isinstance(json.loads(t), dict)),
+    ("grammar_sql", "Write an SQL query that lists the names of users older than 30.", {"guided_grammar": SQL_GBNF},
+     lambda t: GrammarPrefix(compile_grammar(SQL_GBNF)).feed(t)),
 ]
 
 

@@ -141,7 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _guide(args: argparse.Namespace) -> dict:
-    """``--json`` / ``--json-schema FILE`` / ``--regex`` / ``--choice``: the engine's guide (``{}``: none)."""
+    """``--json`` / ``--json-schema FILE`` / ``--regex`` / ``--choice`` / ``--grammar FILE``: the engine's
+    guide (``{}``: none)."""
     import json
 
     from .structured import SchemaError, check_guides, schema_regex
@@ -164,9 +165,16 @@ def _guide(args: argparse.Namespace) -> dict:
         guide["guided_regex"] = args.regex
     if getattr(args, "choice", None):
         guide["guided_choice"] = list(args.choice)
-    check_guides(guide.get("json_object", False), guide.get("guided_regex"), guide.get("guided_choice"))
+    if getattr(args, "grammar", None):
+        try:
+            guide["guided_grammar"] = Path(args.grammar).read_text()
+        except OSError as e:
+            raise ValueError(f"--grammar {args.grammar}: cannot read it ({e.strerror})") from None
+    check_guides(guide.get("json_object", False), guide.get("guided_regex"), guide.get("guided_choice"),
+                 guide.get("guided_grammar"))
     if guide and args.num_beams > 1:
-        raise ValueError("guided generation (--json, --json-schema, --regex, --choice) does not do beam search")
+        raise ValueError("guided generation (--json, --json-schema, --regex, --choice, --grammar) does not do beam "
+                         "search")
     return guide
 
 
@@ -457,6 +465,8 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json-schema", default=None, metavar="FILE", help="the reply is JSON valid under this schema")
     g.add_argument("--regex", default=None, help="the reply matches this regular expression entirely")
     g.add_argument("--choice", action="append", default=None, help="the reply is one of these (repeatable)")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="the reply is a sentence of this GBNF grammar (start rule: root; docs/serve.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

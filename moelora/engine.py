@@ -43,7 +43,7 @@ decoding, MixLoRA rows route per token.
   with; OpenAI's presence and frequency penalties (on the output's tokens) and logit bias; the
   repetition penalty of ``transformers`` and vLLM (on the prompt's and the output's tokens); vLLM's
   ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and ``include_stop_str_in_output``; guided
-  decoding (``json_object``: one JSON object; ``guided_regex``; ``guided_choice``: see
+  decoding (``json_object``: one JSON object; ``guided_regex``; ``guided_choice``; ``guided_grammar``: see
   ``moelora.structured``). Stop sequences are cut
   from the text (or kept, with the last option); streaming text never splits a UTF-8 character or
   shows the start of a stop sequence that may still complete.
@@ -65,7 +65,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .config import MiLoraConfig
 from .speculative import NgramProposer, SpeculativeConfig
-from .structured import JsonPrefix, RegexPrefix, check_guides, guide_for
+from .structured import GrammarPrefix, JsonPrefix, RegexPrefix, check_guides, guide_for
 
 __all__ = ["SamplingParams", "StepOutput", "TokenLogprob", "QueueFull", "Engine", "AdapterPool", "KVStore",
            "PrefixCache", "ADAPTER_NAME"]
@@ -101,6 +101,7 @@ class SamplingParams:
     json_object: bool = False  # JSON mode: the output is one JSON object (moelora.structured), then it ends
     guided_regex: str | None = None  # the output must match this regular expression entirely (``regex`` syntax)
     guided_choice: list[str] | None = None  # the output must be one of these strings
+    guided_grammar: str | None = None  # the output must be a sentence of this GBNF grammar (moelora.grammar)
     priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are admitted first
 
     def validate(self) -> None:
@@ -142,7 +143,7 @@ class SamplingParams:
         for key in ("ignore_eos", "include_stop_str_in_output", "json_object"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        check_guides(self.json_object, self.guided_regex, self.guided_choice)
+        check_guides(self.json_object, self.guided_regex, self.guided_choice, self.guided_grammar)
         if not isinstance(self.priority, int) or isinstance(self.priority, bool) or abs(self.priority) > 2**31:
             raise ValueError(f"priority must be an integer, got {self.priority!r}")
 
@@ -196,7 +197,7 @@ class _Request:
     gate_any: dict[int, list[bool]] | None = None  # the same, as host booleans (selected or not)
     finish_reason: str | None = None
     scope: tuple | None = None  # prefix cache: its adapter's scope at prefill (None: not cached)
-    guide: JsonPrefix | RegexPrefix | None = None  # guided decoding: the output's state
+    guide: JsonPrefix | RegexPrefix | GrammarPrefix | None = None  # guided decoding: the output's state
     stop_from: int = 0  # stop sequences count only where they end after this offset of ``text`` (min_tokens)
     done: int = 0  # chunked prefill: prompt tokens whose keys and values are computed
     partial: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # ... those keys and values, per layer
@@ -749,7 +750,8 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
         req = _Request(request_id, list(prompt_ids), adapter, params, gen, time.monotonic(),
-                       guide=guide_for(params.json_object, params.guided_regex, params.guided_choice, JSON_MAX_WS))
+                       guide=guide_for(params.json_object, params.guided_regex, params.guided_choice, JSON_MAX_WS,
+                                       params.guided_grammar))
         if self.scheduling_policy == "priority":  # before the first waiting request of a higher value
             at = next((i for i, w in enumerate(self.waiting) if w.params.priority > params.priority), len(self.waiting))
             self.waiting.insert(at, req)

@@ -303,7 +303,7 @@ def _opt_bool(body: dict, key: str) -> bool:
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields we do not implement are refused when set to anything but their neutral value."""
     neutral = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-               "tools": (None, []), "functions": (None, []), "guided_grammar": (None,)}
+               "tools": (None, []), "functions": (None, [])}
     for key, ok in neutral.items():
         if (key in ("echo", "best_of") and not chat) or (key == "tools" and chat):  # implemented there
             continue
@@ -324,12 +324,12 @@ def _structured_outputs(body: dict) -> dict:
     if so is None:
         return body
     fields = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
-              "json_object": "guided_json_object"}
+              "json_object": "guided_json_object", "grammar": "guided_grammar"}
     if not isinstance(so, dict):
         raise _bad("'structured_outputs' must be an object", param="structured_outputs", code="invalid_type")
     other = sorted(k for k, v in so.items() if k not in fields and v not in (None, False))
     if other:
-        raise _bad(f"structured_outputs {other} are not supported (json, regex, choice, json_object are)",
+        raise _bad(f"structured_outputs {other} are not supported (json, regex, choice, json_object, grammar are)",
                    param="structured_outputs", code="unsupported_parameter")
     out = dict(body)
     for k, v in so.items():
@@ -483,15 +483,16 @@ def _parse_common(body: dict, chat: bool) -> _Req:
     if body.get("guided_json_object") is not None:  # (from structured_outputs)
         params.json_object = _opt_bool(body, "guided_json_object")
     params.guided_regex, params.guided_choice = body.get("guided_regex"), body.get("guided_choice")
-    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_json_object")
-             if (body.get(k) not in (None, {"type": "text"}))]
+    params.guided_grammar = body.get("guided_grammar")
+    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_json_object",
+                         "guided_grammar") if (body.get(k) not in (None, {"type": "text"}))]
     schema = _schema_guide(body)
     if schema is not None:
         if len(given) > 1:
             raise _bad(f"use at most one of {given}", param=given[-1], code="invalid_value")
         params.guided_regex = schema[1]
     try:
-        check_guides(params.json_object, params.guided_regex, params.guided_choice)
+        check_guides(params.json_object, params.guided_regex, params.guided_choice, params.guided_grammar)
     except ValueError as e:  # named by the last guide the request sets
         raise _bad(str(e), param=given[-1], code="invalid_value") from None
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n,
@@ -553,7 +554,8 @@ def _parse_chat(body: dict) -> _Req:
         req.template["tools"] = req.tools
         forced = _forced_calls(body, req.tools)
         if forced is not None:
-            if req.params.json_object or req.params.guided_regex or req.params.guided_choice:
+            if (req.params.json_object or req.params.guided_regex or req.params.guided_choice
+                    or req.params.guided_grammar):
                 raise _bad("tool_choice 'required' or a named function cannot be combined with another guide "
                            "(response_format, guided_*)", param="tool_choice", code="invalid_value")
             req.params.guided_regex = forced

@@ -7,6 +7,8 @@
   (the ``regex`` package's partial matching), and whether it matches now (``guided_regex``;
   ``guided_choice`` as an alternation of the escaped choices; a JSON schema through
   ``schema_regex``, as Outlines does).
+- ``GrammarPrefix`` (``moelora.grammar``): whether the text can still be extended to a sentence of a
+  GBNF/EBNF context-free grammar, and whether it is one (``guided_grammar``).
 
 The engine keeps one per request and, at each step, takes the best (greedy) or a sampled token whose
 text keeps the prefix valid: the constrained distribution, computed lazily (only the tokens it must
@@ -16,7 +18,9 @@ reject are ever checked). End tokens are valid once the prefix is ``complete``; 
 
 from __future__ import annotations
 
-__all__ = ["JsonPrefix", "RegexPrefix", "SchemaError", "schema_regex", "guide_for", "check_guides"]
+from .grammar import GrammarPrefix, compile_grammar
+
+__all__ = ["JsonPrefix", "RegexPrefix", "GrammarPrefix", "SchemaError", "schema_regex", "guide_for", "check_guides"]
 
 MAX_PATTERN = 65536  # characters of a guided_regex (or of all choices together; a schema's regex)
 MAX_CHOICES = 256
@@ -225,12 +229,14 @@ class RegexPrefix:
             return False
 
 
-def check_guides(json_object: bool, guided_regex, guided_choice) -> None:
+def check_guides(json_object: bool, guided_regex, guided_choice, guided_grammar=None) -> None:
     """ValueError naming the problem unless at most one guide is set and it is well formed."""
     import regex
 
-    if sum((bool(json_object), guided_regex is not None, guided_choice is not None)) > 1:
-        raise ValueError("use at most one of json_object, guided_regex and guided_choice")
+    if sum((bool(json_object), guided_regex is not None, guided_choice is not None, guided_grammar is not None)) > 1:
+        raise ValueError("use at most one of json_object, guided_regex, guided_choice and guided_grammar")
+    if guided_grammar is not None:
+        compile_grammar(guided_grammar)  # GrammarError (a ValueError) naming the line
     if guided_regex is not None:
         if not isinstance(guided_regex, str) or not 0 < len(guided_regex) <= MAX_PATTERN:
             raise ValueError(f"guided_regex must be a non-empty string of at most {MAX_PATTERN} characters")
@@ -246,10 +252,12 @@ def check_guides(json_object: bool, guided_regex, guided_choice) -> None:
                              f"({MAX_PATTERN} characters in all)")
 
 
-def guide_for(json_object: bool, guided_regex, guided_choice, max_ws: int | None = 64):
+def guide_for(json_object: bool, guided_regex, guided_choice, max_ws: int | None = 64, guided_grammar=None):
     """The validator of a request's guide (None: unguided); JSON mode allows no leading whitespace."""
     import regex
 
+    if guided_grammar is not None:
+        return GrammarPrefix(compile_grammar(guided_grammar))
     if json_object:
         return JsonPrefix(max_ws=max_ws, leading_ws=False)
     if guided_regex is not None:

@@ -1021,28 +1021,38 @@ def guided_oracle(model, prompt, adapter, n, guide, eos=2):
     return out[0, len(prompt):].tolist()
 
 
-def test_guided_regex_and_choice_are_the_constrained_argmax(adapter_dirs):
+def test_guided_regex_choice_and_grammar_are_the_constrained_argmax(adapter_dirs):
     from moelora.structured import guide_for
 
     eng = Engine(tiny_model("llama"), ByteTokenizer(), max_batch=4)
     for n in METHODS:
         eng.load_adapter(n, str(adapter_dirs["llama", n]))
+    grammar = 'root ::= item ("," item)?\nitem ::= [a-d]{1,3} | "(" item ")"'  # context-free: nested brackets
     cases = [("mixlora", SamplingParams(max_tokens=20, guided_regex=r"[a-f]{2,5}-\d{2}")),
              ("milora", SamplingParams(max_tokens=20, guided_choice=["positive", "negative", "neutral"])),
              ("lora", SamplingParams(max_tokens=20, guided_regex=r"(true|false)")),
+             ("dora", SamplingParams(max_tokens=20, guided_grammar=grammar)),
              (None, SamplingParams(max_tokens=6))]  # unguided, in the same batch
-    ps = [list(b"id: "), list(b"Sentiment: "), list(b"Q: is it? A: "), list(b"x")]
+    ps = [list(b"id: "), list(b"Sentiment: "), list(b"Q: is it? A: "), list(b"list: "), list(b"x")]
     res = eng.generate(ps, [a for a, _ in cases], [sp for _, sp in cases])
-    for p, (a, sp), r in zip(ps[:3], cases, res):
-        guide = guide_for(False, sp.guided_regex, sp.guided_choice)
+    for p, (a, sp), r in zip(ps[:4], cases, res):
+        guide = guide_for(False, sp.guided_regex, sp.guided_choice, guided_grammar=sp.guided_grammar)
         assert r["token_ids"] == guided_oracle(eng.model, p, a, 20, guide), a
-        assert r["finish_reason"] == "stop" and guide.feed(r["text"]) and guide.complete, r["text"]
+        assert guide.feed(r["text"]) and (guide.complete if r["finish_reason"] == "stop" else len(r["token_ids"]) == 20)
+        assert r["finish_reason"] == "stop" or sp.guided_grammar, r["text"]
     assert res[1]["text"] in ("positive", "negative", "neutral") and res[2]["text"] in ("true", "false")
     for seed in range(4):  # sampling: always one of the choices
         s = eng.generate([ps[1]], ["lora"], SamplingParams(max_tokens=20, temperature=1.5, seed=seed,
                                                           guided_choice=["positive", "negative", "neutral"]))[0]
         assert s["text"] in ("positive", "negative", "neutral") and s["finish_reason"] == "stop"
+    for seed in range(4):  # sampling under the grammar: a prefix of a sentence, a sentence when it stops
+        s = eng.generate([ps[3]], ["mixlora"], SamplingParams(max_tokens=20, temperature=1.5, seed=seed,
+                                                              guided_grammar=grammar))[0]
+        guide = guide_for(False, None, None, guided_grammar=grammar)
+        assert guide.feed(s["text"]) and (s["finish_reason"] == "length" or guide.complete), s
     for bad, msg in [(dict(guided_regex="("), "does not compile"), (dict(guided_choice=[]), "guided_choice"),
-                     (dict(json_object=True, guided_choice=["a"]), "at most one")]:
+                     (dict(json_object=True, guided_choice=["a"]), "at most one"),
+                     (dict(guided_grammar="root ::= x"), "unknown rule 'x'"),
+                     (dict(guided_grammar="root ::= 'a'", guided_regex="a"), "at most one")]:
         with pytest.raises(ValueError, match=msg):
             eng.add_request("bad", [5], None, SamplingParams(**bad))

@@ -1551,9 +1551,37 @@ def test_real_engine_guided_choice_and_regex(real_server):
                          ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex")]:
         assert_error(post(url, "/v1/chat/completions", {**chat, "guided_regex": None, **extra}), 400,
                      code="invalid_value", param=param)
-    for key in ("guided_grammar", "structured_outputs"):
-        assert_error(post(url, "/v1/chat/completions", {**chat, key: {"type": "object"}}), 400,
-                     code="unsupported_parameter", param=key)
+    assert_error(post(url, "/v1/chat/completions", {**chat, "structured_outputs": {"type": "object"}}), 400,
+                 code="unsupported_parameter", param="structured_outputs")
+    assert_error(post(url, "/v1/chat/completions", {**chat, "guided_regex": None, "guided_grammar": {"type": "x"}}),
+                 400, code="invalid_value", param="guided_grammar")
+    r = post(url, "/v1/chat/completions", {**chat, "guided_regex": None, "guided_grammar": "root ::= (\n"})
+    assert_error(r, 400, code="invalid_value", param="guided_grammar")
+    assert "guided_grammar line 2: '(' without ')'" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_real_engine_guided_grammar(real_server):
+    """vLLM's ``guided_grammar`` (GBNF, the start rule ``root``), greedy and sampled, completions and chat,
+    streamed too: every reply that stops is a sentence of the grammar, one cut by max_tokens a prefix."""
+    from moelora.grammar import GrammarPrefix, compile_grammar
+
+    url, engine = real_server
+    grammar = ('root ::= answer (" because " reason)?\nanswer ::= "yes" | "no"\n'
+               'reason ::= [a-z]+ (" " [a-z]+){0,3}')
+    for i in range(3):
+        body = {"model": "lora-a", "prompt": f"Is it so {i}?", "max_tokens": 16, "temperature": 0.7 * i, "seed": i,
+                "guided_grammar": grammar}
+        c = post(url, "/v1/completions", body).json()["choices"][0]
+        state = GrammarPrefix(compile_grammar(grammar))
+        assert state.feed(c["text"]) and (state.complete or c["finish_reason"] == "length"), c
+        assert c["text"].startswith(("yes", "no")), c
+    chat = {"model": "lora-b", "messages": [{"role": "user", "content": "is it?"}], "max_tokens": 16,
+            "temperature": 0, "structured_outputs": {"grammar": grammar}}
+    d = post(url, "/v1/chat/completions", chat).json()["choices"][0]
+    assert GrammarPrefix(compile_grammar(grammar)).feed(d["message"]["content"]), d
+    events = stream(url, "/v1/chat/completions", chat)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == d["message"]["content"]
 
 
 
@@ -1658,8 +1686,9 @@ def test_real_engine_structured_outputs_field(real_server):
                       ({"json_object": True}, lambda t: t.startswith("{"))]:
         c = post(url, "/v1/completions", {**base, "structured_outputs": so}).json()["choices"][0]
         assert check(c["text"]), (so, c)
-    assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"grammar": "root ::= x"}}), 400,
-                 code="unsupported_parameter", param="structured_outputs")
+    r = post(url, "/v1/completions", {**base, "structured_outputs": {"grammar": "root ::= x"}})
+    assert_error(r, 400, code="invalid_value")
+    assert "unknown rule 'x'" in r.json()["error"]["message"]
     assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"regex": "a"}, "guided_regex": "b"}), 400,
                  code="invalid_value", param="structured_outputs")
     assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"regex": "a", "choice": ["b"]}}), 400,

@@ -200,3 +200,96 @@ def test_schema_regex_takes_pydantic_schemas_and_names_what_it_refuses():
             "$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}}}
     with pytest.raises(SchemaError, match="recursive"):
         schema_regex(loop)
+
+
+# ------------------------------------------------------------------------------------------ grammars
+REGULAR = [  # (GBNF, the same language as a regular expression): the regex package is the oracle
+    ('root ::= ("ab" | "a")* "b"?', r"(?:ab|a)*b?"),
+    ('root ::= [a-c]{2,4} ("x" [ab]+)?', r"[a-c]{2,4}(?:x[ab]+)?"),
+    ('root ::= ("a" | "b" "c"*){0,3} "."', r"(?:a|bc*){0,3}\."),
+    ("root ::= [^a]+ 'a'  # a comment\n", r"[^a]+a"),
+    ('root ::= x y\nx ::= "a"{2,}\ny ::=\n  "" | "b" x?', r"a{2,}(?:|ba{2,}|b)"),
+    (r'root ::= "\x41" [\-\]]* . "\n"', r"A[\-\]]*.\n"),
+]
+
+
+@pytest.mark.parametrize(("gbnf", "pattern"), REGULAR)
+def test_grammar_prefixes_and_sentences_agree_with_the_regex_oracle(gbnf, pattern):
+    """Every string over a small alphabet (up to 6 characters, and random longer ones): a viable prefix
+    exactly when the regex's partial match says so, a sentence exactly when it fully matches."""
+    import itertools
+
+    import regex
+
+    from moelora.grammar import GrammarPrefix, compile_grammar
+
+    g, rx = compile_grammar(gbnf), regex.compile(pattern, regex.DOTALL)
+    alphabet = "abcx.-]A\n"
+    rng = random.Random(0)
+    texts = ["".join(t) for n in range(5) for t in itertools.product(alphabet, repeat=n)]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(5, 30))) for _ in range(300)]
+    texts += ["a" * 9 + "b" + "a" * 3, "ababab.", "bcccab."]
+    for text in texts:
+        state = GrammarPrefix(g)
+        viable = state.feed(text)
+        assert viable == (rx.fullmatch(text, partial=True) is not None), (gbnf, text)
+        assert (viable and state.complete) == (rx.fullmatch(text) is not None), (gbnf, text)
+
+
+def test_grammar_recognizes_a_context_free_language_incrementally():
+    """Balanced brackets of two kinds (not regular): each prefix is viable exactly when no bracket is
+    closed wrongly; a sentence exactly when every bracket is closed. copy() shares the chart."""
+    from moelora.grammar import GrammarPrefix, compile_grammar
+
+    g = compile_grammar('root ::= ( "(" root ")" | "[" root "]" | [a-b] )*')
+
+    def oracle(text):
+        stack = []
+        for ch in text:
+            if ch in "([":
+                stack.append(ch)
+            elif ch in ")]":
+                if not stack or stack.pop() != {")": "(", "]": "["}[ch]:
+                    return False, False
+        return True, not stack
+
+    rng = random.Random(1)
+    for _ in range(400):
+        text = "".join(rng.choice("()[]ab") for _ in range(rng.randint(0, 14)))
+        state = GrammarPrefix(g)
+        ok = state.feed(text)
+        assert (ok, ok and state.complete) == oracle(text), text
+    state = GrammarPrefix(g)
+    assert state.feed("([a") and not state.complete
+    fork = state.copy()
+    assert fork.feed("])") and fork.complete and state.feed("]") and not state.complete
+    assert not state.copy().feed("]") and state.feed(")") and state.complete
+
+
+@pytest.mark.parametrize(("text", "msg"), [
+    ("root ::= foo", "line 1: unknown rule 'foo'"),
+    ('x ::= "a"', "no 'root' rule"),
+    ("  # only a comment\n", "the grammar is empty"),
+    ("", "a non-empty string of at most 65536 characters"),
+    ('root ::= ("a"', "line 1: '.' without '.'"),
+    ('root ::= "a")', "line 1: '.' without '.'"),
+    ('root ::= a\na ::= "b" a', "line 1: rule.s. 'root', 'a' can derive no finite text"),
+    ("root ::= [z-a]", "character range 'z'-'a' is reversed"),
+    ('root ::= "abc', "unterminated string literal"),
+    ("root ::= []", "empty character class"),
+    ('root ::= "a"{3,1}', r"bad repetition \{3,1\}"),
+    ('root ::= "a"\n\nroot ::= "b"', "line 3: rule 'root' is defined twice .first on line 1."),
+    (r'root ::= "\q"', r"bad escape \\q"),
+    ('root ::= "a" @', "line 1: unexpected '@'"),
+    ("root = 'a'", "line 1: expected a rule: name ::= ..."),
+])
+def test_grammar_errors_name_the_line_and_the_problem(text, msg):
+    from moelora.grammar import GrammarError, compile_grammar
+    from moelora.structured import check_guides
+
+    with pytest.raises(GrammarError, match=msg):
+        compile_grammar(text)
+    with pytest.raises(ValueError, match=msg):
+        check_guides(False, None, None, text)
+    with pytest.raises(ValueError, match="at most one of json_object, guided_regex, guided_choice and guided_grammar"):
+        check_guides(True, None, None, "root ::= 'a'")

@@ -733,7 +733,7 @@ def test_train_on_every_turn_of_sharegpt_conversations(tmp_path, tiny_model_dir,
 
 
 def test_cli_generate_guided_outputs_obey_their_guide(tmp_path, tiny_model_dir, capsys):
-    """``moelora generate --json / --json-schema / --regex / --choice`` (through the engine): a random
+    """``moelora generate --json / --json-schema / --regex / --choice / --grammar`` (through the engine): a random
     model's reply obeys the guide; conflicting or unreadable guides are clear errors (exit 2)."""
     import regex
 
@@ -753,8 +753,15 @@ def test_cli_generate_guided_outputs_obey_their_guide(tmp_path, tiny_model_dir, 
     (tmp_path / "s.json").write_text(json.dumps(schema))
     text = gen("--json-schema", str(tmp_path / "s.json"), "--max-new-tokens", "30")
     assert RegexPrefix(schema_regex(schema)).feed(text) and text.startswith("{")
+    (tmp_path / "g.gbnf").write_text('root ::= ("yes" | "no") (", " [0-9]{1,2})?\n')
+    text = gen("--grammar", str(tmp_path / "g.gbnf"), "--max-new-tokens", "10")
+    assert regex.fullmatch(r"(yes|no)(, [0-9]{1,2})?", text), text
+    (tmp_path / "bad.gbnf").write_text("root ::= nope\n")
     for bad, msg in [(["--json", "--regex", "a"], "at most one"), (["--json-schema", str(tmp_path / "nope.json")], "cannot read"),
-                     (["--json", "--num-beams", "2"], "beam search"), (["--regex", "("], "does not compile")]:
+                     (["--json", "--num-beams", "2"], "beam search"), (["--regex", "("], "does not compile"),
+                     (["--grammar", str(tmp_path / "bad.gbnf")], "unknown rule 'nope'"),
+                     (["--grammar", str(tmp_path / "no.gbnf")], "--grammar"),
+                     (["--grammar", str(tmp_path / "g.gbnf"), "--choice", "a"], "at most one")]:
         assert cli(["generate", "--model", str(tiny_model_dir), "--prompt", "x", *bad]) == 2
         assert msg in capsys.readouterr().err, bad
 
