@@ -540,10 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-budget-mb", type=float, default=None,
                    help="keep at most this many MiB of adapters resident; the least recently used idle ones are "
                         "evicted and reloaded from their directory on demand (default: no limit)")
-    p.add_argument("--tool-call-parser", choices=["hermes"], default=None,
+    p.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic"], default=None,
                    help="let chat requests pass OpenAI 'tools' (any tool_choice; required/named are enforced by "
-                        "guided decoding) and parse the model's "
-                        "<tool_call>{json}</tool_call> output into tool_calls (Qwen2.5/3, Hermes)")
+                        "guided decoding) and parse the model's calls into tool_calls, as the model writes them: "
+                        "hermes <tool_call>{json}</tool_call> (Qwen2.5/3, Hermes), llama3_json (Llama 3.1/3.3), "
+                        "mistral [TOOL_CALLS][...] , pythonic [f(x=1)] (Llama 3.2/4)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; --tool-call-parser is what enables tools")
     v = p.add_argument_group("vLLM spellings (so vLLM command lines work)")

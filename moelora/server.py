@@ -10,8 +10,8 @@ Endpoints (OpenAI / vLLM shapes): ``POST /v1/completions``, ``POST /v1/chat/comp
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /version`` and, only with ``admin=True``
 (``moelora serve --admin``), ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (and
 vLLM's names for them, ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``).
-With ``tool_parser="hermes"`` chat requests may pass ``tools`` and replies are parsed for
-``<tool_call>`` blocks into ``tool_calls``. See docs/serve.md.
+With ``tool_parser`` (``moelora.tools``: hermes, llama3_json, mistral, pythonic) chat requests may
+pass ``tools`` and replies are parsed for calls in that format into ``tool_calls``. See docs/serve.md.
 
 Threading: the engine is not thread-safe, so one engine thread (:class:`EngineWorker`) owns it and is
 the only caller of its methods (and of its tokenizer). The asyncio handlers hand it work through a
@@ -45,6 +45,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .engine import MAX_LOGPROBS, QueueFull, SamplingParams
 from .structured import SchemaError, check_guides, schema_regex
+from .tools import ToolFormat, tool_format
 
 __all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
            "SamplingParams", "QueueFull"]
@@ -384,6 +385,7 @@ class _Req:
     messages: list[dict] | None = None
     template: dict | None = None  # chat: the chat template's options (_chat_options)
     tools: list[dict] | None = None  # chat: function tools for the template; the output is parsed for calls
+    tool_format: ToolFormat | None = None  # ... in the server's --tool-call-parser format (moelora.tools)
 
     @property
     def num_choices(self) -> int:
@@ -545,14 +547,18 @@ def _parse_completion(body: dict) -> _Req:
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _parse_chat(body: dict) -> _Req:
+def _parse_chat(body: dict, fmt: ToolFormat | None = None) -> _Req:
+    """A chat request; ``fmt``: the server's tool-call format (None: ``tools`` are refused)."""
     req = _parse_common(body, chat=True)
     req.messages = _check_messages(body.get("messages"))
     req.template = _chat_options(body)
     req.tools = _check_tools(body)
     if req.tools is not None:
-        req.template["tools"] = req.tools
-        forced = _forced_calls(body, req.tools)
+        if fmt is None:
+            raise _bad("tool calls need the server started with --tool-call-parser (hermes, llama3_json, mistral "
+                       "or pythonic, as the model writes calls)", param="tools", code="unsupported_parameter")
+        req.template["tools"], req.tool_format = req.tools, fmt
+        forced = _forced_calls(body, req.tools, fmt)
         if forced is not None:
             if (req.params.json_object or req.params.guided_regex or req.params.guided_choice
                     or req.params.guided_grammar):
@@ -562,16 +568,17 @@ def _parse_chat(body: dict) -> _Req:
     return req
 
 
-def _forced_calls(body: dict, tools: list[dict]) -> str | None:
+def _forced_calls(body: dict, tools: list[dict], fmt: ToolFormat) -> str | None:
     """``tool_choice`` ``"required"`` or ``{"type": "function", "function": {"name": ...}}`` -> the
-    pattern of the Hermes-format calls allowed (guided decoding: the reply is one call, or several
-    unless ``parallel_tool_calls`` is false, each with arguments valid under its tool's ``parameters``
-    schema); None for ``"auto"``."""
-    import regex
-
+    pattern of the calls allowed in the server's format (guided decoding: the reply is one call, or
+    several unless ``parallel_tool_calls`` is false, each with arguments valid under its tool's
+    ``parameters`` schema); None for ``"auto"``."""
     choice = body.get("tool_choice")
     if choice in (None, "auto", "none"):
         return None
+    if not fmt.forced_ok:
+        raise _bad(f"tool_choice 'required' or a named function is not available with the {fmt.name} tool call "
+                   "format", param="tool_choice", code="invalid_value")
     if choice == "required":
         chosen = tools
     else:
@@ -588,15 +595,11 @@ def _forced_calls(body: dict, tools: list[dict]) -> str | None:
         except SchemaError as e:
             raise _bad(f"tool {t['function']['name']!r}: unsupported parameters schema for a forced call: {e}",
                        param="tool_choice", code="invalid_value") from None
-        calls.append(TOOL_OPEN + r"\n?\{ ?\"name\": ?" + regex.escape(json.dumps(t["function"]["name"]))
-                     + r", ?\"arguments\": ?" + args + r" ?\}\n?</tool_call>")
-    one = "(?:" + "|".join(calls) + ")"
-    return one if body.get("parallel_tool_calls") is False else one + r"(?:\n?" + one + ")*"
+        calls.append((t["function"]["name"], args))
+    return fmt.forced(calls, parallel=body.get("parallel_tool_calls") is not False)
 
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-TOOL_OPEN = "<tool_call>"
-_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
 
 def _check_tools(body: dict) -> list[dict] | None:
@@ -631,38 +634,6 @@ def _check_tools(body: dict) -> list[dict] | None:
                 raise _bad(f"'{where}.function.{key}' must be a {kind.__name__}", param=f"{where}.function.{key}",
                            code="invalid_type")
     return None if choice == "none" else tools
-
-
-def _parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """Hermes-style tool calls (Qwen2.5/3, Hermes, ...): ``<tool_call>{"name": ..., "arguments": {...}}
-    </tool_call>`` blocks (the last one may be unclosed) -> (the text before the first block, OpenAI
-    ``tool_calls``). Anything that does not parse leaves the whole text as content and no call."""
-    start = text.find(TOOL_OPEN)
-    if start < 0:
-        return text, []
-    calls = []
-    for m in _TOOL_CALL_RE.finditer(text, start):
-        raw = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            return text, []
-        args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return text, []
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(args, dict):
-            return text, []
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
-    return text[:start], calls
-
-
-def _partial_tail(text: str, tag: str) -> int:
-    """Characters at the end of ``text`` that begin ``tag`` (held back while streaming)."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
 _TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -967,10 +938,7 @@ def _prompt_tokens(plens: list[int], n: int) -> int:
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     worker = request.app[WORKER]
     body = await _json_body(request)
-    req = _parse_chat(body) if chat else _parse_completion(body)
-    if req.tools is not None and not request.app[CONFIG].get("tool_parser"):
-        raise _bad("tool calls need the server started with --tool-call-parser hermes", param="tools",
-                   code="unsupported_parameter")
+    req = _parse_chat(body, request.app[CONFIG]["tool_format"]) if chat else _parse_completion(body)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     rids = _choice_ids(rid, req)
@@ -1013,8 +981,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             for i, (t, lp, r) in enumerate(zip(texts, lps, reasons)):
                 message = {"role": "assistant", "content": "".join(t)}
                 calls = []
-                if req.tools is not None:
-                    content, calls = _parse_tool_calls(message["content"])
+                if req.tool_format is not None:
+                    content, calls = req.tool_format.parse(message["content"])
                 if calls:
                     message, r = {"role": "assistant", "content": content if content.strip() else None,
                                   "tool_calls": calls}, "tool_calls"
@@ -1073,7 +1041,8 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
     completion_tokens, cached = [0] * k, [0] * k
     if chat:
         await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
-    held = [""] * k  # tools: text not streamed yet (from the first "<tool_call>", or the start of one)
+    held = [""] * k  # tools: text not streamed yet (from where calls (may) begin: ToolFormat.hold)
+    streamed = [False] * k  # tools: some content of the choice already sent
     while True:
         i, item = await q.get()
         item = _as_error(item)
@@ -1090,13 +1059,13 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             text = echo.pop(i) + text
             pending_prompt[i] = getattr(item, "prompt_logprobs", None) or []
         calls = []
-        if req.tools is not None:  # stream the text before a tool call; the calls come parsed at the end
+        if req.tool_format is not None:  # stream the text before the calls; they come parsed at the end
             acc = held[i] + text
-            cut = acc.find(TOOL_OPEN)
-            cut = len(acc) - _partial_tail(acc, TOOL_OPEN) if cut < 0 else cut
+            cut = req.tool_format.hold(acc, streamed[i])
             text, held[i] = acc[:cut], acc[cut:]
+            streamed[i] = streamed[i] or bool(text)
             if item.finished:  # the calls, or (none parsed) the held text as content
-                rest, calls = _parse_tool_calls(held[i])
+                rest, calls = req.tool_format.parse(held[i])
                 text += rest
         if not item.finished:
             if text:
@@ -1434,14 +1403,14 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
     ``admin``: enables ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (403 otherwise).
-    ``tool_parser``: ``"hermes"`` lets chat requests pass ``tools`` and parses the model's tool calls.
+    ``tool_parser``: a ``moelora.tools`` format (``"hermes"``, ``"llama3_json"``, ``"mistral"``,
+    ``"pythonic"``) lets chat requests pass ``tools`` and parses the model's tool calls.
     """
-    if tool_parser not in (None, "hermes"):
-        raise ValueError(f"unknown tool call parser {tool_parser!r} (available: hermes)")
+    fmt = tool_format(tool_parser) if tool_parser is not None else None  # ValueError naming the choices
     app = web.Application(middlewares=[_middleware(api_key)], client_max_size=MAX_BODY)
     worker = EngineWorker(engine)
     app[WORKER] = worker
-    app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser}
+    app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt}
 
     async def _start(app):
         worker.start()

@@ -1349,6 +1349,49 @@ def test_chat_tool_calls_are_parsed_streamed_or_not(start):
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+FORMAT_SCRIPTS = {  # two calls in each format, and what may come before them as content
+    "llama3_json": ("", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                        '{"name": "get_time", "parameters": {"tz": "CET"}}'),
+    "mistral": ("Let me check.", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                                 '{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}]'),
+    "pythonic": ("", "[get_weather(city='Paris'), get_time(tz=\"CET\")]"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_SCRIPTS))
+def test_chat_tool_calls_in_each_format(start, fmt):
+    """``--tool-call-parser llama3_json / mistral / pythonic``: the reply's calls, streamed or not, with
+    no call text leaking into the streamed content; text that is not a call stays content."""
+    engine = ScriptEngine(ADAPTERS, max_batch=4, max_queue=16)
+    content, calls_text = FORMAT_SCRIPTS[fmt]
+    engine.script = content + calls_text
+    url, _ = start(engine, tool_parser=fmt)
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER],
+            "max_tokens": 200}
+    choice = post(url, "/v1/chat/completions", body).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and (choice["message"]["content"] or "") == content
+    calls = choice["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+    if fmt == "mistral":  # Mistral's template wants 9-character ids
+        assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)
+    events = stream(url, "/v1/chat/completions", body)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(dl.get("content") or "" for dl in deltas) == content
+    streamed = [dl["tool_calls"] for dl in deltas if "tool_calls" in dl]
+    assert [c["function"]["name"] for c in streamed[0]] == ["get_weather", "get_time"]
+    r = post(url, "/v1/chat/completions", {**body, "tool_choice": "required"})
+    if fmt == "pythonic":  # no forced calls in this format: said, not ignored
+        assert_error(r, 400, code="invalid_value", param="tool_choice")
+        assert "not available with the pythonic tool call format" in r.json()["error"]["message"]
+    else:
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "tool_calls"
+    engine.script = "It is sunny {in Paris} [really]."
+    for d in (post(url, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"],
+              "".join(e["choices"][0]["delta"].get("content") or "" for e in stream(url, "/v1/chat/completions", body))):
+        assert d == engine.script
+
+
 @pytest.mark.parametrize("script", ["No tools needed <tool", 'Hmm <tool_call>{"name": broken}</tool_call> ok'])
 def test_chat_text_that_is_not_a_tool_call_stays_content(start, script):
     engine = ScriptEngine(ADAPTERS, max_batch=4, max_queue=16)
@@ -1413,7 +1456,7 @@ def test_tool_requests_that_cannot_be_served_are_clear_errors(start):
     with pytest.raises(ValueError, match="unknown tool call parser"):
         from moelora.server import create_app
 
-        create_app(ScriptEngine(ADAPTERS), tool_parser="llama3_json")
+        create_app(ScriptEngine(ADAPTERS), tool_parser="granite")
 
 
 def test_cli_serve_takes_vllm_spellings(tiny_model_dir, real_adapters, monkeypatch, capsys):
@@ -1646,14 +1689,15 @@ def test_real_engine_json_schema_outputs_validate(real_server):
 
 
 @pytest.mark.slow
-def test_real_engine_forced_tool_calls(start, tiny_model_dir):
-    """``tool_choice: "required"`` or a named function: guided decoding makes the reply Hermes tool
-    calls whose arguments fit the tool's schema, parsed into ``tool_calls`` (a random model, so only
-    the guide can make it call a tool)."""
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
+def test_real_engine_forced_tool_calls(start, tiny_model_dir, fmt):
+    """``tool_choice: "required"`` or a named function: guided decoding makes the reply tool calls in
+    the server's format whose arguments fit the tool's schema, parsed into ``tool_calls`` (a random
+    model, so only the guide can make it call a tool)."""
     from moelora.engine import Engine
 
     engine = Engine.from_pretrained(str(tiny_model_dir), device="cpu", max_batch=2)
-    url, _ = start(engine, tool_parser="hermes")
+    url, _ = start(engine, tool_parser=fmt)
     city = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"enum": [1, 2, 3]}}}}}
     clock = {"type": "function", "function": {"name": "get_time"}}
