@@ -22,8 +22,13 @@ Formats (``DataSource.format``):
   rewrites earlier turns, such as Qwen3's thinking removal, is refused with the item named), and the
   labels come from the tokenizer's character offsets (a fast tokenizer is needed).
   ``prompt_length`` (MiLoRA's routing prompt) is then the part before the first assistant message.
+  Function calling (OpenAI's fine-tuning layout): an item's ``tools`` go to the chat template,
+  assistant messages may carry ``tool_calls``, and ``tool`` messages the tools' answers; a learned
+  message with calls is located the same way (its span: what the template writes for it, up to the
+  tokenizer's EOS text), whatever ``turns`` says.
 - ``sharegpt``: ``{"conversations": [{"from", "value"}, ...], "system": optional}`` (LLaMA-Factory's
-  and FastChat's layout; ``from``: ``human``/``user``, ``gpt``/``assistant``, ``system``), read as
+  and FastChat's layout; ``from``: ``human``/``user``, ``gpt``/``assistant``, ``system``, and
+  LLaMA-Factory's ``function_call`` (the call(s) as JSON) and ``observation``; ``tools``), read as
   ``messages`` (``turns`` applies the same way).
 - ``text``: ``{"text": ...}`` objects in JSON/JSONL, or any other file (``.txt``) read as one
   example per non-empty line. The prompt is empty: the loss is on every token. TRL's
@@ -518,7 +523,7 @@ def _read(source: DataSource, tokenizer=None, stage: str = "sft", cutoff_len: in
                 raise DataError(f"{e} (the item is a preference pair, chosen/rejected: train it with "
                                 "train.stage: dpo)") from None
             raise
-        if not ex.response.strip():
+        if not (ex.spans if ex.spans is not None else ex.response.strip()):
             skipped += 1
             continue
         examples.append(ex)
@@ -576,12 +581,13 @@ def _example(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str, tu
         return Example(prompt="", response=_field(path, loc, item, "text", required=True), task=task)
     # messages, sharegpt
     messages = _messages(path, loc, item) if fmt == "messages" else _sharegpt(path, loc, item)
+    tools = _tools(path, loc, item)
     last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise DataError(f"{path}, {loc}: no message with role 'assistant' (the loss is on the last one)")
-    if turns == "all":
-        return _conversation(path, loc, messages[: last + 1], tokenizer, task)
-    prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True)
+    if turns == "all" or messages[last].get("tool_calls"):  # a call is learned as the template writes it
+        return _conversation(path, loc, messages[: last + 1], tokenizer, task, tools, every_turn=turns == "all")
+    prompt = _render(path, loc, tokenizer, messages[:last], add_generation_prompt=True, tools=tools)
     return Example(prompt=prompt, response=messages[last]["content"], task=task)
 
 
@@ -632,6 +638,8 @@ def _alpaca_prompt(path: Path, loc: str, item: dict) -> str:
 def _pair(path: Path, loc: str, item: Any, fmt: str, tokenizer, task: str) -> Example:
     """One preference item as an :class:`Example` (``response`` chosen, ``rejected`` set)."""
     item = _object(path, loc, item, "'chosen' and 'rejected'")
+    if item.get("tools"):
+        raise DataError(f"{path}, {loc}: 'tools' (function calling) applies to supervised data, not preference pairs")
     if fmt in ("llm-adapters", "alpaca"):
         chosen, rejected = (_field(path, loc, item, k, required=True) for k in ("chosen", "rejected"))
         return Example(prompt=_alpaca_prompt(path, loc, item), response=chosen, task=task,
@@ -682,15 +690,82 @@ def _reply(path: Path, loc: str, value: Any, fmt: str) -> tuple[list[dict] | Non
 
 
 def _messages(path: Path, loc: str, item: Any) -> list[dict]:
+    """A ``messages`` item's messages: ``role`` and ``content``; an assistant message may have
+    OpenAI's ``tool_calls`` instead of content, and ``tool`` messages keep ``tool_call_id``/``name``."""
     item = _object(path, loc, item, "'messages'")
     messages = _field(path, loc, item, "messages", required=True, types=(list,), what="a list")
+    out = []
     for j, m in enumerate(messages, 1):
+        where = f"{loc}, message {j}"
         if not isinstance(m, dict):
             raise DataError(f"{path}, {loc}: message {j} must be an object with 'role' and "
                             f"'content', got {_json_type(m)}")
-        for key in ("role", "content"):
-            _field(path, f"{loc}, message {j}", m, key, required=True)
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        role = _field(path, where, m, "role", required=True)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        msg = {"role": role, "content": _field(path, where, m, "content", required=not calls) or ""}
+        if calls:
+            msg["tool_calls"] = _tool_calls(path, f"{where}, tool_calls", calls)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if _field(path, where, m, key, required=False) is not None:
+                    msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+def _tool_calls(path: Path, where: str, calls: Any) -> list[dict]:
+    """Tool calls as chat templates take them, ``[{"type": "function", "function": {"name", "arguments":
+    {...}}}]``, from OpenAI's list (``arguments`` a JSON string or an object) or LLaMA-Factory's
+    ``{"name", "arguments"}`` object(s), possibly as JSON text."""
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except ValueError as e:
+            raise DataError(f"{path}, {where}: not JSON ({e})") from None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{path}, {where}: expected a list of calls, got {_json_type(calls)}")
+    out = []
+    for i, c in enumerate(calls):
+        f = c.get("function", c) if isinstance(c, dict) else None
+        name = f.get("name") if isinstance(f, dict) else None
+        args = f.get("arguments", f.get("parameters", {})) if isinstance(f, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(name, str) or not name or not isinstance(args, dict):
+            raise DataError(f"{path}, {where}[{i}]: a call must have a 'name' and object 'arguments' (or a JSON "
+                            f"string of one), got {json.dumps(c)[:80]}")
+        call = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(c, dict) and isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+def _tools(path: Path, loc: str, item: dict) -> list[dict] | None:
+    """An item's ``tools`` (OpenAI's ``{"type": "function", "function": {...}}`` or bare function specs,
+    possibly as JSON text) for the chat template; None without."""
+    tools = item.get("tools")
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise DataError(f"{path}, {loc}: field 'tools' is not JSON ({e})") from None
+    if not isinstance(tools, list):
+        raise DataError(f"{path}, {loc}: field 'tools' must be a list of functions, got {_json_type(tools)}")
+    out = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise DataError(f"{path}, {loc}: tools[{i}] must be a function ({{\"name\": ..., \"parameters\": ...}}, "
+                            "or OpenAI's {\"type\": \"function\", \"function\": {...}})")
+        out.append({"type": "function", "function": f})
+    return out
 
 
 def _sharegpt(path: Path, loc: str, item: Any) -> list[dict]:
@@ -702,16 +777,24 @@ def _sharegpt(path: Path, loc: str, item: Any) -> list[dict]:
         if not isinstance(t, dict):
             raise DataError(f"{path}, {loc}: turn {j} must be an object with 'from' and 'value', got {_json_type(t)}")
         who = _field(path, f"{loc}, turn {j}", t, "from", required=True)
-        if who not in _SHAREGPT_ROLES:
-            raise DataError(f"{path}, {loc}, turn {j}: 'from' must be one of {sorted(_SHAREGPT_ROLES)}, got {who!r}"
-                            " (tool calls are not supported)")
-        out.append({"role": _SHAREGPT_ROLES[who], "content": _field(path, f"{loc}, turn {j}", t, "value", required=True)})
+        value = _field(path, f"{loc}, turn {j}", t, "value", required=True)
+        if who == "function_call":  # LLaMA-Factory's tool turns: the call(s) as JSON, then the tool's answer
+            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(path, f"{loc}, turn {j}", value)})
+        elif who == "observation":
+            out.append({"role": "tool", "content": value})
+        elif who not in _SHAREGPT_ROLES:
+            raise DataError(f"{path}, {loc}, turn {j}: 'from' must be one of "
+                            f"{sorted([*_SHAREGPT_ROLES, 'function_call', 'observation'])}, got {who!r}")
+        else:
+            out.append({"role": _SHAREGPT_ROLES[who], "content": value})
     return out
 
 
-def _render(path: Path, loc: str, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(path: Path, loc: str, tokenizer, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
+    kw = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
     except Exception as e:  # jinja errors, e.g. a template that requires alternating roles
         raise DataError(f"{path}, {loc}: the chat template failed: {type(e).__name__}: {e}") from None
     if not isinstance(text, str):
@@ -719,19 +802,34 @@ def _render(path: Path, loc: str, tokenizer, messages: list[dict], add_generatio
     return text
 
 
-def _conversation(path: Path, loc: str, messages: list[dict], tokenizer, task: str) -> Example:
-    """``turns: all``: the conversation up to its last assistant message, with that message and every
-    earlier one located as character spans of the rendered text."""
-    full = _render(path, loc, tokenizer, messages, add_generation_prompt=False)
+def _conversation(path: Path, loc: str, messages: list[dict], tokenizer, task: str, tools: list[dict] | None = None,
+                  every_turn: bool = True) -> Example:
+    """The conversation up to its last assistant message, with that message (and with ``every_turn``,
+    ``turns: all``, every earlier one) located as character spans of the rendered text. A message
+    with ``tool_calls`` spans what the template writes for it, up to its end of turn (the
+    tokenizer's EOS text, when the turn ends with it)."""
+    full = _render(path, loc, tokenizer, messages, add_generation_prompt=False, tools=tools)
+    eos = getattr(tokenizer, "eos_token", None) or None
     spans = []
     for k, m in enumerate(messages):
-        if m["role"] != "assistant" or not m["content"].strip():
+        if m["role"] != "assistant" or not (m["content"].strip() or m.get("tool_calls")):
             continue
-        before = _render(path, loc, tokenizer, messages[:k], add_generation_prompt=True)
-        through = _render(path, loc, tokenizer, messages[: k + 1], add_generation_prompt=False)
+        if not every_turn and k != len(messages) - 1:
+            continue
+        before = _render(path, loc, tokenizer, messages[:k], add_generation_prompt=True, tools=tools)
+        through = _render(path, loc, tokenizer, messages[: k + 1], add_generation_prompt=False, tools=tools)
         if not (full.startswith(through) and through.startswith(before)):
             raise DataError(f"{path}, {loc}: the chat template is not incremental (it renders earlier turns "
                             "differently once later ones follow): train it with turns: last")
+        if m.get("tool_calls"):
+            end = len(through.rstrip())
+            if eos and through[:end].endswith(eos):
+                end = len(through[: end - len(eos)].rstrip())
+            if end <= len(before):
+                raise DataError(f"{path}, {loc}: the chat template writes nothing for the tool calls of message "
+                                f"{k + 1} (does it take tool_calls?)")
+            spans.append((len(before), end))
+            continue
         content = m["content"].strip()
         at = through.find(content, len(before))
         if at < 0:
@@ -820,7 +918,7 @@ def _encode_conversation(ex: Example, tokenizer, prefix: list[int], cutoff_len: 
     tokens from the left (after the leading special tokens) but never the last turn's labels; only if
     that turn alone is too long is its end cut, as for single responses."""
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError("turns: all needs a fast tokenizer (character offsets); this one is "
+        raise DataError("turns: all and tool-call turns need a fast tokenizer (character offsets); this one is "
                         f"{type(tokenizer).__name__}")
     enc = tokenizer(ex.prompt, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -861,10 +959,17 @@ def _encode_conversation(ex: Example, tokenizer, prefix: list[int], cutoff_len: 
 def _encode_many(examples: list[Example], tokenizer, cutoff_len: int) -> list[dict]:
     prefix = _special_prefix(tokenizer)
     _check_cutoff(cutoff_len, len(prefix))
-    if any(ex.spans is not None for ex in examples):
-        if not all(ex.spans is not None for ex in examples):
-            raise DataError("examples with and without turn spans cannot be encoded together")
-        return [_encode_conversation(ex, tokenizer, prefix, cutoff_len) for ex in examples]
+    if any(ex.spans is not None for ex in examples):  # (tool-call turns among single responses: each its way)
+        spanned = [j for j, ex in enumerate(examples) if ex.spans is not None]
+        if len(spanned) < len(examples) and examples[0].rejected is not None:
+            raise DataError("preference pairs cannot have tool-call or turns: all examples")
+        out: list[dict | None] = [None] * len(examples)
+        for j in spanned:
+            out[j] = _encode_conversation(examples[j], tokenizer, prefix, cutoff_len)
+        rest = [j for j in range(len(examples)) if examples[j].spans is None]
+        for j, enc in zip(rest, _encode_many([examples[j] for j in rest], tokenizer, cutoff_len) if rest else []):
+            out[j] = enc
+        return out
     eos = _eos_id(tokenizer)
     prompts = _ids(tokenizer, [ex.prompt for ex in examples])
     responses = _response_ids(tokenizer, prompts, [ex.prompt for ex in examples], [ex.response for ex in examples])

@@ -30,8 +30,9 @@ layout as LLaMA-Factory reads it:
 
 The chat template is the tokenizer's (LLaMA-Factory's ``template:`` is not read). LLaMA-Factory
 learns every assistant turn of a conversation by default: set ``turns: all`` for that (the default
-here is the last turn). Refused by name, not skipped: tool turns and ``tools`` (function calling
-data), images/videos/audios, ``ms_hub_url``/``script_url``/``cloud_file_name``-only datasets,
+here is the last turn). Function calling data is read: ``function_call`` turns (the calls as JSON)
+become assistant messages with ``tool_calls``, ``observation`` turns ``tool`` messages, and the
+``tools`` column goes to the chat template. Refused by name, not skipped: images/videos/audios, ``ms_hub_url``/``script_url``/``cloud_file_name``-only datasets,
 ``subset`` and ``folder``. ``num_samples`` keeps the first N items (LLaMA-Factory samples N at random).
 """
 
@@ -178,10 +179,9 @@ def convert(spec: dict, loc: str, item: Any) -> dict:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected an object, got {type(item).__name__}")
     cols, tags = spec["columns"], spec["tags"]
-    for key in ("tools", "images", "videos", "audios"):
+    for key in ("images", "videos", "audios"):
         if key in cols and item.get(cols[key]):
-            raise DataError(f"{where}: column {cols[key]!r} ({key}) is not supported (text-only training without "
-                            "function calling)")
+            raise DataError(f"{where}: column {cols[key]!r} ({key}) is not supported (text-only training)")
     if spec.get("pretraining"):  # stage pt: the prompt column is a document, the loss on all of it
         return {"text": _text(where, item, cols["prompt"])}
     messages: list[dict] = []
@@ -208,24 +208,30 @@ def convert(spec: dict, loc: str, item: Any) -> dict:
         turns = item.get(cols["messages"])
         if not isinstance(turns, list):
             raise DataError(f"{where}: column {cols['messages']!r} (messages) must be a list of messages")
-        roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+        roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+                 tags["function_tag"]: "function_call", tags["observation_tag"]: "tool"}
         for j, turn in enumerate(turns, 1):
             role, content = _turn(f"{where}, message {j}", turn, tags, roles)
             if role == "system" and j != 1:
                 raise DataError(f"{where}, message {j}: a system message must come first")
-            messages.append({"role": role, "content": content})
+            if role == "function_call":  # the call(s) as JSON: read into tool_calls by moelora.data
+                messages.append({"role": "assistant", "content": "", "tool_calls": content})
+            else:
+                messages.append({"role": role, "content": content})
         if system and not (messages and messages[0]["role"] == "system"):  # a system turn overrides the column
             messages.insert(0, {"role": "system", "content": system})
         if spec["ranking"]:
             sides = {}
             for key in ("chosen", "rejected"):
                 role, content = _turn(f"{where}, {key}", item.get(cols[key]), tags, roles)
-                if role != "assistant":
+                if role != "assistant":  # (a function_call side too: preference pairs are text)
                     raise DataError(f"{where}: {key} must be an assistant message ({tags['role_tag']}: "
                                     f"{tags['assistant_tag']!r}), got {role!r}")
                 sides[key] = content
             return {"messages": messages, **sides}
     out = {"messages": messages}
+    if "tools" in cols and item.get(cols["tools"]):
+        out["tools"] = item[cols["tools"]]  # a JSON string or a list: read by moelora.data
     if "kto_tag" in cols:
         out["kto_tag"] = item.get(cols["kto_tag"])
     return out
@@ -235,8 +241,6 @@ def _turn(where: str, turn: Any, tags: dict, roles: dict) -> tuple[str, str]:
     if not isinstance(turn, dict):
         raise DataError(f"{where}: expected a message object with {tags['role_tag']!r} and {tags['content_tag']!r}")
     who, content = turn.get(tags["role_tag"]), turn.get(tags["content_tag"])
-    if who in (tags["observation_tag"], tags["function_tag"]):
-        raise DataError(f"{where}: {tags['role_tag']} {who!r} is a tool turn, which is not supported")
     if who not in roles:
         raise DataError(f"{where}: {tags['role_tag']} must be one of {sorted(roles)} (the dataset's tags), got {who!r}")
     if not isinstance(content, str):

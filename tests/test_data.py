@@ -274,8 +274,11 @@ def test_sharegpt_reads_as_messages_and_bad_chat_data_is_named(tmp_path, tok):
         (x,) = read_examples(DataSource(a, format="messages", turns=turns), tok)
         (y,) = read_examples(DataSource(b, format="sharegpt", turns=turns), tok)
         assert (x.prompt, x.response, x.spans) == (y.prompt, y.response, y.spans)
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "function_call", "value": "f()"}]}])
-    with pytest.raises(DataError, match=r"bad\.jsonl, line 1, turn 1: 'from' must be one of"):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "robot", "value": "f()"}]}])
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 1, turn 1: 'from' must be one of .*'function_call'"):
+        read_examples(DataSource(bad, format="sharegpt"), tok)
+    bad = write_jsonl(tmp_path / "bad2.jsonl", [{"conversations": [{"from": "function_call", "value": "f()"}]}])
+    with pytest.raises(DataError, match=r"bad2\.jsonl, line 1, turn 1: not JSON"):
         read_examples(DataSource(bad, format="sharegpt"), tok)
     with pytest.raises(DataError, match="turns='all' applies to the chat formats"):
         DataSource(a, format="text", turns="all")
@@ -759,3 +762,109 @@ def test_split_long_documents_keep_every_token_in_pieces(tmp_path, tok):
     assert len(whole.features) == 2 and whole.stats["docs"]["truncated_examples"] == 1  # cut at its end
     with pytest.raises(DataError, match="split_long applies to format 'text'"):
         DataSource(path, format="alpaca", split_long=True)
+
+
+# ------------------------------------------------------------------------------- function calling data
+TOOLS_TEMPLATE = (  # Qwen2.5's tool parts, compacted; </s> ends each turn (the tokenizer's EOS)
+    "{{ bos_token }}{%- if tools %}<|system|>Tools:{% for tool in tools %} {{ tool.function.name }}{% endfor %}</s>"
+    "{% endif %}{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}<tool_call>"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}</s>'
+    "{%- elif m.role == 'tool' %}<|user|><tool_response>{{ m.content }}</tool_response></s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def labeled_runs(tok, enc) -> list[str]:
+    runs, cur = [], []
+    for t, lab in zip(enc["input_ids"], enc["labels"], strict=True):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    return runs + ([tok.decode(cur)] if cur else [])
+
+
+def test_tool_calls_are_learned_as_the_template_writes_them(tmp_path):
+    """OpenAI's fine-tuning layout (``tools``, assistant ``tool_calls`` with JSON-string arguments,
+    ``tool`` messages): the template gets the tools and the calls as objects; a call that is the
+    learned turn is labeled as the template renders it, with its end of turn; a final answer after
+    the tool's reply is learned as text; ``turns: all`` learns both."""
+    tok = make_tokenizer(chat_template=TOOLS_TEMPLATE)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    conv = [{"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": "It is sunny."}]
+    path = write_jsonl(tmp_path / "tools.jsonl", [{"messages": conv[:2], "tools": [WEATHER_TOOL]},
+                                                   {"messages": conv, "tools": [WEATHER_TOOL]},
+                                                   {"messages": [conv[0], {"role": "assistant", "content": "hi"}]}])
+    call_ex, answer_ex, plain_ex = read_examples(DataSource(path, format="messages"), tok)
+    rendered = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert call_ex.prompt.startswith("<s><|system|>Tools: get_weather</s><|user|>weather in Paris?</s><|assistant|>")
+    assert labeled_runs(tok, encode_example(call_ex, tok, cutoff_len=512)) == [rendered + "</s>"]
+    assert answer_ex.spans is None and "<tool_response>sunny</tool_response>" in answer_ex.prompt
+    assert answer_ex.response == "It is sunny." and rendered in answer_ex.prompt
+    (both,) = read_examples(DataSource(write_jsonl(tmp_path / "all.jsonl", [{"messages": conv, "tools": [WEATHER_TOOL]}]),
+                                       format="messages", turns="all"), tok)
+    assert labeled_runs(tok, encode_example(both, tok, cutoff_len=512)) == [rendered + "</s>", "It is sunny.</s>"]
+    data = TrainData([DataSource(path, format="messages")], tok, cutoff_len=512, seed=0)  # spans and not, together
+    assert data.stats["tools"]["examples"] == 3
+    assert [labeled_runs(tok, f) for f in data.features] == [
+        [rendered + "</s>"], ["It is sunny.</s>"], ["hi</s>"]]
+
+
+def test_sharegpt_function_call_and_observation_turns(tmp_path):
+    """LLaMA-Factory's sharegpt function calling (glaive-style): ``function_call`` turns hold the call
+    as JSON, ``observation`` turns the tool's answer, ``tools`` a JSON string; through our sharegpt
+    format and through a dataset_info.json entry alike."""
+    from moelora.llamafactory import convert
+
+    tok = make_tokenizer(chat_template=TOOLS_TEMPLATE)
+    item = {"conversations": [{"from": "human", "value": "weather in Paris?"},
+                              {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                              {"from": "observation", "value": "sunny"},
+                              {"from": "gpt", "value": "It is sunny."}],
+            "tools": json.dumps([WEATHER_TOOL["function"]])}
+    ours = read_examples(DataSource(write_jsonl(tmp_path / "sg.jsonl", [item]), format="sharegpt", turns="all"), tok)
+    spec = {"where": "glaive", "formatting": "sharegpt", "ranking": False,
+            "columns": {"messages": "conversations", "tools": "tools"},
+            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                     "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}}
+    lf = read_examples(DataSource(write_jsonl(tmp_path / "lf.jsonl", [convert(spec, "item 1", item)]),
+                                  format="messages", turns="all"), tok)
+    rendered = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    for (ex,) in (ours, lf):
+        assert ex.prompt.startswith("<s><|system|>Tools: get_weather</s>")
+        assert labeled_runs(tok, encode_example(ex, tok, cutoff_len=512)) == [rendered + "</s>", "It is sunny.</s>"]
+
+
+@pytest.mark.parametrize(("item", "msg"), [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {}}]}]},
+     r"message 2, tool_calls\[0\]: a call must have a 'name' and object 'arguments'"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "{nope"}]},
+     "message 2, tool_calls: not JSON"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": "[oops"},
+     "field 'tools' is not JSON"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": [{"a": 1}]},
+     r"tools\[0\] must be a function"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": {"a": 1}},
+     "field 'tools' must be a list of functions"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]},
+     "message 2: field 'content' must be a string, got null"),
+])
+def test_bad_function_calling_data_is_named(tmp_path, item, msg):
+    tok = make_tokenizer(chat_template=TOOLS_TEMPLATE)
+    with pytest.raises(DataError, match=msg):
+        read_examples(DataSource(write_jsonl(tmp_path / "bad.jsonl", [item]), format="messages"), tok)
+
+
+def test_a_template_that_ignores_tool_calls_is_named(tmp_path, tok):
+    conv = [{"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]
+    with pytest.raises(DataError, match="writes nothing for the tool calls of message 2"):
+        read_examples(DataSource(write_jsonl(tmp_path / "t.jsonl", [{"messages": conv}]), format="messages"), tok)
