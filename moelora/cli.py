@@ -382,6 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import run_server
     except ImportError as e:  # aiohttp is an optional extra
         raise ValueError(str(e)) from e
+    template, ssl_context, cors = _serve_web_options(args)
     from .engine import Engine
 
     device = args.device
@@ -435,9 +436,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     chunked_prefill=args.enable_chunked_prefill is not False,
                                     speculative=speculative, kv_cache_bytes=kv_bytes, preemption=args.preemption,
                                     scheduling_policy=args.scheduling_policy)
+    if template is not None:
+        engine.tokenizer.chat_template = template
+        try:
+            engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:  # jinja's errors, or the template's own raise_exception
+            raise ValueError(f"--chat-template: the template fails on a one-message chat: {type(e).__name__}: {e}") \
+                from None
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
-               tool_parser=args.tool_call_parser)
+               tool_parser=args.tool_call_parser, cors=cors, ssl_context=ssl_context)
     return 0
+
+
+def _serve_web_options(args: argparse.Namespace):
+    """``--chat-template``, ``--ssl-*`` and ``--allowed-*`` (vLLM's flags), checked before the model
+    loads: -> (the template text or None, an ``ssl.SSLContext`` or None, a ``Cors`` or None)."""
+    import json
+    import ssl
+
+    from .server import Cors
+
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        template = path.read_text() if path.is_file() else args.chat_template
+        if not any(c in template for c in "{}") and not path.is_file():
+            raise ValueError(f"--chat-template {args.chat_template!r}: neither a file nor a Jinja template")
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"--chat-template: line {e.lineno}: {e.message}") from None
+    ssl_context = None
+    if args.ssl_certfile or args.ssl_keyfile:
+        if not args.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+            if args.ssl_ca_certs:
+                ssl_context.load_verify_locations(args.ssl_ca_certs)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"--ssl-certfile/--ssl-keyfile/--ssl-ca-certs: {e}") from None
+        ssl_context.verify_mode = ssl.VerifyMode(args.ssl_cert_reqs)
+    elif args.ssl_ca_certs:
+        raise ValueError("--ssl-ca-certs needs --ssl-certfile")
+
+    def names(flag: str, value: str | None) -> list[str] | None:
+        if value is None:
+            return None
+        try:
+            got = json.loads(value) if value.lstrip().startswith("[") else [v.strip() for v in value.split(",")]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{flag}: not a JSON list ({e})") from None
+        if not isinstance(got, list) or not got or not all(isinstance(v, str) and v for v in got):
+            raise ValueError(f"{flag}: expected a JSON list of strings, or comma-separated values, got {value!r}")
+        return got
+
+    origins = names("--allowed-origins", args.allowed_origins)
+    cors = None
+    if origins is not None:
+        cors = Cors(origins, names("--allowed-methods", args.allowed_methods) or ["*"],
+                    names("--allowed-headers", args.allowed_headers) or ["*"], args.allow_credentials)
+    elif args.allowed_methods or args.allowed_headers or args.allow_credentials:
+        raise ValueError("--allowed-methods/--allowed-headers/--allow-credentials need --allowed-origins")
+    return template, ssl_context, cors
 
 
 def _lookup_arg(p: argparse.ArgumentParser) -> None:
@@ -575,6 +640,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help='vLLM\'s n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4}\' (also prompt_lookup_min, disable_by_batch_size): drafts from '
                         "each request's own text, verified in one forward; outputs unchanged (default: off)")
+    w = p.add_argument_group("web (vLLM's flags)")
+    w.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the Jinja chat template for chat requests, a file or the template itself (default: the "
+                        "tokenizer's; needed for a base model without one)")
+    w.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    w.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM; default: in the certfile)")
+    w.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify client certificates with")
+    w.add_argument("--ssl-cert-reqs", type=int, choices=(0, 1, 2), default=0,
+                   help="client certificates: 0 not asked, 1 optional, 2 required (ssl.CERT_*)")
+    w.add_argument("--allowed-origins", default=None, metavar="JSON_OR_LIST",
+                   help="browser origins allowed to call the API (CORS), e.g. '[\"*\"]' or "
+                        "'https://a.example,https://b.example' (default: none; vLLM allows all)")
+    w.add_argument("--allowed-methods", default=None, help="with --allowed-origins: the methods (default: all)")
+    w.add_argument("--allowed-headers", default=None, help="with --allowed-origins: the headers (default: all)")
+    w.add_argument("--allow-credentials", action="store_true", help="with --allowed-origins: allow cookies/auth")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")

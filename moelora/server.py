@@ -1397,17 +1397,69 @@ def _middleware(api_key: str | None):
     return errors
 
 
+@dataclass
+class Cors:
+    """Cross-origin access for browser clients (vLLM's ``--allowed-origins``/``-methods``/``-headers``,
+    ``--allow-credentials``): ``"*"`` allows any. Without a ``Cors`` no CORS header is sent."""
+
+    origins: list[str]
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    credentials: bool = False
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self.origins or origin in self.origins)
+
+    def preflight(self, request: web.Request) -> web.Response:
+        """The answer to a browser's ``OPTIONS`` preflight (before authentication, which it never carries)."""
+        method = request.headers.get("Access-Control-Request-Method", "")
+        if not self.allows(request.headers.get("Origin")) or ("*" not in self.methods and method not in self.methods):
+            return web.Response(status=403, text="CORS preflight refused")
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        return web.Response(status=200, headers={
+            "Access-Control-Allow-Methods": method if "*" in self.methods else ", ".join(self.methods),
+            "Access-Control-Allow-Headers": asked if "*" in self.headers else ", ".join(self.headers),
+            "Access-Control-Max-Age": "600"})
+
+    def annotate(self, request: web.Request, response: web.StreamResponse) -> None:
+        """CORS headers on every response to an allowed origin (streamed ones too: before they start)."""
+        origin = request.headers.get("Origin")
+        if not self.allows(origin):
+            return
+        any_origin = "*" in self.origins and not self.credentials
+        response.headers["Access-Control-Allow-Origin"] = "*" if any_origin else origin
+        if self.credentials:
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+        if not any_origin:
+            response.headers["Vary"] = "Origin"
+
+
 def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
-               tool_parser: str | None = None) -> web.Application:
+               tool_parser: str | None = None, cors: Cors | None = None) -> web.Application:
     """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
     ``admin``: enables ``POST /v1/admin/adapters`` and ``DELETE /v1/admin/adapters/{name}`` (403 otherwise).
     ``tool_parser``: a ``moelora.tools`` format (``"hermes"``, ``"llama3_json"``, ``"mistral"``,
     ``"pythonic"``) lets chat requests pass ``tools`` and parses the model's tool calls.
+    ``cors``: which browser origins may call the API (None: no CORS headers, browsers keep other origins out).
     """
     fmt = tool_format(tool_parser) if tool_parser is not None else None  # ValueError naming the choices
-    app = web.Application(middlewares=[_middleware(api_key)], client_max_size=MAX_BODY)
+    middlewares = [_middleware(api_key)]
+    if cors is not None:
+        @web.middleware
+        async def preflight(request: web.Request, handler):
+            if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                return cors.preflight(request)
+            return await handler(request)
+
+        middlewares.insert(0, preflight)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+    if cors is not None:
+        async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+            cors.annotate(request, response)
+
+        app.on_response_prepare.append(_cors_headers)
     worker = EngineWorker(engine)
     app[WORKER] = worker
     app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt}
@@ -1437,19 +1489,21 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
 
 
 # -------------------------------------------------------------------------------------------- running it
-async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def _start_site(app: web.Application, host: str, port: int,
+                      ssl_context: Any = None) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
     return runner, (sockets[0].getsockname()[1] if sockets else port)
 
 
-def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                    admin: bool = False, tool_parser: str | None = None) -> tuple[str, Callable[[], None]]:
-    """Serve on a background thread (``port=0``: a free port). -> (base url, stop function)."""
-    app = create_app(engine, api_key=api_key, admin=admin, tool_parser=tool_parser)
+def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, ssl_context: Any = None,
+                    **options: Any) -> tuple[str, Callable[[], None]]:
+    """Serve on a background thread (``port=0``: a free port; ``options``: ``create_app``'s, ``ssl_context``:
+    HTTPS). -> (base url, stop function)."""
+    app = create_app(engine, **options)
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future = concurrent.futures.Future()
     holder: dict[str, Any] = {}
@@ -1457,7 +1511,7 @@ def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key
     def _main():
         asyncio.set_event_loop(loop)
         try:
-            holder["runner"], bound = loop.run_until_complete(_start_site(app, host, port))
+            holder["runner"], bound = loop.run_until_complete(_start_site(app, host, port, ssl_context))
         except BaseException as e:
             started.set_exception(e)
             loop.close()
@@ -1472,7 +1526,7 @@ def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key
     thread = threading.Thread(target=_main, name="moelora-server", daemon=True)
     thread.start()
     bound = started.result(timeout=60)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+    url = f"http{'s' if ssl_context else ''}://{'[' + host + ']' if ':' in host else host}:{bound}"
     stopped = threading.Event()
 
     def stop() -> None:
@@ -1487,13 +1541,14 @@ def serve_in_thread(engine: Any, host: str = "127.0.0.1", port: int = 0, api_key
     return url, stop
 
 
-def run_server(engine: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               admin: bool = False, tool_parser: str | None = None) -> None:
-    """Serve in the foreground until Ctrl-C (``moelora serve``)."""
+def run_server(engine: Any, host: str = "127.0.0.1", port: int = 8000, ssl_context: Any = None,
+               **options: Any) -> None:
+    """Serve in the foreground until Ctrl-C (``moelora serve``; ``options``: ``create_app``'s)."""
+    api_key, admin = options.get("api_key"), options.get("admin", False)
     if admin and not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("warning: --admin without --api-key on %s: anyone who can reach the port can load adapters",
                     host)
-    app = create_app(engine, api_key=api_key, admin=admin, tool_parser=tool_parser)
+    app = create_app(engine, **options)
     summary = (f"moelora serve: base model {engine.base_name!r}, adapters {engine.adapter_names()}, "
                f"api key {'required' if api_key else 'off'}, admin {'on' if admin else 'off'}")  # before the thread
 
@@ -1501,4 +1556,5 @@ def run_server(engine: Any, host: str = "127.0.0.1", port: int = 8000, api_key: 
         print(summary, flush=True)
         print(msg.strip(), flush=True)
 
-    web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=_announce)
+    web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=_announce,
+                ssl_context=ssl_context)

@@ -1738,3 +1738,111 @@ def test_real_engine_structured_outputs_field(real_server):
     assert_error(post(url, "/v1/completions", {**base, "structured_outputs": {"regex": "a", "choice": ["b"]}}), 400,
                  code="invalid_value")
     assert_error(post(url, "/v1/completions", {**base, "structured_outputs": "x"}), 400, code="invalid_type")
+
+
+# ------------------------------------------------------------------------------------ web: CORS, TLS, templates
+def test_cors_lets_allowed_browser_origins_in_and_answers_preflights(start):
+    """``--allowed-origins`` (vLLM's flags): an allowed origin gets ``Access-Control-Allow-Origin`` on
+    every response, streamed ones too, and its preflight is answered before authentication; another
+    origin, or a server without CORS, gets no CORS header (browsers then keep it out)."""
+    from moelora.server import Cors
+
+    url, _ = start(api_key="k", cors=Cors(["https://app.example"], ["POST", "GET"], ["authorization", "content-type"],
+                                          credentials=True))
+    ok = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+          "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(url + "/v1/chat/completions", headers=ok)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert r.headers["access-control-allow-methods"] == "POST, GET"
+    assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert r.headers["access-control-allow-credentials"] == "true" and r.headers["vary"] == "Origin"
+    assert httpx.options(url + "/v1/models", headers={**ok, "Access-Control-Request-Method": "PUT"}).status_code == 403
+    assert httpx.options(url + "/v1/models", headers={**ok, "Origin": "https://evil.example"}).status_code == 403
+    auth = {"Authorization": "Bearer k", "Origin": "https://app.example"}
+    r = httpx.get(url + "/v1/models", headers=auth)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.get(url + "/v1/models", headers={"Origin": "https://app.example"})  # errors carry it too
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth) as s:
+        assert s.headers["access-control-allow-origin"] == "https://app.example" and "data:" in s.read().decode()
+    assert "access-control-allow-origin" not in httpx.get(url + "/v1/models", headers={
+        "Authorization": "Bearer k", "Origin": "https://evil.example"}).headers
+    plain, _ = start()
+    r = httpx.get(plain + "/v1/models", headers={"Origin": "https://app.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    anyone, _ = start(cors=Cors(["*"]))
+    assert httpx.get(anyone + "/v1/models", headers={"Origin": "https://x.example"}).headers[
+        "access-control-allow-origin"] == "*"
+
+
+def self_signed(tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_with_a_certificate(start, tmp_path):
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    cert, key = self_signed(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    url, _ = start(ssl_context=ctx)
+    assert url.startswith("https://")
+    body = {"model": "alpha", "prompt": "hi", "max_tokens": 3}
+    r = httpx.post(url + "/v1/completions", json=body, verify=ssl.create_default_context(cafile=str(cert)))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("alpha", "hi", 3)[0]
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(url.replace("https://", "http://") + "/v1/completions", json=body, timeout=5)
+
+
+def test_cli_serve_web_flags(tiny_model_dir, monkeypatch, capsys, tmp_path):
+    """``--chat-template`` (a file or the template), ``--ssl-*`` and ``--allowed-*`` reach the server;
+    bad ones are errors naming the flag, before the model loads."""
+    import shutil
+    import ssl
+
+    import moelora.server
+    from moelora.cli import main
+
+    served = []
+    monkeypatch.setattr(moelora.server, "run_server", lambda engine, **kw: served.append((engine, kw)))
+    serve = ["serve", "--model", str(tiny_model_dir), "--device", "cpu"]
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                                      "{% if add_generation_prompt %}[assistant] {% endif %}")
+    assert main([*serve, "--chat-template", str(tmp_path / "t.jinja"), "--allowed-origins", '["https://a.example"]',
+                 "--allowed-methods", "POST,GET", "--allow-credentials"]) == 0
+    engine, kw = served[-1]
+    assert engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                add_generation_prompt=True) == "[user] hi\n[assistant] "
+    cors = kw["cors"]
+    assert (cors.origins, cors.methods, cors.headers, cors.credentials) == (["https://a.example"], ["POST", "GET"],
+                                                                            ["*"], True)
+    assert kw["ssl_context"] is None
+    assert main([*serve, "--chat-template", "{{ messages[0].content }}!"]) == 0
+    assert served[-1][0].tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "x!"
+    assert served[-1][1]["cors"] is None
+    if shutil.which("openssl"):
+        cert, key = self_signed(tmp_path)
+        assert main([*serve, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]) == 0
+        assert isinstance(served[-1][1]["ssl_context"], ssl.SSLContext)
+    n = len(served)
+    for bad, msg in [(["--chat-template", "no-such-file.jinja"], "neither a file nor a Jinja template"),
+                     (["--chat-template", "{% for %}"], "--chat-template: line 1"),
+                     (["--chat-template", "{{ raise_exception('no') }}"], "fails on a one-message chat"),
+                     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile needs --ssl-certfile"),
+                     (["--ssl-certfile", str(tmp_path / "none.pem")], "--ssl-certfile/--ssl-keyfile"),
+                     (["--allowed-origins", "[1]"], "--allowed-origins: expected a JSON list of strings"),
+                     (["--allowed-origins", "[oops"], "--allowed-origins: not a JSON list"),
+                     (["--allow-credentials"], "need --allowed-origins")]:
+        assert main([*serve, *bad]) == 2, bad
+        assert msg in capsys.readouterr().err, bad
+    assert len(served) == n
