@@ -444,9 +444,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except Exception as e:  # jinja's errors, or the template's own raise_exception
             raise ValueError(f"--chat-template: the template fails on a one-message chat: {type(e).__name__}: {e}") \
                 from None
+    defaults = _sampling_defaults(args, engine.model)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
-               tool_parser=args.tool_call_parser, cors=cors, ssl_context=ssl_context)
+               tool_parser=args.tool_call_parser, cors=cors, ssl_context=ssl_context, sampling_defaults=defaults)
     return 0
+
+
+def _sampling_defaults(args: argparse.Namespace, model) -> dict:
+    """vLLM's ``--generation-config`` (``auto``: the model's, ``vllm``: none, or a directory's
+    ``generation_config.json``) and ``--override-generation-config`` -> the server's sampling defaults."""
+    import json
+
+    from .server import _check_sampling_defaults, generation_defaults
+
+    source = args.generation_config
+    if source == "auto":
+        defaults = generation_defaults(getattr(model, "generation_config", None))
+    elif source == "vllm":
+        defaults = {}
+    else:
+        from transformers import GenerationConfig
+
+        try:
+            defaults = generation_defaults(GenerationConfig.from_pretrained(source))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--generation-config {source}: no generation_config.json there ({e})") from None
+    if args.override_generation_config:
+        try:
+            extra = json.loads(args.override_generation_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--override-generation-config is not valid JSON: {e}") from None
+        if not isinstance(extra, dict):
+            raise ValueError("--override-generation-config must be a JSON object")
+        defaults.update({("max_tokens" if k == "max_new_tokens" else k): v for k, v in extra.items()})
+    try:
+        _check_sampling_defaults(defaults)
+    except ValueError as e:
+        raise ValueError(f"--generation-config {source}: {e}") from None
+    if defaults:
+        print(f"moelora serve: requests that omit them get the sampling defaults {defaults} (--generation-config "
+              f"{source}; 'vllm' turns them off)", flush=True)
+    return defaults
 
 
 def _serve_web_options(args: argparse.Namespace):
@@ -640,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='vLLM\'s n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4}\' (also prompt_lookup_min, disable_by_batch_size): drafts from '
                         "each request's own text, verified in one forward; outputs unchanged (default: off)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="vLLM's: default sampling fields (temperature, top_p, top_k, min_p, repetition_penalty, "
+                        "max_new_tokens as max_tokens) for requests that omit them: 'auto' the model's "
+                        "generation_config.json, 'vllm' none (OpenAI's defaults), or a directory's (default: auto)")
+    p.add_argument("--override-generation-config", default=None, metavar="JSON",
+                   help="vLLM's: sampling defaults on top of --generation-config, e.g. '{\"temperature\": 0.5}'")
     w = p.add_argument_group("web (vLLM's flags)")
     w.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="the Jinja chat template for chat requests, a file or the template itself (default: the "

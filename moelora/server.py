@@ -392,7 +392,13 @@ class _Req:
         return self.n * (len(self.prompts) if self.prompts is not None else 1)
 
 
-def _parse_common(body: dict, chat: bool) -> _Req:
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+
+
+def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
+    """The fields both endpoints share; ``defaults``: what an omitted sampling field takes instead of
+    OpenAI's default (vLLM's ``--generation-config``: the model's generation config)."""
+    defaults = defaults or {}
     model = body.get("model")
     if model is None:
         raise _bad("you must provide a model parameter", param="model", code="missing_required_parameter")
@@ -404,11 +410,13 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         max_tokens = _opt_int(body, "max_completion_tokens", lo=1)
     else:
         max_tokens = _opt_int(body, "max_tokens", lo=1)
-    if max_tokens is None and not chat:
-        max_tokens = 16  # the OpenAI completions default
-    temperature = _opt_num(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI default; 0 = greedy
-    top_p = _opt_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    if max_tokens is None:
+        max_tokens = defaults.get("max_tokens", None if chat else 16)  # 16: the OpenAI completions default
+    temperature = _opt_num(body, "temperature", defaults.get("temperature", 1.0), 0.0, 2.0)  # OpenAI's; 0 = greedy
+    top_p = _opt_num(body, "top_p", defaults.get("top_p", 1.0), 0.0, 1.0, lo_open=True)
     top_k = _opt_int(body, "top_k", lo=-1)  # vLLM's extension: -1 or 0 = off
+    if top_k is None:
+        top_k = defaults.get("top_k")
     presence = _opt_num(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _opt_num(body, "frequency_penalty", 0.0, -2.0, 2.0)
     bias = body.get("logit_bias") or {}
@@ -457,8 +465,8 @@ def _parse_common(body: dict, chat: bool) -> _Req:
         include_usage = _opt_bool(so, "include_usage")
         continuous = _opt_bool(so, "continuous_usage_stats")
     # vLLM's extra sampling parameters
-    repetition = _opt_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
-    min_p = _opt_num(body, "min_p", 0.0, 0.0, 1.0)
+    repetition = _opt_num(body, "repetition_penalty", defaults.get("repetition_penalty", 1.0), 0.0, 10.0, lo_open=True)
+    min_p = _opt_num(body, "min_p", defaults.get("min_p", 0.0), 0.0, 1.0)
     min_tokens = _opt_int(body, "min_tokens", lo=0) or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise _bad(f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens",
@@ -515,8 +523,8 @@ def _check_prompt(prompt: Any) -> str | list[int]:
     return prompt
 
 
-def _parse_completion(body: dict) -> _Req:
-    req = _parse_common(body, chat=False)
+def _parse_completion(body: dict, defaults: dict | None = None) -> _Req:
+    req = _parse_common(body, chat=False, defaults=defaults)
     prompt = body.get("prompt")
     if prompt is None:
         raise _bad("you must provide a prompt parameter", param="prompt", code="missing_required_parameter")
@@ -547,9 +555,9 @@ def _parse_completion(body: dict) -> _Req:
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _parse_chat(body: dict, fmt: ToolFormat | None = None) -> _Req:
+def _parse_chat(body: dict, fmt: ToolFormat | None = None, defaults: dict | None = None) -> _Req:
     """A chat request; ``fmt``: the server's tool-call format (None: ``tools`` are refused)."""
-    req = _parse_common(body, chat=True)
+    req = _parse_common(body, chat=True, defaults=defaults)
     req.messages = _check_messages(body.get("messages"))
     req.template = _chat_options(body)
     req.tools = _check_tools(body)
@@ -938,7 +946,9 @@ def _prompt_tokens(plens: list[int], n: int) -> int:
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     worker = request.app[WORKER]
     body = await _json_body(request)
-    req = _parse_chat(body, request.app[CONFIG]["tool_format"]) if chat else _parse_completion(body)
+    config = request.app[CONFIG]
+    defaults = config["sampling_defaults"]
+    req = _parse_chat(body, config["tool_format"], defaults) if chat else _parse_completion(body, defaults)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     rids = _choice_ids(rid, req)
@@ -1278,6 +1288,37 @@ def _kv_usage(engine: Any) -> tuple[int, float]:
     return rows * cols * per, round(rows * cols / slots, 6) if slots else 0.0
 
 
+def _check_sampling_defaults(d: dict) -> None:
+    """ValueError unless every default is a field requests take, in the range a request may give."""
+    unknown = sorted(set(d) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"sampling defaults: unknown field(s) {unknown} (known: {', '.join(SAMPLING_DEFAULTS)})")
+    ranges = {"temperature": (0, 2, False), "top_p": (0, 1, True), "min_p": (0, 1, False),
+              "repetition_penalty": (0, 10, True)}
+    for key, v in d.items():
+        if key in ("top_k", "max_tokens"):
+            ok = _is_int(v) and v >= (-1 if key == "top_k" else 1)
+        else:
+            lo, hi, open_lo = ranges[key]
+            ok = _is_num(v) and (lo < v if open_lo else lo <= v) and v <= hi
+        if not ok:
+            raise ValueError(f"sampling defaults: {key}={v!r} is out of the range a request may give")
+
+
+def generation_defaults(generation_config: Any) -> dict:
+    """vLLM's ``--generation-config``: the sampling fields a model's ``GenerationConfig`` sets (those that
+    differ from transformers' defaults, ``to_diff_dict``), as request defaults (``max_new_tokens`` as
+    ``max_tokens``)."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    out = {k: diff[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+           if isinstance(diff.get(k), (int, float)) and not isinstance(diff.get(k), bool)}
+    if isinstance(diff.get("max_new_tokens"), int) and diff["max_new_tokens"] > 0:
+        out["max_tokens"] = diff["max_new_tokens"]
+    return out
+
+
 def _check_name(name: Any, param: str = "name") -> str:
     if not isinstance(name, str):
         raise _bad(f"'{param}' must be a string", param=param, code="invalid_type")
@@ -1435,7 +1476,8 @@ class Cors:
 
 
 def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
-               tool_parser: str | None = None, cors: Cors | None = None) -> web.Application:
+               tool_parser: str | None = None, cors: Cors | None = None,
+               sampling_defaults: dict | None = None) -> web.Application:
     """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
@@ -1443,7 +1485,10 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
     ``tool_parser``: a ``moelora.tools`` format (``"hermes"``, ``"llama3_json"``, ``"mistral"``,
     ``"pythonic"``) lets chat requests pass ``tools`` and parses the model's tool calls.
     ``cors``: which browser origins may call the API (None: no CORS headers, browsers keep other origins out).
+    ``sampling_defaults``: what requests that omit ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+    ``repetition_penalty`` or ``max_tokens`` get (``generation_defaults``; None: OpenAI's defaults).
     """
+    _check_sampling_defaults(sampling_defaults or {})
     fmt = tool_format(tool_parser) if tool_parser is not None else None  # ValueError naming the choices
     middlewares = [_middleware(api_key)]
     if cors is not None:
@@ -1462,7 +1507,8 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
         app.on_response_prepare.append(_cors_headers)
     worker = EngineWorker(engine)
     app[WORKER] = worker
-    app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt}
+    app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt,
+                   "sampling_defaults": dict(sampling_defaults or {})}
 
     async def _start(app):
         worker.start()

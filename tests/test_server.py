@@ -1846,3 +1846,65 @@ def test_cli_serve_web_flags(tiny_model_dir, monkeypatch, capsys, tmp_path):
         assert main([*serve, *bad]) == 2, bad
         assert msg in capsys.readouterr().err, bad
     assert len(served) == n
+
+
+def test_sampling_defaults_fill_what_a_request_omits(start):
+    """vLLM's ``--generation-config``: requests that omit temperature, top_p, top_k, min_p,
+    repetition_penalty or max_tokens get the server's defaults; what a request gives wins."""
+    from transformers import GenerationConfig
+
+    from moelora.server import create_app, generation_defaults
+
+    class Recording(FakeEngine):
+        def add_request(self, request_id, prompt_ids, adapter, params):
+            self.seen.append(params)
+            return super().add_request(request_id, prompt_ids, adapter, params)
+
+    engine = Recording(ADAPTERS, max_batch=4, max_queue=16)
+    engine.seen = []
+    defaults = {"temperature": 0.0, "top_p": 0.8, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
+                "max_tokens": 4}
+    url, _ = start(engine, sampling_defaults=defaults)
+    post(url, "/v1/completions", {"model": "alpha", "prompt": "hi"})
+    post(url, "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
+                                       "temperature": 0.5, "top_k": -1, "max_tokens": 2})
+    got = [(p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.max_tokens) for p in engine.seen]
+    assert got == [(0.0, 0.8, 20, 0.05, 1.1, 4), (0.5, 0.8, 0, 0.05, 1.1, 2)]
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+                              max_new_tokens=100, eos_token_id=2)
+    assert generation_defaults(config) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+                                           "max_tokens": 100}
+    assert generation_defaults(GenerationConfig(eos_token_id=2)) == {}  # transformers' own defaults are not taken
+    for bad, msg in [({"temperature": 3}, "temperature=3 is out of the range"), ({"seed": 1}, "unknown field"),
+                     ({"max_tokens": 0}, "max_tokens=0")]:
+        with pytest.raises(ValueError, match=msg):
+            create_app(FakeEngine(ADAPTERS), sampling_defaults=bad)
+
+
+def test_cli_serve_generation_config(tiny_model_dir, monkeypatch, capsys, tmp_path):
+    import shutil
+
+    import moelora.server
+    from moelora.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "do_sample": True,
+                                                              "eos_token_id": 2}))
+    served = []
+    monkeypatch.setattr(moelora.server, "run_server", lambda engine, **kw: served.append(kw))
+    serve = ["serve", "--model", str(model), "--device", "cpu"]
+    assert main(serve) == 0
+    assert served[-1]["sampling_defaults"] == {"temperature": 0.6, "top_p": 0.9}
+    assert "sampling defaults {'temperature': 0.6, 'top_p': 0.9}" in capsys.readouterr().out
+    assert main([*serve, "--generation-config", "vllm"]) == 0 and served[-1]["sampling_defaults"] == {}
+    assert main([*serve, "--generation-config", "vllm", "--override-generation-config",
+                 '{"temperature": 0.2, "max_new_tokens": 64}']) == 0
+    assert served[-1]["sampling_defaults"] == {"temperature": 0.2, "max_tokens": 64}
+    n = len(served)
+    for bad, msg in [(["--override-generation-config", "{x"], "not valid JSON"),
+                     (["--override-generation-config", '{"temperature": 9}'], "temperature=9 is out of the range"),
+                     (["--generation-config", str(tmp_path / "nowhere")], "no generation_config.json there")]:
+        assert main([*serve, *bad]) == 2, bad
+        assert msg in capsys.readouterr().err, bad
+    assert len(served) == n
