@@ -309,12 +309,24 @@ def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     raise CheckpointError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {path}")
 
 
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """Whether ``path`` reads as a hub repository id (``owner/name``) rather than a local path."""
+    text = str(path)
+    return not Path(path).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """An adapter directory: ``path`` itself, or a hub id's download (its config and weights only; for
+    users with a network, offline it fails fast); ``CheckpointError`` otherwise."""
+    return _resolve_dir(path)
+
+
 def _resolve_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
         return p
     text = str(path)
-    if not p.exists() and text.count("/") == 1 and not text.startswith((".", "/")):
+    if is_hub_id(text):
         try:  # a hub id, for users with a network; offline this fails fast
             from huggingface_hub import snapshot_download
 

@@ -374,8 +374,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--adapter {spec!r}: expected NAME=PATH, NAME made of 1-64 letters, digits, '_', '-'")
         if name in adapters:
             raise ValueError(f"--adapter {name!r} given twice")
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"--adapter {name}: no such directory: {path}")
+        from .checkpoint import is_hub_id
+
+        if not Path(path).is_dir() and not is_hub_id(path):
+            raise FileNotFoundError(f"--adapter {name}: no such directory (nor a hub id owner/name): {path}")
         adapters[name] = path
     api_key = args.api_key or os.environ.get("MOELORA_API_KEY") or None
     try:

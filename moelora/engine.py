@@ -507,13 +507,17 @@ class AdapterPool:
             )
 
     def register(self, name: str, path: str | Path) -> None:
-        """Register (and load once, to validate) the adapter in directory ``path`` as ``name``."""
+        """Register (and load once, to validate) the adapter in directory ``path`` (or a hub id) as ``name``."""
         self.check_name(name)
         if name in self.paths:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
         where = Path(path)
         if not where.is_dir():
-            raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+            from .checkpoint import is_hub_id, resolve_adapter_dir
+
+            if not is_hub_id(path):
+                raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+            where = resolve_adapter_dir(path)  # a hub id: downloaded once; reloads read that copy
         self.paths[name] = where
         try:
             self.ensure(name, pinned=set())

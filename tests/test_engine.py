@@ -389,6 +389,11 @@ def test_bad_requests_are_clear_errors(adapter_dirs, tmp_path):
             eng.load_adapter(bad, str(adapter_dirs["llama", "lora"]))
     with pytest.raises(FileNotFoundError):
         eng.load_adapter("new", str(tmp_path / "missing"))
+    from moelora.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no adapter directory at 'someone/nope', and the hub download failed"):
+        eng.load_adapter("hub", "someone/nope")  # offline (HF_HUB_OFFLINE=1): fails at once
+    assert "hub" not in eng.adapter_names()
     (tmp_path / "junk").mkdir()
     with pytest.raises(Exception, match="adapter_config.json|no adapter"):
         eng.load_adapter("junk", str(tmp_path / "junk"))
@@ -1056,3 +1061,28 @@ def test_guided_regex_choice_and_grammar_are_the_constrained_argmax(adapter_dirs
                      (dict(guided_grammar="root ::= 'a'", guided_regex="a"), "at most one")]:
         with pytest.raises(ValueError, match=msg):
             eng.add_request("bad", [5], None, SamplingParams(**bad))
+
+
+def test_adapters_by_hub_id_are_downloaded_once_and_reloaded_from_that_copy(adapter_dirs, monkeypatch):
+    """``load_adapter(name, "owner/repo")`` (``serve --adapter name=owner/repo``): the hub's snapshot of
+    the adapter's files is fetched once; evicted and needed again, it is read from that copy."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, allow_patterns):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(adapter_dirs["llama", "lora"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    eng = Engine(tiny_model("llama"), ToyTokenizer(), adapter_budget_bytes=1)  # one resident adapter at a time
+    eng.load_adapter("hub", "someone/lora")
+    eng.load_adapter("local", str(adapter_dirs["llama", "mixlora"]))
+    assert eng.pool.paths["hub"] == adapter_dirs["llama", "lora"] and calls[0][0] == "someone/lora"
+    assert "adapter_model.safetensors" in calls[0][1]
+    out = eng.generate([[5, 6, 7]] * 2, ["hub", "local"], SamplingParams(max_tokens=3))
+    eng.generate([[5, 6, 7]], ["local"], SamplingParams(max_tokens=3))  # evicts "hub"
+    assert "hub" not in eng.pool.resident
+    loads = eng.pool.loads
+    again = eng.generate([[5, 6, 7]], ["hub"], SamplingParams(max_tokens=3))
+    assert eng.pool.loads == loads + 1 and again[0]["token_ids"] == out[0]["token_ids"] and len(calls) == 1
