@@ -729,8 +729,15 @@ def generate_responses(
     num_beams: int = 1,
     progress: bool = False,
     desc: str = "generate",
+    engine: bool = True,
 ) -> list[str]:
-    """Left-padded batched greedy (or beam) generation; the decoded new tokens of each prompt."""
+    """Greedy (or beam) generation from each prompt; the decoded new tokens of each.
+
+    Greedy decoding of a ``transformers`` model runs through :class:`moelora.engine.Engine`
+    (continuous batching: ``batch_size`` requests at a time, a finished one replaced at once, the
+    model's active adapter), with the outputs of ``model.generate`` (tested); beam search, and
+    models that are not ``transformers`` ones, use left-padded batches of ``model.generate`` (as all
+    do with ``engine=False``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _device(model)
@@ -739,6 +746,14 @@ def generate_responses(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     stop = _stop_tokens(model, tokenizer)
     texts = [""] * len(prompts)
+    from transformers import PreTrainedModel
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0
+    pissa = getattr(getattr(model, "_moelora_ctx", None), "residual_base", None) is not None  # no base rows
+    if engine and num_beams == 1 and isinstance(model, PreTrainedModel) and not pissa and all(
+            len(e) + max_new_tokens <= limit for e in encoded):
+        with _progress(len(prompts), desc, "item", progress) as bar, _EvalMode(model):
+            return _engine_generate(model, tokenizer, encoded, batch_size, max_new_tokens, stop, bar)
     with _progress(len(prompts), desc, "item", progress) as bar, _EvalMode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -758,6 +773,28 @@ def generate_responses(
             for r, i in enumerate(idx):
                 texts[i] = tokenizer.decode(new[r].tolist(), skip_special_tokens=True)
             bar.update(len(idx))
+    return texts
+
+
+def _engine_generate(model: Any, tokenizer: Any, encoded: list[list[int]], batch_size: int, max_new_tokens: int,
+                     stop: dict, bar: Any) -> list[str]:
+    """Greedy generation of every prompt through the engine (``generate_responses``)."""
+    from .engine import Engine, SamplingParams
+
+    ctx = getattr(model, "_moelora_ctx", None)
+    adapter = ctx.active if ctx is not None else None
+    engine = Engine(model, tokenizer, max_batch=batch_size, max_queue=len(encoded) + 1)
+    if adapter is not None:
+        engine.add_attached(adapter)
+    params = SamplingParams(max_tokens=max_new_tokens, stop_token_ids=list(stop.get("eos_token_id", [])))
+    for i, ids in enumerate(encoded):
+        engine.add_request(str(i), ids, adapter, params)
+    texts = [""] * len(encoded)
+    while engine.has_work():
+        for out in engine.step():
+            texts[int(out.request_id)] += out.text
+            if out.finished:
+                bar.update(1)
     return texts
 
 

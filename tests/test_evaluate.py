@@ -473,6 +473,44 @@ def test_generation_stops_at_the_tokenizers_eos_too(tok):
     assert _stop_tokens(model, tok) == {"eos_token_id": [tok.eos_token_id]}
 
 
+@pytest.mark.parametrize("method", [None, "lora", "mixlora", "milora"])
+def test_greedy_generation_through_the_engine_equals_model_generate(tok, method):
+    """``generate_responses`` decodes greedily through the engine (continuous batching, the active
+    adapter): the texts of ``model.generate`` one prompt at a time, whatever the batch size; beam
+    search keeps ``model.generate``."""
+    import moelora.evaluate as ev
+
+    model = tiny_model("llama")
+    if method is not None:
+        cfg = {"lora": moelora.LoraConfig(r=4), "mixlora": moelora.MixLoraConfig(num_experts=4, top_k=2, r=4),
+               "milora": moelora.MiLoraConfig(r=4, top_k=2)}[method]
+        moelora.attach(model, cfg, "a")
+        moelora.attach(model, moelora.LoraConfig(r=2), "other")  # attached, not active
+        moelora.set_adapter(model, "a")
+        randomize_adapters(model)
+    model.train()
+    prompts = [llm_adapters_prompt(it["instruction"]) for it in ARC[:3]] + ["Question: 2+2?"]
+    want = []
+    for p in prompts:
+        ids = torch.tensor([tok(p)["input_ids"]])
+        with torch.no_grad():
+            out = model.eval().generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                        eos_token_id=tok.eos_token_id)
+        want.append(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+    model.train()
+    calls = []
+    real = ev._engine_generate
+    ev._engine_generate = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for bs in (1, 3):
+            assert generate_responses(model, tok, prompts, batch_size=bs, max_new_tokens=6) == want
+        assert model.training and len(calls) == 2  # through the engine; the training flag restored
+        generate_responses(model, tok, prompts[:1], max_new_tokens=2, num_beams=2)
+    finally:
+        ev._engine_generate = real
+    assert len(calls) == 2  # beam search: model.generate
+
+
 def test_generate_on_tiny_models_left_padding(tok):
     model = tiny_model("llama")
     prompts = [llm_adapters_prompt(it["instruction"]) for it in ARC[:3]]
