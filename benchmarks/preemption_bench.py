@@ -35,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from engine_bench import TARGETS, _Tok, build, shape  # noqa: E402
+from engine_bench import TARGETS, _Tok, build, randomize, shape  # noqa: E402
 
 import moelora  # noqa: E402
 from moelora.engine import Engine, SamplingParams  # noqa: E402
@@ -80,16 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    s = shape(args.mode)
     if args.mode == "tiny":
         args.requests, args.max_tokens, args.prompt_tokens = min(args.requests, 8), min(args.max_tokens, 64), 8
-    model = build(s)
+    torch.set_num_threads(args.threads)
+    model = build(shape(args.mode))
     moelora.attach(model, moelora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), "lora")
-    with torch.no_grad():  # a non-zero adapter (a fresh LoRA's B is 0)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.02)
+    randomize(model)  # a non-zero adapter (a fresh LoRA's B is 0)
     model.eval()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -37,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from engine_bench import TARGETS, _Tok, build, shape  # noqa: E402
+from engine_bench import TARGETS, _Tok, build, randomize, shape  # noqa: E402
 
 import moelora  # noqa: E402
 from moelora.engine import Engine, SamplingParams  # noqa: E402
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for m in args.methods:
         moelora.attach(model, METHODS[m](), m)
-    with torch.no_grad():  # non-zero adapters (a fresh LoRA's B is 0)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.02)
+    randomize(model)  # non-zero adapters (a fresh LoRA's B is 0)
     model.eval()
     print(f"{args.mode}: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); system prompt {args.system_tokens} tokens, questions "

@@ -118,13 +118,18 @@ def test_compiled_decoding_reuses_one_static_cache():
     assert ptrs[0] == ptrs[1] == ptrs[2]
 
 
-def test_prefix_bench_tiny_checks_outputs_and_reports_hits(tmp_path):
-    spec = importlib.util.spec_from_file_location("moelora_prefix_bench", BENCH.parent / "prefix_bench.py")
+def run_tiny(script: str, tmp_path) -> dict:
+    """Run ``benchmarks/<script>`` in its tiny mode (it must succeed); its JSON report."""
+    spec = importlib.util.spec_from_file_location(f"moelora_{script[:-3]}", BENCH.parent / script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path / "prefix.json"
+    out = tmp_path / f"{script}.json"
     assert mod.main(["--mode", "tiny", "--output", str(out)]) == 0
-    figures = json.loads(out.read_text())["figures"]
+    return json.loads(out.read_text())
+
+
+def test_prefix_bench_tiny_checks_outputs_and_reports_hits(tmp_path):
+    figures = run_tiny("prefix_bench.py", tmp_path)["figures"]
     assert set(figures) == {f"{m}/{k}" for m in ("lora", "mixlora", "milora") for k in ("batch", "single", "burst")}
     assert figures["lora/single"]["hit_tokens"] > 0 and figures["mixlora/single"]["hit_tokens"] > 0
     assert figures["milora/single"]["hit_tokens"] == 0  # its routing depends on the whole prompt
@@ -132,12 +137,7 @@ def test_prefix_bench_tiny_checks_outputs_and_reports_hits(tmp_path):
 
 
 def test_preemption_bench_tiny_checks_outputs_and_preempts(tmp_path):
-    spec = importlib.util.spec_from_file_location("moelora_preemption_bench", BENCH.parent / "preemption_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = tmp_path / "preempt.json"
-    assert mod.main(["--mode", "tiny", "--output", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = run_tiny("preemption_bench.py", tmp_path)
     reserve, preempt = report["figures"]["reserve"], report["figures"]["preempt"]
     assert reserve["preemptions"] == 0 and preempt["preemptions"] > 0 and preempt["recomputed_tokens"] > 0
     assert preempt["mean_running"] > reserve["mean_running"] and reserve["tokens"] == preempt["tokens"]
