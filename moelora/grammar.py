@@ -350,6 +350,8 @@ class _Parser:
 
     def char(self) -> int:
         t = self.text
+        if self.i >= len(t):
+            raise self.fail("unexpected end of the grammar (an unterminated literal or class)")
         c = t[self.i]
         if c != "\\":
             self.i += 1

@@ -293,3 +293,28 @@ def test_grammar_errors_name_the_line_and_the_problem(text, msg):
         check_guides(False, None, None, text)
     with pytest.raises(ValueError, match="at most one of json_object, guided_regex, guided_choice and guided_grammar"):
         check_guides(True, None, None, "root ::= 'a'")
+
+
+def test_fuzzed_grammars_compile_or_name_the_problem():
+    """Random grammar texts (pieces of the syntax, shuffled): a ``GrammarError`` or a grammar whose
+    recognizer takes any text; never another exception."""
+    from moelora.grammar import GrammarError, GrammarPrefix, compile_grammar
+
+    pieces = ["root", " ::= ", "a", "b", '"x"', "'y'", "[a-c]", '[^"]', ".", "(", ")", "|", "*", "+", "?", "{2}",
+              "{1,3}", "{2,}", "{", "}", "\n", "#c\n", "\\", '"\\n"', "[\\]]", "-", " ", "a ::= ", '"', "[", "]",
+              "{x}", "::=", '"\\x4', '"\\u00e9"']
+    rng = random.Random(0)
+    texts = ['root ::= b [a"\\u00e9"\n*\n) ::= \n{x}"x"-']  # once an IndexError: a class ending in "-"
+    texts += ["root ::= " + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+    compiled = 0
+    for text in texts:
+        try:
+            g = compile_grammar(text)
+        except GrammarError:
+            continue
+        compiled += 1
+        state = GrammarPrefix(g)
+        for _ in range(3):
+            state.feed("".join(rng.choice('xyabc"\n') for _ in range(rng.randint(0, 5))))
+            assert isinstance(state.complete, bool)
+    assert compiled > 100
