@@ -448,7 +448,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 from None
     defaults = _sampling_defaults(args, engine.model)
     run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
-               tool_parser=args.tool_call_parser, cors=cors, ssl_context=ssl_context, sampling_defaults=defaults)
+               tool_parser=args.tool_call_parser, cors=cors, ssl_context=ssl_context, sampling_defaults=defaults,
+               trust_request_chat_template=args.trust_request_chat_template)
     return 0
 
 
@@ -690,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="the Jinja chat template for chat requests, a file or the template itself (default: the "
                         "tokenizer's; needed for a base model without one)")
+    w.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let chat requests bring their own 'chat_template' (refused by default)")
     w.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     w.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM; default: in the certfile)")
     w.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify client certificates with")

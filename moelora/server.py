@@ -57,6 +57,7 @@ ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_STOP = 16  # stop sequences per request (OpenAI allows 4; vLLM has no limit)
 MAX_STOP_LEN = 256
 MAX_BODY = 8 * 1024 * 1024  # request body bytes
+MAX_CHAT_TEMPLATE = 65536  # characters of a request's own chat_template
 MAX_CHOICES = 64  # prompts x n of one request: each choice is one engine request
 MAX_LOGIT_BIAS = 1024  # token ids in logit_bias (OpenAI allows 300)
 MAX_STOP_TOKEN_IDS = 256  # vLLM's stop_token_ids per request
@@ -555,11 +556,13 @@ def _parse_completion(body: dict, defaults: dict | None = None) -> _Req:
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _parse_chat(body: dict, fmt: ToolFormat | None = None, defaults: dict | None = None) -> _Req:
-    """A chat request; ``fmt``: the server's tool-call format (None: ``tools`` are refused)."""
+def _parse_chat(body: dict, fmt: ToolFormat | None = None, defaults: dict | None = None,
+                trust_template: bool = False) -> _Req:
+    """A chat request; ``fmt``: the server's tool-call format (None: ``tools`` are refused);
+    ``trust_template``: whether a request may bring its own ``chat_template``."""
     req = _parse_common(body, chat=True, defaults=defaults)
     req.messages = _check_messages(body.get("messages"))
-    req.template = _chat_options(body)
+    req.template = _chat_options(body, trust_template)
     req.tools = _check_tools(body)
     if req.tools is not None:
         if fmt is None:
@@ -648,7 +651,7 @@ _TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_pr
                       "tools", "documents", "chat_template", "return_tensors", "return_dict", "tokenizer_kwargs"}
 
 
-def _chat_options(body: dict) -> dict:
+def _chat_options(body: dict, trust_template: bool = False) -> dict:
     """vLLM's chat-template fields: ``add_generation_prompt`` (default true), ``continue_final_message``
     (default false: true continues the last, assistant, message instead of opening a new one) and
     ``chat_template_kwargs`` (extra variables for the template, e.g. Qwen3's ``enable_thinking``)."""
@@ -665,7 +668,15 @@ def _chat_options(body: dict) -> dict:
     bad = sorted(set(kwargs) & _TEMPLATE_RESERVED)
     if bad:
         raise _bad(f"'chat_template_kwargs' may not set {bad}", param="chat_template_kwargs", code="invalid_value")
-    return {"add_generation_prompt": gen, "continue_final_message": cont, "kwargs": kwargs}
+    template = body.get("chat_template")
+    if template is not None:
+        if not trust_template:
+            raise _bad("this server does not take request chat templates (start it with --trust-request-chat-"
+                       "template to allow them)", param="chat_template", code="unsupported_parameter")
+        if not isinstance(template, str) or not template.strip() or len(template) > MAX_CHAT_TEMPLATE:
+            raise _bad(f"'chat_template' must be a non-empty Jinja template of at most {MAX_CHAT_TEMPLATE} characters",
+                       param="chat_template", code="invalid_value")
+    return {"add_generation_prompt": gen, "continue_final_message": cont, "kwargs": kwargs, "chat_template": template}
 
 
 def _check_messages(messages: Any) -> list[dict]:
@@ -778,13 +789,15 @@ def _chat_ids(engine: Any, messages: list[dict], template: dict | None = None,
               add_special_tokens: bool = False) -> list[int]:
     """Runs on the engine thread: chat messages through the tokenizer's chat template -> token ids."""
     tok = engine.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions", param="messages",
-                   code="no_chat_template")
     t = template or {"add_generation_prompt": True, "continue_final_message": False, "kwargs": {}}
+    if not getattr(tok, "chat_template", None) and not t.get("chat_template"):
+        raise _bad(f"the model `{engine.base_name}` has no chat template: use /v1/completions (or start the "
+                   "server with --chat-template)", param="messages", code="no_chat_template")
     opts = {"continue_final_message": True} if t["continue_final_message"] else {}  # (only when asked)
     if t.get("tools"):
         opts["tools"] = t["tools"]
+    if t.get("chat_template"):
+        opts["chat_template"] = t["chat_template"]
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=t["add_generation_prompt"], tokenize=False,
                                        **opts, **t["kwargs"])
@@ -948,7 +961,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     body = await _json_body(request)
     config = request.app[CONFIG]
     defaults = config["sampling_defaults"]
-    req = _parse_chat(body, config["tool_format"], defaults) if chat else _parse_completion(body, defaults)
+    req = (_parse_chat(body, config["tool_format"], defaults, config["trust_request_chat_template"]) if chat
+           else _parse_completion(body, defaults))
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     rids = _choice_ids(rid, req)
@@ -1168,7 +1182,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if messages is None and not isinstance(prompt, str):
         raise _bad("'prompt' must be a string", param="prompt", code="invalid_type")
     special = _opt_bool(body, "add_special_tokens") if body.get("add_special_tokens") is not None else messages is None
-    template = _chat_options(body) if messages is not None else None
+    template = _chat_options(body, request.app[CONFIG]["trust_request_chat_template"]) if messages is not None else None
     strs = _opt_bool(body, "return_token_strs")
 
     def _tokenize(engine):
@@ -1477,7 +1491,7 @@ class Cors:
 
 def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
                tool_parser: str | None = None, cors: Cors | None = None,
-               sampling_defaults: dict | None = None) -> web.Application:
+               sampling_defaults: dict | None = None, trust_request_chat_template: bool = False) -> web.Application:
     """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
@@ -1487,6 +1501,8 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
     ``cors``: which browser origins may call the API (None: no CORS headers, browsers keep other origins out).
     ``sampling_defaults``: what requests that omit ``temperature``, ``top_p``, ``top_k``, ``min_p``,
     ``repetition_penalty`` or ``max_tokens`` get (``generation_defaults``; None: OpenAI's defaults).
+    ``trust_request_chat_template``: chat requests may bring their own Jinja ``chat_template`` (vLLM's
+    ``--trust-request-chat-template``; rendered in transformers' sandbox either way).
     """
     _check_sampling_defaults(sampling_defaults or {})
     fmt = tool_format(tool_parser) if tool_parser is not None else None  # ValueError naming the choices
@@ -1508,7 +1524,8 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
     worker = EngineWorker(engine)
     app[WORKER] = worker
     app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt,
-                   "sampling_defaults": dict(sampling_defaults or {})}
+                   "sampling_defaults": dict(sampling_defaults or {}),
+                   "trust_request_chat_template": bool(trust_request_chat_template)}
 
     async def _start(app):
         worker.start()

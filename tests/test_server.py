@@ -1908,3 +1908,26 @@ def test_cli_serve_generation_config(tiny_model_dir, monkeypatch, capsys, tmp_pa
         assert main([*serve, *bad]) == 2, bad
         assert msg in capsys.readouterr().err, bad
     assert len(served) == n
+
+
+def test_request_chat_templates_only_when_trusted(start, tiny_model_dir):
+    """A chat request's own ``chat_template`` (vLLM's field): rendered instead of the tokenizer's when
+    the server trusts request templates (``--trust-request-chat-template``), a 400 otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moelora.engine import Engine
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, max_batch=2)
+    template = "{% for m in messages %}<<{{ m.content }}>>{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "a b"}], "chat_template": template}
+    url, _ = start(engine, trust_request_chat_template=True)
+    r = post(url, "/tokenize", body)
+    assert r.status_code == 200 and tok.decode(r.json()["tokens"]) == "<<a b>>"
+    c = post(url, "/v1/chat/completions", {"model": engine.base_name, **body, "max_tokens": 2})
+    assert c.status_code == 200 and c.json()["usage"]["prompt_tokens"] == r.json()["count"]
+    assert_error(post(url, "/tokenize", {**body, "chat_template": 5}), 400, code="invalid_value", param="chat_template")
+    plain, _ = start(Engine(engine.model, tok, max_batch=2))  # an engine per server: one thread each
+    r = post(plain, "/v1/chat/completions", {"model": engine.base_name, **body})
+    assert_error(r, 400, code="unsupported_parameter", param="chat_template")
+    assert "--trust-request-chat-template" in r.json()["error"]["message"]
