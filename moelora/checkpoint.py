@@ -78,7 +78,8 @@ def checkpoint_config(model: nn.Module, cfg: AdapterConfig) -> dict[str, Any]:
     extras = {"version": __version__, "method": cfg.method, "config": cfg.to_dict(), "base_model": _base_info(model)}
     if isinstance(cfg, LoraConfig):
         d = {"peft_type": "LORA", **common, "use_dora": cfg.use_dora, "bias": "none", "fan_in_fan_out": False,
-             "inference_mode": True, "init_lora_weights": True}
+             "inference_mode": True, "init_lora_weights": True, "rank_pattern": dict(cfg.rank_pattern),
+             "alpha_pattern": {k: _int_if_integral(v) for k, v in cfg.alpha_pattern.items()}}
     elif isinstance(cfg, MixLoraConfig):
         d = {"peft_type": "MIXLORA", **common, "bias": "none", "use_dora": False,
              "routing_strategy": "mixlora" if cfg.routing == "top_k" else "mixlora-dynamic",
@@ -149,7 +150,7 @@ def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
         raise CheckpointError(f"{where}: target_modules as a regex ({targets!r}) is not supported; list the names")
     _check_names(targets, where)
     unsupported = {  # options that change what the adapter computes (or which weights it is relative to)
-        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": None, "layers_to_transform": None,
         "fan_in_fan_out": False, "bias": "none", "lora_bias": False, "layer_replication": None,
         "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
         "target_parameters": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
@@ -167,6 +168,7 @@ def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
         r=_require(d, "r", where), lora_alpha=_require(d, "lora_alpha", where), lora_dropout=d.get("lora_dropout", 0.0),
         target_modules=sorted(targets), use_dora=bool(d.get("use_dora", False)),
         use_rslora=bool(d.get("use_rslora", False)), base_model_name_or_path=d.get("base_model_name_or_path"),
+        rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
     )
 
 
@@ -522,7 +524,9 @@ def _pissa_tensors(model: nn.Module, name: str, raw: dict[str, Any], tensors: di
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{where}: invalid PiSSA config: {e}") from e
     _check_same_config(get_context(model).configs[name], original, name, where)
-    trained, init = pissa.split(tensors, original.r)
+    from .methods.lora import PEFT_PREFIX
+
+    trained, init = pissa.split(tensors, lambda key: original.module_rank_alpha(key.removeprefix(PEFT_PREFIX))[0])
     mine = pissa_initial(model, name)
     if init.keys() != mine.keys() or any(
             not torch.equal(init[k][0].to(mine[k][0].dtype), mine[k][0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -124,8 +125,26 @@ class LoraConfig(AdapterConfig):
     base weight replaced by the residual ``W - s B A``; saved as a plain rank-``2r`` LoRA relative to
     the original base (``moelora.pissa``). Not with ``use_dora``."""
 
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    """PEFT's: module paths or regexes -> their rank instead of ``r`` (a pattern matches a module's
+    path when it ends it after a dot, ``(.*\\.)?pattern$``; the first matching pattern wins)."""
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    """PEFT's: the same, for ``lora_alpha``."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict):
+                raise ConfigError(f"{name} must map module paths or regexes to numbers, got {patterns!r}")
+            for key, value in patterns.items():
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as e:
+                    raise ConfigError(f"{name} key {key!r} is not a regular expression: {e}") from None
+                if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{name}[{key!r}] must be a positive {'integer' if kind is int else 'number'}, "
+                                      f"got {value!r}")
         init = self.init_lora_weights
         if init is not True and init != "gaussian" and pissa_iterations(init) is None:
             raise ConfigError(f"init_lora_weights must be true, 'gaussian', 'pissa' or 'pissa_niter_N' (N >= 1), "
@@ -136,6 +155,14 @@ class LoraConfig(AdapterConfig):
     @property
     def is_pissa(self) -> bool:
         return pissa_iterations(self.init_lora_weights) is not None
+
+    def module_rank_alpha(self, path: str) -> tuple[int, float]:
+        """The rank and alpha of the module at ``path`` (``rank_pattern``/``alpha_pattern``, PEFT's matching)."""
+        def lookup(patterns: dict, default):
+            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
+            return default if key is None else patterns[key]
+
+        return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
 
 
 def pissa_iterations(init: Any) -> int | None:

@@ -239,30 +239,30 @@ class _MixedPlan:
         self.names = tuple(n for n, _ in groups)
         self.dora = [(n, rows) for n, rows in groups if entries[n].variant is not None]
         self.gated = [(n, rows) for n, rows in groups if entries[n].gate is not None]
-        self.scaling = [entries[n].lora.scaling for n in self.names]
         sizes = [rows.numel() for _, rows in groups]  # host-side metadata: no sync
         self.m = (max(sizes) if sizes else 0) * T  # tokens of the largest slot
         self.by_slot = len(groups) * self.m <= 2 * sum(sizes) * T
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tables(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """By slot: each slot's tokens ``(P, m)`` and their LoRA scales (0 on padding); otherwise
-        each of the ``batch`` rows' slot and scale (0 for rows without an adapter here)."""
+        """By slot: each slot's tokens ``(P, m)`` and their weights (1; 0 on padding); otherwise each of
+        the ``batch`` rows' slot and weight (0 for rows without an adapter here). The LoRA scales are
+        in the packed ``B`` (``AdaptedLinear._pack``): they may differ from module to module."""
         if self._tables is None:
             P, T = len(self.groups), self.T
             shape = (P, self.m) if self.by_slot else (batch,)
             where = torch.zeros(shape, dtype=torch.long, device=device)
             scale = torch.zeros(shape, dtype=dtype, device=device)
             steps = torch.arange(T, device=device)
-            for p, ((_, idx), s) in enumerate(zip(self.groups, self.scaling)):
+            for p, (_, idx) in enumerate(self.groups):
                 idx = idx.to(device)
                 if self.by_slot:
                     L = idx.numel() * T
                     where[p, :L] = (idx.unsqueeze(1) * T + steps).reshape(-1)
-                    scale[p, :L] = s
+                    scale[p, :L] = 1
                 else:
                     where[idx] = p
-                    scale[idx] = s
+                    scale[idx] = 1
             self._tables = (where, scale)
         return self._tables
 
@@ -344,8 +344,8 @@ class AdaptedLinear(nn.Module):
 
     def _pack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """The LoRAs of ``names`` (this batch's adapters) stacked, one slot each: ``A (P, r, in)`` and
-        ``B`` transposed, ``(P, r, out)`` (``weights_cache``: a few recent sets kept). Only the
-        batch's adapters cost work in the packed op."""
+        ``B`` transposed and scaled by this module's LoRA scale, ``(P, r, out)`` (``weights_cache``: a
+        few recent sets kept). Only the batch's adapters cost work in the packed op."""
 
         def build():
             entries = [self.adapters[n].lora for n in names]
@@ -354,7 +354,7 @@ class AdaptedLinear(nn.Module):
             B = entries[0].lora_B.new_zeros(len(entries), r, entries[0].lora_B.shape[1])
             for p, w in enumerate(entries):
                 A[p, : w.r] = w.lora_A[0].detach()
-                B[p, : w.r] = w.lora_B[0].detach().t()
+                B[p, : w.r] = w.lora_B[0].detach().t() * w.scaling  # per module: rank_pattern / alpha_pattern
             tensors = [t for w in entries for t in (w.lora_A, w.lora_B)]
             return tensors, (A, B, {n: p for p, n in enumerate(names)})
 

@@ -79,10 +79,17 @@ def restore(base: nn.Linear, lora: nn.Module) -> None:
 
 
 def converted_config(cfg: LoraConfig) -> LoraConfig:
-    """The plain rank-``2r`` LoRA config a PiSSA adapter is saved as (the same scale ``s``)."""
-    alpha = cfg.lora_alpha * (2**0.5 if cfg.use_rslora else 2)
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
-    return dataclasses.replace(cfg, r=2 * cfg.r, lora_alpha=alpha, init_lora_weights=True)
+    """The plain rank-``2r`` LoRA config a PiSSA adapter is saved as (the same scale ``s`` per module:
+    every rank doubled, every alpha x 2, or x sqrt(2) with rsLoRA)."""
+    factor = 2**0.5 if cfg.use_rslora else 2
+
+    def scaled(a: float) -> float:
+        a = a * factor
+        return int(a) if float(a).is_integer() else a
+
+    return dataclasses.replace(cfg, r=2 * cfg.r, lora_alpha=scaled(cfg.lora_alpha), init_lora_weights=True,
+                               rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
+                               alpha_pattern={k: scaled(v) for k, v in cfg.alpha_pattern.items()})
 
 
 def convert(tensors: dict[str, torch.Tensor], init: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -96,16 +103,21 @@ def convert(tensors: dict[str, torch.Tensor], init: dict[str, tuple[torch.Tensor
     return out
 
 
-def split(tensors: dict[str, torch.Tensor], r: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    """The inverse of ``convert``: the trained tensors and each module key's ``(A0, B0)``."""
+def split(tensors: dict[str, torch.Tensor], rank_of) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """The inverse of ``convert``: the trained tensors and each module key's ``(A0, B0)``; ``rank_of(key)``:
+    the trained rank of the module whose tensors start with ``key``."""
     trained, init = {}, {}
     for k, t in tensors.items():
         if k.endswith(".lora_A.weight"):
+            key = k[: -len(".lora_A.weight")]
+            r = rank_of(key)
             trained[k] = t[:r]
-            init.setdefault(k[: -len(".lora_A.weight")], [None, None])[0] = -t[r:]
+            init.setdefault(key, [None, None])[0] = -t[r:]
         elif k.endswith(".lora_B.weight"):
+            key = k[: -len(".lora_B.weight")]
+            r = rank_of(key)
             trained[k] = t[:, :r]
-            init.setdefault(k[: -len(".lora_B.weight")], [None, None])[1] = t[:, r:]
+            init.setdefault(key, [None, None])[1] = t[:, r:]
         else:
             trained[k] = t
     return trained, {k: tuple(v) for k, v in init.items()}

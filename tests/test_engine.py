@@ -1086,3 +1086,21 @@ def test_adapters_by_hub_id_are_downloaded_once_and_reloaded_from_that_copy(adap
     loads = eng.pool.loads
     again = eng.generate([[5, 6, 7]], ["hub"], SamplingParams(max_tokens=3))
     assert eng.pool.loads == loads + 1 and again[0]["token_ids"] == out[0]["token_ids"] and len(calls) == 1
+
+
+def test_an_adapter_with_per_module_ranks_batches_with_the_others(adapter_dirs, tmp_path):
+    """An adapter whose modules have their own ranks (``rank_pattern``) in a mixed batch: the packed
+    path pads ranks per module; each request's tokens are those it gets alone."""
+    from conftest import randomize_adapters
+
+    model = tiny_model("llama")
+    moelora.attach(model, moelora.LoraConfig(r=4, rank_pattern={"q_proj": 8, "layers.1.mlp.up_proj": 2}), "p")
+    randomize_adapters(model)
+    moelora.save_adapter(model, tmp_path / "p", "p")
+    eng = engine("llama", adapter_dirs, max_batch=8)
+    eng.load_adapter("pattern", str(tmp_path / "p"))
+    ps = prompts(6, seed=12)
+    adapters = ["pattern", "lora", "pattern", "mixlora", None, "dora"]
+    together = eng.generate(ps, adapters, SamplingParams(max_tokens=6, ignore_eos=True))
+    for p, a, res in zip(ps, adapters, together):
+        assert res["token_ids"] == eng.generate([p], [a], SamplingParams(max_tokens=6, ignore_eos=True))[0]["token_ids"]

@@ -126,6 +126,48 @@ def test_we_load_peft(peft, tmp_path, arch, use_dora, use_rslora):
     assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
 
 
+PATTERNS = {"rank_pattern": {"q_proj": 8, "layers.1.self_attn.v_proj": 2, "down_proj": 6},
+            "alpha_pattern": {"v_proj": 16, "model.layers.0.mlp.down_proj": 3}}
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_rank_and_alpha_patterns_both_ways(peft, tmp_path, use_dora):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` (a rank and alpha per module, by path or regex, PEFT's
+    matching): PEFT's adapter loads here with every module's own shape and scale, ours loads in
+    PEFT, with equal logits both ways."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    theirs_model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                      use_dora=use_dora, **PATTERNS))
+    randomize_peft(theirs_model)
+    theirs_model.eval().save_pretrained(str(tmp_path / "theirs"))
+    ids, mask = batch(theirs_model)
+    theirs = forward_logits(theirs_model, ids, mask)
+    model = tiny_model()
+    base = forward_logits(model, ids, mask)
+    moelora.load_adapter(model, tmp_path / "theirs")
+    layers = model.model.layers
+    shapes = [(ly.self_attn.q_proj.adapters["default"].lora.r, ly.self_attn.v_proj.adapters["default"].lora.r,
+               ly.mlp.down_proj.adapters["default"].lora.r) for ly in layers]
+    assert shapes == [(8, 4, 6), (8, 2, 6)]
+    assert [ly.mlp.down_proj.adapters["default"].lora.scaling for ly in layers] == [3 / 6, 8 / 6]
+    assert layers[1].self_attn.v_proj.adapters["default"].lora.scaling == 16 / 2
+    model.eval()
+    assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
+    ours_model = tiny_model()
+    moelora.attach(ours_model, moelora.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora,
+                                                  **PATTERNS))
+    randomize_adapters(ours_model)
+    ours = forward_logits(ours_model.eval(), ids, mask)
+    moelora.save_adapter(ours_model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_model(), str(tmp_path / "ours")).eval()
+    assert back.peft_config["default"].rank_pattern == PATTERNS["rank_pattern"]
+    assert_same_logits(forward_logits(back, ids, mask), ours, mask, base)
+    with pytest.raises(moelora.ConfigError, match=r"rank_pattern\['q_proj'\] must be a positive integer"):
+        moelora.LoraConfig(rank_pattern={"q_proj": 0})
+    with pytest.raises(moelora.ConfigError, match="alpha_pattern key '\\(' is not a regular expression"):
+        moelora.LoraConfig(alpha_pattern={"(": 2})
+
+
 @pytest.mark.parametrize("arch,targets,names", [
     ("llama", "all-linear", LLAMA_TARGETS),  # PEFT saves it as every module's path
     ("llama", r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex is saved as it is

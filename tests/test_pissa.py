@@ -25,12 +25,12 @@ def ids():
     return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-def pissa_model(init="pissa", use_rslora=False):
+def pissa_model(init="pissa", use_rslora=False, **patterns):
     base = tiny_model("llama")
     model = copy.deepcopy(base)
     torch.manual_seed(5)  # pissa_niter's random start
     moelora.attach(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=init,
-                                     use_rslora=use_rslora, target_modules=TARGETS))
+                                     use_rslora=use_rslora, target_modules=TARGETS, **patterns))
     return base, model
 
 
@@ -189,3 +189,28 @@ def test_pissa_run_configs_refuse_what_needs_the_original_base(tmp_path, tiny_mo
     path.write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="several adapters share its base"):
         load_run_config(path)
+
+
+def test_pissa_with_rank_and_alpha_patterns_saves_and_splits_back(tmp_path):
+    """Per-module ranks and alphas (``rank_pattern``/``alpha_pattern``): each module's principal part at
+    its own rank; saved converted with every rank doubled and every alpha scaled, equal on the base;
+    loaded back into the same PiSSA adapter (a resume), each module's ``A``/``B`` split at its rank."""
+    patterns = {"rank_pattern": {"q_proj": 6, "layers.1.mlp.down_proj": 2}, "alpha_pattern": {"v_proj": 3}}
+    base, model = pissa_model("pissa", **patterns)
+    assert [ly.self_attn.q_proj.adapters["default"].lora.r for ly in model.model.layers] == [6, 6]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, base(ids()).logits, rtol=0, atol=1e-5)
+    perturb(model)
+    with torch.no_grad():
+        want = model(ids()).logits
+    moelora.save_adapter(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"q_proj": 12, "layers.1.mlp.down_proj": 4} and cfg["alpha_pattern"] == {"v_proj": 6}
+    loaded = moelora.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids()).logits, want, rtol=0, atol=1e-5)
+    _, again = pissa_model("pissa", **patterns)  # the same initialisation: the split's check passes
+    moelora.load_adapter(again, tmp_path / "a")
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(again.get_parameter(n), p, rtol=0, atol=0, msg=n)

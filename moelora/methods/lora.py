@@ -43,10 +43,11 @@ def attach(model: nn.Module, cfg: LoraConfig, name: str, ctx: AdapterContext) ->
     missing = set(cfg.target_modules) - {attr for _, attr, _ in found}
     if missing:
         raise ValueError(f"target modules {sorted(missing)} are not linear layers of {type(model).__name__}")
-    for parent, attr, _ in found:
+    for parent, attr, path in found:
         wrapper = wrap_linear(parent, attr, ctx)
         base = base_linear(wrapper)
-        lora = new_lora(base, cfg.r, cfg.scaling(), cfg.lora_dropout)
+        r, alpha = cfg.module_rank_alpha(path)  # rank_pattern / alpha_pattern (PEFT's)
+        lora = new_lora(base, r, cfg.scaling(r, alpha), cfg.lora_dropout)
         if cfg.init_lora_weights == "gaussian":  # PEFT's
             nn.init.normal_(lora.lora_A.data[0], std=1 / cfg.r)
         elif cfg.is_pissa:  # the base weight becomes the residual (moelora.pissa)
