@@ -79,7 +79,8 @@ def checkpoint_config(model: nn.Module, cfg: AdapterConfig) -> dict[str, Any]:
     if isinstance(cfg, LoraConfig):
         d = {"peft_type": "LORA", **common, "use_dora": cfg.use_dora, "bias": "none", "fan_in_fan_out": False,
              "inference_mode": True, "init_lora_weights": True, "rank_pattern": dict(cfg.rank_pattern),
-             "alpha_pattern": {k: _int_if_integral(v) for k, v in cfg.alpha_pattern.items()}}
+             "alpha_pattern": {k: _int_if_integral(v) for k, v in cfg.alpha_pattern.items()},
+             "layers_to_transform": cfg.layers_to_transform, "layers_pattern": None}
     elif isinstance(cfg, MixLoraConfig):
         d = {"peft_type": "MIXLORA", **common, "bias": "none", "use_dora": False,
              "routing_strategy": "mixlora" if cfg.routing == "top_k" else "mixlora-dynamic",
@@ -150,7 +151,7 @@ def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
         raise CheckpointError(f"{where}: target_modules as a regex ({targets!r}) is not supported; list the names")
     _check_names(targets, where)
     unsupported = {  # options that change what the adapter computes (or which weights it is relative to)
-        "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": None,
         "fan_in_fan_out": False, "bias": "none", "lora_bias": False, "layer_replication": None,
         "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
         "target_parameters": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
@@ -159,6 +160,7 @@ def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
     for key, default in unsupported.items():
         if d.get(key, default) not in (default, None, {}, [], False, "none"):
             raise CheckpointError(f"{where}: PEFT option {key}={d[key]!r} is not supported by moelora")
+    layers = d.get("layers_to_transform")  # (layers_pattern only says where PEFT finds the index: the decoder layers)
     init = d.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
         raise CheckpointError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a base model that "
@@ -168,7 +170,8 @@ def _peft_lora_config(d: dict[str, Any], where: str) -> LoraConfig:
         r=_require(d, "r", where), lora_alpha=_require(d, "lora_alpha", where), lora_dropout=d.get("lora_dropout", 0.0),
         target_modules=sorted(targets), use_dora=bool(d.get("use_dora", False)),
         use_rslora=bool(d.get("use_rslora", False)), base_model_name_or_path=d.get("base_model_name_or_path"),
-        rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
+        rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},  # checked there
+        layers_to_transform=[layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers,
     )
 
 
@@ -470,12 +473,19 @@ def _peft_targets(model: nn.Module, d: dict[str, Any], where: str) -> dict[str, 
     by_name: dict[str, set[int]] = {}
     for k in picked:
         by_name.setdefault(k.rsplit(".", 1)[-1], set()).add(int(k[len(layers_key) + 1 :].split(".", 1)[0]))
-    for name, found in sorted(by_name.items()):
-        if len(found) != n_layers:
-            raise CheckpointError(f"{where}: target_modules {targets!r} adapts {name} in layers {sorted(found)} of "
-                                  f"{n_layers} only; moelora adapts a projection in every layer (per-layer targets "
-                                  "are not supported)")
-    return {**{k: v for k, v in d.items() if k != "exclude_modules"}, "target_modules": sorted(by_name)}
+    sets = {frozenset(found) for found in by_name.values()}
+    if len(sets) > 1:  # a projection here and another there: not a names x layers product
+        name, found = min(by_name.items(), key=lambda kv: (len(kv[1]), kv[0]))
+        raise CheckpointError(f"{where}: target_modules {targets!r} adapts {name} in layers {sorted(found)} but "
+                              f"other projections in other layers; moelora adapts the same projections in the "
+                              "layers it adapts (layers_to_transform)")
+    (layers,) = sets
+    out = {**{k: v for k, v in d.items() if k != "exclude_modules"}, "target_modules": sorted(by_name)}
+    if len(layers) < n_layers:  # some layers only: PEFT's layers_to_transform says the same
+        given = d.get("layers_to_transform")
+        given = [given] if isinstance(given, int) else given
+        out["layers_to_transform"] = sorted(layers if given is None else layers & set(given))
+    return out
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:

@@ -130,6 +130,8 @@ class LoraConfig(AdapterConfig):
     path when it ends it after a dot, ``(.*\\.)?pattern$``; the first matching pattern wins)."""
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     """PEFT's: the same, for ``lora_alpha``."""
+    layers_to_transform: list[int] | None = None
+    """PEFT's: only the decoder layers of these indices get the LoRA (None: every layer)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +147,10 @@ class LoraConfig(AdapterConfig):
                 if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
                     raise ConfigError(f"{name}[{key!r}] must be a positive {'integer' if kind is int else 'number'}, "
                                       f"got {value!r}")
+        layers = self.layers_to_transform
+        if layers is not None and (not isinstance(layers, list) or not layers or len(set(layers)) != len(layers)
+                                   or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise ConfigError(f"layers_to_transform must be a list of distinct layer indices >= 0, got {layers!r}")
         init = self.init_lora_weights
         if init is not True and init != "gaussian" and pissa_iterations(init) is None:
             raise ConfigError(f"init_lora_weights must be true, 'gaussian', 'pissa' or 'pissa_niter_N' (N >= 1), "

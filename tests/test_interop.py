@@ -168,6 +168,44 @@ def test_rank_and_alpha_patterns_both_ways(peft, tmp_path, use_dora):
         moelora.LoraConfig(alpha_pattern={"(": 2})
 
 
+@pytest.mark.parametrize("peft_side", [
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1]},
+    {"target_modules": r".*layers\.1\.(self_attn\.q_proj|mlp\.down_proj)"},  # the same, as a regex
+    {"target_modules": ["q_proj", "down_proj"], "exclude_modules": r".*layers\.0\..*"},
+])
+def test_adapters_of_some_layers_only_both_ways(peft, tmp_path, peft_side):
+    """PEFT's ``layers_to_transform`` (or paths / a regex / exclusions selecting the same projections in
+    some layers only): read as ``LoraConfig.layers_to_transform``, the other layers untouched; ours
+    with it loads in PEFT. Equal logits both ways."""
+    theirs_model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, **peft_side))
+    randomize_peft(theirs_model)
+    theirs_model.eval().save_pretrained(str(tmp_path / "theirs"))
+    ids, mask = batch(theirs_model)
+    theirs = forward_logits(theirs_model, ids, mask)
+    model = tiny_model()
+    base = forward_logits(model, ids, mask)
+    moelora.load_adapter(model, tmp_path / "theirs")
+    cfg = moelora.get_context(model).configs["default"]
+    assert (cfg.target_modules, cfg.layers_to_transform) == (["down_proj", "q_proj"], [1])
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "adapters")  # layer 0: a plain Linear
+    model.eval()
+    assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
+    ours_model = tiny_model()
+    moelora.attach(ours_model, moelora.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0]))
+    randomize_adapters(ours_model)
+    ours = forward_logits(ours_model.eval(), ids, mask)
+    moelora.save_adapter(ours_model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_model(), str(tmp_path / "ours")).eval()
+    assert back.peft_config["default"].layers_to_transform == [0]
+    assert_same_logits(forward_logits(back, ids, mask), ours, mask, base)
+    with pytest.raises(moelora.ConfigError, match="layers_to_transform must be a list of distinct layer indices"):
+        moelora.LoraConfig(layers_to_transform=[1, 1])
+    plain = tiny_model()
+    with pytest.raises(moelora.ConfigError, match=r"layers_to_transform \[7\] names layers beyond the model's 2"):
+        moelora.attach(plain, moelora.LoraConfig(layers_to_transform=[7]))
+    assert getattr(plain, "_moelora_ctx", None) is None
+
+
 @pytest.mark.parametrize("arch,targets,names", [
     ("llama", "all-linear", LLAMA_TARGETS),  # PEFT saves it as every module's path
     ("llama", r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex is saved as it is
@@ -196,11 +234,12 @@ def test_we_load_peft_adapters_targeted_by_path_or_regex(peft, tmp_path, arch, t
 
 
 @pytest.mark.parametrize("targets,match", [
-    (r"model\.layers\.0\.self_attn\.q_proj", r"adapts q_proj in layers \[0\] of 2 only"),
+    (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"],
+     r"adapts q_proj in layers \[0\] but other projections in other layers"),
     (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"], "outside the decoder layers"),
     (r".*\.nothing", "selects no linear module"),
-    ({"target_modules": ["q_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"]},
-     r"adapts q_proj in layers \[0\] of 2 only"),
+    ({"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"]},
+     r"adapts q_proj in layers \[0\] but other projections"),
     ({"target_modules": ["q_proj"], "init_lora_weights": "pissa_niter_4"}, "convert it to a plain LoRA"),
     ({"target_modules": ["q_proj"], "alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens=.* not supported"),
 ])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import pissa
-from ..config import LoraConfig
+from ..config import ConfigError, LoraConfig
 from ..context import AdapterContext, RouterRecord
 from ..lora import AdaptedLinear, DoraVariant, LinearAdapter, base_linear
 
@@ -24,10 +24,20 @@ def canonical_name(name: str) -> str:
 
 
 def _targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, canonical path) of every module whose last name is a target."""
+    """(parent, attribute, canonical path) of every module whose last name is a target (in the decoder
+    layers ``cfg.layers_to_transform`` names, when it does)."""
+    inside = None
+    if cfg.layers_to_transform is not None:
+        from ..inject import decoder_layers
+
+        layers = decoder_layers(model)
+        if max(cfg.layers_to_transform) >= len(layers):
+            raise ConfigError(f"layers_to_transform {cfg.layers_to_transform} names layers beyond the model's "
+                              f"{len(layers)}")
+        inside = {id(m) for i in cfg.layers_to_transform for m in layers[i].modules()}
     found = []
     for parent_name, parent in model.named_modules():
-        if isinstance(parent, AdaptedLinear):
+        if isinstance(parent, AdaptedLinear) or (inside is not None and id(parent) not in inside):
             continue
         for attr, child in parent.named_children():
             if attr in cfg.target_modules and isinstance(child, (nn.Linear, AdaptedLinear)):
