@@ -365,6 +365,28 @@ def _vllm_lora_module(spec: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP server over the multi-tenant engine (docs/serve.md)."""
+    from .server import run_server
+
+    engine, options = _serve_setup(args)
+    run_server(engine, host=args.host, port=args.port, **options)
+    return 0
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    """vLLM's ``run_batch``: a JSONL file of OpenAI batch requests through the server's code path."""
+    from .batch import check_paths, run_batch
+
+    check_paths(args.input_file, args.output_file, args.overwrite)  # before the model loads
+    engine, options = _serve_setup(args)
+    counts = run_batch(engine, args.input_file, args.output_file, overwrite=args.overwrite,
+                       concurrency=args.max_concurrency, **options)
+    print(f"moelora run-batch: {counts['total']} requests, {counts['ok']} answered (200), {counts['failed']} not: "
+          f"{args.output_file}")
+    return 0
+
+
+def _serve_setup(args: argparse.Namespace):
+    """The engine and ``create_app`` options of ``serve`` / ``run-batch`` from their (shared) flags."""
     import re
 
     adapters: dict[str, str] = {}
@@ -379,9 +401,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not Path(path).is_dir() and not is_hub_id(path):
             raise FileNotFoundError(f"--adapter {name}: no such directory (nor a hub id owner/name): {path}")
         adapters[name] = path
-    api_key = args.api_key or os.environ.get("MOELORA_API_KEY") or None
+    api_key = getattr(args, "api_key", None) or os.environ.get("MOELORA_API_KEY") or None
     try:
-        from .server import run_server
+        from . import server  # noqa: F401
     except ImportError as e:  # aiohttp is an optional extra
         raise ValueError(str(e)) from e
     template, ssl_context, cors = _serve_web_options(args)
@@ -446,11 +468,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except Exception as e:  # jinja's errors, or the template's own raise_exception
             raise ValueError(f"--chat-template: the template fails on a one-message chat: {type(e).__name__}: {e}") \
                 from None
-    defaults = _sampling_defaults(args, engine.model)
-    run_server(engine, host=args.host, port=args.port, api_key=api_key, admin=args.admin,
-               tool_parser=args.tool_call_parser, cors=cors, ssl_context=ssl_context, sampling_defaults=defaults,
-               trust_request_chat_template=args.trust_request_chat_template)
-    return 0
+    options = dict(tool_parser=args.tool_call_parser, sampling_defaults=_sampling_defaults(args, engine.model),
+                   trust_request_chat_template=args.trust_request_chat_template)
+    if args.command == "serve":
+        options.update(api_key=api_key, admin=args.admin, cors=cors, ssl_context=ssl_context)
+    return engine, options
 
 
 def _sampling_defaults(args: argparse.Namespace, model) -> dict:
@@ -575,55 +597,8 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
                    help="the reply is a sentence of this GBNF grammar (start rule: root; docs/serve.md)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moelora", description="Mixtures of LoRA experts: train, evaluate, generate.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
-    p.add_argument("--config", default=None, help="YAML run config (see configs/); omitted = defaults + overrides")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="start over even if output_dir holds another run")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate on llm-adapters files (choice or options log-likelihood, or generate+parse)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="choice")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each file")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--output", default=None, help="write the results as JSON")
-    p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
-    p.set_defaults(fn=cmd_eval)
-
-    p = sub.add_parser("generate", help="generate from one prompt")
-    _gen_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _lookup_arg(p)
-    p.set_defaults(fn=cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    _gen_args(p)
-    _lookup_arg(p)
-    p.set_defaults(fn=cmd_chat)
-
-    p = sub.add_parser("plot", help="routing heatmaps and training curves")
-    p.add_argument("what", choices=["routing", "loss"])
-    p.add_argument("--out", required=True, help="output image (.png)")
-    p.add_argument("--run", default=None, help="plot loss: the run's output_dir")
-    p.add_argument("--model", default=None)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--data", nargs="*", default=[])
-    p.add_argument("--limit", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.set_defaults(fn=cmd_plot)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, many adapters on one base model")
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags ``serve`` and ``run-batch`` share: the model, adapters, the engine, the API's options."""
     p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="serve the adapter directory PATH as model NAME (repeatable)")
@@ -707,7 +682,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keys/values of prompt blocks kept for prompts that start the same way (per adapter; "
                         "not MiLoRA), least recently used evicted first; 0: off (default: 256)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moelora", description="Mixtures of LoRA experts: train, evaluate, generate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
+    p.add_argument("--config", default=None, help="YAML run config (see configs/); omitted = defaults + overrides")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="start over even if output_dir holds another run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate on llm-adapters files (choice or options log-likelihood, or generate+parse)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="choice")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--output", default=None, help="write the results as JSON")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate from one prompt")
+    _gen_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _lookup_arg(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _gen_args(p)
+    _lookup_arg(p)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("plot", help="routing heatmaps and training curves")
+    p.add_argument("what", choices=["routing", "loss"])
+    p.add_argument("--out", required=True, help="output image (.png)")
+    p.add_argument("--run", default=None, help="plot loss: the run's output_dir")
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--data", nargs="*", default=[])
+    p.add_argument("--limit", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, many adapters on one base model")
+    _serve_arguments(p)
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("run-batch", help="a JSONL file of OpenAI batch requests through the server, offline (vLLM's "
+                       "run_batch)")
+    p.add_argument("-i", "--input-file", required=True, help="one request per line: {custom_id, method: POST, url: "
+                   "/v1/chat/completions or /v1/completions, body}")
+    p.add_argument("-o", "--output-file", required=True, help="one result per line, in the input's order")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at once (default: twice the engine's batch)")
+    _serve_arguments(p)
+    p.set_defaults(fn=cmd_run_batch)
 
     p = sub.add_parser("score", help="pairwise accuracy on preference pairs: a reward model (train.stage: rm), "
                                      "or a DPO adapter's implicit reward")

@@ -1931,3 +1931,61 @@ def test_request_chat_templates_only_when_trusted(start, tiny_model_dir):
     r = post(plain, "/v1/chat/completions", {"model": engine.base_name, **body})
     assert_error(r, 400, code="unsupported_parameter", param="chat_template")
     assert "--trust-request-chat-template" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------- run-batch
+def test_run_batch_answers_every_line_in_order(tmp_path):
+    """``moelora run-batch`` (vLLM's run_batch, OpenAI's batch files): every line gets a result in the
+    input's order, the server's answer (200) or its refusal (status and error body), and lines that
+    are not requests an error record; an existing output is kept unless overwrite."""
+    from moelora.batch import run_batch
+
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    lines = [json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": chat}),
+             json.dumps({"custom_id": "b", "url": "/v1/completions", "body": {"model": "beta", "prompt": "yo",
+                                                                                "max_tokens": 3}}),
+             "{not json",
+             json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {}}),
+             "",
+             json.dumps({"custom_id": "c", "url": "/v1/embeddings", "body": {}}),
+             json.dumps({"custom_id": "d", "url": "/v1/completions", "body": {"model": "nope", "prompt": "x"}}),
+             json.dumps({"custom_id": "e", "url": "/v1/completions", "body": {"model": "alpha", "prompt": "x",
+                                                                                "stream": True}})]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    engine = FakeEngine(ADAPTERS, max_batch=4, max_queue=16)
+    counts = run_batch(engine, src, dst)
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert counts == {"total": 7, "ok": 2, "failed": 5}
+    assert [r["custom_id"] for r in out] == ["a", "b", None, "a", "c", "d", "e"]
+    a, b = out[0]["response"], out[1]["response"]
+    assert a["status_code"] == 200 and a["body"]["choices"][0]["message"]["content"] == expected("alpha", "hi", 4)[0]
+    assert a["request_id"] == a["body"]["id"] and out[0]["error"] is None
+    assert b["body"]["choices"][0]["text"] == expected("beta", "yo", 3)[0]
+    assert out[2]["error"]["message"].startswith("line 3: not JSON") and out[2]["response"] is None
+    assert "custom_id 'a' is used by an earlier line" in out[3]["error"]["message"]
+    assert "url must be one of" in out[4]["error"]["message"]
+    assert out[5]["response"]["status_code"] == 404 and out[5]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert "stream is not supported" in out[6]["error"]["message"]
+    with pytest.raises(ValueError, match="exists: pass --overwrite"):
+        run_batch(engine, src, dst)
+    assert len(dst.read_text().splitlines()) == 7  # kept
+
+
+def test_cli_run_batch_with_a_real_model(tmp_path, tiny_model_dir, real_adapters, capsys):
+    from moelora.cli import main
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                                       "body": {"model": m, "prompt": "Below is", "max_tokens": 4, "temperature": 0}})
+                           + "\n" for i, m in enumerate(["lora-a", "lora-b", "tiny"])))
+    args = ["run-batch", "-i", str(src), "-o", str(dst), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--served-model-name", "tiny", "--adapter", f"lora-a={real_adapters['lora-a']}",
+            "--adapter", f"lora-b={real_adapters['lora-b']}"]
+    assert main(args) == 0
+    assert "3 requests, 3 answered (200), 0 not" in capsys.readouterr().out
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [r["response"]["body"]["model"] for r in out] == ["lora-a", "lora-b", "tiny"]
+    assert main(args) == 2 and "exists: pass --overwrite" in capsys.readouterr().err
+    assert main([*args[:1], "-i", str(tmp_path / "none.jsonl"), *args[3:]]) == 2
+    assert "no such file" in capsys.readouterr().err
