@@ -411,8 +411,8 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
         max_tokens = _opt_int(body, "max_completion_tokens", lo=1)
     else:
         max_tokens = _opt_int(body, "max_tokens", lo=1)
-    if max_tokens is None:
-        max_tokens = defaults.get("max_tokens", None if chat else 16)  # 16: the OpenAI completions default
+    if max_tokens is None:  # completions: OpenAI's (and vLLM's) 16; chat: the default's, else to the context
+        max_tokens = defaults.get("max_tokens") if chat else 16
     temperature = _opt_num(body, "temperature", defaults.get("temperature", 1.0), 0.0, 2.0)  # OpenAI's; 0 = greedy
     top_p = _opt_num(body, "top_p", defaults.get("top_p", 1.0), 0.0, 1.0, lo_open=True)
     top_k = _opt_int(body, "top_k", lo=-1)  # vLLM's extension: -1 or 0 = off

@@ -1868,8 +1868,10 @@ def test_sampling_defaults_fill_what_a_request_omits(start):
     post(url, "/v1/completions", {"model": "alpha", "prompt": "hi"})
     post(url, "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
                                        "temperature": 0.5, "top_k": -1, "max_tokens": 2})
+    post(url, "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})
     got = [(p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.max_tokens) for p in engine.seen]
-    assert got == [(0.0, 0.8, 20, 0.05, 1.1, 4), (0.5, 0.8, 0, 0.05, 1.1, 2)]
+    assert got == [(0.0, 0.8, 20, 0.05, 1.1, 16),  # completions: max_tokens stays OpenAI's 16, as vLLM
+                   (0.5, 0.8, 0, 0.05, 1.1, 2), (0.0, 0.8, 20, 0.05, 1.1, 4)]
     config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
                               max_new_tokens=100, eos_token_id=2)
     assert generation_defaults(config) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
