@@ -735,9 +735,9 @@ def generate_responses(
 
     Greedy decoding of a ``transformers`` model runs through :class:`moelora.engine.Engine`
     (continuous batching: ``batch_size`` requests at a time, a finished one replaced at once, the
-    model's active adapter), with the outputs of ``model.generate`` (tested); beam search, and
-    models that are not ``transformers`` ones, use left-padded batches of ``model.generate`` (as all
-    do with ``engine=False``)."""
+    model's active adapter), with the outputs of ``model.generate`` (tested); beam search, quantized
+    models, a model holding a PiSSA adapter and models that are not ``transformers`` ones use
+    left-padded batches of ``model.generate`` (as all do with ``engine=False``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _device(model)
@@ -750,7 +750,8 @@ def generate_responses(
 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0
     pissa = getattr(getattr(model, "_moelora_ctx", None), "residual_base", None) is not None  # no base rows
-    if engine and num_beams == 1 and isinstance(model, PreTrainedModel) and not pissa and all(
+    quantized = getattr(model, "hf_quantizer", None) is not None  # (the engine is not tested on bitsandbytes)
+    if engine and num_beams == 1 and isinstance(model, PreTrainedModel) and not pissa and not quantized and all(
             len(e) + max_new_tokens <= limit for e in encoded):
         with _progress(len(prompts), desc, "item", progress) as bar, _EvalMode(model):
             return _engine_generate(model, tokenizer, encoded, batch_size, max_new_tokens, stop, bar)
