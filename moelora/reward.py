@@ -44,12 +44,13 @@ def value_head(model: nn.Module, adapter_name: str) -> ValueHead | None:
     return heads[adapter_name] if heads is not None and adapter_name in heads else None
 
 
-def attach_value_head(model: nn.Module, adapter_name: str) -> ValueHead:
-    """A new float32 value head for ``adapter_name`` (trainable), on the model's device."""
+def attach_value_head(model: nn.Module, adapter_name: str, dropout: float = 0.1) -> ValueHead:
+    """A new float32 value head for ``adapter_name`` (trainable), on the model's device (``dropout``:
+    TRL's ``summary_dropout_prob``)."""
     if not hasattr(model, HOLDER):
         model.add_module(HOLDER, nn.ModuleDict())
     device = next(model.parameters()).device
-    head = ValueHead(model.config.hidden_size).to(device=device, dtype=torch.float32)
+    head = ValueHead(model.config.hidden_size, dropout).to(device=device, dtype=torch.float32)
     getattr(model, HOLDER)[adapter_name] = head
     return head
 
@@ -73,20 +74,25 @@ def _capture(model: nn.Module):
         hook.remove()
 
 
-def sequence_rewards(forward_model: nn.Module, model: nn.Module, batch: dict, adapter_name: str,
+def sequence_rewards(forward_model: nn.Module, model: nn.Module, batch: dict, adapter_name: str | list[str],
                      return_outputs: bool = False):
     """``(B,)`` float32 rewards of a right-padded ``batch`` (``input_ids``, ``attention_mask``, ...):
     ``forward_model`` (``model`` or its DDP wrapper) runs the forward (logits for the last position
     only), ``model``'s value head of ``adapter_name`` reads the hidden state of each row's last token.
-    With ``return_outputs``: ``(rewards, the forward's outputs)`` (their ``router_loss``)."""
-    head = value_head(model, adapter_name)
-    if head is None:
-        raise ValueError(f"adapter {adapter_name!r} has no value head (train.stage: rm attaches one)")
+    Several names: the batch is their rows in that order, equally many each (a mixed batch with its
+    ``adapter_names``), each read by its own head. With ``return_outputs``: ``(rewards, the forward's
+    outputs)`` (their ``router_loss``)."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    heads = [value_head(model, n) for n in names]
+    for n, head in zip(names, heads):
+        if head is None:
+            raise ValueError(f"adapter {n!r} has no value head (train.stage: rm attaches one)")
     with _capture(model) as box:
         outputs = forward_model(**batch, use_cache=False, logits_to_keep=1)
     last = batch["attention_mask"].sum(-1) - 1
     hidden = box[0][torch.arange(len(last), device=last.device), last]  # (B, hidden)
-    rewards = head(hidden).float()
+    per = len(last) // len(names)
+    rewards = torch.cat([head(hidden[i * per : (i + 1) * per]).float() for i, head in enumerate(heads)])
     return (rewards, outputs) if return_outputs else rewards
 
 

@@ -148,6 +148,8 @@ class TrainConfig:
     dpo_label_smoothing: float = 0.0
     """``pref_loss: sigmoid``: the probability that a pair's preference is flipped (conservative DPO;
     LLaMA-Factory's ``dpo_label_smoothing``), in [0, 0.5); 0: off."""
+    value_head_dropout: float = 0.1
+    """``stage: rm``: the value head's dropout (TRL's ``summary_dropout_prob``)."""
     ref_adapter: str | None = None
     """``stage: dpo``: the reference is the base model with this saved adapter (frozen) instead of the
     base model alone (LLaMA-Factory's ``ref_model_adapters``; e.g. the SFT adapter the run starts
@@ -381,12 +383,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     stages = (*STAGES, "rm")
     if t.stage not in stages:
         raise ConfigError(f"train.stage must be one of {', '.join(stages)}, got {t.stage!r}{did_you_mean(t.stage, stages)}")
+    if not 0 <= t.value_head_dropout < 1:
+        raise ConfigError(f"train.value_head_dropout must be in [0, 1), got {t.value_head_dropout}")
     if t.stage == "rm":
-        for bad, why in ((run.adapters is not None, "several adapters (`adapters:`)"), (t.fsdp, "train.fsdp"),
-                         (t.deepspeed is not None, "train.deepspeed"), (t.ref_adapter is not None, "train.ref_adapter")):
+        for bad, why in ((t.fsdp, "train.fsdp"), (t.deepspeed is not None, "train.deepspeed"),
+                         (t.ref_adapter is not None, "train.ref_adapter")):
             if bad:
-                raise ConfigError(f"train.stage: rm does not support {why}: train one reward model per run, "
-                                  "unsharded")
+                raise ConfigError(f"train.stage: rm does not support {why}: train reward models unsharded")
     if t.stage == "kto":
         if t.pref_loss != "sigmoid" or t.dpo_label_smoothing:
             raise ConfigError("train.pref_loss and train.dpo_label_smoothing apply to train.stage: dpo, not kto")

@@ -338,7 +338,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         for name in names:
             set_seed(t.seed)
             if run.adapter_name_or_path is None or not reward.load_value_head(model, run.adapter_name_or_path, name):
-                reward.attach_value_head(model, name)
+                reward.attach_value_head(model, name, t.value_head_dropout)
     reference = _load_reference(model, t.ref_adapter, names)
     if run.quantization is None and not zero3:  # bitsandbytes places at load time; ZeRO-3 places shards itself
         model.to(accelerator.device)
@@ -1032,19 +1032,23 @@ RM_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewar
 
 def _reward_losses(ddp_model, model, feats: list[dict], names: list[str], pad_token_id: int,
                    accelerator) -> tuple[Any, dict[str, Any]]:
-    """``train.stage: rm``: one forward of the pairs' chosen then rejected rows, the value head's reward
-    of each (``moelora.reward``) and LLaMA-Factory's pairwise loss ``-log sigmoid(r_c - r_r)``. Returns
-    the outputs and ``{"loss", "reward_chosen", "reward_rejected"}`` (``(1, B)``) and ``"tokens"``."""
-    [name] = names
-    B = len(feats)
-    batch = {k: v.to(accelerator.device) for k, v in collate(preference_rows(feats), pad_token_id).items()}
+    """``train.stage: rm``: one forward of the pairs' chosen then rejected rows for every adapter (a
+    mixed batch when several), each adapter's value head's reward of its rows (``moelora.reward``) and
+    LLaMA-Factory's pairwise loss ``-log sigmoid(r_c - r_r)``. Returns the outputs and ``{"loss",
+    "reward_chosen", "reward_rejected"}`` (``(adapters, B)``) and ``"tokens"``."""
+    A, B = len(names), len(feats)
+    rows = preference_rows(feats)
+    batch = {k: v.to(accelerator.device) for k, v in collate(rows * A, pad_token_id).items()}
     batch.pop("labels")
+    if A > 1:
+        batch["adapter_names"] = [n for n in names for _ in rows]
     with accelerator.autocast():
-        r, outputs = reward.sequence_rewards(ddp_model, model, batch, name, return_outputs=True)
-    chosen, rejected = r[:B], r[B:]
+        r, outputs = reward.sequence_rewards(ddp_model, model, batch, names, return_outputs=True)
+    r = r.view(A, 2, B)
+    chosen, rejected = r[:, 0], r[:, 1]
     loss = -F.logsigmoid(chosen - rejected)
-    return outputs, {"loss": loss[None], "reward_chosen": chosen[None].detach(), "reward_rejected": rejected[None].detach(),
-                  "tokens": int(batch["attention_mask"].sum())}
+    return outputs, {"loss": loss, "reward_chosen": chosen.detach(), "reward_rejected": rejected.detach(),
+                     "tokens": int(batch["attention_mask"].sum())}
 
 
 def _reward_metrics(pair: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -151,12 +151,39 @@ def test_reward_model_config_errors(tmp_path, tiny_model_dir):
     for override, msg in [("train.fsdp=true", "train.fsdp"), ("train.deepspeed=zero2", "train.deepspeed")]:
         with pytest.raises(ConfigError, match=f"train.stage: rm does not support {msg}"):
             load_run_config(cfg, [override])
+    with pytest.raises(ConfigError, match=r"train.value_head_dropout must be in \[0, 1\)"):
+        load_run_config(cfg, ["train.value_head_dropout=1.5"])
+
+
+def test_several_reward_models_in_one_run_each_equal_their_run_alone(tmp_path, tiny_model_dir):
+    """``adapters:`` with ``stage: rm``: one forward of every adapter's rows per step, each adapter with
+    its own value head (saved beside it, in its directory) and optimizer; each equals its run alone
+    (no dropout, so that the random streams do not differ)."""
+    lora = {"type": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    mix = {"type": "mixlora", "num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    kw = dict(value_head_dropout=0.0, max_steps=6, save_steps=0, val_size=0, eval_steps=0)
+    solo = {}
+    for name, method in (("plain", lora), ("mix", mix)):
+        cfg = rm_config(tmp_path, tiny_model_dir, tmp_path / name, **kw)
+        d = json.loads(cfg.read_text())
+        d["method"] = method
+        cfg.write_text(json.dumps(d))
+        solo[name] = train(load_run_config(cfg), progress=False)
+    cfg = rm_config(tmp_path, tiny_model_dir, tmp_path / "both", **kw)
     d = json.loads(cfg.read_text())
     d.pop("method")
-    d["adapters"] = {"a": {"type": "lora"}, "b": {"type": "lora"}}
+    d["adapters"] = {"plain": lora, "mix": mix}
     cfg.write_text(json.dumps(d))
-    with pytest.raises(ConfigError, match=r"train.stage: rm does not support several adapters"):
-        load_run_config(cfg)
+    out = train(load_run_config(cfg), progress=False)
+    for name in ("plain", "mix"):
+        for f in ("adapter_model.safetensors", "value_head.safetensors"):
+            a, b = load_file(str(out / name / f)), load_file(str(solo[name] / f))
+            assert a.keys() == b.keys()
+            for k in a:
+                if k == "v_head.summary.bias":  # the pairwise loss does not see it (r_c - r_r): its gradient is 0
+                    assert (a[k] - b[k]).abs().max() <= 6 * 5e-3  # up to rounding, which Adam makes +-lr steps
+                    continue
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {f}: {k}")
 
 
 def test_score_without_a_value_head_is_dpos_implicit_reward(tmp_path, tiny_model_dir):
