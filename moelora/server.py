@@ -104,6 +104,34 @@ class _Stream:
             pass
 
 
+# vLLM's buckets for its latency histograms (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+
+
+class _Histogram:
+    """A Prometheus histogram: cumulative bucket counts, a sum and a count."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+
+    def lines(self, name: str, help_text: str) -> list[str]:
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
 class EngineWorker:
     """The one thread that calls engine methods. Loops ``step()`` while ``has_work()``, else blocks on its queue.
 
@@ -124,6 +152,11 @@ class EngineWorker:
         self.prompt_tokens = 0  # of finished requests
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}  # finish_reason -> requests
+        # latency histograms (vLLM's): from registration to the first token, to the end, and per token after the first
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        self.e2e = _Histogram(E2E_BUCKETS)
+        self.tpot = _Histogram(TPOT_BUCKETS)
+        self._times: dict[str, list[float | None]] = {}  # request id -> [registered, first token]
 
     # -- called from any thread
     def start(self) -> None:
@@ -158,6 +191,23 @@ class EngineWorker:
     # -- engine thread only
     def register(self, request_id: str, stream: _Stream) -> None:
         self._streams[request_id] = stream
+        self._times[request_id] = [time.monotonic(), None]
+
+    def _timed(self, out: Any) -> None:
+        """Latency histograms from one output of a registered request."""
+        times = self._times.get(out.request_id)
+        if times is None:
+            return
+        now = time.monotonic()
+        if times[1] is None and getattr(out, "token_ids", None):
+            times[1] = now
+            self.ttft.observe(now - times[0])
+        if out.finished:
+            del self._times[out.request_id]
+            self.e2e.observe(now - times[0])
+            n = int(getattr(out, "completion_tokens", 0) or 0)
+            if times[1] is not None and n > 1:
+                self.tpot.observe((now - times[1]) / (n - 1))
 
     def _run(self) -> None:
         try:
@@ -200,6 +250,7 @@ class EngineWorker:
         elif cmd[0] == "abort":
             rid = cmd[1]
             self._streams.pop(rid, None)
+            self._times.pop(rid, None)
             try:
                 self.engine.abort(rid)
             except Exception:  # unknown or already finished
@@ -233,13 +284,16 @@ class EngineWorker:
             rid = getattr(out, "request_id", None)
             stream = self._streams.get(rid) if isinstance(rid, str) else None
             if stream is None:  # aborted, already finished or foreign: dropped, never delivered elsewhere
+                self._times.pop(rid, None)
                 continue
+            self._timed(out)
             if out.finished:
                 del self._streams[rid]
             stream.put(out)
 
     def _fail_all(self, message: str, status: int = 500, code: str = "internal_error") -> None:
         streams, self._streams = self._streams, {}
+        self._times.clear()
         for rid, stream in streams.items():
             stream.put(APIError(status, message, type="server_error", code=code))
             try:
@@ -1241,10 +1295,14 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     if not worker.alive():
         return web.Response(text="moelora_up 0\n", content_type="text/plain")
-    running, waiting, adapters, prefix, spec, kv, preemptions = await worker.run(
+    running, waiting, adapters, prefix, spec, kv, preemptions, latency = await worker.run(
         lambda e: (len(e.running) + len(getattr(e, "prefilling", ())), len(e.waiting), len(list(e.adapter_names())),
                    getattr(e, "prefix", None), dict(getattr(e, "spec_stats", None) or {}), _kv_usage(e),
-                   getattr(e, "num_preemptions", 0)))
+                   getattr(e, "num_preemptions", 0),
+                   [*worker.ttft.lines("moelora_time_to_first_token_seconds", "From arrival to the first token."),
+                    *worker.e2e.lines("moelora_e2e_request_latency_seconds", "From arrival to the last token."),
+                    *worker.tpot.lines("moelora_time_per_output_token_seconds",
+                                       "Per output token after the first (decoding).")]))
     queries, hits, cache_bytes = (prefix.queries, prefix.hits, prefix.bytes) if prefix is not None else (0, 0, 0)
     lines = [
         "# HELP moelora_up 1 while the engine thread runs.", "# TYPE moelora_up gauge", "moelora_up 1",
@@ -1277,6 +1335,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE moelora_kv_cache_usage_perc gauge", f"moelora_kv_cache_usage_perc {kv[1]}",
         "# HELP moelora_num_preemptions_total Requests preempted to stay within --kv-cache-mb (recomputed later).",
         "# TYPE moelora_num_preemptions_total counter", f"moelora_num_preemptions_total {preemptions}",
+        *latency,  # vLLM's latency histograms, with its buckets
         # vLLM's spec_decode counter names: drafts (requests that proposed in a step), draft and accepted tokens
         "# HELP moelora_spec_decode_num_drafts_total Speculative drafts proposed (one per request and step).",
         "# TYPE moelora_spec_decode_num_drafts_total counter",

@@ -291,6 +291,13 @@ def test_metrics_count_tokens_and_finished_requests(start):
     assert m['moelora_requests_finished_total{finish_reason="stop"}'] == 2
     assert m['moelora_requests_finished_total{finish_reason="length"}'] == 1
     assert m["moelora_engine_steps_total"] >= 1 and m["moelora_engine_step_errors_total"] == 0
+    # vLLM's latency histograms: every finished request once (per token after the first: those with more)
+    for name, n in [("moelora_time_to_first_token_seconds", 3), ("moelora_e2e_request_latency_seconds", 3),
+                    ("moelora_time_per_output_token_seconds", 3)]:
+        buckets = [v for k, v in m.items() if k.startswith(name + "_bucket")]
+        assert m[name + "_count"] == n == m[f'{name}_bucket{{le="+Inf"}}'] and m[name + "_sum"] > 0, name
+        assert buckets == sorted(buckets) and len(buckets) > 10, name  # cumulative
+    assert m["moelora_e2e_request_latency_seconds_sum"] >= m["moelora_time_to_first_token_seconds_sum"]
 
 
 def test_batch_is_all_or_nothing_when_the_queue_fills(start):
