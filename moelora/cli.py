@@ -469,7 +469,7 @@ def _serve_setup(args: argparse.Namespace):
             raise ValueError(f"--chat-template: the template fails on a one-message chat: {type(e).__name__}: {e}") \
                 from None
     options = dict(tool_parser=args.tool_call_parser, sampling_defaults=_sampling_defaults(args, engine.model),
-                   trust_request_chat_template=args.trust_request_chat_template)
+                   trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests)
     if args.command == "serve":
         options.update(api_key=api_key, admin=args.admin, cors=cors, ssl_context=ssl_context)
     return engine, options
@@ -666,6 +666,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="the Jinja chat template for chat requests, a file or the template itself (default: the "
                         "tokenizer's; needed for a base model without one)")
+    w.add_argument("--enable-log-requests", action="store_true",
+                   help="log one line per finished request: id, model, finish reason, tokens, latency (no text)")
     w.add_argument("--trust-request-chat-template", action="store_true",
                    help="let chat requests bring their own 'chat_template' (refused by default)")
     w.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")

@@ -156,7 +156,8 @@ class EngineWorker:
         self.ttft = _Histogram(TTFT_BUCKETS)
         self.e2e = _Histogram(E2E_BUCKETS)
         self.tpot = _Histogram(TPOT_BUCKETS)
-        self._times: dict[str, list[float | None]] = {}  # request id -> [registered, first token]
+        self._times: dict[str, list] = {}  # request id -> [registered, first token time, model name]
+        self.log_requests = False  # one log line per finished or aborted request (serve --enable-log-requests)
 
     # -- called from any thread
     def start(self) -> None:
@@ -189,9 +190,9 @@ class EngineWorker:
         self._thread.join(timeout)
 
     # -- engine thread only
-    def register(self, request_id: str, stream: _Stream) -> None:
+    def register(self, request_id: str, stream: _Stream, model: str | None = None) -> None:
         self._streams[request_id] = stream
-        self._times[request_id] = [time.monotonic(), None]
+        self._times[request_id] = [time.monotonic(), None, model]
 
     def _timed(self, out: Any) -> None:
         """Latency histograms from one output of a registered request."""
@@ -208,6 +209,10 @@ class EngineWorker:
             n = int(getattr(out, "completion_tokens", 0) or 0)
             if times[1] is not None and n > 1:
                 self.tpot.observe((now - times[1]) / (n - 1))
+            if self.log_requests:
+                first = f", first token {times[1] - times[0]:.3f} s" if times[1] is not None else ""
+                log.info("request %s (model %s): %s, %s prompt + %d completion tokens in %.3f s%s", out.request_id,
+                         times[2], out.finish_reason, getattr(out, "prompt_tokens", "?"), n, now - times[0], first)
 
     def _run(self) -> None:
         try:
@@ -250,7 +255,10 @@ class EngineWorker:
         elif cmd[0] == "abort":
             rid = cmd[1]
             self._streams.pop(rid, None)
-            self._times.pop(rid, None)
+            times = self._times.pop(rid, None)
+            if times is not None and self.log_requests:
+                log.info("request %s (model %s): aborted after %.3f s (the client left)", rid, times[2],
+                         time.monotonic() - times[0])
             try:
                 self.engine.abort(rid)
             except Exception:  # unknown or already finished
@@ -935,7 +943,7 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
                 pass
         raise
     for rid, stream in zip(rids, streams):
-        worker.register(rid, stream)
+        worker.register(rid, stream, req.model)
     return [len(ids) for ids, _, _ in jobs]
 
 
@@ -1550,7 +1558,8 @@ class Cors:
 
 def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
                tool_parser: str | None = None, cors: Cors | None = None,
-               sampling_defaults: dict | None = None, trust_request_chat_template: bool = False) -> web.Application:
+               sampling_defaults: dict | None = None, trust_request_chat_template: bool = False,
+               log_requests: bool = False) -> web.Application:
     """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
@@ -1562,6 +1571,8 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
     ``repetition_penalty`` or ``max_tokens`` get (``generation_defaults``; None: OpenAI's defaults).
     ``trust_request_chat_template``: chat requests may bring their own Jinja ``chat_template`` (vLLM's
     ``--trust-request-chat-template``; rendered in transformers' sandbox either way).
+    ``log_requests``: one INFO line on ``moelora.server`` per finished or aborted request (its id, model,
+    finish reason, token counts and latency; never its text).
     """
     _check_sampling_defaults(sampling_defaults or {})
     fmt = tool_format(tool_parser) if tool_parser is not None else None  # ValueError naming the choices
@@ -1581,6 +1592,7 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
 
         app.on_response_prepare.append(_cors_headers)
     worker = EngineWorker(engine)
+    worker.log_requests = bool(log_requests)
     app[WORKER] = worker
     app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt,
                    "sampling_defaults": dict(sampling_defaults or {}),

@@ -1998,3 +1998,22 @@ def test_cli_run_batch_with_a_real_model(tmp_path, tiny_model_dir, real_adapters
     assert main(args) == 2 and "exists: pass --overwrite" in capsys.readouterr().err
     assert main([*args[:1], "-i", str(tmp_path / "none.jsonl"), *args[3:]]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_request_log_lines_only_when_enabled(start, caplog):
+    """``--enable-log-requests`` (vLLM's): one INFO line per finished request with its id, model, finish
+    reason, token counts and latency, never its text; nothing without the flag."""
+    import logging
+
+    url, _ = start(log_requests=True)
+    with caplog.at_level(logging.INFO, logger="moelora.server"):
+        d = post(url, "/v1/completions", {**GOOD, "prompt": "secret words", "max_tokens": 3}).json()
+        assert _wait_for(lambda: any(d["id"] in r.getMessage() for r in caplog.records))
+    (line,) = [r.getMessage() for r in caplog.records if d["id"] in r.getMessage()]
+    assert f"(model {GOOD['model']}): length, " in line and "+ 3 completion tokens in " in line
+    assert "secret" not in line
+    quiet, _ = start()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="moelora.server"):
+        post(quiet, "/v1/completions", {**GOOD, "max_tokens": 2})
+    assert not [r for r in caplog.records if "request " in r.getMessage()]
