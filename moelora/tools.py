@@ -36,10 +36,13 @@ def _call(name: str, args: dict, call_id: str | None = None) -> dict:
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
-def _json_call(obj, *arg_keys: str) -> tuple[str, dict] | None:
+def _json_call(obj, *arg_keys: str, required: bool = False) -> tuple[str, dict] | None:
     """``(name, arguments)`` of a ``{"name": ..., <arg_key>: {...}}`` object (arguments may be a JSON
-    string), or None."""
+    string; ``required``: one of ``arg_keys`` must be there, so that a JSON answer with a "name" field
+    is not read as a call), or None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    if required and not any(k in obj for k in arg_keys):
         return None
     args = next((obj[k] for k in arg_keys if k in obj), {})
     if isinstance(args, str):
@@ -138,7 +141,7 @@ class Llama3Json(ToolFormat):
                 obj, i = decoder.raw_decode(s, i)
             except ValueError:
                 return text, []
-            got = _json_call(obj, "parameters", "arguments")
+            got = _json_call(obj, "parameters", "arguments", required=True)
             if got is None:
                 return text, []
             calls.append(_call(*got))
@@ -175,7 +178,8 @@ class Mistral(ToolFormat):
             items = json.loads(body)
         except ValueError:
             return text, []
-        got = [_json_call(x, "arguments", "parameters") for x in items] if isinstance(items, list) else [None]
+        got = [_json_call(x, "arguments", "parameters", required=True) for x in items] if isinstance(items, list) \
+            else [None]
         if not got or None in got:
             return text, []
         return content, [_call(name, args, self.call_id()) for name, args in got]

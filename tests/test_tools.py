@@ -28,6 +28,8 @@ def calls_of(fmt: str, text: str):
     ("llama3_json", 'The answer is {"name": "f"}', None, []),  # calls must be the whole reply
     ("llama3_json", '{"name": "f", "parameters": {}} and more', None, []),
     ("llama3_json", '{"name": 3, "parameters": {}}', None, []),
+    ("llama3_json", '{"name": "Bob", "age": 3}', None, []),  # a JSON answer, not a call: no parameters
+    ("mistral", '[{"name": "Bob"}]', None, []),
     ("mistral", 'ok[TOOL_CALLS][{"name": "f", "arguments": {"x": "y"}}]', "ok", [("f", {"x": "y"})]),
     ("mistral", '[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"n": 1}}]', "",
      [("f", {}), ("g", {"n": 1})]),  # [TOOL_CALLS] is a control token that decoding drops
