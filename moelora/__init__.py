@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, export_mixlora, load_adapter, save_adap
 from .config import ConfigError, LoraConfig, MiLoraConfig, MixLoraConfig  # noqa: E402
 from .inject import (  # noqa: E402
     ARCHITECTURES,
+    add_weighted_adapter,
     attach,
     detach,
     disable_adapter,
@@ -37,6 +38,7 @@ __all__ = [
     "detach",
     "disable_adapter",
     "merge_and_unload",
+    "add_weighted_adapter",
     "set_adapter",
     "set_backend",
     "set_recompute",

@@ -259,6 +259,39 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    """Combine saved LoRA adapters into one (``moelora.add_weighted_adapter``) and save it."""
+    from .checkpoint import load_adapter, save_adapter
+    from .inject import add_weighted_adapter
+    from .train import load_model_and_tokenizer
+
+    pairs = []
+    for spec in args.adapter:
+        path, sep, weight = spec.rpartition(":")
+        try:
+            pairs.append((path, float(weight)) if sep else (spec, 1.0))
+        except ValueError:
+            pairs.append((spec, 1.0))  # a path with a colon and no weight
+    if len(pairs) < 2:
+        raise ValueError("give at least two --adapter DIR[:WEIGHT]")
+    for path, _ in pairs:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--adapter {path}: no such directory")
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    model, _ = load_model_and_tokenizer(args.model)
+    names = [f"in{i}" for i in range(len(pairs))]
+    for name, (path, _) in zip(names, pairs):
+        load_adapter(model, path, adapter_name=name)
+    add_weighted_adapter(model, names, [w for _, w in pairs], "combined", combination_type=args.combination,
+                         svd_rank=args.svd_rank)
+    save_adapter(model, out, "combined")  # atomic: written beside, then moved into place
+    cfg = model._moelora_ctx.configs["combined"]
+    print(f"combined {len(pairs)} adapters ({args.combination}, rank {cfg.r}): {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Merge a LoRA/DoRA adapter into the base and save a plain transformers model (with its tokenizer)."""
     import shutil
@@ -764,6 +797,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="the first N pairs of each file")
     p.add_argument("--output", default=None, help="also write the figures as JSON")
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("combine", help="combine saved LoRA adapters into one (PEFT's add_weighted_adapter)")
+    p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", action="append", required=True, metavar="DIR[:WEIGHT]",
+                   help="an adapter and its weight (default 1; negative subtracts); twice or more")
+    p.add_argument("--combination", choices=["cat", "svd", "linear"], default="cat",
+                   help="cat: exact, rank = the sum of the ranks; svd: the best --svd-rank approximation; "
+                        "linear: A and B summed (same ranks; rough) (default: cat)")
+    p.add_argument("--svd-rank", type=int, default=None, help="svd: the combined rank (default: the largest)")
+    p.add_argument("--output", required=True, help="directory for the combined adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.set_defaults(fn=cmd_combine)
 
     p = sub.add_parser("export", help="merge a LoRA/DoRA adapter into the base and save a plain transformers model")
     p.add_argument("--model", default=None, help="base model directory or hub id (default: embedded SmolLM2-135M-Instruct)")

@@ -456,6 +456,71 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Mo
     return detach(model)
 
 
+@torch.no_grad()
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> nn.Module:
+    """A new LoRA adapter ``adapter_name`` that combines attached LoRA adapters (PEFT's
+    ``add_weighted_adapter``; the new one's scale is 1, ``lora_alpha = r``):
+
+    - ``"cat"``: exact, ``sum_i w_i s_i B_i A_i`` as one LoRA of rank ``sum_i r_i`` (``A`` the scaled
+      ``A_i`` stacked, ``B`` the ``B_i`` side by side);
+    - ``"svd"``: the best rank-``svd_rank`` (default: the largest ``r_i``) approximation of that sum
+      (``B = U_r S_r``, ``A = V_r^T``);
+    - ``"linear"``: ``A = sum_i +-sqrt(|w_i s_i|) A_i``, ``B = sum_i sqrt(|w_i s_i|) B_i`` (same ranks only;
+      a rough approximation, as PEFT warns).
+
+    LoRA adapters only (not DoRA, MixLoRA, MiLoRA, PiSSA), without per-module ranks, alphas or layers; a
+    module some adapters do not target takes the others'. The active adapter does not change."""
+    ctx = get_context(model)
+    if combination_type not in ("cat", "svd", "linear"):
+        raise ValueError(f"combination_type must be cat, svd or linear, got {combination_type!r}")
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError("give one weight per adapter, and at least one adapter")
+    cfgs = []
+    for a in adapters:
+        if a not in ctx.configs:
+            raise KeyError(f"no adapter named {a!r} (attached: {list(ctx.configs)})")
+        c = ctx.configs[a]
+        if (not isinstance(c, LoraConfig) or c.use_dora or c.is_pissa or c.rank_pattern or c.alpha_pattern
+                or c.layers_to_transform is not None):
+            raise ValueError(f"adapter {a!r}: only plain LoRA adapters combine (no DoRA, MixLoRA, MiLoRA, PiSSA, "
+                             "rank/alpha patterns or layers_to_transform)")
+        cfgs.append(c)
+    ranks = [c.r for c in cfgs]
+    if combination_type == "linear" and len(set(ranks)) > 1:
+        raise ValueError(f"combination_type linear needs adapters of one rank, got {ranks}")
+    rank = {"cat": sum(ranks), "linear": ranks[0], "svd": svd_rank or max(ranks)}[combination_type]
+    targets = sorted({t for c in cfgs for t in c.target_modules})
+    active = ctx.active
+    attach(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=cfgs[0].lora_dropout, target_modules=targets),
+           adapter_name)
+    ctx.active = active
+    for wrapper in [m for m in model.modules() if isinstance(m, AdaptedLinear) and adapter_name in m.adapters]:
+        new = wrapper.adapters[adapter_name].lora
+        parts = [(w, wrapper.adapters[a].lora) for a, w in zip(adapters, weights) if a in wrapper.adapters]
+        A, B = new.lora_A.data[0], new.lora_B.data[0]  # (rank, in), (out, rank)
+        A.zero_()  # (a fresh A is Kaiming-initialised)
+        B.zero_()
+        if combination_type == "cat":
+            at = 0
+            for w, lora in parts:
+                A[at : at + lora.r] = lora.lora_A[0] * (w * lora.scaling)
+                B[:, at : at + lora.r] = lora.lora_B[0]
+                at += lora.r
+        elif combination_type == "linear":
+            for w, lora in parts:
+                ws = w * lora.scaling
+                A += lora.lora_A[0] * (abs(ws) ** 0.5 * (1 if ws >= 0 else -1))
+                B += lora.lora_B[0] * abs(ws) ** 0.5
+        else:
+            delta = sum(w * lora.scaling * (lora.lora_B[0] @ lora.lora_A[0]) for w, lora in parts)
+            U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+            k = min(rank, S.numel())
+            B[:, :k] = (U[:, :k] * S[:k]).to(B.dtype)
+            A[:k] = Vh[:k].to(A.dtype)
+    return model
+
+
 def _teardown(model: nn.Module) -> None:
     """Remove every trace of moelora: hooks, the context, the generate wrapper; restore requires_grad."""
     from .methods.milora import remove_layer_hooks

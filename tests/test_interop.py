@@ -206,6 +206,45 @@ def test_adapters_of_some_layers_only_both_ways(peft, tmp_path, peft_side):
     assert getattr(plain, "_moelora_ctx", None) is None
 
 
+@pytest.mark.parametrize("combination", ["cat", "svd", "linear"])
+def test_add_weighted_adapter_equals_peft_s(peft, tmp_path, combination):
+    """``moelora.add_weighted_adapter`` (PEFT's ``add_weighted_adapter``): the combined adapter gives
+    PEFT's logits for the same adapters and weights (``cat`` exactly ``sum w_i s_i B_i A_i``; a
+    negative weight subtracts); the active adapter does not change; what does not combine is named."""
+    second = 2 if combination != "linear" else 4
+    cfgs = [peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            peft.LoraConfig(r=second, lora_alpha=4, target_modules=["q_proj", "down_proj"])]
+    theirs = peft.get_peft_model(tiny_model(), cfgs[0], adapter_name="a")
+    theirs.add_adapter("b", cfgs[1])
+    randomize_peft(theirs)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ids, mask = batch(theirs)
+    theirs.add_weighted_adapter(["a", "b"], [0.7, -0.4], "ab", combination_type=combination)
+    theirs.set_adapter("ab")
+    want = forward_logits(theirs.eval(), ids, mask)
+    model = tiny_model()
+    base = forward_logits(model, ids, mask)
+    moelora.load_adapter(model, tmp_path / "ad" / "a", "a")  # PEFT saves named adapters in subdirectories
+    moelora.load_adapter(model, tmp_path / "ad" / "b", "b")
+    moelora.add_weighted_adapter(model, ["a", "b"], [0.7, -0.4], "ab", combination_type=combination)
+    assert moelora.get_context(model).active == "b"
+    cfg = moelora.get_context(model).configs["ab"]
+    assert (cfg.r, cfg.lora_alpha, sorted(cfg.target_modules)) == (
+        {"cat": 6, "svd": 4, "linear": 4}[combination], cfg.r, ["down_proj", "q_proj", "v_proj"])
+    moelora.set_adapter(model, "ab")
+    assert_same_logits(forward_logits(model.eval(), ids, mask), want, mask, base)
+    if combination == "cat":  # exact: the merged delta of every module
+        q = model.model.layers[0].self_attn.q_proj.adapters
+        merged = {n: q[n].lora.merged_weight() for n in ("a", "b", "ab")}
+        torch.testing.assert_close(merged["ab"], 0.7 * merged["a"] - 0.4 * merged["b"], rtol=1e-5, atol=1e-6)
+    if combination != "linear":
+        with pytest.raises(ValueError, match=r"needs adapters of one rank, got \[4, 2\]"):
+            moelora.add_weighted_adapter(model, ["a", "b"], [1, 1], "x", combination_type="linear")
+    moelora.attach(model, moelora.LoraConfig(r=2, use_dora=True), "d")
+    with pytest.raises(ValueError, match="adapter 'd': only plain LoRA adapters combine"):
+        moelora.add_weighted_adapter(model, ["a", "d"], [1, 1], "y")
+
+
 @pytest.mark.parametrize("arch,targets,names", [
     ("llama", "all-linear", LLAMA_TARGETS),  # PEFT saves it as every module's path
     ("llama", r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]),  # a regex is saved as it is

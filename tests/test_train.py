@@ -928,3 +928,34 @@ def test_optim_names_build_hf_s_optimizers(tmp_path, tiny_model_dir):
         assert cli(["train", "--config", str(cfg), "--no-progress"]) == 0
         moved[name] = sum(float(v.abs().sum()) for k, v in adapter(tmp_path / name).items() if "lora_B" in k)
     assert moved["sgd"] > 0 and moved["adafactor"] > 0 and moved["sgd"] != moved["adafactor"]
+
+
+def test_cli_combine_saves_the_weighted_sum_of_two_adapters(tmp_path, tiny_model_dir, capsys):
+    """``moelora combine --adapter A:0.5 --adapter B:-1`` (``cat``): the saved adapter's delta is the
+    weighted sum of the two, exactly; bad inputs are errors naming them."""
+    from transformers import AutoModelForCausalLM
+
+    dirs = []
+    for i, r in enumerate((4, 2)):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        moelora.attach(m, moelora.LoraConfig(r=r, target_modules=["q_proj"]))
+        from conftest import randomize_adapters
+
+        randomize_adapters(m, seed=i)
+        moelora.save_adapter(m, tmp_path / f"ad{i}")
+        dirs.append(tmp_path / f"ad{i}")
+    out = tmp_path / "both"
+    assert cli(["combine", "--model", str(tiny_model_dir), "--adapter", f"{dirs[0]}:0.5", "--adapter", f"{dirs[1]}:-1",
+                "--output", str(out)]) == 0
+    assert "combined 2 adapters (cat, rank 6)" in capsys.readouterr().out
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for name, d in (("x", dirs[0]), ("y", dirs[1]), ("xy", out)):
+        moelora.load_adapter(m, d, adapter_name=name)
+    q = m.model.layers[1].self_attn.q_proj.adapters
+    torch.testing.assert_close(q["xy"].lora.merged_weight(),
+                               0.5 * q["x"].lora.merged_weight() - q["y"].lora.merged_weight(), rtol=1e-5, atol=1e-6)
+    for bad, msg in [(["--adapter", str(dirs[0])], "at least two"),
+                     (["--adapter", str(dirs[0]), "--adapter", str(tmp_path / "nope")], "no such directory"),
+                     (["--adapter", str(dirs[0]), "--adapter", str(dirs[1])], "exists and is not empty")]:
+        assert cli(["combine", "--model", str(tiny_model_dir), "--output", str(out), *bad]) == 2, bad
+        assert msg in capsys.readouterr().err, bad
