@@ -126,6 +126,20 @@ def test_we_load_peft(peft, tmp_path, arch, use_dora, use_rslora):
     assert_same_logits(forward_logits(model, ids, mask), theirs, mask, base)
 
 
+def load_peft_saved(peft, tmp_path, config):
+    """A PEFT adapter (random weights) saved and loaded here: (our model with it, ids, mask, PEFT's
+    logits, the base model's logits)."""
+    theirs_model = peft.get_peft_model(tiny_model(), config)
+    randomize_peft(theirs_model)
+    theirs_model.eval().save_pretrained(str(tmp_path / "theirs"))
+    ids, mask = batch(theirs_model)
+    theirs = forward_logits(theirs_model, ids, mask)
+    model = tiny_model()
+    base = forward_logits(model, ids, mask)
+    moelora.load_adapter(model, tmp_path / "theirs")
+    return model, ids, mask, theirs, base
+
+
 PATTERNS = {"rank_pattern": {"q_proj": 8, "layers.1.self_attn.v_proj": 2, "down_proj": 6},
             "alpha_pattern": {"v_proj": 16, "model.layers.0.mlp.down_proj": 3}}
 
@@ -136,15 +150,8 @@ def test_rank_and_alpha_patterns_both_ways(peft, tmp_path, use_dora):
     matching): PEFT's adapter loads here with every module's own shape and scale, ours loads in
     PEFT, with equal logits both ways."""
     targets = ["q_proj", "v_proj", "down_proj"]
-    theirs_model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                      use_dora=use_dora, **PATTERNS))
-    randomize_peft(theirs_model)
-    theirs_model.eval().save_pretrained(str(tmp_path / "theirs"))
-    ids, mask = batch(theirs_model)
-    theirs = forward_logits(theirs_model, ids, mask)
-    model = tiny_model()
-    base = forward_logits(model, ids, mask)
-    moelora.load_adapter(model, tmp_path / "theirs")
+    model, ids, mask, theirs, base = load_peft_saved(
+        peft, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora, **PATTERNS))
     layers = model.model.layers
     shapes = [(ly.self_attn.q_proj.adapters["default"].lora.r, ly.self_attn.v_proj.adapters["default"].lora.r,
                ly.mlp.down_proj.adapters["default"].lora.r) for ly in layers]
@@ -177,14 +184,7 @@ def test_adapters_of_some_layers_only_both_ways(peft, tmp_path, peft_side):
     """PEFT's ``layers_to_transform`` (or paths / a regex / exclusions selecting the same projections in
     some layers only): read as ``LoraConfig.layers_to_transform``, the other layers untouched; ours
     with it loads in PEFT. Equal logits both ways."""
-    theirs_model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, **peft_side))
-    randomize_peft(theirs_model)
-    theirs_model.eval().save_pretrained(str(tmp_path / "theirs"))
-    ids, mask = batch(theirs_model)
-    theirs = forward_logits(theirs_model, ids, mask)
-    model = tiny_model()
-    base = forward_logits(model, ids, mask)
-    moelora.load_adapter(model, tmp_path / "theirs")
+    model, ids, mask, theirs, base = load_peft_saved(peft, tmp_path, peft.LoraConfig(r=4, lora_alpha=8, **peft_side))
     cfg = moelora.get_context(model).configs["default"]
     assert (cfg.target_modules, cfg.layers_to_transform) == (["down_proj", "q_proj"], [1])
     assert not hasattr(model.model.layers[0].self_attn.q_proj, "adapters")  # layer 0: a plain Linear
