@@ -103,6 +103,9 @@ class SamplingParams:
     guided_choice: list[str] | None = None  # the output must be one of these strings
     guided_grammar: str | None = None  # the output must be a sentence of this GBNF grammar (moelora.grammar)
     priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are admitted first
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled (EOS too, if listed)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences that must not appear (vLLM's
+    # bad_words, tokenized): the last token of one is masked where the output ends with the ones before it
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -144,6 +147,14 @@ class SamplingParams:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         check_guides(self.json_object, self.guided_regex, self.guided_choice, self.guided_grammar)
+        ids = self.allowed_token_ids
+        if ids is not None and (not isinstance(ids, list) or not ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids >= 0, got {ids!r}")
+        if not isinstance(self.bad_words_ids, list) or not all(
+                isinstance(w, list) and w and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w)
+                for w in self.bad_words_ids):
+            raise ValueError("bad_words_ids must be a list of non-empty token id lists")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool) or abs(self.priority) > 2**31:
             raise ValueError(f"priority must be an integer, got {self.priority!r}")
 
@@ -732,6 +743,9 @@ class Engine:
             raise ValueError(f"logit_bias token ids must be < {vocab}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < {vocab}")
+        if any(t >= vocab for t in params.allowed_token_ids or ()) or any(t >= vocab for w in params.bad_words_ids
+                                                                          for t in w):
+            raise ValueError(f"allowed_token_ids and bad words must be token ids < {vocab}")
         if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"the prompt must be a non-empty list of token ids in [0, {vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -1284,6 +1298,13 @@ class Engine:
             if p.logit_bias:
                 scores = scores.index_put((torch.tensor(list(p.logit_bias)),),
                                           torch.tensor(list(p.logit_bias.values()), dtype=scores.dtype), accumulate=True)
+            if p.allowed_token_ids is not None:  # every other token masked
+                keep = torch.tensor(p.allowed_token_ids)
+                scores = torch.full_like(scores, float("-inf")).index_copy(0, keep, scores[keep])
+            if p.bad_words_ids:  # the last token of a bad word whose start the output ends with
+                bad = [w[-1] for w in p.bad_words_ids if len(w) == 1 or r.output[len(r.output) - len(w) + 1:] == w[:-1]]
+                if bad:
+                    scores = scores.index_fill(0, torch.tensor(bad), float("-inf"))
             if len(r.output) < p.min_tokens:  # nothing that would end the output may come yet
                 ends = [*p.stop_token_ids, *(() if p.ignore_eos else self.eos)]
                 if ends:

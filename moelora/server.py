@@ -58,6 +58,7 @@ MAX_STOP = 16  # stop sequences per request (OpenAI allows 4; vLLM has no limit)
 MAX_STOP_LEN = 256
 MAX_BODY = 8 * 1024 * 1024  # request body bytes
 MAX_CHAT_TEMPLATE = 65536  # characters of a request's own chat_template
+MAX_ALLOWED_TOKENS = 65536  # allowed_token_ids of a request
 MAX_CHOICES = 64  # prompts x n of one request: each choice is one engine request
 MAX_LOGIT_BIAS = 1024  # token ids in logit_bias (OpenAI allows 300)
 MAX_STOP_TOKEN_IDS = 256  # vLLM's stop_token_ids per request
@@ -449,6 +450,7 @@ class _Req:
     template: dict | None = None  # chat: the chat template's options (_chat_options)
     tools: list[dict] | None = None  # chat: function tools for the template; the output is parsed for calls
     tool_format: ToolFormat | None = None  # ... in the server's --tool-call-parser format (moelora.tools)
+    bad_words: list[str] = dataclasses.field(default_factory=list)  # vLLM's: tokenized on the engine thread
 
     @property
     def num_choices(self) -> int:
@@ -542,6 +544,18 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
         raise _bad(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0",
                    param="stop_token_ids", code="invalid_value")
     ignore_eos = _opt_bool(body, "ignore_eos")
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None and (not isinstance(allowed, list) or not 0 < len(allowed) <= MAX_ALLOWED_TOKENS
+                                or not all(_is_int(t) and t >= 0 for t in allowed)):
+        raise _bad(f"'allowed_token_ids' must be a list of 1-{MAX_ALLOWED_TOKENS} token ids >= 0",
+                   param="allowed_token_ids", code="invalid_value")
+    bad_words = body.get("bad_words")
+    if bad_words is None:
+        bad_words = []
+    if not isinstance(bad_words, list) or len(bad_words) > MAX_STOP or not all(
+            isinstance(w, str) and w.strip() and len(w) <= MAX_STOP_LEN for w in bad_words):
+        raise _bad(f"'bad_words' must be a list of at most {MAX_STOP} non-blank strings of up to {MAX_STOP_LEN} "
+                   "characters", param="bad_words", code="invalid_value")
     priority = _opt_int(body, "priority", lo=-(2**31), hi=2**31) or 0
     include_stop = _opt_bool(body, "include_stop_str_in_output")
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=seed,
@@ -550,6 +564,7 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
                             repetition_penalty=repetition, min_p=min_p, min_tokens=min_tokens,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                             include_stop_str_in_output=include_stop, priority=priority,
+                            allowed_token_ids=None if allowed is None else list(allowed),
                             json_object=body.get("response_format") == {"type": "json_object"},
                             guided_regex=body.get("guided_regex"), guided_choice=body.get("guided_choice"))
     body = _structured_outputs(body)
@@ -569,7 +584,7 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
     except ValueError as e:  # named by the last guide the request sets
         raise _bad(str(e), param=given[-1], code="invalid_value") from None
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n,
-                continuous_usage=continuous)
+                continuous_usage=continuous, bad_words=list(bad_words))
 
 
 def _check_prompt(prompt: Any) -> str | list[int]:
@@ -890,6 +905,10 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
     route its outputs. All or nothing: if any prompt is refused, or the engine refuses any choice, none stays
     queued. -> the prompt length of each choice."""
     adapter = _resolve_adapter(engine, req.model)
+    if req.bad_words:  # vLLM's: each word alone and after a space (at the start of the text and inside it)
+        seqs = {tuple(engine.tokenizer(prefix + w.lstrip(), add_special_tokens=False)["input_ids"])
+                for w in req.bad_words for prefix in ("", " ")}
+        req.params.bad_words_ids = [list(s) for s in sorted(seqs) if s]
     limit = int(engine.max_model_len)
     vocab = len(engine.tokenizer) if engine.tokenizer is not None else None
     if vocab is not None and any(t >= vocab for t in req.params.logit_bias):

@@ -1104,3 +1104,31 @@ def test_an_adapter_with_per_module_ranks_batches_with_the_others(adapter_dirs, 
     together = eng.generate(ps, adapters, SamplingParams(max_tokens=6, ignore_eos=True))
     for p, a, res in zip(ps, adapters, together):
         assert res["token_ids"] == eng.generate([p], [a], SamplingParams(max_tokens=6, ignore_eos=True))[0]["token_ids"]
+
+
+def test_allowed_token_ids_and_bad_words_match_transformers(adapter_dirs):
+    """vLLM's ``allowed_token_ids`` (every other token masked, EOS included) and bad words (a banned
+    sequence's last token masked where the output ends with the rest): greedy equals ``generate`` with
+    ``suppress_tokens`` (the complement) / ``bad_words_ids``; sampling stays inside the allowed set."""
+    eng = engine("llama", adapter_dirs, max_batch=4)
+    p = prompts(1, seed=13)[0]
+    free = eng.generate([p], ["mixlora"], SamplingParams(max_tokens=8, ignore_eos=True))[0]["token_ids"]
+    allowed = sorted(set(free[1:5]) | {7, 9, 11})
+    vocab = eng.model.config.vocab_size
+    moelora.set_adapter(eng.model, "mixlora")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = eng.generate([p], ["mixlora"], SamplingParams(max_tokens=8, allowed_token_ids=allowed))[0]["token_ids"]
+    want = eng.model.generate(torch.tensor([p]), suppress_tokens=[t for t in range(vocab) if t not in allowed], **kw)
+    assert got == want[0, len(p):].tolist() and set(got) <= set(allowed)
+    bad = [[free[0]], free[2:4]]  # the first token, and a two-token sequence of the free output
+    got = eng.generate([p], ["mixlora"], SamplingParams(max_tokens=8, ignore_eos=True, bad_words_ids=bad))[0]
+    want = eng.model.generate(torch.tensor([p]), bad_words_ids=bad, **kw)[0, len(p):].tolist()
+    assert got["token_ids"] == want and got["token_ids"][0] != free[0]
+    for seed in range(3):
+        s = eng.generate([p], ["lora"], SamplingParams(max_tokens=8, temperature=1.5, seed=seed,
+                                                      allowed_token_ids=allowed))[0]["token_ids"]
+        assert set(s) <= set(allowed)
+    for bad_params, msg in [(dict(allowed_token_ids=[]), "non-empty list"), (dict(bad_words_ids=[[]]), "non-empty"),
+                            (dict(allowed_token_ids=[vocab]), f"token ids < {vocab}")]:
+        with pytest.raises(ValueError, match=msg):
+            eng.add_request("bad", [5], None, SamplingParams(**bad_params))

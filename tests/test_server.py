@@ -2017,3 +2017,23 @@ def test_request_log_lines_only_when_enabled(start, caplog):
     with caplog.at_level(logging.INFO, logger="moelora.server"):
         post(quiet, "/v1/completions", {**GOOD, "max_tokens": 2})
     assert not [r for r in caplog.records if "request " in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_real_engine_allowed_token_ids_and_bad_words(real_server):
+    """vLLM's ``allowed_token_ids`` and ``bad_words`` through a real tokenizer: the output stays inside
+    the allowed ids; a banned word (alone or after a space) never appears; bad values are 400s."""
+    url, engine = real_server
+    tok = engine.tokenizer
+    body = {"model": "lora-a", "prompt": "Below is an instruction", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    allowed = tok(" a b c the", add_special_tokens=False)["input_ids"]
+    c = post(url, "/v1/completions", {**body, "allowed_token_ids": allowed}).json()["choices"][0]
+    assert set(tok(c["text"], add_special_tokens=False)["input_ids"]) <= set(allowed), c
+    word = c["text"].split()[0]  # what it says first, among the allowed words: banned, it never comes
+    banned = post(url, "/v1/completions", {**body, "allowed_token_ids": allowed, "bad_words": [word]}).json()
+    text = banned["choices"][0]["text"]
+    assert word not in text.split() and set(tok(text, add_special_tokens=False)["input_ids"]) <= set(allowed), text
+    for extra, param in [({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [-1]},
+                         "allowed_token_ids"), ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": "x"}, "bad_words")]:
+        assert_error(post(url, "/v1/completions", {**body, **extra}), 400, code="invalid_value", param=param)
