@@ -502,7 +502,8 @@ def _serve_setup(args: argparse.Namespace):
             raise ValueError(f"--chat-template: the template fails on a one-message chat: {type(e).__name__}: {e}") \
                 from None
     options = dict(tool_parser=args.tool_call_parser, sampling_defaults=_sampling_defaults(args, engine.model),
-                   trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests)
+                   trust_request_chat_template=args.trust_request_chat_template, log_requests=args.enable_log_requests,
+                   reasoning_parser=args.reasoning_parser)
     if args.command == "serve":
         options.update(api_key=api_key, admin=args.admin, cors=cors, ssl_context=ssl_context)
     return engine, options
@@ -659,6 +660,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "guided decoding) and parse the model's calls into tool_calls, as the model writes them: "
                         "hermes <tool_call>{json}</tool_call> (Qwen2.5/3, Hermes), llama3_json (Llama 3.1/3.3), "
                         "mistral [TOOL_CALLS][...] , pythonic [f(x=1)] (Llama 3.2/4)")
+    p.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"], default=None,
+                   help="vLLM's: a chat reply's <think>...</think> goes to message.reasoning_content (streamed as "
+                        "delta.reasoning_content), the rest to content (deepseek_r1: reasoning from the start; "
+                        "qwen3: when the reply opens with <think>)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; --tool-call-parser is what enables tools")
     v = p.add_argument_group("vLLM spellings (so vLLM command lines work)")

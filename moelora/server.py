@@ -45,7 +45,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .engine import MAX_LOGPROBS, QueueFull, SamplingParams
 from .structured import SchemaError, check_guides, schema_regex
-from .tools import ToolFormat, tool_format
+from .tools import REASONING_PARSERS, ReasoningSplitter, ToolFormat, tool_format
 
 __all__ = ["create_app", "serve_in_thread", "run_server", "EngineWorker", "APIError", "ADAPTER_NAME_RE",
            "SamplingParams", "QueueFull"]
@@ -451,6 +451,7 @@ class _Req:
     tools: list[dict] | None = None  # chat: function tools for the template; the output is parsed for calls
     tool_format: ToolFormat | None = None  # ... in the server's --tool-call-parser format (moelora.tools)
     bad_words: list[str] = dataclasses.field(default_factory=list)  # vLLM's: tokenized on the engine thread
+    reasoning: str | None = None  # chat: the server's --reasoning-parser (moelora.tools.ReasoningSplitter)
 
     @property
     def num_choices(self) -> int:
@@ -1044,6 +1045,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     defaults = config["sampling_defaults"]
     req = (_parse_chat(body, config["tool_format"], defaults, config["trust_request_chat_template"]) if chat
            else _parse_completion(body, defaults))
+    if chat:
+        req.reasoning = config["reasoning_parser"]
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     rids = _choice_ids(rid, req)
@@ -1085,12 +1088,17 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             choices = []
             for i, (t, lp, r) in enumerate(zip(texts, lps, reasons)):
                 message = {"role": "assistant", "content": "".join(t)}
+                if req.reasoning is not None:  # the thinking apart; the rest is the content tools are read from
+                    thought, message["content"] = ReasoningSplitter(req.reasoning).split(message["content"])
+                    message["reasoning_content"] = thought or None
                 calls = []
                 if req.tool_format is not None:
                     content, calls = req.tool_format.parse(message["content"])
                 if calls:
-                    message, r = {"role": "assistant", "content": content if content.strip() else None,
+                    message, r = {**message, "content": content if content.strip() else None,
                                   "tool_calls": calls}, "tool_calls"
+                elif req.reasoning is not None and not message["content"]:
+                    message["content"] = None
                 choices.append({"index": i, "message": message, "logprobs": _logprobs(lp, chat, k), "finish_reason": r})
             obj = "chat.completion"
         else:
@@ -1133,19 +1141,20 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
     pending_prompt: list[list] = [[] for _ in range(k)]
     shifts = [len(t) for t in req.echo_texts] if req.echo else [0] * k
 
-    def choice(i: int, text: str | None, reason: str | None, role: bool = False) -> dict:
+    def choice(i: int, text: str | None, reason: str | None, role: bool = False, field: str = "content") -> dict:
         lp = None
         if k_lp is not None and not role:
             lp = _logprobs(pending[i], chat, k_lp, pending_prompt[i], shifts[i])
             pending[i], pending_prompt[i] = [], []
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {field: text})
             return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
         return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
 
     completion_tokens, cached = [0] * k, [0] * k
     if chat:
         await resp.write(b"".join(chunk([choice(i, None, None, role=True)]) for i in range(k)))
+    thinking = [ReasoningSplitter(req.reasoning) for _ in range(k)] if req.reasoning is not None else None
     held = [""] * k  # tools: text not streamed yet (from where calls (may) begin: ToolFormat.hold)
     streamed = [False] * k  # tools: some content of the choice already sent
     while True:
@@ -1164,6 +1173,14 @@ async def _stream_response(request, req: _Req, rid: str, created: int, plens: li
             text = echo.pop(i) + text
             pending_prompt[i] = getattr(item, "prompt_logprobs", None) or []
         calls = []
+        thought = ""
+        if thinking is not None:  # the reasoning's deltas apart; what follows </think> goes on as content
+            thought, text = thinking[i].feed(text)
+            if item.finished:
+                rest_thought, rest = thinking[i].finish()
+                thought, text = thought + rest_thought, text + rest
+            if thought:
+                await resp.write(chunk([choice(i, thought, None, field="reasoning_content")]))
         if req.tool_format is not None:  # stream the text before the calls; they come parsed at the end
             acc = held[i] + text
             cut = req.tool_format.hold(acc, streamed[i])
@@ -1578,7 +1595,7 @@ class Cors:
 def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
                tool_parser: str | None = None, cors: Cors | None = None,
                sampling_defaults: dict | None = None, trust_request_chat_template: bool = False,
-               log_requests: bool = False) -> web.Application:
+               log_requests: bool = False, reasoning_parser: str | None = None) -> web.Application:
     """The aiohttp application. Its startup starts the engine thread, its cleanup stops it.
 
     ``api_key``: every ``/v1`` route then needs ``Authorization: Bearer <api_key>`` (``/health`` stays open).
@@ -1592,7 +1609,11 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
     ``--trust-request-chat-template``; rendered in transformers' sandbox either way).
     ``log_requests``: one INFO line on ``moelora.server`` per finished or aborted request (its id, model,
     finish reason, token counts and latency; never its text).
+    ``reasoning_parser``: ``"deepseek_r1"`` or ``"qwen3"`` (vLLM's): chat replies' ``<think>...</think>``
+    goes to ``reasoning_content`` (``moelora.tools.ReasoningSplitter``).
     """
+    if reasoning_parser not in (None, *REASONING_PARSERS):
+        raise ValueError(f"unknown reasoning parser {reasoning_parser!r} (available: {', '.join(REASONING_PARSERS)})")
     _check_sampling_defaults(sampling_defaults or {})
     fmt = tool_format(tool_parser) if tool_parser is not None else None  # ValueError naming the choices
     middlewares = [_middleware(api_key)]
@@ -1615,7 +1636,8 @@ def create_app(engine: Any, api_key: str | None = None, admin: bool = False,
     app[WORKER] = worker
     app[CONFIG] = {"admin": bool(admin), "created": int(time.time()), "tool_parser": tool_parser, "tool_format": fmt,
                    "sampling_defaults": dict(sampling_defaults or {}),
-                   "trust_request_chat_template": bool(trust_request_chat_template)}
+                   "trust_request_chat_template": bool(trust_request_chat_template),
+                   "reasoning_parser": reasoning_parser}
 
     async def _start(app):
         worker.start()

@@ -28,7 +28,7 @@ import uuid
 
 import regex
 
-__all__ = ["ToolFormat", "TOOL_FORMATS", "tool_format"]
+__all__ = ["ToolFormat", "TOOL_FORMATS", "tool_format", "ReasoningSplitter", "REASONING_PARSERS"]
 
 
 def _call(name: str, args: dict, call_id: str | None = None) -> dict:
@@ -230,3 +230,59 @@ def tool_format(name: str) -> ToolFormat:
     if name not in TOOL_FORMATS:
         raise ValueError(f"unknown tool call parser {name!r} (available: {', '.join(TOOL_FORMATS)})")
     return TOOL_FORMATS[name]
+
+
+# ------------------------------------------------------------------------------------------ reasoning
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
+
+
+class ReasoningSplitter:
+    """``serve --reasoning-parser`` (vLLM's names): a chat reply's thinking, ``<think>...</think>``, goes
+    to ``reasoning_content`` and the rest to ``content`` (what a tool parser then reads).
+
+    ``deepseek_r1``: the reply is reasoning from its start (the ``<think>`` tag optional: R1's template
+    opens it in the prompt) to ``</think>``. ``qwen3``: reasoning only when the reply opens with
+    ``<think>`` (thinking off: all content). A reply whose reasoning never closes is reasoning only.
+    ``feed`` takes the reply's text as it streams and returns ``(reasoning, content)`` deltas, holding
+    back what may be the start of a tag; ``finish`` returns the rest. Feeding the whole reply at once
+    and finishing gives the same split (the non-streamed reply)."""
+
+    START, END = "<think>", "</think>"
+
+    def __init__(self, kind: str) -> None:
+        if kind not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {kind!r} (available: {', '.join(REASONING_PARSERS)})")
+        self.kind, self.buf, self.phase = kind, "", "start"
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.buf += text
+        reasoning = ""
+        if self.phase == "start":
+            s = self.buf.lstrip()
+            if not s or (self.START.startswith(s) and s != self.START):
+                return "", ""  # blank, or maybe the start tag: wait
+            if s.startswith(self.START):
+                self.buf, self.phase = s[len(self.START):], "reasoning"
+            else:
+                self.phase = "reasoning" if self.kind == "deepseek_r1" else "content"
+        if self.phase == "reasoning":
+            at = self.buf.find(self.END)
+            if at < 0:
+                keep = _partial_tail(self.buf, self.END)
+                reasoning, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                return reasoning, ""
+            reasoning, self.buf, self.phase = self.buf[:at], self.buf[at + len(self.END):], "content"
+        content, self.buf = self.buf, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        rest, self.buf = self.buf, ""
+        if self.phase == "reasoning" or (self.phase == "start" and self.kind == "deepseek_r1"):
+            return rest, ""
+        return "", rest
+
+    def split(self, text: str) -> tuple[str, str]:
+        """A whole reply: ``(reasoning, content)``."""
+        r1, c1 = self.feed(text)
+        r2, c2 = self.finish()
+        return r1 + r2, c1 + c2

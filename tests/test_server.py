@@ -2037,3 +2037,31 @@ def test_real_engine_allowed_token_ids_and_bad_words(real_server):
     for extra, param in [({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [-1]},
                          "allowed_token_ids"), ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": "x"}, "bad_words")]:
         assert_error(post(url, "/v1/completions", {**body, **extra}), 400, code="invalid_value", param=param)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_r1", "qwen3"])
+def test_reasoning_goes_to_reasoning_content_streamed_or_not(start, kind):
+    """``--reasoning-parser`` (vLLM's): ``<think>...</think>`` of a chat reply in ``reasoning_content``,
+    the rest in ``content`` (and read for tool calls); streamed as ``reasoning_content`` deltas, with
+    no tag fragment in either; completions untouched. Without a ``<think>`` opening: all reasoning for
+    deepseek_r1 (its template opens it in the prompt), all content for qwen3."""
+    engine = ScriptEngine(ADAPTERS, max_batch=4, max_queue=16)
+    engine.script = "<think>\\nLet me see.</think>\\n\\nIt is 4." + TWO_CALLS[len("Let me check."):]
+    url, _ = start(engine, reasoning_parser=kind, tool_parser="hermes")
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "2+2?"}], "tools": [WEATHER], "max_tokens": 300}
+    m = post(url, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    assert m["reasoning_content"] == "\\nLet me see." and m["content"] == "\\n\\nIt is 4."
+    assert [c["function"]["name"] for c in m["tool_calls"]] == ["get_weather", "get_time"]
+    deltas = [e["choices"][0]["delta"] for e in stream(url, "/v1/chat/completions", body)]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "\\nLet me see."
+    assert "".join(d.get("content") or "" for d in deltas) == "\\n\\nIt is 4."
+    engine.script = "Plain answer."
+    m = post(url, "/v1/chat/completions", {**body, "tools": None}).json()["choices"][0]["message"]
+    want = ("Plain answer.", None) if kind == "deepseek_r1" else (None, "Plain answer.")
+    assert (m["reasoning_content"], m["content"]) == want
+    assert post(url, "/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 40}).json()[
+        "choices"][0]["text"] == "Plain answer."
+    from moelora.server import create_app
+
+    with pytest.raises(ValueError, match="unknown reasoning parser 'granite'"):
+        create_app(FakeEngine(ADAPTERS), reasoning_parser="granite")

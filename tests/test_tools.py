@@ -86,3 +86,30 @@ def test_the_formats_are_vllm_s_parser_names_and_unknown_ones_are_named():
     assert not tool_format("pythonic").forced_ok
     with pytest.raises(ValueError, match="unknown tool call parser 'granite' .available: hermes, llama3_json"):
         tool_format("granite")
+
+
+@pytest.mark.parametrize("kind", ["deepseek_r1", "qwen3"])
+def test_reasoning_split_is_the_same_streamed_in_any_pieces(kind):
+    """Fed in random pieces, ``ReasoningSplitter`` gives the split of the whole reply: tags never leak
+    into either part, a partial tag at a piece's end is held back."""
+    import random
+
+    from moelora.tools import ReasoningSplitter
+
+    rng = random.Random(0)
+    replies = ["<think>\nplan</think>\n\nanswer", "  <think>a < b </thin</think>x", "plan</think>answer",
+               "just answer", "<think>never closed <", "", "<th", "<think></think>", "a</think>b</think>c"]
+    for text in replies:
+        whole = ReasoningSplitter(kind).split(text)
+        for _ in range(20):
+            s, got, at = ReasoningSplitter(kind), ["", ""], 0
+            while at < len(text):
+                n = rng.randint(1, 4)
+                r, c = s.feed(text[at : at + n])
+                got[0] += r
+                got[1] += c
+                at += n
+            r, c = s.finish()
+            assert (got[0] + r, got[1] + c) == whole, (kind, text)
+        assert "<think>" not in whole[0] + whole[1] or kind == "qwen3"
+    assert ReasoningSplitter(kind).split("<think>x</think>y") == ("x", "y")
