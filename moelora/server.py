@@ -452,6 +452,7 @@ class _Req:
     tool_format: ToolFormat | None = None  # ... in the server's --tool-call-parser format (moelora.tools)
     bad_words: list[str] = dataclasses.field(default_factory=list)  # vLLM's: tokenized on the engine thread
     reasoning: str | None = None  # chat: the server's --reasoning-parser (moelora.tools.ReasoningSplitter)
+    truncate: int | None = None  # vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context)
 
     @property
     def num_choices(self) -> int:
@@ -584,8 +585,12 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
         check_guides(params.json_object, params.guided_regex, params.guided_choice, params.guided_grammar)
     except ValueError as e:  # named by the last guide the request sets
         raise _bad(str(e), param=given[-1], code="invalid_value") from None
+    truncate = _opt_int(body, "truncate_prompt_tokens", lo=-1)
+    if truncate == 0:
+        raise _bad("'truncate_prompt_tokens' must be -1 (the context) or >= 1", param="truncate_prompt_tokens",
+                   code="invalid_value")
     return _Req(model=model, params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage, n=n,
-                continuous_usage=continuous, bad_words=list(bad_words))
+                continuous_usage=continuous, bad_words=list(bad_words), truncate=truncate)
 
 
 def _check_prompt(prompt: Any) -> str | list[int]:
@@ -920,8 +925,13 @@ def _submit(engine: Any, worker: EngineWorker, rids: list[str], req: _Req, strea
     req.echo_texts = []
     for prompt in (req.prompts if req.prompts is not None else [None]):
         ids, param = _prompt_ids(engine, req, prompt)
+        cut = False
+        if req.truncate is not None:  # vLLM's truncate_prompt_tokens: the last k tokens (-1: the context)
+            keep = limit if req.truncate == -1 else req.truncate
+            cut = len(ids) > keep
+            ids = ids[-keep:] if cut else ids
         if req.echo:  # a text prompt is echoed as sent; token ids as the tokenizer decodes them
-            text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
+            text = prompt if isinstance(prompt, str) and not cut else engine.tokenizer.decode(ids, skip_special_tokens=True)
             req.echo_texts += [text] * req.n
         max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
         if max_tokens < 1 or len(ids) + max_tokens > limit:

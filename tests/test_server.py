@@ -2065,3 +2065,18 @@ def test_reasoning_goes_to_reasoning_content_streamed_or_not(start, kind):
 
     with pytest.raises(ValueError, match="unknown reasoning parser 'granite'"):
         create_app(FakeEngine(ADAPTERS), reasoning_parser="granite")
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(start):
+    """vLLM's ``truncate_prompt_tokens``: only the prompt's last k tokens reach the engine (-1: as many
+    as the context holds); 0 or a non-integer is a 400."""
+    url, engine = start()
+    long_prompt = "abcdefghij" * 3  # 30 byte tokens for the fake tokenizer
+    d = post(url, "/v1/completions", {**GOOD, "prompt": long_prompt, "truncate_prompt_tokens": 5}).json()
+    assert d["usage"]["prompt_tokens"] == 5
+    assert d["choices"][0]["text"] == expected("alpha", long_prompt[-5:], GOOD["max_tokens"])[0]
+    whole = post(url, "/v1/completions", {**GOOD, "prompt": long_prompt, "truncate_prompt_tokens": -1}).json()
+    assert whole["usage"]["prompt_tokens"] == 30
+    for bad in (0, "5", -2):
+        assert_error(post(url, "/v1/completions", {**GOOD, "truncate_prompt_tokens": bad}), 400,
+                     param="truncate_prompt_tokens")
