@@ -104,6 +104,7 @@ class SamplingParams:
     guided_grammar: str | None = None  # the output must be a sentence of this GBNF grammar (moelora.grammar)
     priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are admitted first
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled (EOS too, if listed)
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens' text in the output (not the ending one)
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences that must not appear (vLLM's
     # bad_words, tokenized): the last token of one is masked where the output ends with the ones before it
 
@@ -143,7 +144,7 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
-        for key in ("ignore_eos", "include_stop_str_in_output", "json_object"):
+        for key in ("ignore_eos", "include_stop_str_in_output", "json_object", "skip_special_tokens"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         check_guides(self.json_object, self.guided_regex, self.guided_choice, self.guided_grammar)
@@ -1466,7 +1467,7 @@ class Engine:
             ids = r.output[:-1]
         else:
             ids = r.output
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens)
         if r.params.logprobs is not None:
             r.ends.append(len(text.rstrip("\ufffd")))  # an incomplete UTF-8 character belongs to the next token
         if len(r.output) < r.params.min_tokens:  # stop sequences do not count yet, nor those ending here

@@ -546,6 +546,7 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
         raise _bad(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0",
                    param="stop_token_ids", code="invalid_value")
     ignore_eos = _opt_bool(body, "ignore_eos")
+    skip_special = _opt_bool(body, "skip_special_tokens") if body.get("skip_special_tokens") is not None else True
     allowed = body.get("allowed_token_ids")
     if allowed is not None and (not isinstance(allowed, list) or not 0 < len(allowed) <= MAX_ALLOWED_TOKENS
                                 or not all(_is_int(t) and t >= 0 for t in allowed)):
@@ -567,6 +568,7 @@ def _parse_common(body: dict, chat: bool, defaults: dict | None = None) -> _Req:
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                             include_stop_str_in_output=include_stop, priority=priority,
                             allowed_token_ids=None if allowed is None else list(allowed),
+                            skip_special_tokens=skip_special,
                             json_object=body.get("response_format") == {"type": "json_object"},
                             guided_regex=body.get("guided_regex"), guided_choice=body.get("guided_choice"))
     body = _structured_outputs(body)

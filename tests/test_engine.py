@@ -1132,3 +1132,22 @@ def test_allowed_token_ids_and_bad_words_match_transformers(adapter_dirs):
                             (dict(allowed_token_ids=[vocab]), f"token ids < {vocab}")]:
         with pytest.raises(ValueError, match=msg):
             eng.add_request("bad", [5], None, SamplingParams(**bad_params))
+
+
+def test_skip_special_tokens_false_keeps_their_text(adapter_dirs):
+    """vLLM's ``skip_special_tokens``: False keeps the text of special tokens the output contains (not of
+    the EOS that ends it); the default drops it, as before."""
+
+    class SpecialTokenizer(ToyTokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("" if (t < 10 and skip_special_tokens) else f" {t}" for t in ids)
+
+    eng = Engine(tiny_model("llama"), SpecialTokenizer())
+    p = prompts(1, seed=14)[0]
+    bias = {3: 100.0}  # token 3, "special" for this tokenizer (not the EOS, 2), made certain at every step
+    kept = eng.generate([p], [None], SamplingParams(max_tokens=3, logit_bias=bias, skip_special_tokens=False))[0]
+    dropped = eng.generate([p], [None], SamplingParams(max_tokens=3, logit_bias=bias))[0]
+    assert kept["token_ids"] == dropped["token_ids"] == [3] * 3
+    assert kept["text"] == " 3" * 3 and dropped["text"] == ""
+    with pytest.raises(ValueError, match="skip_special_tokens must be true or false"):
+        eng.add_request("bad", [5], None, SamplingParams(skip_special_tokens="no"))

@@ -1855,6 +1855,18 @@ def test_cli_serve_web_flags(tiny_model_dir, monkeypatch, capsys, tmp_path):
     assert len(served) == n
 
 
+class RecordingEngine(FakeEngine):
+    """The fake engine, keeping every request's SamplingParams in ``seen``."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def add_request(self, request_id, prompt_ids, adapter, params):
+        self.seen.append(params)
+        return super().add_request(request_id, prompt_ids, adapter, params)
+
+
 def test_sampling_defaults_fill_what_a_request_omits(start):
     """vLLM's ``--generation-config``: requests that omit temperature, top_p, top_k, min_p,
     repetition_penalty or max_tokens get the server's defaults; what a request gives wins."""
@@ -1862,13 +1874,7 @@ def test_sampling_defaults_fill_what_a_request_omits(start):
 
     from moelora.server import create_app, generation_defaults
 
-    class Recording(FakeEngine):
-        def add_request(self, request_id, prompt_ids, adapter, params):
-            self.seen.append(params)
-            return super().add_request(request_id, prompt_ids, adapter, params)
-
-    engine = Recording(ADAPTERS, max_batch=4, max_queue=16)
-    engine.seen = []
+    engine = RecordingEngine(ADAPTERS, max_batch=4, max_queue=16)
     defaults = {"temperature": 0.0, "top_p": 0.8, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
                 "max_tokens": 4}
     url, _ = start(engine, sampling_defaults=defaults)
@@ -2080,3 +2086,13 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(start):
     for bad in (0, "5", -2):
         assert_error(post(url, "/v1/completions", {**GOOD, "truncate_prompt_tokens": bad}), 400,
                      param="truncate_prompt_tokens")
+
+
+def test_skip_special_tokens_reaches_the_engine(start):
+    engine = RecordingEngine(ADAPTERS, max_batch=4, max_queue=16)
+    url, _ = start(engine)
+    post(url, "/v1/completions", {**GOOD, "skip_special_tokens": False})
+    post(url, "/v1/completions", GOOD)
+    assert [p.skip_special_tokens for p in engine.seen] == [False, True]
+    assert_error(post(url, "/v1/completions", {**GOOD, "skip_special_tokens": "no"}), 400, code="invalid_type",
+                 param="skip_special_tokens")
