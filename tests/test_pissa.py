@@ -140,7 +140,7 @@ def test_merging_a_pissa_adapter_gives_the_trained_model():
         torch.testing.assert_close(merged(ids()).logits, want, rtol=0, atol=1e-5)
 
 
-def test_gaussian_init_is_peft_s():
+def test_gaussian_init_draws_a_from_n_0_1_over_r_and_zeros_b():
     model = tiny_model("llama")
     moelora.attach(model, LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["q_proj"]))
     a = torch.cat([ly.self_attn.q_proj.adapters["default"].lora.lora_A.flatten() for ly in model.model.layers])
